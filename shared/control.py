@@ -1,0 +1,258 @@
+"""Control-channel messages between front door, supervisor, zygote and workers, and their codec.
+
+Every channel is a unix SOCK_SEQPACKET socket: one datagram is one message, so there is no
+framing to get wrong, and file descriptors ride along as SCM_RIGHTS. Messages are frozen
+dataclasses, encoded as compact JSON with a `kind` tag; nothing but these types crosses a
+process boundary. Ownership rule for fds: the sender closes its copy once `send` returned; the
+receiver owns what `recv` returns and must close it (or hand it on) on every path.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import dataclasses
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import anyio
+
+MAX_MESSAGE = 256 * 1024
+MAX_FDS = 4
+
+
+class ControlError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the front door decided: this client may run this session, with these limits."""
+
+    session_id: str
+    request_id: str
+    account_id: str
+    api_key_id: str
+    model: str
+    token_cap: int
+    rates: dict
+    beta: bool = False
+    client_addr: str = ""
+    started_at: float = 0.0  # UTC epoch seconds
+    # Filled in by the supervisor, never by the front door:
+    upstream_url: str = ""
+    upstream_key: str = field(default="", repr=False)
+    idle_timeout_s: float = 300.0
+    max_session_s: float = 3600.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    drain_usage_s: float = 2.0
+    upstream_connect_timeout_s: float = 10.0
+    upstream_attempts: int = 3
+    backend: str = "asyncio"
+    memory_limit_mb: int = 0
+
+
+# --- front door <-> supervisor -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Front door → supervisor, with fds [client socket]. Request bytes have the key stripped."""
+
+    kind: ClassVar[str] = "handoff"
+    grant: Grant
+    request: bytes
+
+
+@dataclass(frozen=True)
+class HandoffAck:
+    kind: ClassVar[str] = "handoff_ack"
+    session_id: str
+    error_code: str | None = None  # None: the supervisor owns the socket now
+
+
+# --- supervisor <-> zygote ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Supervisor → zygote, with fds [client socket, worker channel, spool file]."""
+
+    kind: ClassVar[str] = "spawn"
+    grant: Grant
+    request: bytes
+
+
+@dataclass(frozen=True)
+class Spawned:
+    kind: ClassVar[str] = "spawned"
+    session_id: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class ZygoteReady:
+    kind: ClassVar[str] = "zygote_ready"
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    kind: ClassVar[str] = "worker_exited"
+    pid: int
+    exit_code: int | None
+    signal: int | None
+
+
+# --- worker <-> supervisor ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerLive:
+    """Worker → supervisor: upstream is connected and the client got its 101."""
+
+    kind: ClassVar[str] = "worker_live"
+    session_id: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class UsageIncrement:
+    """Worker → supervisor: one billed usage event, already in the spool. Idempotent by seq."""
+
+    kind: ClassVar[str] = "usage_increment"
+    session_id: str
+    seq: int
+    increment: dict
+
+
+@dataclass(frozen=True)
+class WorkerEnded:
+    """Worker → supervisor, its last message: how the session ended."""
+
+    kind: ClassVar[str] = "worker_ended"
+    session_id: str
+    end_reason: str
+    close_code: int | None
+    upgraded: bool
+
+
+@dataclass(frozen=True)
+class StopSession:
+    """Supervisor → worker: end the session with this error code (quota ran out, draining)."""
+
+    kind: ClassVar[str] = "stop_session"
+    code: str
+
+
+MESSAGES = {
+    cls.kind: cls
+    for cls in (Handoff, HandoffAck, Spawn, Spawned, ZygoteReady, WorkerExited, WorkerLive, UsageIncrement,
+                WorkerEnded, StopSession)
+}
+
+
+def encode(message) -> bytes:
+    body = {"kind": message.kind}
+    for f in dataclasses.fields(message):
+        value = getattr(message, f.name)
+        if isinstance(value, bytes):
+            value = {"b64": base64.b64encode(value).decode()}
+        elif isinstance(value, Grant):
+            value = dataclasses.asdict(value)
+        body[f.name] = value
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ControlError(f"{message.kind} message too large ({len(data)} bytes)")
+    return data
+
+
+def decode(data: bytes):
+    try:
+        body = json.loads(data)
+        cls = MESSAGES[body.pop("kind")]
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            value = body[f.name]
+            if isinstance(value, dict) and set(value) == {"b64"}:
+                value = base64.b64decode(value["b64"])
+            elif f.name == "grant":
+                value = Grant(**value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ControlError(f"malformed control message: {exc}") from exc
+
+
+# --- I/O: blocking and async shells over the same codec ------------------------------------
+
+
+def send(sock: socket.socket, message, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Blocking send of one message (and fds). The caller still owns and must close `fds`."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([encode(message)], ancillary)
+
+
+def _unpack(data: bytes, ancdata, flags: int):
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+            fds.extend(arr)
+    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ControlError("control message truncated")
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("control channel closed")
+    try:
+        return decode(data), fds
+    except ControlError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def recv(sock: socket.socket):
+    """Blocking receive: (message, fds). Raises EOFError when the peer closed the channel."""
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+    return _unpack(data, ancdata, flags)
+
+
+async def asend(sock: socket.socket, message, fds=()) -> None:
+    """Send on a non-blocking socket from any anyio backend."""
+    while True:
+        try:
+            return send(sock, message, fds)
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+
+
+async def arecv(sock: socket.socket):
+    """Receive on a non-blocking socket from any anyio backend."""
+    while True:
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        except ConnectionResetError:
+            raise EOFError("control channel reset") from None
+        return _unpack(data, ancdata, flags)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end (SO_PEERCRED): only our own user may hand off."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    _pid, uid, _gid = array.array("i", creds)
+    return uid
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -1,0 +1,194 @@
+"""The realtime upgrade, sans-I/O: credentials, their precedence and stripping, the TLS rule,
+the 101 and the refusal frames. No socket and no clock in here; front door and worker call it.
+
+Invariants: the tenant's key never leaves `extract_credentials` except as a hash lookup;
+`strip_credentials` removes every form of it from the request bytes handed to a worker; the 101
+selects `realtime` and nothing else; `redact` removes keys from anything written anywhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from websockets.datastructures import Headers
+from websockets.frames import Close
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+from .errors import ERRORS, error_event
+
+KEY_PATTERN = re.compile(r"rsk_[A-Za-z0-9]{32,}")
+_KEYLIKE = re.compile(r"rsk_[A-Za-z0-9]*")
+_QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+
+SUBPROTOCOL = "realtime"
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+_KEY_TOKEN_PREFIXES = ("openai-insecure-api-key.", "bearer.", "bearer ")
+_FORWARDED_HEADERS = ("openai-beta", "openai-safety-identifier", "user-agent")
+
+
+def redact(text: str) -> str:
+    """Replace every key-like token and every api_key= value in `text`."""
+    text = _KEYLIKE.sub("rsk_…REDACTED", text)
+    return _QUERY_KEY.sub(r"\1rsk_…REDACTED", text)
+
+
+def is_wellformed_key(key: str) -> bool:
+    return KEY_PATTERN.fullmatch(key) is not None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    key: str | None  # None: no credential at all
+    source: str  # "subprotocol" | "authorization" | "query" | "none"
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """What the front door needs from a parsed upgrade request."""
+
+    path: str
+    query: list[tuple[str, str]]
+    headers: Headers
+    subprotocols: list[str]
+
+    @property
+    def model(self) -> str | None:
+        values = [v for k, v in self.query if k == "model"]
+        return values[-1] if values and values[-1] else None
+
+    @property
+    def beta(self) -> bool:
+        if BETA_SUBPROTOCOL in self.subprotocols:
+            return True
+        return any(v.replace(" ", "").lower() == "realtime=v1" for v in self.headers.get_all("OpenAI-Beta"))
+
+    @property
+    def offers_realtime(self) -> bool:
+        return SUBPROTOCOL in self.subprotocols
+
+
+def parse_subprotocols(headers: Headers) -> list[str]:
+    tokens: list[str] = []
+    for value in headers.get_all("Sec-WebSocket-Protocol"):
+        tokens.extend(t.strip() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def parse_upgrade(request: Request) -> UpgradeRequest:
+    parts = urlsplit(request.path)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    return UpgradeRequest(parts.path, query, request.headers, parse_subprotocols(request.headers))
+
+
+def _subprotocol_key(token: str) -> str | None:
+    lowered = token.lower()
+    for prefix in _KEY_TOKEN_PREFIXES:
+        if lowered.startswith(prefix):
+            return token[len(prefix):].strip()
+    return None
+
+
+def extract_credentials(upgrade: UpgradeRequest) -> Credentials:
+    """Subprotocol key first, then `Authorization: Bearer`, then `?api_key=` (SPEC §2)."""
+    for token in upgrade.subprotocols:
+        key = _subprotocol_key(token)
+        if key is not None:
+            return Credentials(key, "subprotocol")
+    auth = upgrade.headers.get("Authorization")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return Credentials(value.strip(), "authorization")
+        return Credentials(auth.strip(), "authorization")  # malformed: refused as invalid_api_key
+    for name, value in upgrade.query:
+        if name == "api_key":
+            return Credentials(value, "query")
+    return Credentials(None, "none")
+
+
+def upstream_query(upgrade: UpgradeRequest) -> str:
+    """The client's query for the upstream URL, minus `api_key`."""
+    return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"])
+
+
+def strip_credentials(request: Request) -> bytes:
+    """Serialise the request for the worker with every form of the key removed."""
+    upgrade = parse_upgrade(request)
+    headers = Headers()
+    for name, value in request.headers.raw_items():
+        lowered = name.lower()
+        if lowered == "authorization":
+            continue
+        if lowered == "sec-websocket-protocol":
+            kept = [t for t in parse_subprotocols(Headers([(name, value)])) if _subprotocol_key(t) is None]
+            if kept:
+                headers[name] = ", ".join(kept)
+            continue
+        headers[name] = value
+    query = upstream_query(upgrade)
+    return Request(upgrade.path + (f"?{query}" if query else ""), headers).serialize()
+
+
+def upstream_headers(upgrade: UpgradeRequest) -> list[tuple[str, str]]:
+    """Client headers upstream understands (SPEC §3); the key never among them."""
+    out = [(k, v) for k, v in upgrade.headers.raw_items() if k.lower() in _FORWARDED_HEADERS]
+    if upgrade.beta and not any(k.lower() == "openai-beta" for k, _ in out):
+        out.append(("OpenAI-Beta", "realtime=v1"))
+    return out
+
+
+def is_secure(headers: Headers, peer_ip: str | None, trusted: tuple, allow_plain_loopback: bool) -> bool:
+    """TLS rule: `X-Forwarded-Proto: https` from a trusted proxy, or plain ws on loopback in dev."""
+    try:
+        peer = ipaddress.ip_address(peer_ip) if peer_ip else None
+    except ValueError:
+        peer = None
+    if peer is not None and any(peer in net for net in trusted):
+        protos = headers.get_all("X-Forwarded-Proto")
+        if len(protos) == 1 and protos[0].strip().lower() in ("https", "wss"):
+            return True
+    return bool(allow_plain_loopback and peer is not None and peer.is_loopback)
+
+
+def _select_realtime(_protocol, offered):
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+
+
+def new_server_protocol(max_size: int | None = None) -> ServerProtocol:
+    """A websockets server protocol that never negotiates compression (frames are relayed raw)."""
+    return ServerProtocol(select_subprotocol=_select_realtime, extensions=None, max_size=max_size)
+
+
+def parse_request_bytes(raw: bytes) -> tuple[ServerProtocol, Request]:
+    """Parse a complete HTTP upgrade request. Raises ValueError if it isn't one."""
+    protocol = new_server_protocol()
+    protocol.receive_data(raw)
+    events = protocol.events_received()
+    if not events or not isinstance(events[0], Request):
+        raise ValueError(f"not a complete HTTP request: {protocol.handshake_exc!r}")
+    return protocol, events[0]
+
+
+def accept_bytes(protocol: ServerProtocol, request: Request, request_id: str) -> tuple[bytes, int]:
+    """The handshake response bytes and its status (101, or 4xx for a bad handshake)."""
+    response = protocol.accept(request)
+    response.headers["x-request-id"] = request_id
+    protocol.send_response(response)
+    return b"".join(protocol.data_to_send()), response.status_code
+
+
+def error_frames(protocol: ServerProtocol, code: str, request_id: str, detail: str | None = None) -> bytes:
+    """An open protocol's bytes for the terminating error frame and its close (SPEC §5)."""
+    spec = ERRORS[code]
+    protocol.send_text(error_event(code, request_id, detail))
+    protocol.send_close(spec.close_code, spec.close_reason)
+    return b"".join(protocol.data_to_send())
+
+
+def close_frame_fields(payload: bytes) -> tuple[int, str]:
+    close = Close.parse(payload)
+    return close.code, close.reason

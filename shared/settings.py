@@ -1,0 +1,223 @@
+"""Settings: one validated object built from MESHRT_* environment variables (and CLI flags).
+
+A bad value raises SettingsError whose message is one line naming the variable; the CLI prints
+it and exits 2. Secrets (OPENAI_API_KEY, MESHRT_ADMIN_TOKEN, the database URL's password) are
+never part of repr() and never reach the zygote or a worker's environment (see `scrubbed_env`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number of seconds, got {raw!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise SettingsError(f"{name}: must be a positive finite number, got {raw!r}")
+    return value
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}: must be positive, got {raw!r}")
+    return value
+
+
+def _non_negative_int(name: str, raw: str) -> int:
+    if raw.strip() == "0":
+        return 0
+    return _positive_int(name, raw)
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a TCP port number, got {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise SettingsError(f"{name}: port must be 0-65535, got {raw!r}")
+    return value
+
+
+def _ws_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise SettingsError(f"{name}: expected a ws:// or wss:// URL, got {raw!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise SettingsError(f"{name}: bad port in {raw!r}") from None
+    return raw
+
+
+def _database_url(name: str, raw: str) -> str:
+    scheme = raw.split(":", 1)[0]
+    if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
+        raise SettingsError(f"{name}: expected a sqlite:/// or postgresql:// URL, got scheme {scheme!r}")
+    if scheme in ("postgresql", "postgres"):
+        raw = "postgresql+psycopg" + raw[len(scheme):]
+    return raw
+
+
+def _networks(name: str, raw: str) -> tuple:
+    nets = []
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        if item == "*":
+            nets.append(ipaddress.ip_network("0.0.0.0/0"))
+            nets.append(ipaddress.ip_network("::/0"))
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SettingsError(f"{name}: {item!r} is not an IP address or network") from None
+    return tuple(nets)
+
+
+def _choice(*allowed: str):
+    def parse(name: str, raw: str) -> str:
+        if raw not in allowed:
+            raise SettingsError(f"{name}: expected one of {', '.join(allowed)}, got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = Path(".meshrt")
+    database_url: str = ""  # default: sqlite in state_dir
+    upstream_url: str = "wss://api.openai.com/v1/realtime"
+    openai_api_key: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    forwarded_allow_ips: tuple = (ipaddress.ip_network("127.0.0.1/32"),)
+    allow_plain_ws: bool = False  # `meshrt dev` only: plain ws:// from loopback
+    idle_timeout_s: float = 300.0
+    max_session_s: float = 3600.0
+    session_token_cap: int = 2_000_000
+    drain_usage_s: float = 2.0
+    drain_s: float = 30.0
+    max_sessions: int = 1000
+    max_message_bytes: int = 16 * 1024 * 1024
+    default_max_concurrent_sessions: int = 10
+    upstream_connect_timeout_s: float = 10.0
+    upstream_attempts: int = 3
+    warm_workers: int = 4
+    worker_backend: str = "asyncio"
+    worker_memory_mb: int = 512
+    pricing_file: str = ""
+    log_level: str = "info"
+    frontdoor_workers: int = 1
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir.resolve() / 'meshrt.db'}"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.state_dir / "run" / "control.sock"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+# variable name -> (field, parser)
+_ENV: dict[str, tuple[str, object]] = {
+    "MESHRT_STATE_DIR": ("state_dir", lambda n, r: Path(r)),
+    "MESHRT_DATABASE_URL": ("database_url", _database_url),
+    "MESHRT_UPSTREAM_URL": ("upstream_url", _ws_url),
+    "OPENAI_API_KEY": ("openai_api_key", _text),
+    "MESHRT_ADMIN_TOKEN": ("admin_token", _text),
+    "MESHRT_HOST": ("host", _text),
+    "MESHRT_PORT": ("port", _port),
+    "MESHRT_FORWARDED_ALLOW_IPS": ("forwarded_allow_ips", _networks),
+    "MESHRT_IDLE_TIMEOUT_S": ("idle_timeout_s", _positive_float),
+    "MESHRT_MAX_SESSION_S": ("max_session_s", _positive_float),
+    "MESHRT_SESSION_TOKEN_CAP": ("session_token_cap", _positive_int),
+    "MESHRT_DRAIN_USAGE_S": ("drain_usage_s", _positive_float),
+    "MESHRT_DRAIN_S": ("drain_s", _positive_float),
+    "MESHRT_MAX_SESSIONS": ("max_sessions", _positive_int),
+    "MESHRT_MAX_MESSAGE_BYTES": ("max_message_bytes", _positive_int),
+    "MESHRT_MAX_CONCURRENT_SESSIONS": ("default_max_concurrent_sessions", _positive_int),
+    "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _positive_float),
+    "MESHRT_UPSTREAM_ATTEMPTS": ("upstream_attempts", _positive_int),
+    "MESHRT_WARM_WORKERS": ("warm_workers", _non_negative_int),
+    "MESHRT_WORKER_BACKEND": ("worker_backend", _choice("asyncio", "trio")),
+    "MESHRT_WORKER_MEMORY_MB": ("worker_memory_mb", _positive_int),
+    "MESHRT_PRICING_FILE": ("pricing_file", _text),
+    "MESHRT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "MESHRT_FRONTDOOR_WORKERS": ("frontdoor_workers", _positive_int),
+    "MESHRT_ALLOW_PLAIN_WS": ("allow_plain_ws", _bool),
+}
+
+SECRET_VARIABLES = ("OPENAI_API_KEY", "MESHRT_ADMIN_TOKEN", "MESHRT_DATABASE_URL")
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides) -> Settings:
+    """Build Settings from the environment; `overrides` (CLI flags) win. Raises SettingsError."""
+    env = os.environ if environ is None else environ
+    values: dict = {}
+    for variable, (name, parse) in _ENV.items():
+        raw = env.get(variable)
+        if raw is not None and (raw != "" or name in ("openai_api_key", "admin_token")):
+            values[name] = parse(variable, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("pricing_file") and not Path(values["pricing_file"]).is_file():
+        raise SettingsError(f"MESHRT_PRICING_FILE: no such file {values['pricing_file']!r}")
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The MESHRT_* variables that rebuild `settings` in a child process (the front door)."""
+    out = {}
+    for variable, (name, _parse) in _ENV.items():
+        value = getattr(settings, name)
+        if name == "forwarded_allow_ips":
+            value = ",".join(str(n) for n in value)
+        elif isinstance(value, bool):
+            value = "1" if value else "0"
+        elif name == "database_url":
+            value = settings.db_url
+        out[variable] = str(value)
+    return out
+
+
+def scrubbed_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment with no secret and no MESHRT_* setting: what the zygote starts with."""
+    env = os.environ if environ is None else environ
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "HOME")
+    return {k: env[k] for k in keep if k in env}

@@ -1,0 +1,118 @@
+"""Account, key and top-up operations: the one implementation behind the CLI and the admin API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from meshrt.shared.money import Money
+
+from .db import Account, ApiKey, LedgerEntry, hash_key, key_display, new_id, new_key, utcnow
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key: ApiKey
+    plaintext: str  # shown once, never stored
+
+
+def account_json(account: Account) -> dict:
+    return {
+        "object": "account", "id": account.id, "name": account.name,
+        "balance": Money(account.balance_pico).usd_str(), "active": account.active,
+        "max_concurrent_sessions": account.max_concurrent_sessions,
+        "session_token_cap": account.session_token_cap,
+        "created_at": int(account.created_at.timestamp()),
+    }
+
+
+def key_json(key: ApiKey) -> dict:
+    return {
+        "object": "api_key", "id": key.id, "account_id": key.account_id, "name": key.name,
+        "display": key.display, "token_cap": key.token_cap,
+        "created_at": int(key.created_at.timestamp()),
+        "revoked_at": int(key.revoked_at.timestamp()) if key.revoked_at else None,
+    }
+
+
+def create_account(engine, name: str, balance: Money = Money(0), max_concurrent_sessions: int | None = None,
+                   session_token_cap: int | None = None) -> Account:
+    account = Account(id=new_id("acct"), name=name, balance_pico=0,
+                      max_concurrent_sessions=max_concurrent_sessions, session_token_cap=session_token_cap)
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        db.add(account)
+    if balance.picodollars:
+        topup(engine, account.id, balance, note="initial balance")
+    return get_account(engine, account.id)
+
+
+def get_account(engine, account_id: str) -> Account:
+    with Session(engine, expire_on_commit=False) as db:
+        account = db.get(Account, account_id)
+        if account is None:
+            raise NotFound(f"no account {account_id!r}")
+        db.expunge(account)
+        return account
+
+
+def list_accounts(engine) -> list[Account]:
+    with Session(engine, expire_on_commit=False) as db:
+        rows = list(db.exec(select(Account).order_by(Account.created_at)).all())
+        for row in rows:
+            db.expunge(row)
+        return rows
+
+
+def topup(engine, account_id: str, amount: Money, note: str = "") -> Account:
+    """Add (or, negative, remove) balance; every change is a ledger entry."""
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        result = db.exec(update(Account).where(Account.id == account_id)
+                         .values(balance_pico=Account.balance_pico + amount.picodollars))
+        if result.rowcount != 1:
+            raise NotFound(f"no account {account_id!r}")
+        db.add(LedgerEntry(account_id=account_id, amount_pico=amount.picodollars,
+                           kind="topup" if amount.picodollars >= 0 else "adjustment", note=note))
+    return get_account(engine, account_id)
+
+
+def create_key(engine, account_id: str, name: str = "", token_cap: int | None = None) -> CreatedKey:
+    get_account(engine, account_id)
+    plaintext = new_key()
+    key = ApiKey(id=new_id("key"), account_id=account_id, name=name, display=key_display(plaintext),
+                 key_hash=hash_key(plaintext), token_cap=token_cap)
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        db.add(key)
+    with Session(engine, expire_on_commit=False) as db:
+        key = db.get(ApiKey, key.id)
+        db.expunge(key)
+    return CreatedKey(key, plaintext)
+
+
+def list_keys(engine, account_id: str | None = None) -> list[ApiKey]:
+    with Session(engine, expire_on_commit=False) as db:
+        query = select(ApiKey).order_by(ApiKey.created_at)
+        if account_id:
+            query = query.where(ApiKey.account_id == account_id)
+        rows = list(db.exec(query).all())
+        for row in rows:
+            db.expunge(row)
+        return rows
+
+
+def revoke_key(engine, key_id: str) -> ApiKey:
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        key = db.get(ApiKey, key_id)
+        if key is None:
+            raise NotFound(f"no key {key_id!r}")
+        if key.revoked_at is None:
+            key.revoked_at = utcnow()
+    with Session(engine, expire_on_commit=False) as db:
+        key = db.get(ApiKey, key_id)
+        db.expunge(key)
+        return key

@@ -1,0 +1,81 @@
+"""The front door's HTTP API (FastAPI): health, the 426 for plain GETs of /v1/realtime, models,
+usage, account, admin. Every response carries `x-request-id`; every error is SPEC §1's JSON.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from meshrt.shared.errors import http_error_body
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(12)}"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, type_: str = "invalid_request_error",
+                 headers: dict | None = None):
+        self.status, self.code, self.message, self.type = status, code, message, type_
+        self.headers = headers or {}
+
+
+def _error(request: Request, status: int, code: str, message: str, type_: str, headers=None) -> JSONResponse:
+    rid = request.state.request_id
+    return JSONResponse(http_error_body(code, message, type_, rid), status_code=status,
+                        headers={"x-request-id": rid, **(headers or {})})
+
+
+def create_app(ctx) -> FastAPI:
+    """`ctx` is the front door's context: settings, engine, prices, state checks."""
+    app = FastAPI(title="meshrt", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.ctx = ctx
+
+    @app.middleware("http")
+    async def request_ids(request: Request, call_next):
+        request.state.request_id = new_request_id()
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error(request, exc.status, exc.code, exc.message, exc.type, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(request, exc.status_code, code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(request, 400, "invalid_parameter", f"{where}: {first.get('msg', 'invalid')}",
+                      "invalid_request_error")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        problems = await ctx.readiness_problems()
+        if problems:
+            return _error(request, 503, "not_ready", "; ".join(problems), "server_error")
+        return {"status": "ready"}
+
+    @app.get("/v1/realtime")
+    async def realtime_without_upgrade(request: Request):
+        return _error(request, 426, "upgrade_required",
+                      "This endpoint speaks WebSocket: connect with wss:// and an Upgrade: websocket request.",
+                      "invalid_request_error", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+    for register in ctx.routers:
+        register(app, ctx)
+    return app

@@ -1,0 +1,208 @@
+"""`meshrt`: the operator's one command (SPEC §7). Bad arguments and settings end with one
+clear line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from meshrt.shared.money import Money
+from meshrt.shared.settings import SettingsError, load_settings
+
+
+def _money(raw: str) -> Money:
+    try:
+        return Money.from_usd(raw)
+    except (ValueError, TypeError, ArithmeticError):
+        raise argparse.ArgumentTypeError(f"not a USD amount: {raw!r} (e.g. 25 or 0.50)") from None
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {raw!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshrt", description="Metering gateway for the OpenAI Realtime API.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="everything on one machine for a first try")
+    dev.add_argument("--port", type=_port, default=None)
+    dev.add_argument("--state-dir", default=None)
+
+    serve = sub.add_parser("serve", help="production: supervisor + front door + workers")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=_port, default=None)
+
+    sim = sub.add_parser("sim", help="the OpenAI Realtime upstream simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=_port, default=8765)
+    sim.add_argument("--api-key", default=None)
+    sim.add_argument("--pace", action="store_true")
+    sim.add_argument("--frame-log-dir", default=None)
+
+    dbp = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    dbp.add_parser("upgrade", help="create / migrate the schema")
+
+    accounts = sub.add_parser("accounts").add_subparsers(dest="accounts_command", required=True)
+    create = accounts.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--balance", type=_money, default=Money(0), help="initial balance in USD")
+    create.add_argument("--max-concurrent-sessions", type=_positive, default=None)
+    create.add_argument("--session-token-cap", type=_positive, default=None)
+    accounts.add_parser("list")
+    top = accounts.add_parser("topup")
+    top.add_argument("account_id")
+    top.add_argument("amount", type=_money, help="USD, e.g. 25.00")
+    top.add_argument("--note", default="")
+
+    keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create")
+    kc.add_argument("account_id")
+    kc.add_argument("--name", default="")
+    kc.add_argument("--token-cap", type=_positive, default=None)
+    kl = keys.add_parser("list")
+    kl.add_argument("--account", default=None)
+    kr = keys.add_parser("revoke")
+    kr.add_argument("key_id")
+
+    usage = sub.add_parser("usage", help="session usage records")
+    usage.add_argument("--account", default=None)
+    usage.add_argument("--limit", type=_positive, default=20)
+
+    sub.add_parser("models", help="realtime models and their rates")
+
+    bench = sub.add_parser("bench", help="the benchmark harness")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--out", default=None)
+    return parser
+
+
+def _engine(settings):
+    from meshrt.supervisor import db
+
+    engine = db.make_engine(settings.db_url)
+    db.create_schema(engine)
+    return engine
+
+
+def _print(args, payload, text: str) -> None:
+    print(json.dumps(payload, indent=2) if args.json else text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {}
+        if getattr(args, "port", None) is not None and args.command in ("serve", "dev"):
+            overrides["port"] = args.port
+        if getattr(args, "host", None) is not None and args.command == "serve":
+            overrides["host"] = args.host
+        settings = load_settings(**overrides) if args.command != "sim" else None
+    except SettingsError as exc:
+        print(f"meshrt: bad setting: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args, settings)
+    except LookupError as exc:
+        print(f"meshrt: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+    except SettingsError as exc:
+        print(f"meshrt: bad setting: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args, settings) -> int:
+    from meshrt.shared import logs
+
+    if args.command == "sim":
+        from meshrt.worker import simulator
+
+        argv = ["--host", args.host, "--port", str(args.port)]
+        argv += ["--api-key", args.api_key] if args.api_key else []
+        argv += ["--pace"] if args.pace else []
+        argv += ["--frame-log-dir", args.frame_log_dir] if args.frame_log_dir else []
+        return simulator.main(argv)
+    if args.command == "serve":
+        from .supervisor import serve
+
+        logs.configure("supervisor", settings.log_level)
+        return serve(settings)
+    if args.command == "dev":
+        from .dev import run_dev
+
+        return run_dev(settings, args)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(settings, args)
+    return _operate(args, settings)
+
+
+def _operate(args, settings) -> int:
+    from . import accounts as ops
+
+    engine = _engine(settings)
+    if args.command == "db":
+        print(f"schema up to date at {settings.db_url.split('@')[-1]}")
+        return 0
+    if args.command == "accounts":
+        if args.accounts_command == "create":
+            account = ops.create_account(engine, args.name, args.balance, args.max_concurrent_sessions,
+                                         args.session_token_cap)
+            _print(args, ops.account_json(account), f"{account.id}\t{account.name}\tbalance ${Money(account.balance_pico).usd_str()}")
+        elif args.accounts_command == "list":
+            rows = ops.list_accounts(engine)
+            _print(args, [ops.account_json(a) for a in rows],
+                   "\n".join(f"{a.id}\t{a.name}\t${Money(a.balance_pico).usd_str()}" for a in rows) or "(no accounts)")
+        else:
+            account = ops.topup(engine, args.account_id, args.amount, args.note)
+            _print(args, ops.account_json(account), f"{account.id}\tbalance ${Money(account.balance_pico).usd_str()}")
+        return 0
+    if args.command == "keys":
+        if args.keys_command == "create":
+            created = ops.create_key(engine, args.account_id, args.name, args.token_cap)
+            payload = {**ops.key_json(created.key), "key": created.plaintext}
+            _print(args, payload, f"{created.key.id}\t{created.plaintext}\n(the key is shown once; store it now)")
+        elif args.keys_command == "list":
+            rows = ops.list_keys(engine, args.account)
+            _print(args, [ops.key_json(k) for k in rows],
+                   "\n".join(f"{k.id}\t{k.account_id}\t{k.display}\t{'revoked' if k.revoked_at else 'active'}"
+                             for k in rows) or "(no keys)")
+        else:
+            key = ops.revoke_key(engine, args.key_id)
+            _print(args, ops.key_json(key), f"{key.id}\trevoked")
+        return 0
+    if args.command == "usage":
+        from .usage_api import list_usage_cli
+
+        return list_usage_cli(engine, args)
+    if args.command == "models":
+        from .catalog import load_catalog
+
+        catalog = load_catalog(settings)
+        rows = catalog.models_json()
+        _print(args, rows, "\n".join(f"{m['id']}\t{json.dumps(m['pricing'])}" for m in rows))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The database: tables, the engine, and the few transactions that must be atomic.
+
+SQLite by default (every transaction starts with BEGIN IMMEDIATE, so check-then-insert is
+serialised across processes), PostgreSQL for several nodes (row locks with FOR UPDATE).
+Money is an integer count of picodollars (1e-12 USD) in BIGINT columns; keys are stored only as
+SHA-256 hashes plus a short display prefix.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import string
+from datetime import datetime, timezone
+
+from sqlalchemy import BigInteger, Column, event, text
+from sqlalchemy.engine import Engine
+from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str, nbytes: int = 12) -> str:
+    return f"{prefix}_{secrets.token_hex(nbytes)}"
+
+
+_KEY_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_key() -> str:
+    return "rsk_" + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(40))
+
+
+def hash_key(key: str) -> str:
+    # Keys carry ~238 bits of entropy, so a fast hash is safe; lookup is by this hash.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_display(key: str) -> str:
+    return f"{key[:8]}…{key[-4:]}"
+
+
+class SessionState(str, enum.Enum):
+    GRANTED = "granted"  # the front door admitted it; no worker yet
+    LIVE = "live"  # a worker owns it
+    ENDED = "ended"  # the usage record is final
+
+
+LIVE_STATES = (SessionState.GRANTED.value, SessionState.LIVE.value)
+
+
+def _tz(dt: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes: every stored time is UTC."""
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+class Account(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+    balance_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    max_concurrent_sessions: int | None = None
+    session_token_cap: int | None = None
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    name: str = ""
+    display: str
+    key_hash: str = Field(unique=True, index=True)
+    token_cap: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class SessionRecord(SQLModel, table=True):
+    __tablename__ = "realtime_session"
+    id: str = Field(primary_key=True)
+    request_id: str = Field(index=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    api_key_id: str
+    model: str
+    node: str = ""
+    state: str = Field(default=SessionState.GRANTED.value, index=True)
+    pid: int | None = None
+    client_addr: str = ""
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+    close_code: int | None = None
+    responses: int = 0
+    usage: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    cost_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    by_category: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    rates: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class AppliedIncrement(SQLModel, table=True):
+    """One usage increment, applied once: the (session_id, seq) key makes replays harmless."""
+
+    session_id: str = Field(primary_key=True)
+    seq: int = Field(primary_key=True)
+    account_id: str = Field(index=True)
+    cost_pico: int = Field(sa_column=Column(BigInteger, nullable=False))
+    body: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    applied_at: datetime = Field(default_factory=utcnow)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Every balance change: top-ups (+), usage debits (-), adjustments."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: str = Field(foreign_key="account.id", index=True)
+    amount_pico: int = Field(sa_column=Column(BigInteger, nullable=False))
+    kind: str  # "topup" | "usage" | "adjustment"
+    ref: str = ""
+    note: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def create_schema(engine: Engine) -> None:
+    SQLModel.metadata.create_all(engine)
+
+
+def lock_account(session: Session, account_id: str) -> Account | None:
+    """Load an account for update: a row lock on PostgreSQL (SQLite's BEGIN IMMEDIATE suffices)."""
+    return session.exec(select(Account).where(Account.id == account_id).with_for_update()).first()
+
+
+def find_key(session: Session, key: str) -> ApiKey | None:
+    digest = hash_key(key)
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return None
+    return row
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

@@ -1,0 +1,97 @@
+"""The front door process: uvicorn + FastAPI on the listening socket the supervisor owns.
+
+Started by the supervisor with the listening socket's fd (so a restart refuses no connection:
+the kernel queues them), the database URL and the admin token — never the upstream key.
+Upgrades of /v1/realtime go through `handoff.HandoffProtocol`; everything else is `api.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import socket
+from pathlib import Path
+
+import anyio
+import uvicorn
+from sqlmodel import Session
+
+from meshrt.shared import logs
+from meshrt.shared.settings import load_settings
+
+from . import db, gate, handoff
+from .api import create_app, new_request_id
+from .catalog import load_catalog
+
+log = logging.getLogger("meshrt.frontdoor")
+
+
+class FrontDoorContext:
+    """What the HTTP routes and the gate share inside one front-door process."""
+
+    def __init__(self, settings, engine, prices, node: str):
+        self.settings, self.engine, self.prices, self.node = settings, engine, prices, node
+        self.routers = []
+        try:
+            from .routes import ROUTERS
+            self.routers = ROUTERS
+        except ImportError:
+            pass
+
+    async def readiness_problems(self) -> list[str]:
+        problems = []
+        try:
+            await anyio.to_thread.run_sync(db.ping, self.engine)
+        except Exception as exc:  # noqa: BLE001 - any DB failure means not ready
+            problems.append(f"database: {type(exc).__name__}")
+        run = Path(self.settings.state_dir) / "run"
+        if (run / "draining").exists():
+            problems.append("draining")
+        if not (run / "zygote.ready").exists():
+            problems.append("zygote not ready")
+        return problems
+
+    def refuse_granted(self, session_id: str, code: str) -> None:
+        """A granted session the supervisor would not take: close its row with the code."""
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            row = s.get(db.SessionRecord, session_id)
+            if row is not None and row.state == db.SessionState.GRANTED.value:
+                row.state, row.end_reason = db.SessionState.ENDED.value, code
+                row.close_code = None
+                row.ended_at = db.utcnow()
+
+
+def build(settings, node: str):
+    engine = db.make_engine(settings.db_url)
+    prices = load_catalog(settings)
+    ctx = FrontDoorContext(settings, engine, prices, node)
+    admit = functools.partial(gate.admit, engine, settings, prices)
+    protocol = handoff.protocol_class(
+        admit=lambda upgrade, peer_ip, request_id: admit(upgrade, peer_ip, request_id, node),
+        new_request_id=new_request_id,
+        control_socket=str(settings.control_socket),
+        on_refused=ctx.refuse_granted,
+    )
+    return create_app(ctx), protocol
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshrt-frontdoor")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--node", default=socket.gethostname())
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    logs.configure("frontdoor", settings.log_level)
+    app, protocol = build(settings, args.node)
+    listener = socket.socket(fileno=args.fd)
+    config = uvicorn.Config(app, ws=protocol, http="httptools", loop="asyncio", log_config=None,
+                            access_log=False, proxy_headers=True,
+                            forwarded_allow_ips=",".join(str(n) for n in settings.forwarded_allow_ips),
+                            ws_max_size=settings.max_message_bytes, timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[listener])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The front door's upgrade path: a uvicorn WebSocket protocol class that never relays a frame.
+
+uvicorn parses the HTTP request and, for an upgrade, switches the connection to this protocol
+with the request bytes. We pause reading (bytes read here would be lost to the worker), run the
+gate, and then either:
+- hand off: send the supervisor the socket (SCM_RIGHTS), the request with the key stripped and
+  the grant; after its ack, close our copy of the socket without shutdown() and without ever
+  having written to it — the worker answers the client; or
+- refuse: accept the upgrade, send the SPEC §5 error frame and close (browsers cannot read a
+  failed handshake's status, but they can read a frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from typing import Any, Callable
+
+import anyio
+
+from meshrt.shared import control
+from meshrt.shared.control import Handoff, HandoffAck
+from meshrt.shared.errors import ERRORS, GatewayError, http_error_body
+from meshrt.shared.handshake import (
+    accept_bytes, error_frames, new_server_protocol, parse_request_bytes, parse_upgrade, redact,
+    strip_credentials,
+)
+
+log = logging.getLogger("meshrt.frontdoor")
+
+MAX_REQUEST_HEAD = 16 * 1024
+CLOSE_WAIT_S = 2.0
+REALTIME_PATH = "/v1/realtime"
+
+
+def http_response(status: int, reason: str, body: dict, request_id: str, extra: str = "") -> bytes:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nx-request-id: {request_id}\r\n{extra}Connection: close\r\n\r\n")
+    return head.encode() + payload
+
+
+class HandoffProtocol(asyncio.Protocol):
+    """Instantiated by uvicorn per upgrade; `admit` and `new_request_id` are set by `protocol_class`."""
+
+    admit: Callable[..., Any]
+    new_request_id: Callable[[], str]
+    control_socket: str
+    on_refused: Callable[[str, str], None]
+
+    def __init__(self, config, server_state, app_state, _loop=None):
+        self.loop = _loop or asyncio.get_event_loop()
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.task: asyncio.Task | None = None
+        self.released = False
+        self.client_spoke = asyncio.Event()
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None:  # after the handshake: only a refused client's close frame
+            self.client_spoke.set()
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer or len(self.buffer) > MAX_REQUEST_HEAD:
+            self.transport.pause_reading()
+            self.task = self.loop.create_task(self._handle())
+            self.tasks.add(self.task)
+            self.task.add_done_callback(self.tasks.discard)
+
+    def eof_received(self) -> bool | None:
+        self.client_spoke.set()
+        return None
+
+    def connection_lost(self, exc) -> None:
+        self.connections.discard(self)
+        self.client_spoke.set()
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown: a connection still in the gate is simply closed."""
+        if self.transport is not None and not self.released:
+            self.transport.close()
+
+    # --- the upgrade ------------------------------------------------------------------
+
+    async def _handle(self) -> None:
+        request_id = self.new_request_id()
+        try:
+            await self._upgrade(request_id)
+        except Exception:
+            log.exception("upgrade failed", extra={"request_id": request_id})
+            if not self.released and not self.transport.is_closing():
+                self.transport.close()
+
+    async def _upgrade(self, request_id: str) -> None:
+        try:
+            protocol, request = parse_request_bytes(self.buffer)
+        except ValueError:
+            return self._http_error(400, "Bad Request", "invalid_request", "Malformed upgrade request.", request_id)
+        upgrade = parse_upgrade(request)
+        log.info("upgrade", extra={"request_id": request_id, "fields": {"path": redact(request.path)}})
+        if upgrade.path != REALTIME_PATH:
+            return self._http_error(404, "Not Found", "not_found", "No WebSocket endpoint at this path.", request_id)
+        _, status = accept_bytes(new_server_protocol(), request, request_id)  # validates the handshake
+        if status != 101:
+            return self._http_error(400, "Bad Request", "invalid_request", "Invalid WebSocket handshake.", request_id)
+        peer = self.transport.get_extra_info("peername")
+        peer_ip = peer[0] if isinstance(peer, tuple) else None
+        try:
+            grant = await anyio.to_thread.run_sync(self.admit, upgrade, peer_ip, request_id)
+        except GatewayError as error:
+            return await self._refuse(protocol, request, error.code, request_id)
+        ack = await self._hand_off(grant, strip_credentials(request))
+        if ack.error_code is not None:
+            self.on_refused(grant.session_id, ack.error_code)
+            return await self._refuse(protocol, request, ack.error_code, request_id)
+        self._release()
+
+    async def _hand_off(self, grant, request: bytes) -> HandoffAck:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(self.control_socket)
+            sock.setblocking(False)
+            fd = self.transport.get_extra_info("socket").fileno()
+            await control.asend(sock, Handoff(grant, request), [fd])
+            with anyio.fail_after(10):
+                ack, fds = await control.arecv(sock)
+            for extra in fds:
+                socket.close(extra)
+            return ack if isinstance(ack, HandoffAck) else HandoffAck(grant.session_id, "internal_error")
+        except (OSError, EOFError, TimeoutError, control.ControlError):
+            log.exception("handoff failed", extra={"request_id": grant.request_id, "session_id": grant.session_id})
+            return HandoffAck(grant.session_id, "server_at_capacity")
+        finally:
+            sock.close()
+
+    def _release(self) -> None:
+        """Let go of a handed-off socket: close our fd without writing or shutting it down."""
+        self.released = True
+        self.connections.discard(self)
+        self.transport.abort()  # no buffered bytes exist; abort() only closes this fd
+
+    async def _refuse(self, protocol, request, code: str, request_id: str) -> None:
+        response, status = accept_bytes(protocol, request, request_id)
+        self.transport.write(response + error_frames(protocol, code, request_id))
+        log.info("refused", extra={"request_id": request_id, "fields": {"code": code}})
+        self.transport.resume_reading()
+        with anyio.move_on_after(CLOSE_WAIT_S):
+            await self.client_spoke.wait()
+        self.transport.close()
+
+    def _http_error(self, status: int, reason: str, code: str, message: str, request_id: str) -> None:
+        body = http_error_body(code, message, "invalid_request_error", request_id)
+        self.transport.write(http_response(status, reason, body, request_id))
+        self.transport.close()
+
+
+def protocol_class(admit, new_request_id, control_socket: str, on_refused) -> type[HandoffProtocol]:
+    """A HandoffProtocol bound to this front door's gate (uvicorn wants a class, not an instance)."""
+    return type("BoundHandoffProtocol", (HandoffProtocol,), {
+        "admit": staticmethod(admit), "new_request_id": staticmethod(new_request_id),
+        "control_socket": control_socket, "on_refused": staticmethod(on_refused),
+    })

@@ -1,0 +1,357 @@
+"""The supervisor: parent of the front door and the zygote, owner of the listening socket,
+keeper of the live-session registry, and the only writer of final usage records.
+
+Shape (after gunicorn's arbiter): signals become messages into one task group; children are
+restarted when they die; every session is finalised exactly once, when its worker's channel
+closes — however the worker ended — from the increments applied for it plus its spool.
+Start-up order matters for isolation: the zygote is started (with a scrubbed environment)
+before the database is opened or the upstream key is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+
+from meshrt.shared import control
+from meshrt.shared.control import (
+    Handoff, HandoffAck, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded, WorkerExited,
+    WorkerLive, ZygoteReady,
+)
+from meshrt.shared.settings import Settings, scrubbed_env, settings_env
+
+from . import db, ledger
+from .registry import LiveSession, Registry
+from .usage import summarize
+
+log = logging.getLogger("meshrt.supervisor")
+
+RESTART_BACKOFF_S = 0.5
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, node: str | None = None):
+        self.settings = settings
+        self.node = node or socket.gethostname()
+        self.registry = Registry()
+        self.draining = False
+        self.stopping = False
+        self.run_dir = settings.state_dir / "run"
+        self.frontdoor: subprocess.Popen | None = None
+        self.zygote: subprocess.Popen | None = None
+        self.zygote_channel: socket.socket | None = None
+        self.engine = None
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def _prepare_dirs(self) -> None:
+        for path in (self.settings.state_dir, self.run_dir, self.settings.spool_dir):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+        for stale in ("draining", "zygote.ready"):
+            (self.run_dir / stale).unlink(missing_ok=True)
+
+    def _start_zygote(self) -> None:
+        ours, theirs = control.seqpacket_pair()
+        self.zygote = subprocess.Popen(
+            [sys.executable, "-m", "meshrt.worker.zygote", "--channel-fd", str(theirs.fileno()),
+             "--log-level", self.settings.log_level],
+            pass_fds=[theirs.fileno()], env=scrubbed_env(), stdin=subprocess.DEVNULL)
+        theirs.close()
+        ours.setblocking(False)
+        self.zygote_channel = ours
+        log.info("zygote started", extra={"pid": self.zygote.pid})
+
+    def _bind(self) -> tuple[socket.socket, socket.socket]:
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.settings.host, self.settings.port))
+        listener.listen(2048)
+        path = self.settings.control_socket
+        path.unlink(missing_ok=True)
+        handoffs = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            handoffs.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        handoffs.listen(512)
+        handoffs.setblocking(False)
+        return listener, handoffs
+
+    def _start_frontdoor(self, listener: socket.socket) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+        env.update(settings_env(self.settings))
+        env.pop("OPENAI_API_KEY", None)
+        fd = listener.fileno()
+        self.frontdoor = subprocess.Popen(
+            [sys.executable, "-m", "meshrt.supervisor.frontdoor", "--fd", str(fd), "--node", self.node],
+            pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+        log.info("front door started", extra={"pid": self.frontdoor.pid})
+
+    # --- the main loop --------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._prepare_dirs()
+        self._start_zygote()
+        self.engine = db.make_engine(self.settings.db_url)
+        await anyio.to_thread.run_sync(db.create_schema, self.engine)
+        await self._recover()
+        listener, handoffs = self._bind()
+        self._start_frontdoor(listener)
+        print(f"meshrt listening on http://{self.settings.host}:{listener.getsockname()[1]}", flush=True)
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            tg.start_soon(self._accept_handoffs, handoffs)
+            tg.start_soon(self._read_zygote)
+            tg.start_soon(self._watch_frontdoor, listener)
+            tg.start_soon(self._watch_signals)
+        return 0
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received; draining", extra={"fields": {"signal": signum}})
+                await self.drain()
+                return
+
+    async def _watch_frontdoor(self, listener: socket.socket) -> None:
+        while not self.stopping:
+            code = await anyio.to_thread.run_sync(self.frontdoor.wait, abandon_on_cancel=True)
+            if self.stopping:
+                return
+            log.warning("front door exited; restarting", extra={"fields": {"exit_code": code}})
+            await anyio.sleep(RESTART_BACKOFF_S)
+            self._start_frontdoor(listener)
+
+    # --- handoffs -------------------------------------------------------------------------
+
+    async def _accept_handoffs(self, handoffs: socket.socket) -> None:
+        while True:
+            await anyio.wait_readable(handoffs)
+            try:
+                conn, _ = handoffs.accept()
+            except BlockingIOError:
+                continue
+            if control.peer_uid(conn) != os.getuid():
+                log.warning("handoff from another user refused")
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.tg.start_soon(self._serve_handoff, conn)
+
+    async def _serve_handoff(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            message, fds = await control.arecv(conn)
+            if not isinstance(message, Handoff) or len(fds) != 1:
+                return
+            code = self._refusal()
+            if code is None:
+                await self._spawn(message, fds[0])
+            await control.asend(conn, HandoffAck(message.grant.session_id, code))
+        except (EOFError, OSError, control.ControlError):
+            log.exception("handoff failed")
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+    def _refusal(self) -> str | None:
+        if self.draining:
+            return "server_shutting_down"
+        if len(self.registry) >= self.settings.max_sessions:
+            return "server_at_capacity"
+        return None
+
+    def _spool_path(self, session_id: str) -> Path:
+        return self.settings.spool_dir / f"{session_id}.jsonl"
+
+    async def _spawn(self, handoff: Handoff, client_fd: int) -> None:
+        """Send the session to the zygote: fds [client, worker channel, spool]. The caller
+        closes its copy of client_fd; ours of the other two are closed here once sent."""
+        s = self.settings
+        grant = dataclasses.replace(
+            handoff.grant, upstream_url=s.upstream_url, upstream_key=s.openai_api_key,
+            idle_timeout_s=s.idle_timeout_s, max_session_s=s.max_session_s,
+            max_message_bytes=s.max_message_bytes, drain_usage_s=s.drain_usage_s,
+            upstream_connect_timeout_s=s.upstream_connect_timeout_s,
+            upstream_attempts=s.upstream_attempts, backend=s.worker_backend,
+            memory_limit_mb=s.worker_memory_mb)
+        spool_fd = os.open(self._spool_path(grant.session_id),
+                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        ours, theirs = control.seqpacket_pair()
+        try:
+            await control.asend(self.zygote_channel, Spawn(grant, handoff.request),
+                                [client_fd, theirs.fileno(), spool_fd])
+        finally:
+            theirs.close()
+            os.close(spool_fd)
+        ours.setblocking(False)
+        live = LiveSession(grant, ours)
+        self.registry.add(live)
+        self.tg.start_soon(self._watch_worker, live)
+
+    # --- zygote and workers ---------------------------------------------------------------
+
+    async def _read_zygote(self) -> None:
+        while True:
+            try:
+                message, fds = await control.arecv(self.zygote_channel)
+            except (EOFError, control.ControlError):
+                if self.stopping:
+                    return
+                log.error("zygote channel lost; restarting the zygote")
+                self.zygote.kill()
+                await anyio.to_thread.run_sync(self.zygote.wait)
+                self.zygote_channel.close()
+                self._start_zygote()
+                continue
+            for fd in fds:
+                os.close(fd)
+            if isinstance(message, ZygoteReady):
+                (self.run_dir / "zygote.ready").write_text(str(message.pid))
+            elif isinstance(message, Spawned):
+                self.registry.set_pid(message.session_id, message.pid)
+            elif isinstance(message, WorkerExited):
+                level = logging.INFO if message.exit_code == 0 else logging.WARNING
+                log.log(level, "worker exited", extra={"pid": message.pid, "fields": {
+                    "exit_code": message.exit_code, "signal": message.signal}})
+
+    async def _watch_worker(self, live: LiveSession) -> None:
+        try:
+            while True:
+                try:
+                    message, fds = await control.arecv(live.channel)
+                except (EOFError, control.ControlError):
+                    return
+                for fd in fds:
+                    os.close(fd)
+                if isinstance(message, WorkerLive):
+                    live.live, live.pid = True, message.pid
+                    await anyio.to_thread.run_sync(ledger.mark_live, self.engine, message.session_id, message.pid)
+                elif isinstance(message, UsageIncrement):
+                    await self._apply(live, message.seq, message.increment)
+                elif isinstance(message, WorkerEnded):
+                    live.ended = message
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finalize(live)
+
+    async def _apply(self, live: LiveSession, seq: int, increment: dict) -> None:
+        grant = live.grant
+        live.increments[seq] = increment
+        balance = await anyio.to_thread.run_sync(
+            ledger.apply_increment, self.engine, grant.session_id, grant.account_id, seq, increment)
+        if balance is not None and balance <= 0:
+            await self._stop_account(grant.account_id, "insufficient_quota")
+
+    async def _stop_account(self, account_id: str, code: str) -> None:
+        for other in self.registry.of_account(account_id):
+            await self._stop(other, code)
+
+    async def _stop(self, live: LiveSession, code: str) -> None:
+        if live.stop_sent is not None:
+            return
+        live.stop_sent = code
+        try:
+            await control.asend(live.channel, StopSession(code))
+        except OSError:
+            pass
+
+    def _read_spool(self, session_id: str) -> dict[int, dict]:
+        increments: dict[int, dict] = {}
+        path = self._spool_path(session_id)
+        try:
+            lines = path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return increments
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                increments[int(entry["seq"])] = entry["increment"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("torn spool line ignored", extra={"session_id": session_id})
+        return increments
+
+    async def _finalize(self, live: LiveSession) -> None:
+        """Bill what the spool holds that the channel did not deliver, then write the record."""
+        grant = live.grant
+        for seq, increment in sorted(self._read_spool(grant.session_id).items()):
+            if seq not in live.increments:
+                await self._apply(live, seq, increment)
+        increments = await anyio.to_thread.run_sync(ledger.applied_increments, self.engine, grant.session_id)
+        ended = live.ended
+        if ended is not None:
+            reason, code = ended.end_reason, ended.close_code
+        else:
+            reason, code = "internal_error", 1011  # the worker died without reporting
+        await anyio.to_thread.run_sync(ledger.finalize, self.engine, grant.session_id, reason, code,
+                                       summarize(increments))
+        self._spool_path(grant.session_id).unlink(missing_ok=True)
+        self.registry.remove(grant.session_id)
+        live.channel.close()
+        log.info("session finalised", extra={"session_id": grant.session_id, "request_id": grant.request_id,
+                                              "fields": {"end_reason": reason, "close_code": code}})
+
+    # --- recovery and drain ---------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Finalise sessions this node left unfinished (a previous supervisor died)."""
+        rows = await anyio.to_thread.run_sync(ledger.unfinished_sessions, self.engine, self.node)
+        for row in rows:
+            grant = control.Grant(session_id=row.id, request_id=row.request_id, account_id=row.account_id,
+                                  api_key_id=row.api_key_id, model=row.model, token_cap=0, rates=row.rates)
+            live = LiveSession(grant, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+            live.ended = WorkerEnded(row.id, "internal_error", 1011, row.state == db.SessionState.LIVE.value)
+            await self._finalize(live)
+            log.warning("recovered an unfinished session", extra={"session_id": row.id})
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new sessions, let live ones run up to drain_s, end the rest, exit."""
+        self.draining = True
+        (self.run_dir / "draining").touch()
+        deadline = time.monotonic() + self.settings.drain_s
+        while len(self.registry) and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        for live in self.registry.sessions():
+            await self._stop(live, "server_shutting_down")
+        deadline = time.monotonic() + self.settings.drain_usage_s + 5
+        while len(self.registry) and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        if self.frontdoor is not None and self.frontdoor.poll() is None:
+            self.frontdoor.terminate()
+            await anyio.to_thread.run_sync(self.frontdoor.wait)
+        for live in self.registry.sessions():
+            if live.pid:
+                try:
+                    os.kill(live.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        with anyio.move_on_after(2):
+            while len(self.registry):
+                await anyio.sleep(0.05)
+        self.zygote_channel.close()
+        await anyio.to_thread.run_sync(self.zygote.wait)
+        self.settings.control_socket.unlink(missing_ok=True)
+        (self.run_dir / "zygote.ready").unlink(missing_ok=True)
+        self.tg.cancel_scope.cancel()
+
+
+def serve(settings: Settings) -> int:
+    return anyio.run(Supervisor(settings).run)

@@ -1,0 +1,169 @@
+"""WebSocket frame scanning, sans-I/O: split a byte stream into whole raw frames.
+
+The relay forwards frames as they are on the wire: a client's masked frame is already a valid
+client frame upstream, and upstream's unmasked frame is a valid server frame toward the client.
+So only headers are parsed here; payloads are never copied or unmasked unless asked for.
+Violations raise ProtocolViolation with the RFC 6455 close code to answer with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from websockets.frames import Frame, Opcode
+
+OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+_DATA = (OP_CONT, OP_TEXT, OP_BINARY)
+_KNOWN = (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+
+
+class ProtocolViolation(Exception):
+    def __init__(self, close_code: int, reason: str):
+        super().__init__(reason)
+        self.close_code = close_code
+        self.reason = reason
+
+
+@dataclass(slots=True, frozen=True)
+class RawFrame:
+    opcode: int
+    fin: bool
+    start: int  # offset of the frame in the chunk it was scanned from
+    payload_start: int
+    end: int
+    mask: bytes | None
+    message_start: bool  # first frame of a data message (text/binary opcode)
+
+    @property
+    def payload_len(self) -> int:
+        return self.end - self.payload_start
+
+
+class FrameScanner:
+    """Feeds on stream bytes; yields complete frames as offsets into the returned chunk.
+
+    `expect_masked`: True for the client leg (RFC 6455: client frames must be masked).
+    `max_message`: limit on a data message's total payload (fragments summed); over it,
+    ProtocolViolation(1009). Control frames are checked (≤125 bytes, not fragmented).
+    """
+
+    def __init__(self, expect_masked: bool, max_message: int | None = None):
+        self.expect_masked = expect_masked
+        self.max_message = max_message
+        self._pending = b""
+        self._in_message = False
+        self._message_size = 0
+
+    @property
+    def in_message(self) -> bool:
+        """True while a fragmented data message is unfinished (nothing may be injected)."""
+        return self._in_message
+
+    def feed(self, data: bytes) -> tuple[bytes, list[RawFrame]]:
+        """Return (chunk, frames): frames index into chunk; chunk[:frames[-1].end] is complete."""
+        chunk = self._pending + data if self._pending else data
+        frames: list[RawFrame] = []
+        pos, size = 0, len(chunk)
+        while True:
+            frame = self._scan_one(chunk, pos, size)
+            if frame is None:
+                break
+            frames.append(frame)
+            pos = frame.end
+        self._pending = chunk[pos:] if pos < size else b""
+        return chunk, frames
+
+    def _scan_one(self, chunk: bytes, pos: int, size: int) -> RawFrame | None:
+        if size - pos < 2:
+            return None
+        b0, b1 = chunk[pos], chunk[pos + 1]
+        fin, opcode, masked, length = bool(b0 & 0x80), b0 & 0x0F, bool(b1 & 0x80), b1 & 0x7F
+        if b0 & 0x70:
+            raise ProtocolViolation(1002, "reserved bits set")
+        if opcode not in _KNOWN:
+            raise ProtocolViolation(1002, f"unknown opcode {opcode}")
+        if masked != self.expect_masked:
+            raise ProtocolViolation(1002, "incorrect masking")
+        head = pos + 2
+        if length == 126:
+            if size - head < 2:
+                return None
+            length = int.from_bytes(chunk[head:head + 2], "big")
+            head += 2
+        elif length == 127:
+            if size - head < 8:
+                return None
+            length = int.from_bytes(chunk[head:head + 8], "big")
+            if length >> 63:
+                raise ProtocolViolation(1002, "payload length out of range")
+            head += 8
+        if opcode >= OP_CLOSE and (length > 125 or not fin):
+            raise ProtocolViolation(1002, "bad control frame")
+        message_start = self._track_message(opcode, fin, length)
+        mask = None
+        if masked:
+            if size - head < 4:
+                self._untrack(opcode, fin, length, message_start)
+                return None
+            mask = chunk[head:head + 4]
+            head += 4
+        if size - head < length:
+            self._untrack(opcode, fin, length, message_start)
+            return None
+        return RawFrame(opcode, fin, pos, head, head + length, mask, message_start)
+
+    def _track_message(self, opcode: int, fin: bool, length: int) -> bool:
+        if opcode not in _DATA:
+            return False
+        if opcode == OP_CONT:
+            if not self._in_message:
+                raise ProtocolViolation(1002, "unexpected continuation frame")
+            self._message_size += length
+        else:
+            if self._in_message:
+                raise ProtocolViolation(1002, "expected a continuation frame")
+            self._message_size = length
+        if self.max_message is not None and self._message_size > self.max_message:
+            raise ProtocolViolation(1009, "message too large")
+        self._in_message = not fin
+        return opcode != OP_CONT
+
+    def _untrack(self, opcode: int, fin: bool, length: int, message_start: bool) -> None:
+        """Undo _track_message for a frame that turned out incomplete (it is re-scanned later)."""
+        if opcode not in _DATA:
+            return
+        if message_start:
+            self._in_message, self._message_size = False, 0
+        else:
+            self._in_message, self._message_size = True, self._message_size - length
+
+
+def payload(chunk: bytes, frame: RawFrame) -> bytes:
+    data = chunk[frame.payload_start:frame.end]
+    if frame.mask is None:
+        return data
+    from websockets.frames import apply_mask
+
+    return apply_mask(data, frame.mask)
+
+
+def client_text_frame(data: bytes) -> bytes:
+    """A masked text frame, as a client sends it (for what the gateway itself sends upstream)."""
+    return Frame(Opcode.TEXT, data).serialize(mask=True, extensions=[])
+
+
+def client_close_frame(code: int, reason: str = "") -> bytes:
+    from websockets.frames import Close
+
+    return Frame(Opcode.CLOSE, Close(code, reason).serialize()).serialize(mask=True, extensions=[])
+
+
+def server_close_frame(code: int, reason: str = "") -> bytes:
+    from websockets.frames import Close
+
+    return Frame(Opcode.CLOSE, Close(code, reason).serialize()).serialize(mask=False, extensions=[])
+
+
+def server_text_frame(data: bytes) -> bytes:
+    return Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])

@@ -1,0 +1,309 @@
+"""The session relay, sans-I/O: bytes from either leg in, ordered actions out.
+
+Invariants kept here (and tested with plain bytes, no sockets):
+- transparency: every frame is forwarded as the same bytes, in order; the only frames the
+  gateway adds are its own terminating error + close toward the client, and `response.cancel`
+  + close toward upstream when the client is gone;
+- bill before deliver: a BILL action for a usage-carrying upstream frame always comes before
+  the CLIENT action that carries that frame;
+- a cut-short session still bills: when the client leaves while responses are in flight, the
+  close toward upstream is held back behind a `response.cancel` until the final
+  `response.done` arrives or the shell calls `drain_expired()`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from meshrt.shared.errors import ERRORS, error_event
+
+from . import frames as wsf
+from .frames import FrameScanner, ProtocolViolation, RawFrame
+
+
+class Target(enum.Enum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+    BILL = "bill"
+
+
+Action = tuple[Target, Any]
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    CLIENT_CLOSING = "client_closing"  # client closed or vanished; upstream close pending/sent
+    UPSTREAM_CLOSING = "upstream_closing"  # upstream closed; waiting for the client's reply
+    GATEWAY_CLOSING = "gateway_closing"  # meshrt ended the session with an error code
+    CLOSED = "closed"
+
+
+_CANCEL = json.dumps({"type": "response.cancel"}, separators=(",", ":")).encode()
+
+
+@dataclass
+class Outcome:
+    end_reason: str | None = None
+    close_code: int | None = None
+
+
+@dataclass
+class Relay:
+    """One session's relay core. `meter` has `observe(payload) -> increment | None` and
+    `total_tokens`; `may_carry_usage(payload)` is the cheap pre-check run on each upstream
+    text message."""
+
+    request_id: str
+    token_cap: int
+    max_message_bytes: int
+    meter: Any = None
+    may_carry_usage: Callable[[bytes], bool] = lambda payload: False
+    phase: Phase = Phase.OPEN
+    outcome: Outcome = field(default_factory=Outcome)
+    responses_in_flight: int = 0
+    client_active: bool = False  # a client data frame arrived since the shell last looked
+    client_close_seen: bool = False
+    upstream_close_seen: bool = False
+    client_gone: bool = False
+    upstream_gone: bool = False
+
+    def __post_init__(self):
+        self._client = FrameScanner(expect_masked=True, max_message=self.max_message_bytes)
+        self._upstream = FrameScanner(expect_masked=False)
+        self._held_upstream_close: bytes | None = None
+        self._usage_fragments: list[bytes] | None = None
+        self._pending_end: str | None = None
+
+    # --- the session is over when both legs are closed or gone --------------------------
+
+    @property
+    def finished(self) -> bool:
+        client_done = self.client_gone or (self.client_close_seen and self._close_sent_to_client)
+        upstream_done = self.upstream_gone or (self.upstream_close_seen and self._close_sent_upstream)
+        return client_done and upstream_done
+
+    _close_sent_to_client = False
+    _close_sent_upstream = False
+
+    def _end(self, reason: str, code: int | None) -> None:
+        if self.outcome.end_reason is None:
+            self.outcome = Outcome(reason, code)
+
+    # --- client -> upstream ---------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> list[Action]:
+        if self.client_gone:
+            return []
+        try:
+            chunk, frames = self._client.feed(data)
+        except ProtocolViolation as violation:
+            return self._client_violation(violation)
+        actions: list[Action] = []
+        span = None  # (start, end) of frames forwarded together
+        for frame in frames:
+            if frame.opcode == wsf.OP_CLOSE:
+                _flush(actions, Target.UPSTREAM, chunk, span)
+                span = None
+                actions += self._client_close(chunk[frame.start:frame.end], wsf.payload(chunk, frame))
+                continue
+            if frame.opcode <= wsf.OP_BINARY:
+                self.client_active = True
+            if self.phase is Phase.OPEN or self.phase is Phase.UPSTREAM_CLOSING:
+                span = (span[0] if span else frame.start, frame.end)
+        _flush(actions, Target.UPSTREAM, chunk, span)
+        return actions
+
+    def _client_close(self, raw: bytes, body: bytes) -> list[Action]:
+        self.client_close_seen = True
+        code = _close_code(body)
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.CLIENT_CLOSING
+            self._end("client_closed", code)
+            return self._close_upstream_after_drain(raw)
+        if self.phase is Phase.UPSTREAM_CLOSING:
+            # the client's reply to upstream's close completes upstream's handshake too
+            self._close_sent_upstream = True
+            return [(Target.UPSTREAM, raw)] if not self.upstream_gone else []
+        return []  # GATEWAY_CLOSING: the client's reply to our close
+
+    def _client_violation(self, violation: ProtocolViolation) -> list[Action]:
+        self.client_gone = True  # no more reading from a client that broke the protocol
+        if violation.close_code == 1009:
+            actions = self.end("message_too_large")
+            self.client_gone = True
+            return actions
+        self._end("client_closed", violation.close_code)
+        self.phase = Phase.CLIENT_CLOSING
+        actions = [(Target.CLIENT, wsf.server_close_frame(violation.close_code, violation.reason))]
+        self._close_sent_to_client = True
+        return actions + self._close_upstream_after_drain(wsf.client_close_frame(1001, "client error"))
+
+    def client_vanished(self) -> list[Action]:
+        """The client's TCP connection ended without a close handshake."""
+        if self.client_gone:
+            return []
+        self.client_gone = True
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.CLIENT_CLOSING
+            self._end("client_closed", 1006)
+            return self._close_upstream_after_drain(wsf.client_close_frame(1001, "client went away"))
+        return []
+
+    def _close_upstream_after_drain(self, close_frame: bytes) -> list[Action]:
+        if self.upstream_gone or self._close_sent_upstream:
+            return []
+        if self.responses_in_flight > 0 and not self.upstream_close_seen:
+            self._held_upstream_close = close_frame
+            if self._upstream_can_take_injected_frame():
+                return [(Target.UPSTREAM, wsf.client_text_frame(_CANCEL))]
+            return []
+        self._close_sent_upstream = True
+        return [(Target.UPSTREAM, close_frame)]
+
+    def _upstream_can_take_injected_frame(self) -> bool:
+        return not self._client.in_message
+
+    def drain_expired(self) -> list[Action]:
+        """The bounded wait for cancelled responses' usage is over: close upstream now."""
+        return self._release_held_close()
+
+    def _release_held_close(self) -> list[Action]:
+        held, self._held_upstream_close = self._held_upstream_close, None
+        if held is None or self.upstream_gone or self._close_sent_upstream:
+            return []
+        self._close_sent_upstream = True
+        return [(Target.UPSTREAM, held)]
+
+    @property
+    def draining(self) -> bool:
+        return self._held_upstream_close is not None
+
+    # --- upstream -> client ---------------------------------------------------------------
+
+    def from_upstream(self, data: bytes) -> list[Action]:
+        if self.upstream_gone:
+            return []
+        try:
+            chunk, frames = self._upstream.feed(data)
+        except ProtocolViolation as violation:
+            return self._upstream_violation(violation)
+        actions: list[Action] = []
+        span = None
+        deliver = not self._close_sent_to_client and not self.client_gone
+        for frame in frames:
+            if frame.opcode == wsf.OP_CLOSE:
+                _flush(actions, Target.CLIENT, chunk, span)
+                span = None
+                actions += self._upstream_close(chunk[frame.start:frame.end], chunk[frame.payload_start:frame.end])
+                deliver = False
+                continue
+            if frame.opcode != wsf.OP_BINARY:
+                bill = self._meter_frame(chunk, frame)
+                if bill is not None:
+                    _flush(actions, Target.CLIENT, chunk, span)
+                    span = None
+                    actions.append((Target.BILL, bill))
+            if deliver:
+                span = (span[0] if span else frame.start, frame.end)
+        _flush(actions, Target.CLIENT, chunk, span)
+        if self._pending_end and self.phase is Phase.OPEN:
+            code, self._pending_end = self._pending_end, None
+            actions += self.end(code)
+        if self.draining and self.responses_in_flight == 0:
+            actions += self._release_held_close()
+        return actions
+
+    def _meter_frame(self, chunk: bytes, frame: RawFrame):
+        """Track responses in flight and meter usage; returns an increment to bill, or None."""
+        if frame.opcode == wsf.OP_TEXT and frame.fin:
+            body = chunk[frame.payload_start:frame.end]
+        elif frame.opcode == wsf.OP_TEXT:  # first fragment of a fragmented text message
+            head = chunk[frame.payload_start:frame.end]
+            self._usage_fragments = [head] if self.may_carry_usage(head) else None
+            return None
+        elif frame.opcode == wsf.OP_CONT and self._usage_fragments is not None:
+            self._usage_fragments.append(chunk[frame.payload_start:frame.end])
+            if not frame.fin:
+                return None
+            body, self._usage_fragments = b"".join(self._usage_fragments), None
+        else:
+            return None
+        head = body[:80]
+        if b'"response.created"' in head:
+            self.responses_in_flight += 1
+            return None
+        if b'"response.done"' in head:
+            self.responses_in_flight = max(0, self.responses_in_flight - 1)
+        if self.meter is None or not self.may_carry_usage(body):
+            return None
+        increment = self.meter.observe(body)
+        if increment is not None and self.meter.total_tokens >= self.token_cap:
+            self._pending_end = "session_token_cap_exceeded"
+        return increment
+
+    def _upstream_close(self, raw: bytes, body: bytes) -> list[Action]:
+        self.upstream_close_seen = True
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.UPSTREAM_CLOSING
+            self._end("upstream_closed", _close_code(body))
+            if self.client_gone or self._close_sent_to_client:
+                return []
+            self._close_sent_to_client = True
+            return [(Target.CLIENT, raw)]
+        if self.phase is Phase.CLIENT_CLOSING and not self.client_gone and not self._close_sent_to_client:
+            # upstream's reply to the client's close completes the client's handshake
+            self._close_sent_to_client = True
+            return [(Target.CLIENT, raw)]
+        return []
+
+    def _upstream_violation(self, violation: ProtocolViolation) -> list[Action]:
+        actions = self.end("upstream_error")
+        self.upstream_gone = True
+        return actions
+
+    def upstream_vanished(self) -> list[Action]:
+        """Upstream's TCP connection ended. Without a close frame first, that's an outage."""
+        if self.upstream_gone:
+            return []
+        self.upstream_gone = True
+        self._held_upstream_close = None
+        self.responses_in_flight = 0
+        if self.phase is Phase.OPEN:
+            return self.end("upstream_unavailable")
+        if not self._close_sent_to_client and not self.client_gone:
+            self._close_sent_to_client = True
+            return [(Target.CLIENT, wsf.server_close_frame(1001, "upstream went away"))]
+        return []
+
+    # --- the gateway's own ending ---------------------------------------------------------
+
+    def end(self, code: str, detail: str | None = None) -> list[Action]:
+        """End the session with an error code from ERRORS: error frame + close to the client,
+        `response.cancel` then close (after the drain) to upstream."""
+        if self.phase is not Phase.OPEN:
+            return []
+        spec = ERRORS[code]
+        self.phase = Phase.GATEWAY_CLOSING
+        self._end(code, spec.close_code)
+        actions: list[Action] = []
+        if not self.client_gone and not self._close_sent_to_client:
+            if not self._upstream.in_message:  # never split a message that is half delivered
+                actions.append((Target.CLIENT, wsf.server_text_frame(error_event(code, self.request_id, detail))))
+            actions.append((Target.CLIENT, wsf.server_close_frame(spec.close_code, spec.close_reason)))
+            self._close_sent_to_client = True
+        return actions + self._close_upstream_after_drain(wsf.client_close_frame(1000))
+
+
+def _flush(actions: list[Action], target: Target, chunk: bytes, span) -> None:
+    if span is not None:
+        start, end = span
+        actions.append((target, chunk if (start == 0 and end == len(chunk)) else chunk[start:end]))
+
+
+def _close_code(body: bytes) -> int:
+    if len(body) >= 2:
+        return int.from_bytes(body[:2], "big")
+    return 1005

@@ -1,0 +1,145 @@
+"""The upstream leg: connect to the Realtime API with the operator's key, with bounded retries.
+
+The handshake goes through websockets' sans-I/O ClientProtocol, but only the response head is
+fed to it: whatever upstream sent after its 101 (often `session.created`, in the same segment)
+is returned untouched as `leftover`, because the relay forwards raw frames.
+Errors: RetryableUpstream (unreachable, timeout, 429, 5xx) are retried; after the last attempt
+they become `upstream_unavailable`. A definite rejection (401, 403, 404, bad accept key) is
+`upstream_error` at once. Never retried: anything after the 101.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from websockets.client import ClientProtocol
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+from meshrt.shared.errors import GatewayError
+
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class RetryableUpstream(Exception):
+    pass
+
+
+@dataclass
+class UpstreamConnection:
+    stream: ByteStream
+    leftover: bytes
+    response: Response
+
+
+def upstream_url(base: str, query: str) -> str:
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}{query}" if query else base
+
+
+async def _read_head(stream: ByteStream) -> tuple[bytes, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_RESPONSE_HEAD:
+            raise GatewayError("upstream_error", "oversized handshake response")
+        try:
+            buf += await stream.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+            raise RetryableUpstream(f"connection closed during handshake: {exc!r}") from exc
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+def _status(head: bytes) -> int:
+    try:
+        return int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise GatewayError("upstream_error", "malformed handshake response") from None
+
+
+async def _open_stream(url: str) -> ByteStream:
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    try:
+        if secure:
+            return await anyio.connect_tcp(parts.hostname, port, tls=True,
+                                           ssl_context=tls_context(),
+                                           tls_hostname=parts.hostname)
+        return await anyio.connect_tcp(parts.hostname, port)
+    except OSError as exc:
+        raise RetryableUpstream(f"cannot connect: {exc.strerror or exc!r}") from exc
+
+
+async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> UpstreamConnection:
+    protocol = ClientProtocol(parse_uri(url), extensions=None)
+    request = protocol.connect()
+    for name, value in headers:
+        request.headers[name] = value
+    if api_key:
+        request.headers["Authorization"] = f"Bearer {api_key}"
+    protocol.send_request(request)
+    stream = await _open_stream(url)
+    try:
+        raw = stream.extra(SocketAttribute.raw_socket, None)
+        if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await stream.send(b"".join(protocol.data_to_send()))
+        head, leftover = await _read_head(stream)
+        status = _status(head)
+        if status == 429 or status >= 500:
+            raise RetryableUpstream(f"upstream answered HTTP {status}")
+        if status != 101:
+            raise GatewayError("upstream_error", f"Upstream answered HTTP {status}.")
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        if protocol.handshake_exc is not None or not events:
+            raise GatewayError("upstream_error", "Upstream handshake failed.")
+        return UpstreamConnection(stream, leftover, events[0])
+    except BaseException:
+        await anyio.aclose_forcefully(stream)
+        raise
+
+
+async def connect_upstream(url: str, headers: list[tuple[str, str]], api_key: str,
+                           timeout_s: float, attempts: int) -> UpstreamConnection:
+    """Connect and complete the upstream handshake. Raises GatewayError on failure."""
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.1, max=1.0),
+        retry=retry_if_exception_type(RetryableUpstream),
+        sleep=anyio.sleep,
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await _attempt_with_deadline(url, headers, api_key, timeout_s)
+    except RetryableUpstream as exc:
+        raise GatewayError("upstream_unavailable") from exc
+    raise AssertionError("unreachable")
+
+
+async def _attempt_with_deadline(url, headers, api_key, timeout_s) -> UpstreamConnection:
+    try:
+        with anyio.fail_after(timeout_s):
+            return await _attempt(url, headers, api_key)
+    except TimeoutError as exc:
+        raise RetryableUpstream(f"no handshake within {timeout_s} s") from exc
+
+
+_TLS_CONTEXT: ssl.SSLContext | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """Built once (loading CA certificates costs milliseconds), in the zygote before forking."""
+    global _TLS_CONTEXT
+    if _TLS_CONTEXT is None:
+        _TLS_CONTEXT = ssl.create_default_context()
+    return _TLS_CONTEXT
