@@ -1,0 +1,845 @@
+"""Metering: raw upstream text frames in, billable usage increments out. Sans-I/O.
+
+The worker's upstream→client pump calls :func:`may_carry_usage` on every text frame (a byte
+check, no parse) and hands the frames it selects to :meth:`Meter.observe`, in arrival order.
+``observe`` returns an :class:`Increment` for each frame that is billed — ``response.done`` and
+``conversation.item.input_audio_transcription.completed`` — which the worker spools and reports
+before it forwards the frame. :class:`UsageTotals` folds increments into the session record.
+
+Invariants:
+
+- ``observe`` never raises and never blocks: a frame it cannot read is counted in
+  :attr:`Meter.stats` and logged (without its content), and ``None`` is returned.
+- Every ``response.done`` yields an increment, whatever its status; one without usage yields a
+  zero-cost increment so the record's ``responses`` counts it.
+- Cost is exact: integer tokens × integer picodollars per token; the only rounding is the
+  per-minute rule of :func:`meshrt.shared.money.per_minute_cost`.
+- Usage is kept as received on the increment (non-integer numbers as exact decimal strings);
+  fields meshrt does not know are never dropped, and integer ones are summed in the totals.
+- Increments are numbered 1, 2, 3… per meter; :meth:`UsageTotals.add` counts a ``seq`` once, so
+  replaying a spool after a crash never bills twice, in any order.
+
+The billing rules (cached split, beta rule, unattributed tokens, transcription defaults) are
+written out in ``docs/billing.md``; the functions here follow them one for one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Context, Decimal
+from enum import StrEnum
+from typing import Any
+
+from meshrt.shared.money import Money, per_minute_cost
+from meshrt.shared.pricing import MODALITIES, ModelKind, ModelRates, PriceTable
+
+__all__ = [
+    "DEFAULT_DURATION_TRANSCRIPTION_MODEL",
+    "DEFAULT_TOKEN_TRANSCRIPTION_MODEL",
+    "Bill",
+    "Increment",
+    "IncrementKind",
+    "Meter",
+    "MeterStats",
+    "ResponseTokens",
+    "TranscriptionTokens",
+    "UsageTotals",
+    "bill_response",
+    "bill_transcription",
+    "may_carry_usage",
+    "response_tokens",
+    "transcription_tokens",
+]
+
+RESPONSE_DONE = "response.done"
+TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
+SESSION_EVENTS = frozenset(
+    {
+        "session.created",
+        "session.updated",
+        "transcription_session.created",  # beta transcription sessions
+        "transcription_session.updated",
+    }
+)
+USAGE_EVENT_TYPES = frozenset({RESPONSE_DONE, TRANSCRIPTION_COMPLETED, *SESSION_EVENTS})
+
+# Used when a session never said which model transcribes its input audio.
+DEFAULT_TOKEN_TRANSCRIPTION_MODEL = "gpt-4o-transcribe"
+DEFAULT_DURATION_TRANSCRIPTION_MODEL = "whisper-1"
+
+_HEAD = 256
+_COMPACT_TYPE_FIRST = b'{"type":"'
+_TYPE_KEY = b'"type"'
+_TYPE_VALUE = re.compile(rb'\s*:\s*"([^"\\]{1,100})"')
+_USAGE_TYPE_BYTES = frozenset(t.encode() for t in USAGE_EVENT_TYPES)
+_MARKERS = tuple(b'"' + t.encode() + b'"' for t in sorted(USAGE_EVENT_TYPES))
+_COMPACT_USAGE_PREFIXES = tuple(b'{"type":' + marker for marker in _MARKERS)
+_MAX_SECONDS = Decimal(10**9)
+# Seconds are bounded (≤ 1e9, exponent ≥ -60), so sums of them are exact at this precision.
+_EXACT = Context(prec=200)
+
+
+def may_carry_usage(payload: bytes | bytearray) -> bool:
+    """Whether a text frame's payload may be a usage- or session-carrying event (no parse).
+
+    Runs on every upstream frame, so it decides from the first bytes in three tiers:
+    ``{"type":"…"`` first (how OpenAI serialises events) → by that value; else the first
+    ``"type"`` key within 256 bytes, if it is a top-level key (a single ``{`` before it) → by its
+    value; else the quoted event names are looked for anywhere in the payload. It may say True
+    for a frame that is not one (the parse sorts that out), never False for one that is.
+    """
+    if payload.startswith(_COMPACT_USAGE_PREFIXES):
+        return True
+    if payload.startswith(_COMPACT_TYPE_FIRST):
+        return False
+    at = payload.find(_TYPE_KEY, 0, _HEAD)
+    if at != -1 and payload.count(b"{", 0, at) == 1:
+        match = _TYPE_VALUE.match(payload, at + len(_TYPE_KEY))
+        if match is not None:
+            return match.group(1) in _USAGE_TYPE_BYTES
+    return any(marker in payload for marker in _MARKERS)
+
+
+class IncrementKind(StrEnum):
+    RESPONSE = "response"
+    TRANSCRIPTION = "transcription"
+
+
+@dataclass(frozen=True)
+class Increment:
+    """One billed event of a session. The dict fields are not to be mutated.
+
+    ``usage`` is upstream's usage object as received, except that non-integer numbers are exact
+    decimal strings (``"seconds": "2.5"``) so it is JSON as it stands.
+    """
+
+    seq: int
+    kind: IncrementKind
+    model: str
+    usage: dict[str, Any]
+    cost: Money
+    by_category: dict[str, Money]
+    total_tokens: int
+    response_id: str | None = None
+    item_id: str | None = None
+    unpriced: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict for the spool and the control channel; money as int picodollars."""
+        return {
+            "seq": self.seq,
+            "kind": self.kind.value,
+            "model": self.model,
+            "usage": self.usage,
+            "cost_picodollars": self.cost.picodollars,
+            "by_category_picodollars": {k: v.picodollars for k, v in self.by_category.items()},
+            "total_tokens": self.total_tokens,
+            "response_id": self.response_id,
+            "item_id": self.item_id,
+            "unpriced": self.unpriced,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Increment:
+        """Rebuild an increment from :meth:`to_json`; raises ``ValueError`` if malformed."""
+        try:
+            seq, total = data["seq"], data["total_tokens"]
+            if not (_is_count(seq) and seq >= 1 and _is_count(total)):
+                raise ValueError("seq and total_tokens must be integers")
+            usage, by_cat = data["usage"], data["by_category_picodollars"]
+            if not isinstance(usage, dict) or not isinstance(by_cat, dict):
+                raise ValueError("usage and by_category_picodollars must be objects")
+            refs = data.get("response_id"), data.get("item_id")
+            if not all(ref is None or isinstance(ref, str) for ref in refs):
+                raise ValueError("response_id and item_id must be strings or null")
+            if not isinstance(data["model"], str) or not isinstance(data["unpriced"], bool):
+                raise ValueError("model must be a string and unpriced a boolean")
+            cost = Money(data["cost_picodollars"])
+            by_category = {str(k): Money(v) for k, v in by_cat.items()}
+            if sum(by_category.values(), Money.ZERO) != cost:
+                raise ValueError("cost_picodollars is not the sum of by_category_picodollars")
+            return cls(
+                seq=seq,
+                kind=IncrementKind(data["kind"]),
+                model=data["model"],
+                usage=usage,
+                cost=cost,
+                by_category=by_category,
+                total_tokens=total,
+                response_id=refs[0],
+                item_id=refs[1],
+                unpriced=data["unpriced"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed increment: {exc!r}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage normalisation and billing: pure functions of (rates, usage).
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseTokens:
+    """A ``response.done`` usage object as billed: every token attributed to a category."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(MODALITIES, 0))
+    cached: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(MODALITIES, 0))
+    output_text: int = 0
+    output_audio: int = 0
+    malformed: int = 0  # known fields of the wrong type, ignored
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.cached.values())
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionTokens:
+    """A transcription usage object as billed (``type`` ``tokens`` or ``duration``)."""
+
+    usage_type: str
+    input_text: int = 0
+    input_audio: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    seconds: Decimal = Decimal(0)
+    malformed: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        return self.input_text + self.input_audio
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    cost: Money
+    by_category: dict[str, Money]
+    total_tokens: int
+    unpriced: bool
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _Reader:
+    """Reads token counts out of a usage object, counting fields of the wrong type."""
+
+    def __init__(self) -> None:
+        self.malformed = 0
+
+    def obj(self, parent: object, key: str) -> Mapping[str, Any]:
+        value = parent.get(key) if isinstance(parent, Mapping) else None
+        if value is None or isinstance(value, Mapping):
+            return value or {}
+        self.malformed += 1
+        return {}
+
+    def count(self, parent: Mapping[str, Any], key: str) -> int | None:
+        value = parent.get(key)
+        if value is None or _is_count(value):
+            return value
+        self.malformed += 1
+        return None
+
+
+def response_tokens(usage: Mapping[str, Any]) -> ResponseTokens:
+    """Attribute a ``response.done`` usage object to categories (docs/billing.md, "Responses").
+
+    - Per-modality input and output come from ``input_token_details`` / ``output_token_details``;
+      tokens in ``input_tokens`` / ``output_tokens`` beyond their sum are text.
+    - Cached tokens come from ``cached_tokens_details`` (GA); any part of ``cached_tokens`` it
+      does not attribute (all of it in beta) goes to text first, then audio, then image, each up
+      to its uncached input.
+    """
+    read = _Reader()
+    in_details = read.obj(usage, "input_token_details")
+    cached_details = read.obj(in_details, "cached_tokens_details")
+    out_details = read.obj(usage, "output_token_details")
+
+    inputs = {m: read.count(in_details, f"{m}_tokens") or 0 for m in MODALITIES}
+    input_tokens = max(read.count(usage, "input_tokens") or 0, sum(inputs.values()))
+    inputs["text"] += input_tokens - sum(inputs.values())
+
+    cached = {m: read.count(cached_details, f"{m}_tokens") or 0 for m in MODALITIES}
+    cached_total = read.count(in_details, "cached_tokens")
+    unattributed = max(0, (cached_total or 0) - sum(cached.values()))
+    for m in MODALITIES:
+        take = min(unattributed, max(0, inputs[m] - cached[m]))
+        cached[m] += take
+        unattributed -= take
+
+    out_text = read.count(out_details, "text_tokens") or 0
+    out_audio = read.count(out_details, "audio_tokens") or 0
+    output_tokens = max(read.count(usage, "output_tokens") or 0, out_text + out_audio)
+    out_text += output_tokens - (out_text + out_audio)
+
+    total = max(read.count(usage, "total_tokens") or 0, input_tokens + output_tokens)
+    return ResponseTokens(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=total,
+        input=inputs,
+        cached=cached,
+        output_text=out_text,
+        output_audio=out_audio,
+        malformed=read.malformed,
+    )
+
+
+def transcription_tokens(usage: Mapping[str, Any]) -> TranscriptionTokens | None:
+    """Read a transcription usage object; ``None`` if ``seconds`` of a duration is unusable.
+
+    Input tokens beyond ``text_tokens + audio_tokens`` are audio (what a transcriber reads).
+    """
+    read = _Reader()
+    usage_type = usage.get("type")
+    if not isinstance(usage_type, str):
+        usage_type = "duration" if "seconds" in usage else "tokens"
+    if usage_type == "duration":
+        seconds = _decimal_seconds(usage.get("seconds"))
+        if seconds is None:
+            return None
+        return TranscriptionTokens(usage_type, seconds=seconds)
+    details = read.obj(usage, "input_token_details")
+    text = read.count(details, "text_tokens") or 0
+    audio = read.count(details, "audio_tokens") or 0
+    input_tokens = max(read.count(usage, "input_tokens") or 0, text + audio)
+    output = read.count(usage, "output_tokens") or 0
+    total = max(read.count(usage, "total_tokens") or 0, input_tokens + output)
+    return TranscriptionTokens(
+        usage_type,
+        input_text=text,
+        input_audio=input_tokens - text,
+        output_tokens=output,
+        total_tokens=total,
+        malformed=read.malformed,
+    )
+
+
+def _decimal_seconds(value: object) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = Decimal(value) if isinstance(value, (int, str, Decimal)) else None
+    except ArithmeticError:
+        return None
+    if seconds is None or not seconds.is_finite() or not 0 <= seconds <= _MAX_SECONDS:
+        return None
+    if seconds and seconds.as_tuple().exponent < -60:
+        return None
+    return seconds
+
+
+class _Charges:
+    """Accumulates category charges; a category with tokens but no rate is charged 0."""
+
+    def __init__(self) -> None:
+        self.by_category: dict[str, Money] = {}
+        self.unpriced = False
+
+    def add(self, category: str, tokens: int, rate: Money | None) -> None:
+        if tokens <= 0:
+            return
+        if rate is None:
+            self.unpriced = True
+            charge = Money.ZERO
+        else:
+            charge = rate * tokens
+        self.by_category[category] = self.by_category.get(category, Money.ZERO) + charge
+
+    def bill(self, total_tokens: int) -> Bill:
+        cost = sum(self.by_category.values(), Money.ZERO)
+        return Bill(cost, self.by_category, total_tokens, self.unpriced)
+
+
+def bill_response(rates: ModelRates, tokens: ResponseTokens) -> Bill:
+    """The cost of one ``response.done`` usage (see :func:`response_tokens`) at ``rates``.
+
+    Per modality: cached input at the cached rate (the input rate if the model has no cached
+    rate), the uncached remainder at the input rate, output at the output rate. A category with
+    tokens and no rate costs 0 and marks the bill ``unpriced``.
+    """
+    charges = _Charges()
+    for m in MODALITIES:
+        r = rates.tokens(m)
+        cached = tokens.cached[m]
+        charges.add(f"{m}_input", max(0, tokens.input[m] - cached), r.input)
+        cached_rate = r.cached_input if r.cached_input is not None else r.input
+        charges.add(f"{m}_cached_input", cached, cached_rate)
+    charges.add("text_output", tokens.output_text, rates.text.output)
+    charges.add("audio_output", tokens.output_audio, rates.audio.output)
+    return charges.bill(tokens.total_tokens)
+
+
+def bill_transcription(rates: ModelRates | None, tokens: TranscriptionTokens) -> Bill:
+    """The cost of one transcription usage at ``rates`` (``None``: unknown model, cost 0)."""
+    charges = _Charges()
+    if tokens.usage_type == "duration":
+        rate = rates.per_minute if rates is not None else None
+        if rate is None:
+            charges.unpriced = True
+        else:
+            charges.by_category["transcription_minutes"] = per_minute_cost(rate, tokens.seconds)
+        return charges.bill(0)
+    if tokens.usage_type != "tokens" or rates is None or rates.by_duration:
+        charges.unpriced = True
+        return charges.bill(tokens.total_tokens)
+    charges.add("transcription_text_input", tokens.input_text, rates.text.input)
+    charges.add("transcription_audio_input", tokens.input_audio, rates.audio.input)
+    charges.add("transcription_text_output", tokens.output_tokens, rates.text.output)
+    return charges.bill(tokens.total_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The meter: one per session.
+
+
+@dataclass
+class MeterStats:
+    """Counters of one meter, for logs and metrics."""
+
+    frames: int = 0  # frames parsed (selected by may_carry_usage)
+    garbage: int = 0  # frames that could not be read; nothing billed for them
+    malformed_fields: int = 0  # known usage fields of the wrong type, ignored
+    responses: int = 0
+    responses_without_usage: int = 0
+    transcriptions: int = 0
+    unpriced: int = 0  # increments with tokens that had no rate (billed 0)
+
+
+class Meter:
+    """Turns a session's upstream frames into increments. Not thread-safe: one pump feeds it.
+
+    ``rates`` are the session model's (already resolved by the front door); ``price_table``
+    resolves the input-transcription model the session announces. ``log`` should carry the
+    session and request ids; frame content is never logged.
+    """
+
+    def __init__(
+        self,
+        rates: ModelRates,
+        price_table: PriceTable,
+        *,
+        log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
+        self.rates = rates
+        self.price_table = price_table
+        self.transcription_model: str | None = None
+        self.stats = MeterStats()
+        self.last_error: str | None = None
+        self._seq = 0
+        self._log = log if log is not None else logging.getLogger(__name__)
+        self._rates_used: dict[str, ModelRates] = {rates.model: rates}
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last increment issued (0 before the first)."""
+        return self._seq
+
+    @property
+    def rates_used(self) -> tuple[ModelRates, ...]:
+        """The session model's rates, then every transcription model's rates billed so far."""
+        return tuple(self._rates_used.values())
+
+    def observe(self, payload: bytes | bytearray | memoryview | str) -> Increment | None:
+        """Meter one upstream text frame; the increment to spool, or None. Never raises."""
+        if isinstance(payload, (str, memoryview)):
+            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+        elif not isinstance(payload, (bytes, bytearray)):
+            return self._garbage("payload is a %s, not bytes", type(payload).__name__)
+        if not may_carry_usage(payload):
+            return None
+        self.stats.frames += 1
+        try:
+            event = json.loads(payload, parse_float=Decimal, parse_constant=Decimal)
+        except (ValueError, TypeError, RecursionError) as exc:
+            return self._garbage("not JSON (%s)", type(exc).__name__)
+        try:
+            return self._dispatch(event)
+        except Exception:
+            # A bug here must not kill the relay; it is logged loudly and counted.
+            self._log.exception("meter: internal error on a %s frame", _event_type(event))
+            return self._garbage("internal error on a %s frame", _event_type(event))
+
+    def _dispatch(self, event: object) -> Increment | None:
+        if not isinstance(event, dict):
+            return self._garbage("frame is not a JSON object")
+        event_type = event.get("type")
+        if event_type == RESPONSE_DONE:
+            return self._response_done(event)
+        if event_type == TRANSCRIPTION_COMPLETED:
+            return self._transcription_completed(event)
+        if event_type in SESSION_EVENTS:
+            self._session_event(event)
+        return None
+
+    def _response_done(self, event: dict[str, Any]) -> Increment | None:
+        response = event.get("response")
+        if not isinstance(response, dict):
+            return self._garbage("response.done without a response object")
+        usage = response.get("usage")
+        if usage is not None and not isinstance(usage, dict):
+            return self._garbage("response.done with a non-object usage")
+        self.stats.responses += 1
+        if usage is None:
+            self.stats.responses_without_usage += 1
+            usage = {}
+        tokens = response_tokens(usage)
+        self.stats.malformed_fields += tokens.malformed
+        return self._issue(
+            IncrementKind.RESPONSE,
+            self.rates.model,
+            usage,
+            bill_response(self.rates, tokens),
+            response_id=_str_or_none(response.get("id")),
+        )
+
+    def _transcription_completed(self, event: dict[str, Any]) -> Increment | None:
+        usage = event.get("usage")
+        if usage is None:
+            return None  # older upstreams send no usage: nothing to bill
+        if not isinstance(usage, dict):
+            return self._garbage("transcription completed with a non-object usage")
+        tokens = transcription_tokens(usage)
+        if tokens is None:
+            return self._garbage("transcription duration without usable seconds")
+        self.stats.transcriptions += 1
+        self.stats.malformed_fields += tokens.malformed
+        model, rates = self._transcription_rates(by_duration=tokens.usage_type == "duration")
+        if rates is not None:
+            self._rates_used.setdefault(rates.model, rates)
+        return self._issue(
+            IncrementKind.TRANSCRIPTION,
+            model,
+            usage,
+            bill_transcription(rates, tokens),
+            item_id=_str_or_none(event.get("item_id")),
+        )
+
+    def _transcription_rates(self, by_duration: bool) -> tuple[str, ModelRates | None]:
+        """The model to bill a transcription to: the announced one, else the session's own model
+        if it is a transcription model priced the same way, else the default for the usage type.
+        """
+        if self.transcription_model is not None:
+            rates = self.price_table.transcription(self.transcription_model)
+            if rates is None or rates.by_duration != by_duration:
+                return self.transcription_model, None
+            return rates.model, rates
+        if self.rates.kind is ModelKind.TRANSCRIPTION and self.rates.by_duration == by_duration:
+            return self.rates.model, self.rates
+        default = (
+            DEFAULT_DURATION_TRANSCRIPTION_MODEL if by_duration
+            else DEFAULT_TOKEN_TRANSCRIPTION_MODEL
+        )
+        rates = self.price_table.transcription(default)
+        return (rates.model if rates else default), rates
+
+    def _session_event(self, event: dict[str, Any]) -> None:
+        session = event.get("session")
+        if not isinstance(session, dict):
+            self._garbage("%s without a session object", event.get("type"))
+            return
+        found, model = _announced_transcription_model(session)
+        if found:
+            self.transcription_model = model
+
+    def _issue(
+        self,
+        kind: IncrementKind,
+        model: str,
+        usage: dict[str, Any],
+        bill: Bill,
+        response_id: str | None = None,
+        item_id: str | None = None,
+    ) -> Increment:
+        usage = _jsonable(usage)
+        self._seq += 1
+        if bill.unpriced:
+            self.stats.unpriced += 1
+            self._log.warning(
+                "meter: %s increment %d for model %s has tokens without a rate; billed 0",
+                kind.value, self._seq, model,
+            )
+        return Increment(
+            seq=self._seq,
+            kind=kind,
+            model=model,
+            usage=usage,
+            cost=bill.cost,
+            by_category=bill.by_category,
+            total_tokens=bill.total_tokens,
+            response_id=response_id,
+            item_id=item_id,
+            unpriced=bill.unpriced,
+        )
+
+    def _garbage(self, reason: str, *args: object) -> None:
+        self.stats.garbage += 1
+        self.last_error = reason % args
+        self._log.warning("meter: unreadable frame ignored: " + reason, *args)
+        return None
+
+
+def _announced_transcription_model(session: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """(found, model) from a session object: GA ``audio.input.transcription`` or beta
+    ``input_audio_transcription``. ``found`` with ``None``: transcription turned off or no model.
+    """
+    audio = session.get("audio")
+    audio_input = audio.get("input") if isinstance(audio, dict) else None
+    if isinstance(audio_input, dict) and "transcription" in audio_input:
+        config = audio_input["transcription"]
+    elif "input_audio_transcription" in session:
+        config = session["input_audio_transcription"]
+    else:
+        return False, None
+    model = config.get("model") if isinstance(config, dict) else None
+    return True, model if isinstance(model, str) and model else None
+
+
+def _event_type(event: object) -> str:
+    value = event.get("type") if isinstance(event, dict) else None
+    return value if isinstance(value, str) else "?"
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """A copy with Decimals as exact decimal strings (JSON floats never appear)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Decimal):
+        # Plain notation for ordinary values; huge or tiny exponents stay in exact E notation
+        # rather than expanding "1e999999" into a million digits.
+        plain = value.is_finite() and -40 <= value.adjusted() <= 40
+        return format(value, "f") if plain else str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Session totals.
+
+_RESPONSE_KNOWN = frozenset(
+    {
+        ("total_tokens",),
+        ("input_tokens",),
+        ("output_tokens",),
+        ("input_token_details", "text_tokens"),
+        ("input_token_details", "audio_tokens"),
+        ("input_token_details", "image_tokens"),
+        ("input_token_details", "cached_tokens"),
+        ("input_token_details", "cached_tokens_details", "text_tokens"),
+        ("input_token_details", "cached_tokens_details", "audio_tokens"),
+        ("input_token_details", "cached_tokens_details", "image_tokens"),
+        ("output_token_details", "text_tokens"),
+        ("output_token_details", "audio_tokens"),
+    }
+)
+_TRANSCRIPTION_KNOWN = frozenset(
+    {
+        ("type",),
+        ("seconds",),
+        ("total_tokens",),
+        ("input_tokens",),
+        ("output_tokens",),
+        ("input_token_details", "text_tokens"),
+        ("input_token_details", "audio_tokens"),
+    }
+)
+
+
+_CACHED_DETAILS = ("input_token_details", "cached_tokens_details")
+
+
+class UsageTotals:
+    """The sum of a session's increments, shaped for the usage record (SPEC §6).
+
+    Order-independent, and idempotent per ``seq``: adding an increment whose seq was already
+    added is a no-op (a spool replay), and a *different* increment under a known seq raises
+    ``ValueError`` (two sessions' increments mixed up).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, Increment] = {}
+        self.cost = Money.ZERO
+        self._by_category: dict[str, Money] = {}
+        self.responses = 0
+        self.transcriptions = 0
+        self.unpriced = 0
+        self.total_tokens = 0
+        self._response: dict[tuple[str, ...], int] = {}
+        self._transcription: dict[tuple[str, ...], int] = {}
+        self._seconds = Decimal(0)
+
+    @classmethod
+    def from_increments(cls, increments: Iterable[Increment]) -> UsageTotals:
+        totals = cls()
+        for increment in increments:
+            totals.add(increment)
+        return totals
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._seen
+
+    @property
+    def max_seq(self) -> int:
+        return max(self._seen, default=0)
+
+    @property
+    def by_category(self) -> dict[str, Money]:
+        return dict(sorted(self._by_category.items()))
+
+    def add(self, increment: Increment) -> bool:
+        """Count ``increment`` once; True if it was new, False if its seq was already counted."""
+        prior = self._seen.get(increment.seq)
+        if prior is not None:
+            if prior != increment:
+                raise ValueError(f"increment seq {increment.seq} seen twice with different content")
+            return False
+        self._seen[increment.seq] = increment
+        self.cost += increment.cost
+        for category, amount in increment.by_category.items():
+            self._by_category[category] = self._by_category.get(category, Money.ZERO) + amount
+        self.total_tokens += increment.total_tokens
+        self.unpriced += increment.unpriced
+        if increment.kind is IncrementKind.RESPONSE:
+            self.responses += 1
+            _add_counts(self._response, _response_counts(increment.usage))
+        else:
+            self.transcriptions += 1
+            _add_counts(self._transcription, _transcription_counts(increment.usage))
+            tokens = transcription_tokens(increment.usage)
+            if tokens is not None:
+                self._seconds = _EXACT.add(self._seconds, tokens.seconds)
+        return True
+
+    def as_record_usage(self) -> dict[str, Any]:
+        """The record's ``usage`` object: response usage as billed (SPEC §6 shape), unknown
+        integer fields summed beside it, and ``transcription`` when the session had any.
+        """
+        get = self._response.get
+        usage: dict[str, Any] = {
+            "total_tokens": get(("total_tokens",), 0),
+            "input_tokens": get(("input_tokens",), 0),
+            "output_tokens": get(("output_tokens",), 0),
+            "input_token_details": {
+                "text_tokens": get(("input_token_details", "text_tokens"), 0),
+                "audio_tokens": get(("input_token_details", "audio_tokens"), 0),
+                "image_tokens": get(("input_token_details", "image_tokens"), 0),
+                "cached_tokens": get(("input_token_details", "cached_tokens"), 0),
+                "cached_tokens_details": {
+                    f"{m}_tokens": get(_CACHED_DETAILS + (f"{m}_tokens",), 0) for m in MODALITIES
+                },
+            },
+            "output_token_details": {
+                "text_tokens": get(("output_token_details", "text_tokens"), 0),
+                "audio_tokens": get(("output_token_details", "audio_tokens"), 0),
+            },
+        }
+        _merge_extra(usage, self._response, _RESPONSE_KNOWN)
+        if self.transcriptions:
+            tget = self._transcription.get
+            transcription: dict[str, Any] = {
+                "total_tokens": tget(("total_tokens",), 0),
+                "input_tokens": tget(("input_tokens",), 0),
+                "output_tokens": tget(("output_tokens",), 0),
+                "input_token_details": {
+                    "text_tokens": tget(("input_token_details", "text_tokens"), 0),
+                    "audio_tokens": tget(("input_token_details", "audio_tokens"), 0),
+                },
+                "seconds": format(self._seconds, "f"),
+            }
+            _merge_extra(transcription, self._transcription, _TRANSCRIPTION_KNOWN)
+            usage["transcription"] = transcription
+        return usage
+
+    def as_record_cost(self) -> dict[str, Any]:
+        """The record's ``cost`` object: USD decimal strings."""
+        return {
+            "currency": "usd",
+            "amount": self.cost.usd_str(),
+            "by_category": {k: v.usd_str() for k, v in self.by_category.items()},
+        }
+
+
+def _response_counts(usage: Mapping[str, Any]) -> dict[tuple[str, ...], int]:
+    tokens = response_tokens(usage)
+    counts = {
+        ("total_tokens",): tokens.total_tokens,
+        ("input_tokens",): tokens.input_tokens,
+        ("output_tokens",): tokens.output_tokens,
+        ("input_token_details", "cached_tokens"): tokens.cached_tokens,
+        ("output_token_details", "text_tokens"): tokens.output_text,
+        ("output_token_details", "audio_tokens"): tokens.output_audio,
+    }
+    for m in MODALITIES:
+        counts[("input_token_details", f"{m}_tokens")] = tokens.input[m]
+        counts[("input_token_details", "cached_tokens_details", f"{m}_tokens")] = tokens.cached[m]
+    counts.update(_unknown_counts(usage, _RESPONSE_KNOWN))
+    return counts
+
+
+def _transcription_counts(usage: Mapping[str, Any]) -> dict[tuple[str, ...], int]:
+    counts = _unknown_counts(usage, _TRANSCRIPTION_KNOWN)
+    tokens = transcription_tokens(usage)
+    if tokens is not None and tokens.usage_type != "duration":
+        counts[("total_tokens",)] = tokens.total_tokens
+        counts[("input_tokens",)] = tokens.input_tokens
+        counts[("output_tokens",)] = tokens.output_tokens
+        counts[("input_token_details", "text_tokens")] = tokens.input_text
+        counts[("input_token_details", "audio_tokens")] = tokens.input_audio
+    return counts
+
+
+def _unknown_counts(
+    usage: Mapping[str, Any], known: frozenset[tuple[str, ...]], prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], int]:
+    """Integer leaves of ``usage`` whose path is not a known field (new token kinds)."""
+    out: dict[tuple[str, ...], int] = {}
+    for key, value in usage.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            out.update(_unknown_counts(value, known, path))
+        elif path not in known and isinstance(value, int) and not isinstance(value, bool):
+            out[path] = value
+    return out
+
+
+def _add_counts(into: dict[tuple[str, ...], int], counts: Mapping[tuple[str, ...], int]) -> None:
+    for path, value in counts.items():
+        into[path] = into.get(path, 0) + value
+
+
+def _merge_extra(
+    target: dict[str, Any], counts: Mapping[tuple[str, ...], int], known: frozenset[tuple[str, ...]]
+) -> None:
+    """Place unknown summed fields at their paths; sorted, so the result is order-independent.
+    A path that collides with a non-object value already there is left out (it stays on the
+    increments).
+    """
+    for path, value in sorted(counts.items()):
+        if path in known:
+            continue
+        node = target
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            if path[-1] not in node:
+                node[path[-1]] = value
