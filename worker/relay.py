@@ -130,11 +130,11 @@ class Relay:
         return []  # GATEWAY_CLOSING: the client's reply to our close
 
     def _client_violation(self, violation: ProtocolViolation) -> list[Action]:
-        self.client_gone = True  # no more reading from a client that broke the protocol
         if violation.close_code == 1009:
             actions = self.end("message_too_large")
-            self.client_gone = True
+            self.client_gone = True  # the stream can't be resynchronised: read no more of it
             return actions
+        self.client_gone = True
         self._end("client_closed", violation.close_code)
         self.phase = Phase.CLIENT_CLOSING
         actions = [(Target.CLIENT, wsf.server_close_frame(violation.close_code, violation.reason))]

@@ -107,7 +107,8 @@ class WorkerSession:
     async def _refuse(self, protocol, request, error: GatewayError) -> None:
         """Accept the client's upgrade only to deliver the error frame and close (SPEC §5)."""
         response, status = accept_bytes(protocol, request, self.grant.request_id)
-        data = response + (error_frames(protocol, error.code, self.grant.request_id) if status == 101 else b"")
+        data = response + (error_frames(protocol, error.code, self.grant.request_id, error.detail)
+                           if status == 101 else b"")
         spec = ERRORS[error.code]
         self.relay.outcome.end_reason, self.relay.outcome.close_code = error.code, spec.close_code
         try:
