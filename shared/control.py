@@ -42,6 +42,7 @@ class Grant:
     beta: bool = False
     client_addr: str = ""
     started_at: float = 0.0  # UTC epoch seconds
+    balance_pico: int = 0  # the account's balance at admission: the supervisor's first estimate
     # Filled in by the supervisor, never by the front door:
     upstream_url: str = ""
     upstream_key: str = field(default="", repr=False)

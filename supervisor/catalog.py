@@ -22,5 +22,19 @@ class Catalog:
                 "transcription": transcription}
 
 
+    def listed_models(self) -> dict:
+        """What /v1/models shows: connectable realtime models (with their aliases), then the
+        transcription models a session can be billed for, so clients can estimate both."""
+        models = dict(self.table.realtime_models())
+        for rates in self.table.models:
+            if rates.kind == "transcription" and rates.listed:
+                models.setdefault(rates.model, rates)
+        return models
+
+    def models_json(self) -> list[dict]:
+        return [{"id": m, "object": "model", "realtime": r.realtime, "pricing": r.pricing_json()}
+                for m, r in self.listed_models().items()]
+
+
 def load_catalog(settings) -> Catalog:
     return Catalog(load_price_table(settings.pricing_file or None))

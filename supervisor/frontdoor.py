@@ -23,6 +23,7 @@ from meshrt.shared.settings import load_settings
 from . import db, gate, handoff
 from .api import create_app, new_request_id
 from .catalog import load_catalog
+from .routes import ROUTERS
 
 log = logging.getLogger("meshrt.frontdoor")
 
@@ -32,12 +33,7 @@ class FrontDoorContext:
 
     def __init__(self, settings, engine, prices, node: str):
         self.settings, self.engine, self.prices, self.node = settings, engine, prices, node
-        self.routers = []
-        try:
-            from .routes import ROUTERS
-            self.routers = ROUTERS
-        except ImportError:
-            pass
+        self.routers = ROUTERS
 
     async def readiness_problems(self) -> list[str]:
         problems = []

@@ -64,6 +64,7 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
             session_id=new_id("sess"), request_id=request_id, account_id=account.id,
             api_key_id=api_key.id, model=model, token_cap=cap, rates=prices.grant_rates(model),
             beta=upgrade.beta, client_addr=peer_ip or "", started_at=time.time(),
+            balance_pico=account.balance_pico,
         )
         db.add(SessionRecord(id=grant.session_id, request_id=request_id, account_id=account.id,
                              api_key_id=api_key.id, model=model, node=node,

@@ -29,7 +29,7 @@ def mark_live(engine, session_id: str, pid: int) -> None:
 def apply_increment(engine, session_id: str, account_id: str, seq: int, increment: dict) -> int | None:
     """Debit the account for one increment, once. Returns the new balance (picodollars), or
     None when this (session_id, seq) was applied before."""
-    cost = int(increment.get("cost_pico", 0))
+    cost = int(increment["cost_picodollars"])
     try:
         with Session(engine, expire_on_commit=False) as db, db.begin():
             db.add(AppliedIncrement(session_id=session_id, seq=seq, account_id=account_id,

@@ -44,6 +44,7 @@ class Supervisor:
         self.settings = settings
         self.node = node or socket.gethostname()
         self.registry = Registry()
+        self.balances: dict[str, list[int]] = {}  # account -> [last known balance, pending debits]
         self.draining = False
         self.stopping = False
         self.run_dir = settings.state_dir / "run"
@@ -250,12 +251,25 @@ class Supervisor:
                 await self._finalize(live)
 
     async def _apply(self, live: LiveSession, seq: int, increment: dict) -> None:
+        """Debit one increment. The stop decision uses the balance estimate (last balance the
+        database returned, minus debits still on their way to it), so a slow database never
+        lets an account run on past zero; the database stays the authority for the amount."""
         grant = live.grant
         live.increments[seq] = increment
-        balance = await anyio.to_thread.run_sync(
-            ledger.apply_increment, self.engine, grant.session_id, grant.account_id, seq, increment)
-        if balance is not None and balance <= 0:
+        cost = int(increment["cost_picodollars"])
+        balances = self.balances.setdefault(grant.account_id, [grant.balance_pico, 0])  # [known, pending]
+        balances[1] += cost
+        if balances[0] - balances[1] <= 0:
             await self._stop_account(grant.account_id, "insufficient_quota")
+        try:
+            balance = await anyio.to_thread.run_sync(
+                ledger.apply_increment, self.engine, grant.session_id, grant.account_id, seq, increment)
+        finally:
+            balances[1] -= cost
+        if balance is not None:
+            balances[0] = balance
+            if balance - balances[1] <= 0:
+                await self._stop_account(grant.account_id, "insufficient_quota")
 
     async def _stop_account(self, account_id: str, code: str) -> None:
         for other in self.registry.of_account(account_id):
@@ -301,6 +315,8 @@ class Supervisor:
                                        summarize(increments))
         self._spool_path(grant.session_id).unlink(missing_ok=True)
         self.registry.remove(grant.session_id)
+        if not self.registry.of_account(grant.account_id):
+            self.balances.pop(grant.account_id, None)
         live.channel.close()
         log.info("session finalised", extra={"session_id": grant.session_id, "request_id": grant.request_id,
                                               "fields": {"end_reason": reason, "close_code": code}})

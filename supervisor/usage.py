@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from meshrt.worker.meter import Increment, UsageTotals
+
 
 def summarize(increments: list[dict]) -> dict:
-    """Sum increments (order-independent) into the record's usage, cost and response count."""
-    from meshrt.worker.meter import Increment, UsageTotals
-
-    totals = UsageTotals()
-    for body in increments:
-        totals.add(Increment.from_json(body))
+    """Sum increments (order-independent, idempotent by seq) into the record's fields."""
+    totals = UsageTotals.from_increments(Increment.from_json(body) for body in increments)
     return {
         "usage": totals.as_record_usage(),
         "responses": totals.responses,
-        "cost_pico": totals.cost.picodollars if hasattr(totals.cost, "picodollars") else int(totals.cost),
-        "by_category": {k: (v.picodollars if hasattr(v, "picodollars") else int(v)) for k, v in totals.by_category.items()},
+        "cost_pico": totals.cost.picodollars,
+        "by_category": {k: v.picodollars for k, v in totals.by_category.items()},
     }

@@ -1,8 +1,45 @@
-"""Glue between a session's grant and the meter: builds what the relay calls per frame."""
+"""Glue between a session's grant and the meter: what the relay calls for usage-carrying frames.
+
+The grant carries a snapshot of every rate the session may be billed at (its model, and the
+transcription models a session can announce), so the worker reads no price file and a price
+change during the session cannot change its bill.
+"""
 
 from __future__ import annotations
 
+from meshrt.shared.pricing import ModelRates, PriceTable
+
+from .meter import Increment, Meter, UsageTotals, may_carry_usage
+
+
+class SessionMeter:
+    """A Meter plus the session's running totals (the relay checks the token cap against them)."""
+
+    def __init__(self, meter: Meter):
+        self.meter = meter
+        self.totals = UsageTotals()
+
+    def observe(self, payload: bytes) -> Increment | None:
+        increment = self.meter.observe(payload)
+        if increment is not None:
+            self.totals.add(increment)
+        return increment
+
+    @property
+    def total_tokens(self) -> int:
+        return self.totals.total_tokens
+
+
+def price_table_from_grant(rates: dict) -> tuple[ModelRates, PriceTable]:
+    model = ModelRates.from_snapshot(rates["model"])
+    entries = [(model, ())]
+    for name, snapshot in rates.get("transcription", {}).items():
+        if name != model.model:
+            entries.append((ModelRates.from_snapshot(snapshot), ()))
+    return model, PriceTable(rates.get("effective_date", model.effective_date), entries, source="grant")
+
 
 def build_meter(grant):
-    """Return (meter, may_carry_usage) for the relay; (None, None) while metering is off."""
-    return None, None
+    """Return (meter, may_carry_usage) for the relay of this grant."""
+    model, table = price_table_from_grant(grant.rates)
+    return SessionMeter(Meter(model, table)), may_carry_usage

@@ -1,0 +1,184 @@
+"""HTTP routes of the front door beyond health: models, usage, account (tenant keys) and the
+admin API (operator token). The admin operations are `accounts.py`'s, the same as the CLI's."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, FastAPI, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from meshrt.shared.money import Money
+
+from . import accounts as ops
+from .api import ApiError
+from .db import LIVE_STATES, Account, ApiKey, SessionRecord, find_key
+from .usage_api import MAX_LIMIT, query_usage
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else ""
+
+
+def tenant_key(request: Request) -> ApiKey:
+    """The caller's key (Authorization: Bearer rsk_…), checked like the realtime upgrade."""
+    token = _bearer(request)
+    if token is None:
+        raise ApiError(401, "missing_api_key", "No API key provided. Send Authorization: Bearer <key>.")
+    engine = request.app.state.ctx.engine
+    with Session(engine) as db:
+        key = find_key(db, token) if token else None
+        account = db.get(Account, key.account_id) if key else None
+        if key is None or key.revoked_at is not None or account is None or not account.active:
+            raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
+        db.expunge(key)
+        return key
+
+
+def admin(request: Request) -> None:
+    expected = request.app.state.ctx.settings.admin_token
+    token = _bearer(request)
+    if not expected:
+        raise ApiError(403, "admin_disabled", "The admin API is off: set MESHRT_ADMIN_TOKEN.", "permission_error")
+    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise ApiError(401, "invalid_admin_token", "Incorrect admin token.", "permission_error")
+
+
+def _model_json(model_id: str, rates) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "openai",
+            "realtime": rates.realtime, "kind": str(rates.kind),
+            "pricing": rates.pricing_json(), "effective_date": rates.effective_date}
+
+
+def _live_count(engine, account_id: str) -> int:
+    with Session(engine) as db:
+        return db.exec(select(func.count()).select_from(SessionRecord).where(
+            SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))).one()
+
+
+def _usage_page(engine, account_id, start_time, end_time, model, limit, after) -> dict:
+    if start_time is not None and end_time is not None and end_time <= start_time:
+        raise ApiError(400, "invalid_parameter", "end_time must be after start_time.")
+    try:
+        return query_usage(engine, account_id, start_time=start_time, end_time=end_time, model=model,
+                           limit=limit, after=after)
+    except LookupError as exc:
+        raise ApiError(400, "invalid_parameter", f"after: {exc.args[0]}") from None
+
+
+def tenant_routes(app: FastAPI, ctx) -> None:
+    @app.get("/v1/models")
+    def list_models(key: ApiKey = Depends(tenant_key)):
+        return {"object": "list", "data": [_model_json(m, r) for m, r in ctx.prices.listed_models().items()]}
+
+    @app.get("/v1/models/{model_id}")
+    def get_model(model_id: str, key: ApiKey = Depends(tenant_key)):
+        rates = ctx.prices.listed_models().get(model_id)
+        if rates is None:
+            raise ApiError(404, "model_not_found", f"The model {model_id!r} does not exist or is not a realtime model.")
+        return _model_json(model_id, rates)
+
+    @app.get("/v1/usage")
+    def usage(key: ApiKey = Depends(tenant_key), start_time: int | None = Query(None, ge=0),
+              end_time: int | None = Query(None, ge=0), model: str | None = None,
+              limit: int = Query(20, ge=1, le=MAX_LIMIT), after: str | None = None):
+        return _usage_page(ctx.engine, key.account_id, start_time, end_time, model, limit, after)
+
+    @app.get("/v1/account")
+    def account(key: ApiKey = Depends(tenant_key)):
+        row = ops.get_account(ctx.engine, key.account_id)
+        return {**ops.account_json(row), "live_sessions": _live_count(ctx.engine, row.id),
+                "max_concurrent_sessions": row.max_concurrent_sessions or ctx.settings.default_max_concurrent_sessions,
+                "api_key_id": key.id}
+
+
+class NewAccount(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    balance: str = "0"
+    max_concurrent_sessions: int | None = Field(None, ge=1)
+    session_token_cap: int | None = Field(None, ge=1)
+
+
+class TopUp(BaseModel):
+    amount: str
+    note: str = Field("", max_length=500)
+
+
+class NewKey(BaseModel):
+    name: str = Field("", max_length=200)
+    token_cap: int | None = Field(None, ge=1)
+
+
+def _usd(raw: str, field: str) -> Money:
+    try:
+        return Money.from_usd(raw)
+    except (ValueError, TypeError, ArithmeticError):
+        raise ApiError(400, "invalid_parameter", f"{field}: not a USD amount: {raw!r}") from None
+
+
+def _found(call, *args):
+    try:
+        return call(*args)
+    except ops.NotFound as exc:
+        raise ApiError(404, "not_found", str(exc.args[0])) from None
+
+
+def admin_routes(app: FastAPI, ctx) -> None:
+    guard = [Depends(admin)]
+
+    @app.post("/admin/v1/accounts", dependencies=guard, status_code=201)
+    def create_account(body: NewAccount):
+        account = ops.create_account(ctx.engine, body.name, _usd(body.balance, "balance"),
+                                     body.max_concurrent_sessions, body.session_token_cap)
+        return ops.account_json(account)
+
+    @app.get("/admin/v1/accounts", dependencies=guard)
+    def list_accounts():
+        return {"object": "list", "data": [ops.account_json(a) for a in ops.list_accounts(ctx.engine)]}
+
+    @app.get("/admin/v1/accounts/{account_id}", dependencies=guard)
+    def get_account(account_id: str):
+        return {**ops.account_json(_found(ops.get_account, ctx.engine, account_id)),
+                "live_sessions": _live_count(ctx.engine, account_id)}
+
+    @app.post("/admin/v1/accounts/{account_id}/topups", dependencies=guard)
+    def topup(account_id: str, body: TopUp):
+        return ops.account_json(_found(ops.topup, ctx.engine, account_id, _usd(body.amount, "amount"), body.note))
+
+    @app.post("/admin/v1/accounts/{account_id}/keys", dependencies=guard, status_code=201)
+    def create_key(account_id: str, body: NewKey):
+        created = _found(ops.create_key, ctx.engine, account_id, body.name, body.token_cap)
+        return {**ops.key_json(created.key), "key": created.plaintext}
+
+    @app.get("/admin/v1/keys", dependencies=guard)
+    def list_keys(account_id: str | None = None):
+        return {"object": "list", "data": [ops.key_json(k) for k in ops.list_keys(ctx.engine, account_id)]}
+
+    @app.post("/admin/v1/keys/{key_id}/revoke", dependencies=guard)
+    def revoke_key(key_id: str):
+        return ops.key_json(_found(ops.revoke_key, ctx.engine, key_id))
+
+    @app.get("/admin/v1/usage", dependencies=guard)
+    def usage(account_id: str | None = None, start_time: int | None = Query(None, ge=0),
+              end_time: int | None = Query(None, ge=0), model: str | None = None,
+              limit: int = Query(20, ge=1, le=MAX_LIMIT), after: str | None = None):
+        return _usage_page(ctx.engine, account_id, start_time, end_time, model, limit, after)
+
+    @app.get("/admin/v1/sessions", dependencies=guard)
+    def live_sessions():
+        with Session(ctx.engine) as db:
+            rows = db.exec(select(SessionRecord).where(SessionRecord.state.in_(LIVE_STATES))
+                           .order_by(SessionRecord.started_at)).all()
+            return {"object": "list", "data": [
+                {"id": r.id, "request_id": r.request_id, "account_id": r.account_id, "model": r.model,
+                 "node": r.node, "state": r.state, "pid": r.pid,
+                 "started_at": int(r.started_at.timestamp())} for r in rows]}
+
+
+ROUTERS = [tenant_routes, admin_routes]
