@@ -54,6 +54,7 @@ class Grant:
     upstream_attempts: int = 3
     backend: str = "asyncio"
     memory_limit_mb: int = 0
+    control_socket: str = ""  # where a worker re-attaches if its supervisor restarts
 
 
 # --- front door <-> supervisor -------------------------------------------------------------
@@ -73,6 +74,17 @@ class HandoffAck:
     kind: ClassVar[str] = "handoff_ack"
     session_id: str
     error_code: str | None = None  # None: the supervisor owns the socket now
+
+
+@dataclass(frozen=True)
+class Reattach:
+    """Worker → a restarted supervisor, on a new connection to the control socket: this
+    session is still live in this process. The grant comes back without the upstream key."""
+
+    kind: ClassVar[str] = "reattach"
+    grant: Grant
+    pid: int
+    upgraded: bool
 
 
 # --- supervisor <-> zygote ------------------------------------------------------------------
@@ -151,7 +163,7 @@ class StopSession:
 
 MESSAGES = {
     cls.kind: cls
-    for cls in (Handoff, HandoffAck, Spawn, Spawned, ZygoteReady, WorkerExited, WorkerLive, UsageIncrement,
+    for cls in (Handoff, HandoffAck, Reattach, Spawn, Spawned, ZygoteReady, WorkerExited, WorkerLive, UsageIncrement,
                 WorkerEnded, StopSession)
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -72,11 +73,25 @@ def build(settings, node: str):
     return create_app(ctx), protocol
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """A front door outliving its supervisor would hold the port and hand off to nobody."""
+    import ctypes
+    import signal as _signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, _signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshrt-frontdoor")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--node", default=socket.gethostname())
+    parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     settings = load_settings()
     logs.configure("frontdoor", settings.log_level)
     app, protocol = build(settings, args.node)

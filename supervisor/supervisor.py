@@ -11,6 +11,7 @@ before the database is opened or the upstream key is read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import anyio
 
 from meshrt.shared import control
 from meshrt.shared.control import (
-    Handoff, HandoffAck, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded, WorkerExited,
+    Handoff, HandoffAck, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded, WorkerExited,
     WorkerLive, ZygoteReady,
 )
 from meshrt.shared.settings import Settings, scrubbed_env, settings_env
@@ -37,6 +38,8 @@ from .usage import summarize
 log = logging.getLogger("meshrt.supervisor")
 
 RESTART_BACKOFF_S = 0.5
+REATTACH_GRACE_S = 3.0
+BIND_WAIT_S = 10.0
 
 
 class Supervisor:
@@ -73,11 +76,19 @@ class Supervisor:
         self.zygote_channel = ours
         log.info("zygote started", extra={"pid": self.zygote.pid})
 
-    def _bind(self) -> tuple[socket.socket, socket.socket]:
+    async def _bind(self) -> tuple[socket.socket, socket.socket]:
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.settings.host, self.settings.port))
+        deadline = time.monotonic() + BIND_WAIT_S
+        while True:  # a dying predecessor's front door may still hold the port for a moment
+            try:
+                listener.bind((self.settings.host, self.settings.port))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                await anyio.sleep(0.1)
         listener.listen(2048)
         path = self.settings.control_socket
         path.unlink(missing_ok=True)
@@ -97,7 +108,8 @@ class Supervisor:
         env.pop("OPENAI_API_KEY", None)
         fd = listener.fileno()
         self.frontdoor = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.supervisor.frontdoor", "--fd", str(fd), "--node", self.node],
+            [sys.executable, "-m", "meshrt.supervisor.frontdoor", "--fd", str(fd), "--node", self.node,
+             "--parent-pid", str(os.getpid())],
             pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         log.info("front door started", extra={"pid": self.frontdoor.pid})
 
@@ -108,12 +120,12 @@ class Supervisor:
         self._start_zygote()
         self.engine = db.make_engine(self.settings.db_url)
         await anyio.to_thread.run_sync(db.create_schema, self.engine)
-        await self._recover()
-        listener, handoffs = self._bind()
+        listener, handoffs = await self._bind()
         self._start_frontdoor(listener)
         print(f"meshrt listening on http://{self.settings.host}:{listener.getsockname()[1]}", flush=True)
         async with anyio.create_task_group() as tg:
             self.tg = tg
+            tg.start_soon(self._recover)
             tg.start_soon(self._accept_handoffs, handoffs)
             tg.start_soon(self._read_zygote)
             tg.start_soon(self._watch_frontdoor, listener)
@@ -156,6 +168,10 @@ class Supervisor:
         fds: list[int] = []
         try:
             message, fds = await control.arecv(conn)
+            if isinstance(message, Reattach) and not fds:
+                await self._adopt(message, conn)
+                conn = None  # now the session's channel
+                return
             if not isinstance(message, Handoff) or len(fds) != 1:
                 return
             code = self._refusal()
@@ -167,7 +183,8 @@ class Supervisor:
         finally:
             for fd in fds:
                 os.close(fd)
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _refusal(self) -> str | None:
         if self.draining:
@@ -189,7 +206,7 @@ class Supervisor:
             max_message_bytes=s.max_message_bytes, drain_usage_s=s.drain_usage_s,
             upstream_connect_timeout_s=s.upstream_connect_timeout_s,
             upstream_attempts=s.upstream_attempts, backend=s.worker_backend,
-            memory_limit_mb=s.worker_memory_mb)
+            memory_limit_mb=s.worker_memory_mb, control_socket=str(s.control_socket.resolve()))
         spool_fd = os.open(self._spool_path(grant.session_id),
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         ours, theirs = control.seqpacket_pair()
@@ -284,33 +301,44 @@ class Supervisor:
         except OSError:
             pass
 
-    def _read_spool(self, session_id: str) -> dict[int, dict]:
+    def _read_spool(self, session_id: str) -> tuple[dict[int, dict], dict | None]:
+        """The session's spool: increments by seq, and the worker's end line if it wrote one."""
         increments: dict[int, dict] = {}
-        path = self._spool_path(session_id)
+        end = None
         try:
-            lines = path.read_bytes().splitlines()
+            lines = self._spool_path(session_id).read_bytes().splitlines()
         except FileNotFoundError:
-            return increments
+            return increments, end
         for line in lines:
             try:
                 entry = json.loads(line)
-                increments[int(entry["seq"])] = entry["increment"]
+                if "end" in entry:
+                    end = entry["end"]
+                else:
+                    increments[int(entry["seq"])] = entry["increment"]
             except (ValueError, KeyError, TypeError):
                 log.warning("torn spool line ignored", extra={"session_id": session_id})
-        return increments
+        return increments, end
+
+    async def _replay_spool(self, live: LiveSession) -> dict | None:
+        """Apply whatever the spool holds that was not applied through the channel."""
+        increments, end = self._read_spool(live.grant.session_id)
+        for seq, increment in sorted(increments.items()):
+            if seq not in live.increments:
+                await self._apply(live, seq, increment)
+        return end
 
     async def _finalize(self, live: LiveSession) -> None:
         """Bill what the spool holds that the channel did not deliver, then write the record."""
         grant = live.grant
-        for seq, increment in sorted(self._read_spool(grant.session_id).items()):
-            if seq not in live.increments:
-                await self._apply(live, seq, increment)
+        spooled_end = await self._replay_spool(live)
         increments = await anyio.to_thread.run_sync(ledger.applied_increments, self.engine, grant.session_id)
-        ended = live.ended
-        if ended is not None:
-            reason, code = ended.end_reason, ended.close_code
+        if live.ended is not None:
+            reason, code = live.ended.end_reason, live.ended.close_code
+        elif spooled_end is not None:
+            reason, code = spooled_end["end_reason"], spooled_end["close_code"]
         else:
-            reason, code = "internal_error", 1011  # the worker died without reporting
+            reason, code = "internal_error", 1011  # the worker died without a word
         await anyio.to_thread.run_sync(ledger.finalize, self.engine, grant.session_id, reason, code,
                                        summarize(increments))
         self._spool_path(grant.session_id).unlink(missing_ok=True)
@@ -324,15 +352,29 @@ class Supervisor:
     # --- recovery and drain ---------------------------------------------------------------
 
     async def _recover(self) -> None:
-        """Finalise sessions this node left unfinished (a previous supervisor died)."""
+        """Sessions this node left unfinished (the previous supervisor died): their workers
+        re-attach within the grace period; the others are finalised from their spools."""
         rows = await anyio.to_thread.run_sync(ledger.unfinished_sessions, self.engine, self.node)
+        if not rows:
+            return
+        log.warning("unfinished sessions found; waiting for their workers",
+                    extra={"fields": {"sessions": len(rows)}})
+        await anyio.sleep(REATTACH_GRACE_S)
         for row in rows:
+            if self.registry.get(row.id) is not None:
+                continue  # re-attached: it will be finalised when it ends
             grant = control.Grant(session_id=row.id, request_id=row.request_id, account_id=row.account_id,
                                   api_key_id=row.api_key_id, model=row.model, token_cap=0, rates=row.rates)
-            live = LiveSession(grant, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
-            live.ended = WorkerEnded(row.id, "internal_error", 1011, row.state == db.SessionState.LIVE.value)
-            await self._finalize(live)
-            log.warning("recovered an unfinished session", extra={"session_id": row.id})
+            await self._finalize(LiveSession(grant, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)))
+            log.warning("finalised a session whose worker did not return", extra={"session_id": row.id})
+
+    async def _adopt(self, message: Reattach, conn: socket.socket) -> None:
+        """A worker of a previous supervisor offers its live session: take it over."""
+        live = LiveSession(message.grant, conn, pid=message.pid, live=message.upgraded)
+        self.registry.add(live)
+        await self._replay_spool(live)
+        log.info("worker re-attached", extra={"session_id": message.grant.session_id, "pid": message.pid})
+        self.tg.start_soon(self._watch_worker, live)
 
     async def drain(self) -> None:
         """SIGTERM: refuse new sessions, let live ones run up to drain_s, end the rest, exit."""

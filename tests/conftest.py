@@ -188,8 +188,9 @@ class Gateway:
         return None
 
 
-def start_gateway(tmp: Path, database_url: str, upstream_url: str, **env_overrides) -> Gateway:
-    state = tmp / f"state-{secrets.token_hex(3)}"
+def start_gateway(tmp: Path, database_url: str, upstream_url: str, state: Path | None = None,
+                  **env_overrides) -> Gateway:
+    state = state or tmp / f"state-{secrets.token_hex(3)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_") and k != "OPENAI_API_KEY"}
     env.update({
         "MESHRT_STATE_DIR": str(state), "MESHRT_DATABASE_URL": database_url,
@@ -224,8 +225,8 @@ def worker_backend(request) -> str:
 def gateway_factory(tmp_path, database_url, sim):
     started: list[Gateway] = []
 
-    def factory(upstream_url: str | None = None, **env) -> Gateway:
-        gw = start_gateway(tmp_path, database_url, upstream_url or sim.url, **env)
+    def factory(upstream_url: str | None = None, state: Path | None = None, **env) -> Gateway:
+        gw = start_gateway(tmp_path, database_url, upstream_url or sim.url, state, **env)
         started.append(gw)
         return gw
 

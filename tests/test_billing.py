@@ -221,7 +221,10 @@ def test_concurrent_sessions_of_one_account_drain_a_small_balance_exactly(gatewa
     assert Money(-sum(e.amount_pico for e in debits)) == start - final
     assert final.picodollars <= 0
     biggest = max(r.cost_pico // max(r.responses, 1) for r in rows if r.responses)
-    assert final.picodollars >= -20 * biggest  # overshoot: at most the responses in flight
+    # Overshoot is bounded by the responses in flight when the stop lands: per session, the one
+    # that crossed zero and at most one the client started before the stop reached its worker
+    # (that one is cancelled and billed for its partial usage).
+    assert final.picodollars >= -2 * len(rows) * biggest
 
 
 def test_usage_api_filters_and_paginates(gateway, tenant, engine):

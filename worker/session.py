@@ -12,6 +12,7 @@ supervisor before the frame carrying it is written to the client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ import anyio
 from anyio.abc import ByteStream, SocketStream
 
 from meshrt.shared import control
-from meshrt.shared.control import Grant, StopSession, UsageIncrement, WorkerEnded, WorkerLive
+from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerEnded, WorkerLive
 from meshrt.shared.errors import ERRORS, GatewayError
 from meshrt.shared.handshake import (
     accept_bytes, error_frames, parse_request_bytes, parse_upgrade, upstream_headers, upstream_query,
@@ -32,6 +33,8 @@ from .relay import Phase, Relay, Target
 from .upstream import connect_upstream, upstream_url
 
 CLOSE_TIMEOUT_S = 2.0
+REATTACH_INTERVAL_S = 0.2
+REPORT_END_WAIT_S = 10.0
 
 
 class WorkerSession:
@@ -196,22 +199,48 @@ class WorkerSession:
             try:
                 message, fds = await control.arecv(self.channel)
             except (EOFError, OSError, control.ControlError):
-                self.log.warning("supervisor channel closed")
-                return
+                self.log.warning("supervisor channel lost; re-attaching")
+                await self._reattach()
+                continue
             for fd in fds:
                 os.close(fd)
             if isinstance(message, StopSession):
                 self.log.info("stop requested", fields={"code": message.code})
                 await self._end(message.code)
 
+    async def _reattach(self) -> None:
+        """The supervisor died: keep relaying (the spool keeps every increment) and offer this
+        session to its successor on the control socket until one takes it."""
+        grant = dataclasses.replace(self.grant, upstream_key="")
+        while True:
+            await anyio.sleep(REATTACH_INTERVAL_S)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                sock.connect(self.grant.control_socket)
+                sock.setblocking(False)
+                await control.asend(sock, Reattach(grant, os.getpid(), self.upgraded))
+            except OSError:
+                sock.close()
+                continue
+            old, self.channel = self.channel, sock
+            old.close()
+            self.log.info("re-attached to the supervisor")
+            return
+
     async def _report_end(self) -> None:
+        """Record the end in the spool (durable even if no supervisor is listening), then tell
+        the supervisor; if it is down, wait a bounded time for a successor to re-attach to."""
         outcome = self.relay.outcome
         message = WorkerEnded(self.grant.session_id, outcome.end_reason or "internal_error",
                               outcome.close_code, self.upgraded)
+        end = {"end": {"end_reason": message.end_reason, "close_code": message.close_code}}
+        os.write(self.spool_fd, (json.dumps(end, separators=(",", ":")) + "\n").encode())
         try:
             control.send(self.channel, message)
         except OSError:
-            self.log.warning("could not report the end to the supervisor")
+            with anyio.move_on_after(REPORT_END_WAIT_S):
+                await self._reattach()
+                control.send(self.channel, message)
         self.log.info("session ended", fields={"end_reason": message.end_reason, "close_code": message.close_code})
 
 
@@ -226,6 +255,6 @@ def run(grant: Grant, request: bytes, client_fd: int, channel_fd: int, spool_fd:
     try:
         anyio.run(session.run, backend=grant.backend)
     finally:
-        channel.close()
+        session.channel.close()
         os.close(spool_fd)
     return 0

@@ -1,0 +1,119 @@
+"""Crash containment and recovery with real processes: a killed worker, a killed supervisor
+that comes back, sessions ending while nobody supervises — no usage lost, none counted twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+from sqlmodel import Session, select
+
+from meshrt.shared.money import Money
+from meshrt.supervisor.db import Account, SessionRecord
+
+from conftest import wait_for
+from realtime_client import connect_ws, expect_closed, recv_json, recv_until, run
+
+
+def ended(engine, request_id: str, timeout: float = 20) -> SessionRecord:
+    def find():
+        with Session(engine) as db:
+            row = db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
+            return row if row is not None and row.state == "ended" else None
+
+    return wait_for(find, timeout, 0.05, f"record of {request_id}")
+
+
+def live_pid(engine, request_id: str) -> int:
+    def find():
+        with Session(engine) as db:
+            row = db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
+            return row.pid if row is not None and row.state == "live" and row.pid else None
+
+    return wait_for(find, 10, 0.05, "a live worker")
+
+
+def balance(engine, account_id: str) -> Money:
+    with Session(engine) as db:
+        return Money(db.get(Account, account_id).balance_pico)
+
+
+async def respond(ws) -> dict:
+    await ws.send(json.dumps({"type": "response.create"}))
+    events = await recv_until(ws, "response.done", 20)
+    return events[-1]["response"]["usage"]
+
+
+def test_killed_worker_is_billed_for_everything_it_spooled(gateway, tenant, engine):
+    start = balance(engine, tenant.account_id)
+
+    async def go():
+        async with connect_ws(gateway.ws_url, key=tenant.key, query="sim_response_ms=200") as ws:
+            await recv_json(ws)
+            usages = [await respond(ws), await respond(ws)]
+            request_id = ws.response.headers["x-request-id"]
+            os.kill(live_pid(engine, request_id), signal.SIGKILL)
+            await expect_closed(ws, 10)
+            return usages, request_id
+
+    usages, request_id = run(go())
+    row = ended(engine, request_id)
+    assert row.end_reason == "internal_error" and row.responses == 2
+    assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)
+    assert start - balance(engine, tenant.account_id) == Money(row.cost_pico) and row.cost_pico > 0
+
+
+def test_supervisor_killed_and_restarted_loses_and_doubles_nothing(gateway_factory, tenant, engine):
+    first = gateway_factory()
+    start = balance(engine, tenant.account_id)
+
+    async def go():
+        conns = [await connect_ws(first.ws_url, key=tenant.key, query="sim_response_ms=150").__aenter__()
+                 for _ in range(3)]
+        seen = {}
+        for ws in conns:
+            await recv_json(ws)
+            seen[ws] = [await respond(ws)]
+        os.kill(first.proc.pid, signal.SIGKILL)  # the supervisor: its front door and zygote follow
+        first.proc.wait(10)
+        for ws in conns:  # relaying goes on unsupervised; usage goes to the spool only
+            seen[ws].append(await respond(ws))
+        second = gateway_factory(state=first.state_dir)
+        for ws in conns:
+            seen[ws].append(await respond(ws))
+        await conns[0].close()
+        for ws in conns[1:]:
+            await ws.close()
+        return [(ws.response.headers["x-request-id"], usages) for ws, usages in seen.items()], second
+
+    sessions, second = run(go(), 90)
+    total = Money(0)
+    for request_id, usages in sessions:
+        row = ended(engine, request_id)
+        assert row.end_reason == "client_closed" and row.responses == 3
+        assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)
+        total += Money(row.cost_pico)
+    assert start - balance(engine, tenant.account_id) == total
+    assert "worker re-attached" in second.log_text()
+
+
+def test_session_that_ends_while_unsupervised_keeps_its_end_and_usage(gateway_factory, tenant, engine):
+    first = gateway_factory()
+
+    async def go():
+        ws = await connect_ws(first.ws_url, key=tenant.key, query="sim_response_ms=150").__aenter__()
+        await recv_json(ws)
+        usage = await respond(ws)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        usage2 = await respond(ws)
+        await ws.close()
+        return ws.response.headers["x-request-id"], [usage, usage2]
+
+    request_id, usages = run(go(), 60)
+    gateway_factory(state=first.state_dir)
+    row = ended(engine, request_id, 30)
+    assert row.end_reason == "client_closed" and row.close_code == 1000 and row.responses == 2
+    assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)
