@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 
 from websockets.datastructures import Headers
 from websockets.frames import Close
@@ -21,8 +21,9 @@ from websockets.server import ServerProtocol
 from .errors import ERRORS, error_event
 
 KEY_PATTERN = re.compile(r"rsk_[A-Za-z0-9]{32,}")
-_KEYLIKE = re.compile(r"rsk_[A-Za-z0-9]*")
+_KEYLIKE = re.compile(r"rsk_[A-Za-z0-9_]*")  # "_" too: in "rsk_xrsk_<key>" the key's body must not survive
 _QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+_TOKEN = re.compile(r"[^&\s\"']+")
 
 SUBPROTOCOL = "realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
@@ -31,9 +32,20 @@ _FORWARDED_HEADERS = ("openai-beta", "openai-safety-identifier", "user-agent")
 
 
 def redact(text: str) -> str:
-    """Replace every key-like token and every api_key= value in `text`."""
+    """Replace every key-like token and every api_key= value in `text`, percent-encoded or not."""
     text = _KEYLIKE.sub("rsk_…REDACTED", text)
-    return _QUERY_KEY.sub(r"\1rsk_…REDACTED", text)
+    text = _QUERY_KEY.sub(r"\1rsk_…REDACTED", text)
+    return _TOKEN.sub(_redact_encoded, text) if "%" in text else text
+
+
+def _redact_encoded(match: re.Match) -> str:
+    """A token hiding a key behind percent-encoding (`api%5Fkey=rsk%5F…`, also double-encoded)."""
+    token = decoded = match.group()
+    if "%" not in token:
+        return token
+    for _ in range(3):
+        decoded = unquote_plus(decoded)
+    return "rsk_…REDACTED" if "rsk_" in decoded or "api_key=" in decoded.lower() else token
 
 
 def is_wellformed_key(key: str) -> bool:
@@ -98,12 +110,13 @@ def extract_credentials(upgrade: UpgradeRequest) -> Credentials:
         key = _subprotocol_key(token)
         if key is not None:
             return Credentials(key, "subprotocol")
-    auth = upgrade.headers.get("Authorization")
-    if auth is not None:
-        scheme, _, value = auth.strip().partition(" ")
+    auths = upgrade.headers.get_all("Authorization")
+    if auths:
+        auth = ", ".join(a.strip() for a in auths)  # several are ambiguous: refused as invalid_api_key
+        scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return Credentials(value.strip(), "authorization")
-        return Credentials(auth.strip(), "authorization")  # malformed: refused as invalid_api_key
+        return Credentials(auth, "authorization")  # malformed: refused as invalid_api_key
     for name, value in upgrade.query:
         if name == "api_key":
             return Credentials(value, "query")
@@ -112,12 +125,13 @@ def extract_credentials(upgrade: UpgradeRequest) -> Credentials:
 
 def upstream_query(upgrade: UpgradeRequest) -> str:
     """The client's query for the upstream URL, minus `api_key`."""
-    return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"])
+    return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"], errors="surrogateescape")
 
 
 def strip_credentials(request: Request) -> bytes:
-    """Serialise the request for the worker with every form of the key removed."""
-    upgrade = parse_upgrade(request)
+    """Serialise the request for the worker with every form of the key removed. Nothing else is
+    re-encoded, so no line grows past what the worker's parser accepts (websockets: 8 KiB)."""
+    parts = urlsplit(request.path)
     headers = Headers()
     for name, value in request.headers.raw_items():
         lowered = name.lower()
@@ -126,16 +140,23 @@ def strip_credentials(request: Request) -> bytes:
         if lowered == "sec-websocket-protocol":
             kept = [t for t in parse_subprotocols(Headers([(name, value)])) if _subprotocol_key(t) is None]
             if kept:
-                headers[name] = ", ".join(kept)
+                headers[name] = ",".join(kept)
             continue
         headers[name] = value
-    query = upstream_query(upgrade)
-    return Request(upgrade.path + (f"?{query}" if query else ""), headers).serialize()
+    query = "&".join(field for field in parts.query.split("&") if not _is_query_key(field))
+    head = f"GET {parts.path}{'?' + query if query else ''} HTTP/1.1\r\n{headers}"
+    # the parser kept non-ASCII bytes as surrogates: hand the worker those same bytes back
+    return head.encode("utf-8", "surrogateescape")
+
+
+def _is_query_key(field: str) -> bool:
+    return any(name == "api_key" for name, _ in parse_qsl(field, keep_blank_values=True))
 
 
 def upstream_headers(upgrade: UpgradeRequest) -> list[tuple[str, str]]:
     """Client headers upstream understands (SPEC §3); the key never among them."""
-    out = [(k, v) for k, v in upgrade.headers.raw_items() if k.lower() in _FORWARDED_HEADERS]
+    out = [(k, v) for k, v in upgrade.headers.raw_items()
+           if k.lower() in _FORWARDED_HEADERS and v.isascii()]  # non-ASCII can't go on the wire upstream
     if upgrade.beta and not any(k.lower() == "openai-beta" for k, _ in out):
         out.append(("OpenAI-Beta", "realtime=v1"))
     return out
@@ -168,14 +189,18 @@ def parse_request_bytes(raw: bytes) -> tuple[ServerProtocol, Request]:
     protocol = new_server_protocol()
     protocol.receive_data(raw)
     events = protocol.events_received()
-    if not events or not isinstance(events[0], Request):
+    # eof_sent: bytes after the request that are no frames made the protocol give up on the connection
+    if not events or not isinstance(events[0], Request) or protocol.eof_sent:
         raise ValueError(f"not a complete HTTP request: {protocol.handshake_exc!r}")
     return protocol, events[0]
 
 
 def accept_bytes(protocol: ServerProtocol, request: Request, request_id: str) -> tuple[bytes, int]:
     """The handshake response bytes and its status (101, or 4xx for a bad handshake)."""
-    response = protocol.accept(request)
+    try:
+        response = protocol.accept(request)
+    except UnicodeEncodeError:  # websockets echoes the bad header, non-ASCII bytes and all, into its 400 body
+        response = protocol.reject(400, "Failed to open a WebSocket connection: invalid header.\n")
     response.headers["x-request-id"] = request_id
     protocol.send_response(response)
     return b"".join(protocol.data_to_send()), response.status_code

@@ -70,6 +70,15 @@ def create_app(ctx) -> FastAPI:
             return _error(request, 503, "not_ready", "; ".join(problems), "server_error")
         return {"status": "ready"}
 
+    @app.get("/metrics")
+    async def metrics():
+        from fastapi.responses import PlainTextResponse
+
+        from .metrics import render
+
+        snapshot = await ctx.metrics_snapshot()
+        return PlainTextResponse(render(snapshot), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/realtime")
     async def realtime_without_upgrade(request: Request):
         return _error(request, 426, "upgrade_required",

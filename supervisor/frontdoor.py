@@ -8,10 +8,13 @@ Upgrades of /v1/realtime go through `handoff.HandoffProtocol`; everything else i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 
 import anyio
@@ -49,6 +52,13 @@ class FrontDoorContext:
             problems.append("zygote not ready")
         return problems
 
+    async def metrics_snapshot(self) -> dict:
+        path = Path(self.settings.state_dir) / "run" / "metrics.json"
+        try:
+            return json.loads(await anyio.Path(path).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def refuse_granted(self, session_id: str, code: str) -> None:
         """A granted session the supervisor would not take: close its row with the code."""
         with Session(self.engine, expire_on_commit=False) as s, s.begin():
@@ -64,8 +74,16 @@ def build(settings, node: str):
     prices = load_catalog(settings)
     ctx = FrontDoorContext(settings, engine, prices, node)
     admit = functools.partial(gate.admit, engine, settings, prices)
+    # SQLite: one admission transaction at a time from this process, in arrival order, rather
+    # than threads racing for the write lock through SQLite's unfair busy handler.
+    serial = threading.Lock() if settings.db_url.startswith("sqlite") else contextlib.nullcontext()
+
+    def admit_one(upgrade, peer_ip, request_id):
+        with serial:
+            return admit(upgrade, peer_ip, request_id, node)
+
     protocol = handoff.protocol_class(
-        admit=lambda upgrade, peer_ip, request_id: admit(upgrade, peer_ip, request_id, node),
+        admit=admit_one,
         new_request_id=new_request_id,
         control_socket=str(settings.control_socket),
         on_refused=ctx.refuse_granted,

@@ -8,6 +8,7 @@ front-door processes and nodes. Raises GatewayError; never logs or returns the k
 
 from __future__ import annotations
 
+import logging
 import time
 
 from sqlalchemy import func
@@ -19,6 +20,9 @@ from meshrt.shared.handshake import UpgradeRequest, extract_credentials, is_secu
 from meshrt.shared.settings import Settings
 
 from .db import LIVE_STATES, SessionRecord, SessionState, find_key, lock_account, new_id
+
+
+log = logging.getLogger("meshrt.frontdoor")
 
 
 def check_request(settings: Settings, upgrade: UpgradeRequest, peer_ip: str | None) -> str:
@@ -37,6 +41,7 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
           request_id: str, node: str) -> Grant:
     """Admit an upgrade: returns the grant, with its session row inserted (state granted)."""
     key = check_request(settings, upgrade, peer_ip)
+    began = time.monotonic()
     with Session(engine, expire_on_commit=False) as db, db.begin():
         api_key = find_key(db, key)
         if api_key is None or api_key.revoked_at is not None:
@@ -70,4 +75,6 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
                              api_key_id=api_key.id, model=model, node=node,
                              state=SessionState.GRANTED.value, client_addr=grant.client_addr,
                              rates=grant.rates))
+    log.info("admitted", extra={"request_id": request_id, "session_id": grant.session_id,
+                                "fields": {"admit_ms": round((time.monotonic() - began) * 1000, 2)}})
     return grant

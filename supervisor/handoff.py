@@ -113,13 +113,14 @@ class HandoffProtocol(asyncio.Protocol):
         _, status = accept_bytes(new_server_protocol(), request, request_id)  # validates the handshake
         if status != 101:
             return self._http_error(400, "Bad Request", "invalid_request", "Invalid WebSocket handshake.", request_id)
+        stripped = strip_credentials(request)  # before the grant: nothing may fail between it and the handoff
         peer = self.transport.get_extra_info("peername")
         peer_ip = peer[0] if isinstance(peer, tuple) else None
         try:
             grant = await anyio.to_thread.run_sync(self.admit, upgrade, peer_ip, request_id)
         except GatewayError as error:
             return await self._refuse(protocol, request, error.code, request_id)
-        ack = await self._hand_off(grant, strip_credentials(request))
+        ack = await self._hand_off(grant, stripped)
         if ack.error_code is not None:
             self.on_refused(grant.session_id, ack.error_code)
             return await self._refuse(protocol, request, ack.error_code, request_id)

@@ -14,6 +14,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from .usage import summarize
 from .db import (
     Account, AppliedIncrement, LedgerEntry, SessionRecord, SessionState, utcnow,
 )
@@ -46,27 +47,23 @@ def apply_increment(engine, session_id: str, account_id: str, seq: int, incremen
         return None
 
 
-def applied_increments(engine, session_id: str) -> list[dict]:
-    with Session(engine, expire_on_commit=False) as db:
-        rows = db.exec(select(AppliedIncrement).where(AppliedIncrement.session_id == session_id)
-                       .order_by(AppliedIncrement.seq)).all()
-        return [row.body for row in rows]
-
-
-def finalize(engine, session_id: str, end_reason: str, close_code: int | None, summary: dict,
+def finalize(engine, session_id: str, end_reason: str, close_code: int | None,
              ended_at: datetime | None = None) -> bool:
-    """Write the session's final record once. Returns False if it was already final."""
+    """Write the session's final record once, from the increments applied for it, in one
+    transaction. Returns False if it was already final."""
     with Session(engine, expire_on_commit=False) as db, db.begin():
         row = db.get(SessionRecord, session_id)
         if row is None or row.state == SessionState.ENDED.value:
             return False
+        applied = db.exec(select(AppliedIncrement.body).where(AppliedIncrement.session_id == session_id)).all()
+        summary = summarize(list(applied))
         row.state = SessionState.ENDED.value
         row.ended_at = ended_at or utcnow()
         row.end_reason, row.close_code = end_reason, close_code
-        row.responses = summary.get("responses", 0)
-        row.usage = summary.get("usage", {})
-        row.cost_pico = summary.get("cost_pico", 0)
-        row.by_category = summary.get("by_category", {})
+        row.responses = summary["responses"]
+        row.usage = summary["usage"]
+        row.cost_pico = summary["cost_pico"]
+        row.by_category = summary["by_category"]
         return True
 
 

@@ -14,6 +14,7 @@ from meshrt.shared.money import Money
 
 from . import accounts as ops
 from .api import ApiError
+from .dashboard import dashboard_routes
 from .db import LIVE_STATES, Account, ApiKey, SessionRecord, find_key
 from .usage_api import MAX_LIMIT, query_usage
 
@@ -181,4 +182,4 @@ def admin_routes(app: FastAPI, ctx) -> None:
                  "started_at": int(r.started_at.timestamp())} for r in rows]}
 
 
-ROUTERS = [tenant_routes, admin_routes]
+ROUTERS = [tenant_routes, admin_routes, dashboard_routes]

@@ -32,14 +32,15 @@ from meshrt.shared.control import (
 from meshrt.shared.settings import Settings, scrubbed_env, settings_env
 
 from . import db, ledger
+from .metrics import Metrics
 from .registry import LiveSession, Registry
-from .usage import summarize
 
 log = logging.getLogger("meshrt.supervisor")
 
 RESTART_BACKOFF_S = 0.5
 REATTACH_GRACE_S = 3.0
 BIND_WAIT_S = 10.0
+METRICS_INTERVAL_S = 1.0
 
 
 class Supervisor:
@@ -47,6 +48,7 @@ class Supervisor:
         self.settings = settings
         self.node = node or socket.gethostname()
         self.registry = Registry()
+        self.metrics = Metrics()
         self.balances: dict[str, list[int]] = {}  # account -> [last known balance, pending debits]
         self.draining = False
         self.stopping = False
@@ -55,6 +57,9 @@ class Supervisor:
         self.zygote: subprocess.Popen | None = None
         self.zygote_channel: socket.socket | None = None
         self.engine = None
+        # SQLite has one writer at a time and its busy handler is unfair (a waiter can starve
+        # for seconds): queue our writes here instead. PostgreSQL takes them in parallel.
+        self.db_limiter = anyio.CapacityLimiter(1 if settings.db_url.startswith("sqlite") else 8)
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -113,6 +118,10 @@ class Supervisor:
             pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         log.info("front door started", extra={"pid": self.frontdoor.pid})
 
+    async def _db(self, call, *args):
+        """Run a blocking ledger call in a thread, queued behind the database limiter."""
+        return await anyio.to_thread.run_sync(call, self.engine, *args, limiter=self.db_limiter)
+
     # --- the main loop --------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -126,11 +135,19 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             self.tg = tg
             tg.start_soon(self._recover)
+            tg.start_soon(self._publish_metrics)
             tg.start_soon(self._accept_handoffs, handoffs)
             tg.start_soon(self._read_zygote)
             tg.start_soon(self._watch_frontdoor, listener)
             tg.start_soon(self._watch_signals)
         return 0
+
+    async def _publish_metrics(self) -> None:
+        path = self.run_dir / "metrics.json"
+        while True:
+            self.metrics.gauges["meshrt_live_sessions"] = len(self.registry)
+            self.metrics.publish(path)
+            await anyio.sleep(METRICS_INTERVAL_S)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -177,6 +194,9 @@ class Supervisor:
             code = self._refusal()
             if code is None:
                 await self._spawn(message, fds[0])
+                self.metrics.inc("meshrt_sessions_started_total")
+            else:
+                self.metrics.inc("meshrt_handoffs_refused_total", code=code)
             await control.asend(conn, HandoffAck(message.grant.session_id, code))
         except (EOFError, OSError, control.ControlError):
             log.exception("handoff failed")
@@ -190,6 +210,8 @@ class Supervisor:
         if self.draining:
             return "server_shutting_down"
         if len(self.registry) >= self.settings.max_sessions:
+            log.warning("node at capacity", extra={"fields": {"live": len(self.registry),
+                                                              "max_sessions": self.settings.max_sessions}})
             return "server_at_capacity"
         return None
 
@@ -258,7 +280,7 @@ class Supervisor:
                     os.close(fd)
                 if isinstance(message, WorkerLive):
                     live.live, live.pid = True, message.pid
-                    await anyio.to_thread.run_sync(ledger.mark_live, self.engine, message.session_id, message.pid)
+                    await self._db(ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
                     await self._apply(live, message.seq, message.increment)
                 elif isinstance(message, WorkerEnded):
@@ -279,11 +301,12 @@ class Supervisor:
         if balances[0] - balances[1] <= 0:
             await self._stop_account(grant.account_id, "insufficient_quota")
         try:
-            balance = await anyio.to_thread.run_sync(
-                ledger.apply_increment, self.engine, grant.session_id, grant.account_id, seq, increment)
+            balance = await self._db(ledger.apply_increment, grant.session_id, grant.account_id, seq, increment)
         finally:
             balances[1] -= cost
         if balance is not None:
+            self.metrics.inc("meshrt_usage_increments_total")
+            self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
             balances[0] = balance
             if balance - balances[1] <= 0:
                 await self._stop_account(grant.account_id, "insufficient_quota")
@@ -329,23 +352,24 @@ class Supervisor:
         return end
 
     async def _finalize(self, live: LiveSession) -> None:
-        """Bill what the spool holds that the channel did not deliver, then write the record."""
+        """The worker is gone: bill what its spool holds that the channel did not deliver, then
+        write the record (once). Node capacity frees at once; the billing may queue a little."""
         grant = live.grant
+        self.registry.remove(grant.session_id)
+        live.channel.close()
         spooled_end = await self._replay_spool(live)
-        increments = await anyio.to_thread.run_sync(ledger.applied_increments, self.engine, grant.session_id)
         if live.ended is not None:
             reason, code = live.ended.end_reason, live.ended.close_code
         elif spooled_end is not None:
             reason, code = spooled_end["end_reason"], spooled_end["close_code"]
         else:
             reason, code = "internal_error", 1011  # the worker died without a word
-        await anyio.to_thread.run_sync(ledger.finalize, self.engine, grant.session_id, reason, code,
-                                       summarize(increments))
+            self.metrics.inc("meshrt_worker_crashes_total")
+        if await self._db(ledger.finalize, grant.session_id, reason, code):
+            self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason)
         self._spool_path(grant.session_id).unlink(missing_ok=True)
-        self.registry.remove(grant.session_id)
         if not self.registry.of_account(grant.account_id):
             self.balances.pop(grant.account_id, None)
-        live.channel.close()
         log.info("session finalised", extra={"session_id": grant.session_id, "request_id": grant.request_id,
                                               "fields": {"end_reason": reason, "close_code": code}})
 
@@ -354,7 +378,7 @@ class Supervisor:
     async def _recover(self) -> None:
         """Sessions this node left unfinished (the previous supervisor died): their workers
         re-attach within the grace period; the others are finalised from their spools."""
-        rows = await anyio.to_thread.run_sync(ledger.unfinished_sessions, self.engine, self.node)
+        rows = await self._db(ledger.unfinished_sessions, self.node)
         if not rows:
             return
         log.warning("unfinished sessions found; waiting for their workers",

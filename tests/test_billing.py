@@ -187,7 +187,8 @@ def test_concurrent_sessions_of_one_account_drain_a_small_balance_exactly(gatewa
 
     async def session(i: int):
         await asyncio.sleep(rng.random() * 0.2)
-        async with connect_ws(gw.ws_url, key=poor.key, query="sim_response_ms=200") as ws:
+        # paced like real audio: a response takes its 200 ms, so "in flight" means something
+        async with connect_ws(gw.ws_url, key=poor.key, query="sim_response_ms=200&sim_pace=1") as ws:
             created = await recv_json(ws)
             if created["type"] == "error":  # the balance may already be gone
                 await expect_closed(ws)

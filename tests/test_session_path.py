@@ -213,3 +213,23 @@ def test_killing_the_front_door_drops_no_live_session(gateway, tenant):
                 assert (await recv_json(ws2, 20))["type"] == "session.created"
 
     run(go(), 60)
+
+
+def test_metrics_count_sessions_and_money_without_ids(gateway, tenant):
+    async def go():
+        async with connect_ws(gateway.ws_url, key=tenant.key, query="sim_response_ms=100") as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "response.create"}))
+            await recv_until(ws, "response.done")
+
+    run(go())
+
+    def scraped():
+        text = httpx.get(f"{gateway.http_url}/metrics").text
+        return text if 'meshrt_sessions_ended_total{end_reason="client_closed"} 1' in text else None
+
+    text = wait_for(scraped, 10, 0.2, "metrics to show the ended session")
+    assert "meshrt_sessions_started_total 1" in text and "meshrt_usage_increments_total 1" in text
+    cost = next(line for line in text.splitlines() if line.startswith("meshrt_usage_cost_usd_total"))
+    assert float(cost.split()[1]) > 0
+    assert tenant.key not in text and "sess_" not in text and "req_" not in text

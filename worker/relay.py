@@ -73,20 +73,18 @@ class Relay:
     def __post_init__(self):
         self._client = FrameScanner(expect_masked=True, max_message=self.max_message_bytes)
         self._upstream = FrameScanner(expect_masked=False)
-        self._held_upstream_close: bytes | None = None
+        self._close_sent_to_client = False
+        self._close_sent_upstream = False
+        self._held_upstream_close: bytes | None = None  # waits behind a response.cancel
         self._usage_fragments: list[bytes] | None = None
-        self._pending_end: str | None = None
-
-    # --- the session is over when both legs are closed or gone --------------------------
+        self._pending_end: str | None = None  # an end decided mid-batch, applied after it
 
     @property
     def finished(self) -> bool:
+        """Both legs are closed (close frames both ways) or gone: the shell may drop the sockets."""
         client_done = self.client_gone or (self.client_close_seen and self._close_sent_to_client)
         upstream_done = self.upstream_gone or (self.upstream_close_seen and self._close_sent_upstream)
         return client_done and upstream_done
-
-    _close_sent_to_client = False
-    _close_sent_upstream = False
 
     def _end(self, reason: str, code: int | None) -> None:
         if self.outcome.end_reason is None:
@@ -220,10 +218,9 @@ class Relay:
         """Track responses in flight and meter usage; returns an increment to bill, or None."""
         if frame.opcode == wsf.OP_TEXT and frame.fin:
             body = chunk[frame.payload_start:frame.end]
-        elif frame.opcode == wsf.OP_TEXT:  # first fragment of a fragmented text message
-            head = chunk[frame.payload_start:frame.end]
-            self._usage_fragments = [head] if self.may_carry_usage(head) else None
-            return None
+        elif frame.opcode == wsf.OP_TEXT:  # a fragmented text message: rare, so always reassemble
+            self._usage_fragments = [chunk[frame.payload_start:frame.end]]  # (its first fragment
+            return None  # may be too short to tell what it is); billed before the last fragment
         elif frame.opcode == wsf.OP_CONT and self._usage_fragments is not None:
             self._usage_fragments.append(chunk[frame.payload_start:frame.end])
             if not frame.fin:

@@ -81,6 +81,7 @@ class WorkerSession:
         upgrade = parse_upgrade(request)
         self._client = await SocketStream.from_socket(self.client_sock)  # takes ownership
         url = upstream_url(self.grant.upstream_url, upstream_query(upgrade))
+        began = time.monotonic()
         try:
             upstream = await connect_upstream(url, upstream_headers(upgrade), self.grant.upstream_key,
                                               self.grant.upstream_connect_timeout_s,
@@ -97,7 +98,9 @@ class WorkerSession:
             return
         self.upgraded = True
         await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
-        self.log.info("session live")
+        self.log.info("session live", fields={
+            "upstream_ms": round((time.monotonic() - began) * 1000, 2),
+            "since_grant_ms": round((time.time() - self.grant.started_at) * 1000, 2)})
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if upstream.leftover:

@@ -32,6 +32,16 @@ def _preimport() -> None:
     upstream.tls_context()
 
 
+WORKER_MAX_FDS = 64  # a session needs ~10: client, upstream, channel, spool, event loop, pipes
+
+
+def _limit_resources(memory_mb: int) -> None:
+    """One runaway session must not starve the node of memory or file descriptors."""
+    if memory_mb:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 1024 * 1024, memory_mb * 1024 * 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_MAX_FDS, WORKER_MAX_FDS))
+
+
 def _child(spawn, fds: list[int], channel: socket.socket, wakeup_r: int) -> None:
     code = 70
     try:
@@ -41,9 +51,7 @@ def _child(spawn, fds: list[int], channel: socket.socket, wakeup_r: int) -> None
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         channel.close()
         os.close(wakeup_r)
-        limit = spawn.grant.memory_limit_mb
-        if limit:
-            resource.setrlimit(resource.RLIMIT_AS, (limit * 1024 * 1024, limit * 1024 * 1024))
+        _limit_resources(spawn.grant.memory_limit_mb)
         from meshrt.worker.session import run
 
         client_fd, channel_fd, spool_fd = fds

@@ -1,0 +1,300 @@
+"""The account dashboard (`GET /dashboard`, SPEC §6) on a real gateway, in a real browser.
+
+Headless Chromium is driven over the Chrome DevTools Protocol with the `websockets` package the
+project already depends on (no selenium / chromedriver). No browser is a failure, not a skip:
+install it (Debian: `apt-get install -y chromium`) or point MESHRT_TEST_CHROMIUM at one.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from meshrt.shared.money import Money
+
+from conftest import _stop, start_gateway, wait_for
+from realtime_client import connect_ws, recv_json, recv_until, run
+
+SCREENSHOT = Path("/tmp/dashboard.png")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,1000",
+    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+]
+
+
+def find_chromium() -> str:
+    for name in (os.environ.get("MESHRT_TEST_CHROMIUM"), "chromium", "chromium-browser", "google-chrome",
+                 "google-chrome-stable"):
+        path = name and shutil.which(name)
+        if path:
+            return path
+    pytest.fail("the dashboard test needs a real browser and found none: install Chromium "
+                "(Debian/Ubuntu: `apt-get install -y chromium`) or set MESHRT_TEST_CHROMIUM=/path/to/chrome",
+                pytrace=False)
+
+
+class Page:
+    """One browser tab over CDP: call methods, evaluate JS, keep the events seen meanwhile."""
+
+    def __init__(self, ws_url: str):
+        self.ws = ws_connect(ws_url, max_size=None, open_timeout=15, compression=None)
+        self.ids = itertools.count(1)
+        self.events: list[dict] = []
+
+    def call(self, method: str, timeout: float = 30, **params) -> dict:
+        message_id = next(self.ids)
+        self.ws.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+            if message.get("id") == message_id:
+                if "error" in message:
+                    raise AssertionError(f"CDP {method} failed: {message['error']}")
+                return message.get("result", {})
+            if "method" in message:
+                self.events.append(message)
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"JS {expression!r} threw: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 30, what: str | None = None):
+        return wait_for(lambda: self.js(expression), timeout, 0.05, what or expression)
+
+    def text(self, selector: str) -> str:
+        return self.js(f"document.querySelector({json.dumps(selector)}).textContent.trim()")
+
+    def texts(self, selector: str) -> list[str]:
+        return self.js(f"[...document.querySelectorAll({json.dumps(selector)})].map(e => e.textContent.trim())")
+
+    def visible(self, element_id: str) -> bool:
+        return self.js(f"(e => !!e && !e.closest('[hidden]') && e.getClientRects().length > 0)"
+                       f"(document.getElementById({json.dumps(element_id)}))")
+
+    def type_into(self, element_id: str, text: str) -> None:
+        self.js(f"document.getElementById({json.dumps(element_id)}).focus()")
+        self.call("Input.insertText", text=text)
+
+    def click(self, element_id: str) -> None:
+        self.js(f"document.getElementById({json.dumps(element_id)}).click()")
+
+    def problems(self) -> list[str]:
+        """Console errors, uncaught exceptions and CSP violations seen so far."""
+        self.call("Runtime.evaluate", expression="0")  # drain pending events
+        found = []
+        for event in self.events:
+            method, params = event["method"], event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                found.append(f"exception: {params['exceptionDetails'].get('text')}")
+            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                found.append(f"console.{params['type']}: {params.get('args')}")
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(f"log: {params['entry'].get('text')}")
+        return found
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+class Browser:
+    def __init__(self, executable: str, profile: Path, log: Path):
+        profile.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+        active = profile / "DevToolsActivePort"
+
+        def port():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"Chromium exited with {self.proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+            lines = active.read_text().splitlines() if active.exists() else []
+            return int(lines[0]) if len(lines) >= 2 else None
+
+        self.port = wait_for(port, 30, 0.05, "Chromium's DevTools port")
+
+    def page(self) -> Page:
+        def first_page():
+            targets = httpx.get(f"http://127.0.0.1:{self.port}/json/list", timeout=5).json()
+            return next((t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"), None)
+
+        page = Page(wait_for(first_page, 15, 0.05, "a Chromium tab"))
+        page.call("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
+        for domain in ("Page", "Runtime", "Log"):
+            page.call(f"{domain}.enable")
+        return page
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # our own process group: the browser's helpers
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+def usd_shown(amount: str) -> str:
+    """How the dashboard shows an API decimal string: as is, `$`, thousands separators."""
+    sign, digits = ("-", amount[1:]) if amount.startswith("-") else ("", amount)
+    whole, _, frac = digits.partition(".")
+    return f"{sign}${int(whole):,}" + (f".{frac}" if frac else "")
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory, database_url, sim):
+    gw = start_gateway(tmp_path_factory.mktemp("gw"), database_url, sim.url)
+    yield gw
+    _stop(gw.proc)
+
+
+def test_dashboard_is_one_page_with_strict_headers(shared_gateway):
+    page = httpx.get(f"{shared_gateway.http_url}/dashboard", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["x-request-id"].startswith("req_")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for asset, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        response = httpx.get(f"{shared_gateway.http_url}/dashboard/{asset}", timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+        assert response.headers["content-security-policy"] == csp
+    # self-contained: nothing fetched from anywhere else
+    for text in (page.text, httpx.get(f"{shared_gateway.http_url}/dashboard/dashboard.js").text,
+                 httpx.get(f"{shared_gateway.http_url}/dashboard/dashboard.css").text):
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
+        assert "//cdn" not in text
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return find_chromium()
+
+
+def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_path):
+    gw = shared_gateway
+    tenant = make_tenant(balance="25", max_concurrent_sessions=4)
+    auth = {"Authorization": f"Bearer {tenant.key}"}
+
+    async def billed_sessions(n: int):
+        for _ in range(n):
+            async with connect_ws(gw.ws_url, key=tenant.key, query="sim_response_ms=200") as ws:
+                assert (await recv_json(ws))["type"] == "session.created"
+                await ws.send(json.dumps({"type": "response.create"}))
+                await recv_until(ws, "response.done")
+
+    run(billed_sessions(3), 90)
+
+    def three_records():
+        page = httpx.get(f"{gw.http_url}/v1/usage", params={"limit": 100}, headers=auth, timeout=10).json()
+        return page if len(page["data"]) == 3 else None
+
+    usage = wait_for(three_records, 30, 0.1, "three usage records")["data"]
+    assert all(Money.from_usd(r["cost"]["amount"]) > Money(0) for r in usage)
+    total = sum((Money.from_usd(r["cost"]["amount"]) for r in usage), Money(0))
+
+    # one session held open, so "live sessions" has something to show
+    held = ws_connect(f"{gw.ws_url}?model=gpt-realtime", additional_headers=auth, open_timeout=15)
+    browser = None
+    try:
+        assert json.loads(held.recv(timeout=10))["type"] == "session.created"
+
+        def one_live():
+            account = httpx.get(f"{gw.http_url}/v1/account", headers=auth, timeout=10).json()
+            return account if account["live_sessions"] == 1 else None
+
+        account = wait_for(one_live, 15, 0.1, "the held session to count as live")
+
+        browser = Browser(chromium, tmp_path / "chromium-profile", tmp_path / "chromium.log")
+        page = browser.page()
+        page.call("Page.navigate", url=f"{gw.http_url}/dashboard?limit=2")
+        page.wait("document.readyState === 'complete' && document.body.dataset.state === 'login'",
+                  what="the key form")
+        assert page.visible("login") and not page.visible("dashboard")
+
+        page.type_into("key-input", tenant.key)
+        page.click("login-button")
+        page.wait("['ready', 'failed', 'rejected'].includes(document.body.dataset.state)", what="the dashboard")
+        assert page.js("document.body.dataset.state") == "ready", page.text("#error")
+        assert page.visible("dashboard") and not page.visible("login") and not page.visible("error")
+
+        # the key: in this tab's sessionStorage, in no URL, not left in the page
+        assert tenant.key not in page.js("location.href")
+        assert page.js("sessionStorage.getItem('meshrt.dashboard.key')") == tenant.key
+        assert page.js("localStorage.length") == 0
+        assert tenant.key not in page.js("document.documentElement.outerHTML")
+        assert page.js("document.getElementById('key-input').value") == ""
+
+        assert page.text("#balance") == usd_shown(account["balance"])
+        assert page.text("#live") == "1 / 4"
+        assert page.text("#account-name") == account["name"]
+
+        # the table: a page of 2, then "load more" through the cursor
+        assert page.js("[...document.querySelectorAll('#usage-rows tr')].map(r => r.dataset.id)") == \
+            [r["id"] for r in usage[:2]]
+        assert page.texts("#usage-rows td.cost") == [usd_shown(r["cost"]["amount"]) for r in usage[:2]]
+        assert page.texts("#usage-rows td.model") == [r["model"] for r in usage[:2]]
+        assert page.texts("#usage-rows td.reason") == [r["end_reason"] for r in usage[:2]]
+        first_tokens = page.text("#usage-rows tr:first-child td:nth-child(4)")
+        assert first_tokens.startswith(f"{usage[0]['usage']['total_tokens']:,}")
+        assert page.visible("load-more")
+        page.click("load-more")
+        page.wait("document.querySelectorAll('#usage-rows tr').length === 3", what="the second page of rows")
+        assert page.js("[...document.querySelectorAll('#usage-rows tr')].map(r => r.dataset.id)") == \
+            [r["id"] for r in usage]
+        assert page.texts("#usage-rows td.cost") == [usd_shown(r["cost"]["amount"]) for r in usage]
+        page.wait("document.getElementById('load-more').hidden", what="no more pages")
+
+        # the chart: bars whose exact amounts add up to the API's costs
+        bars = page.js("[...document.querySelectorAll('#chart svg rect.bar')].map(b => b.dataset.amount)")
+        assert 1 <= len(bars) <= 2  # the three sessions ended today (or across one UTC midnight)
+        assert sum((Money.from_usd(a) for a in bars), Money(0)) == total
+        assert page.text("#total-30d") == usd_shown(total.usd_str())
+        assert page.js("document.querySelectorAll('#chart svg rect.bar, #chart svg rect.hit').length") == 30
+
+        # the page's money arithmetic is exact (BigInt picodollars), not binary floats
+        assert page.js("(m => m.formatPico(m.parsePico('0.1') + m.parsePico('0.2')))(meshrtDashboard)") == "0.300000"
+        assert page.js("(m => m.formatPico(m.parsePico('9007199254740993.000000000001') - m.parsePico('0.5')))"
+                       "(meshrtDashboard)") == "9,007,199,254,740,992.500000000001"
+        assert page.js("(m => m.formatPico(m.parsePico('-0.000316') * 3n))(meshrtDashboard)") == "-0.000948"
+
+        assert page.problems() == []
+        shot = page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+
+        # a bad key: the API's own error message, the form again, nothing kept
+        bad_key = "rsk_" + "Z" * 40
+        expected = httpx.get(f"{gw.http_url}/v1/account", headers={"Authorization": f"Bearer {bad_key}"},
+                             timeout=10).json()["error"]
+        page.click("signout")
+        page.wait("document.body.dataset.state === 'login'", what="the key form after forgetting the key")
+        assert page.js("sessionStorage.getItem('meshrt.dashboard.key')") is None
+        page.type_into("key-input", bad_key)
+        page.click("login-button")
+        page.wait("document.body.dataset.state === 'rejected'", what="the bad key to be refused")
+        assert page.visible("error") and page.visible("login") and not page.visible("dashboard")
+        assert page.text("#error strong") == expected["message"]
+        assert expected["code"] in page.text("#error .error-meta")
+        assert page.js("sessionStorage.getItem('meshrt.dashboard.key')") is None
+        page.close()
+    finally:
+        if browser is not None:
+            browser.close()
+        held.close()
