@@ -130,10 +130,11 @@ class Settings:
     max_sessions: int = 1000
     max_message_bytes: int = 16 * 1024 * 1024
     default_max_concurrent_sessions: int = 10
+    header_timeout_s: float = 10.0
     upstream_connect_timeout_s: float = 10.0
     upstream_attempts: int = 3
     warm_workers: int = 4
-    worker_backend: str = "asyncio"
+    worker_backend: str = "uvloop"  # asyncio on uvloop; "asyncio" (plain) and "trio" also run
     worker_memory_mb: int = 512
     pricing_file: str = ""
     log_level: str = "info"
@@ -173,10 +174,11 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_MAX_SESSIONS": ("max_sessions", _positive_int),
     "MESHRT_MAX_MESSAGE_BYTES": ("max_message_bytes", _positive_int),
     "MESHRT_MAX_CONCURRENT_SESSIONS": ("default_max_concurrent_sessions", _positive_int),
+    "MESHRT_HEADER_TIMEOUT_S": ("header_timeout_s", _positive_float),
     "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _positive_float),
     "MESHRT_UPSTREAM_ATTEMPTS": ("upstream_attempts", _positive_int),
     "MESHRT_WARM_WORKERS": ("warm_workers", _non_negative_int),
-    "MESHRT_WORKER_BACKEND": ("worker_backend", _choice("asyncio", "trio")),
+    "MESHRT_WORKER_BACKEND": ("worker_backend", _choice("asyncio", "uvloop", "trio")),
     "MESHRT_WORKER_MEMORY_MB": ("worker_memory_mb", _positive_int),
     "MESHRT_PRICING_FILE": ("pricing_file", _text),
     "MESHRT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),

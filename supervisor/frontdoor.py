@@ -69,6 +69,49 @@ class FrontDoorContext:
                 row.ended_at = db.utcnow()
 
 
+def header_deadline_protocol(timeout_s: float):
+    """uvicorn's httptools protocol with a deadline on each request head: uvicorn has none, so a
+    client trickling a partial request (slowloris) would hold its connection for ever."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_timed_out(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
+
+
 def build(settings, node: str):
     engine = db.make_engine(settings.db_url)
     prices = load_catalog(settings)
@@ -114,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("frontdoor", settings.log_level)
     app, protocol = build(settings, args.node)
     listener = socket.socket(fileno=args.fd)
-    config = uvicorn.Config(app, ws=protocol, http="httptools", loop="asyncio", log_config=None,
+    config = uvicorn.Config(app, ws=protocol, http=header_deadline_protocol(settings.header_timeout_s),
+                            loop="asyncio", log_config=None,
                             access_log=False, proxy_headers=True,
                             forwarded_allow_ips=",".join(str(n) for n in settings.forwarded_allow_ips),
                             ws_max_size=settings.max_message_bytes, timeout_graceful_shutdown=2)

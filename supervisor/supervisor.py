@@ -41,6 +41,7 @@ RESTART_BACKOFF_S = 0.5
 REATTACH_GRACE_S = 3.0
 BIND_WAIT_S = 10.0
 METRICS_INTERVAL_S = 1.0
+FINALIZE_TIMEOUT_S = 60.0
 
 
 class Supervisor:
@@ -49,6 +50,7 @@ class Supervisor:
         self.node = node or socket.gethostname()
         self.registry = Registry()
         self.metrics = Metrics()
+        self.finalizing = 0  # sessions whose record is being written
         self.balances: dict[str, list[int]] = {}  # account -> [last known balance, pending debits]
         self.draining = False
         self.stopping = False
@@ -57,9 +59,6 @@ class Supervisor:
         self.zygote: subprocess.Popen | None = None
         self.zygote_channel: socket.socket | None = None
         self.engine = None
-        # SQLite has one writer at a time and its busy handler is unfair (a waiter can starve
-        # for seconds): queue our writes here instead. PostgreSQL takes them in parallel.
-        self.db_limiter = anyio.CapacityLimiter(1 if settings.db_url.startswith("sqlite") else 8)
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -74,7 +73,7 @@ class Supervisor:
         ours, theirs = control.seqpacket_pair()
         self.zygote = subprocess.Popen(
             [sys.executable, "-m", "meshrt.worker.zygote", "--channel-fd", str(theirs.fileno()),
-             "--log-level", self.settings.log_level],
+             "--log-level", self.settings.log_level, "--warm", str(self.settings.warm_workers)],
             pass_fds=[theirs.fileno()], env=scrubbed_env(), stdin=subprocess.DEVNULL)
         theirs.close()
         ours.setblocking(False)
@@ -118,10 +117,6 @@ class Supervisor:
             pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
         log.info("front door started", extra={"pid": self.frontdoor.pid})
 
-    async def _db(self, call, *args):
-        """Run a blocking ledger call in a thread, queued behind the database limiter."""
-        return await anyio.to_thread.run_sync(call, self.engine, *args, limiter=self.db_limiter)
-
     # --- the main loop --------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -129,11 +124,13 @@ class Supervisor:
         self._start_zygote()
         self.engine = db.make_engine(self.settings.db_url)
         await anyio.to_thread.run_sync(db.create_schema, self.engine)
+        self.writer = ledger.LedgerWriter(self.engine)
         listener, handoffs = await self._bind()
         self._start_frontdoor(listener)
         print(f"meshrt listening on http://{self.settings.host}:{listener.getsockname()[1]}", flush=True)
         async with anyio.create_task_group() as tg:
             self.tg = tg
+            tg.start_soon(self.writer.run)
             tg.start_soon(self._recover)
             tg.start_soon(self._publish_metrics)
             tg.start_soon(self._accept_handoffs, handoffs)
@@ -280,36 +277,44 @@ class Supervisor:
                     os.close(fd)
                 if isinstance(message, WorkerLive):
                     live.live, live.pid = True, message.pid
-                    await self._db(ledger.mark_live, message.session_id, message.pid)
+                    self.writer.enqueue(ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
                     await self._apply(live, message.seq, message.increment)
                 elif isinstance(message, WorkerEnded):
                     live.ended = message
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(FINALIZE_TIMEOUT_S, shield=True):  # bounded even in shutdown
                 await self._finalize(live)
 
     async def _apply(self, live: LiveSession, seq: int, increment: dict) -> None:
-        """Debit one increment. The stop decision uses the balance estimate (last balance the
-        database returned, minus debits still on their way to it), so a slow database never
-        lets an account run on past zero; the database stays the authority for the amount."""
+        """Debit one increment. Its write is queued now (so it lands before the session's
+        finalisation); the stop decision does not wait for it: it uses the balance estimate
+        (last balance the database returned, minus debits still queued), so a slow database
+        never lets an account run on past zero. The database stays the authority."""
         grant = live.grant
         live.increments[seq] = increment
         cost = int(increment["cost_picodollars"])
+        job = self.writer.enqueue(ledger.apply_increment, grant.session_id, grant.account_id, seq, increment)
         balances = self.balances.setdefault(grant.account_id, [grant.balance_pico, 0])  # [known, pending]
         balances[1] += cost
+        self.tg.start_soon(self._settle, grant.account_id, cost, job, balances)
         if balances[0] - balances[1] <= 0:
             await self._stop_account(grant.account_id, "insufficient_quota")
+
+    async def _settle(self, account_id: str, cost: int, job, balances: list[int]) -> None:
         try:
-            balance = await self._db(ledger.apply_increment, grant.session_id, grant.account_id, seq, increment)
+            balance = await job.wait()
+        except Exception:  # noqa: BLE001 - logged by the writer; the spool still has it
+            balance = None
         finally:
             balances[1] -= cost
-        if balance is not None:
-            self.metrics.inc("meshrt_usage_increments_total")
-            self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
-            balances[0] = balance
-            if balance - balances[1] <= 0:
-                await self._stop_account(grant.account_id, "insufficient_quota")
+        if balance is None:
+            return
+        self.metrics.inc("meshrt_usage_increments_total")
+        self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
+        balances[0] = balance
+        if balance - balances[1] <= 0:
+            await self._stop_account(account_id, "insufficient_quota")
 
     async def _stop_account(self, account_id: str, code: str) -> None:
         for other in self.registry.of_account(account_id):
@@ -357,6 +362,14 @@ class Supervisor:
         grant = live.grant
         self.registry.remove(grant.session_id)
         live.channel.close()
+        self.finalizing += 1
+        try:
+            await self._write_final(live)
+        finally:
+            self.finalizing -= 1
+
+    async def _write_final(self, live: LiveSession) -> None:
+        grant = live.grant
         spooled_end = await self._replay_spool(live)
         if live.ended is not None:
             reason, code = live.ended.end_reason, live.ended.close_code
@@ -365,7 +378,7 @@ class Supervisor:
         else:
             reason, code = "internal_error", 1011  # the worker died without a word
             self.metrics.inc("meshrt_worker_crashes_total")
-        if await self._db(ledger.finalize, grant.session_id, reason, code):
+        if await self.writer.submit(ledger.finalize, grant.session_id, reason, code):
             self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason)
         self._spool_path(grant.session_id).unlink(missing_ok=True)
         if not self.registry.of_account(grant.account_id):
@@ -378,7 +391,7 @@ class Supervisor:
     async def _recover(self) -> None:
         """Sessions this node left unfinished (the previous supervisor died): their workers
         re-attach within the grace period; the others are finalised from their spools."""
-        rows = await self._db(ledger.unfinished_sessions, self.node)
+        rows = await anyio.to_thread.run_sync(ledger.unfinished_sessions, self.engine, self.node)
         if not rows:
             return
         log.warning("unfinished sessions found; waiting for their workers",
@@ -428,6 +441,10 @@ class Supervisor:
         with anyio.move_on_after(2):
             while len(self.registry):
                 await anyio.sleep(0.05)
+        with anyio.move_on_after(10):  # records of the last sessions, then exit
+            while self.finalizing:
+                await anyio.sleep(0.02)
+            await self.writer.idle()
         self.zygote_channel.close()
         await anyio.to_thread.run_sync(self.zygote.wait)
         self.settings.control_socket.unlink(missing_ok=True)

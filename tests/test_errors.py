@@ -192,3 +192,19 @@ def test_max_session_length(gateway_factory, tenant, worker_backend):
             return events[-1], ws.close_code, ws.close_reason
 
     assert_error(run(go()), "session_expired")
+
+
+def test_a_request_head_that_never_completes_is_cut_off(gateway_factory):
+    import time
+
+    gw = gateway_factory(MESHRT_HEADER_TIMEOUT_S="1")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: a\r\n")  # and nothing more
+        began = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - began < 5
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:  # complete heads are unaffected
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")

@@ -169,3 +169,31 @@ def test_fragmented_usage_is_billed_before_its_last_fragment():
     first, rest = server_frame(Opcode.TEXT, body[:20], fin=False), server_frame(Opcode.CONT, body[20:])
     assert [t for t, _ in r.from_upstream(first)] == [Target.CLIENT]
     assert [t for t, _ in r.from_upstream(rest)] == [Target.BILL, Target.CLIENT]
+
+
+def test_nothing_from_the_client_goes_upstream_after_its_close():
+    r = relay()
+    r.from_upstream(server_frame(Opcode.CLOSE, close_payload(1000)))
+    close = client_frame(Opcode.CLOSE, close_payload(1000))
+    first = r.from_client(close + client_frame(Opcode.TEXT, b"late"))
+    assert first == [(Target.UPSTREAM, close)]
+    assert r.from_client(client_frame(Opcode.CLOSE, close_payload(1000))) == []
+
+
+def test_a_client_violation_after_the_close_sends_no_second_close_to_the_client():
+    r = relay()
+    first = r.upstream_vanished()
+    assert sum(1 for t, p in first if t is Target.CLIENT and p[:1] == b"\x88") == 1
+    assert [t for t, _ in r.from_client(b"\x00\x00")] == []  # unmasked junk: 1002 would be a 2nd close
+
+
+def test_frames_before_a_violation_in_the_same_read_are_still_relayed_and_billed():
+    r = relay()
+    bad = b"\x80\x00"  # continuation frame with no message started: 1002
+    actions = r.from_upstream(done(9) + bad)
+    targets = [t for t, _ in actions]
+    assert targets[:2] == [Target.BILL, Target.CLIENT] and actions[1][1] == done(9)
+    assert r.outcome.end_reason == "upstream_error"
+    ok = client_frame(Opcode.TEXT, b"{}")
+    actions = relay().from_client(ok + server_frame(Opcode.TEXT, b"{}"))
+    assert actions[0] == (Target.UPSTREAM, ok)

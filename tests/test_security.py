@@ -21,33 +21,40 @@ from realtime_client import connect_ws, recv_json, run
 SECRET_VARS = ("OPENAI_API_KEY", "MESHRT_DATABASE_URL", "MESHRT_ADMIN_TOKEN")
 
 
-def _processes(gateway):
-    procs = {"frontdoor": None, "zygote": None, "workers": []}
+def _processes(gateway, worker_pid: int) -> dict:
+    procs = {"frontdoor": None, "zygote": None, "worker": None}
     for child in gateway.children():
         cmd = " ".join(child.cmdline())
         if "meshrt.supervisor.frontdoor" in cmd:
             procs["frontdoor"] = child
-        elif "meshrt.worker.zygote" in cmd:
-            if child.ppid() == gateway.proc.pid:
-                procs["zygote"] = child
-            else:
-                procs["workers"].append(child)
+        elif "meshrt.worker.zygote" in cmd and child.ppid() == gateway.proc.pid:
+            procs["zygote"] = child
+        elif child.pid == worker_pid:
+            procs["worker"] = child
     return procs
 
 
-def test_zygote_and_workers_hold_no_secret_and_no_database(gateway_factory, tenant, database_url):
+def _session_pid(engine, request_id: str) -> int | None:
+    with Session(engine) as db:
+        row = db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
+        return row.pid if row is not None and row.state == "live" else None
+
+
+def test_zygote_and_workers_hold_no_secret_and_no_database(gateway_factory, tenant, engine):
     gw = gateway_factory(MESHRT_ADMIN_TOKEN="admin-secret-token")
 
     async def go():
         async with connect_ws(gw.ws_url, key=tenant.key) as ws:
             await recv_json(ws)
-            procs = wait_for(lambda: (p := _processes(gw))["workers"] and p, 10, 0.05, "a worker")
+            request_id = ws.response.headers["x-request-id"]
+            pid = wait_for(lambda: _session_pid(engine, request_id), 10, 0.05, "the session's worker")
+            procs = _processes(gw, pid)
             checks = {}
-            for role, proc in (("zygote", procs["zygote"]), ("worker", procs["workers"][0]),
+            for role, proc in (("zygote", procs["zygote"]), ("worker", procs["worker"]),
                                ("frontdoor", procs["frontdoor"])):
                 checks[role] = (proc.environ(), [f.path for f in proc.open_files()],
                                 [c.raddr for c in proc.net_connections(kind="inet") if c.raddr])
-            worker = procs["workers"][0]
+            worker = procs["worker"]
             limits = worker.rlimit(psutil.RLIMIT_NOFILE), worker.rlimit(psutil.RLIMIT_AS)
             return checks, limits
 

@@ -23,6 +23,8 @@ class ProtocolViolation(Exception):
         super().__init__(reason)
         self.close_code = close_code
         self.reason = reason
+        self.chunk: bytes = b""
+        self.frames: list = []  # the complete, valid frames scanned before the violation
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,12 +67,18 @@ class FrameScanner:
         chunk = self._pending + data if self._pending else data
         frames: list[RawFrame] = []
         pos, size = 0, len(chunk)
-        while True:
-            frame = self._scan_one(chunk, pos, size)
-            if frame is None:
-                break
-            frames.append(frame)
-            pos = frame.end
+        try:
+            while True:
+                frame = self._scan_one(chunk, pos, size)
+                if frame is None:
+                    break
+                frames.append(frame)
+                pos = frame.end
+        except ProtocolViolation as violation:
+            # the frames before the bad one are good: the caller still relays (and bills) them
+            violation.chunk, violation.frames = chunk, frames
+            self._pending = b""
+            raise
         self._pending = chunk[pos:] if pos < size else b""
         return chunk, frames
 

@@ -30,7 +30,31 @@ class SessionMeter:
         return self.totals.total_tokens
 
 
+class GrantPriceTable:
+    """The rates a grant carries, parsed when first asked for: a session that never announces a
+    transcription model never pays for parsing those snapshots on its set-up path."""
+
+    def __init__(self, rates: dict):
+        self._snapshots = rates.get("transcription", {})
+        self.model = ModelRates.from_snapshot(rates["model"])
+        self.effective_date = rates.get("effective_date", self.model.effective_date)
+        self._parsed: dict[str, ModelRates | None] = {self.model.model: self.model}
+
+    def get(self, name: object) -> ModelRates | None:
+        if not isinstance(name, str):
+            return None
+        if name not in self._parsed:
+            snapshot = self._snapshots.get(name)
+            self._parsed[name] = ModelRates.from_snapshot(snapshot) if snapshot is not None else None
+        return self._parsed[name]
+
+    def transcription(self, name: object) -> ModelRates | None:
+        rates = self.get(name)
+        return rates if rates is not None and rates.kind == "transcription" else None
+
+
 def price_table_from_grant(rates: dict) -> tuple[ModelRates, PriceTable]:
+    """A complete PriceTable from a grant's snapshots (for tools; sessions use GrantPriceTable)."""
     model = ModelRates.from_snapshot(rates["model"])
     entries = [(model, ())]
     for name, snapshot in rates.get("transcription", {}).items():
@@ -41,5 +65,5 @@ def price_table_from_grant(rates: dict) -> tuple[ModelRates, PriceTable]:
 
 def build_meter(grant):
     """Return (meter, may_carry_usage) for the relay of this grant."""
-    model, table = price_table_from_grant(grant.rates)
-    return SessionMeter(Meter(model, table)), may_carry_usage
+    table = GrantPriceTable(grant.rates)
+    return SessionMeter(Meter(table.model, table)), may_carry_usage

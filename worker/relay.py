@@ -98,7 +98,10 @@ class Relay:
         try:
             chunk, frames = self._client.feed(data)
         except ProtocolViolation as violation:
-            return self._client_violation(violation)
+            return self._client_frames(violation.chunk, violation.frames) + self._client_violation(violation)
+        return self._client_frames(chunk, frames)
+
+    def _client_frames(self, chunk: bytes, frames: list[RawFrame]) -> list[Action]:
         actions: list[Action] = []
         span = None  # (start, end) of frames forwarded together
         for frame in frames:
@@ -109,12 +112,14 @@ class Relay:
                 continue
             if frame.opcode <= wsf.OP_BINARY:
                 self.client_active = True
-            if self.phase is Phase.OPEN or self.phase is Phase.UPSTREAM_CLOSING:
+            if not self.client_close_seen and self.phase in (Phase.OPEN, Phase.UPSTREAM_CLOSING):
                 span = (span[0] if span else frame.start, frame.end)
         _flush(actions, Target.UPSTREAM, chunk, span)
         return actions
 
     def _client_close(self, raw: bytes, body: bytes) -> list[Action]:
+        if self.client_close_seen:
+            return []  # a second close: RFC 6455 allows one; nothing more goes upstream
         self.client_close_seen = True
         code = _close_code(body)
         if self.phase is Phase.OPEN:
@@ -128,6 +133,9 @@ class Relay:
         return []  # GATEWAY_CLOSING: the client's reply to our close
 
     def _client_violation(self, violation: ProtocolViolation) -> list[Action]:
+        if self.phase is not Phase.OPEN or self._close_sent_to_client:
+            self.client_gone = True  # already closing: no second close toward the client
+            return self._close_upstream_after_drain(wsf.client_close_frame(1001, "client error"))
         if violation.close_code == 1009:
             actions = self.end("message_too_large")
             self.client_gone = True  # the stream can't be resynchronised: read no more of it
@@ -187,7 +195,10 @@ class Relay:
         try:
             chunk, frames = self._upstream.feed(data)
         except ProtocolViolation as violation:
-            return self._upstream_violation(violation)
+            return self._upstream_frames(violation.chunk, violation.frames) + self._upstream_violation(violation)
+        return self._upstream_frames(chunk, frames)
+
+    def _upstream_frames(self, chunk: bytes, frames: list[RawFrame]) -> list[Action]:
         actions: list[Action] = []
         span = None
         deliver = not self._close_sent_to_client and not self.client_gone

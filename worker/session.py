@@ -54,7 +54,9 @@ class WorkerSession:
         self._client_lock = anyio.Lock()
         self._upstream_lock = anyio.Lock()
         self._closing_started = False
+        self._sending = 0  # writes in progress; the session is not torn down under one
         self._last_activity = time.monotonic()
+        self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
 
     # --- entry --------------------------------------------------------------------------
 
@@ -75,6 +77,7 @@ class WorkerSession:
                     self.client_sock.close()
 
     async def _run(self) -> None:
+        self.setup["loop_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
         self.client_sock.setblocking(False)
         self.channel.setblocking(False)
         protocol, request = parse_request_bytes(self.request)
@@ -98,9 +101,9 @@ class WorkerSession:
             return
         self.upgraded = True
         await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
-        self.log.info("session live", fields={
-            "upstream_ms": round((time.monotonic() - began) * 1000, 2),
-            "since_grant_ms": round((time.time() - self.grant.started_at) * 1000, 2)})
+        self.setup["upstream_ms"] = round((time.monotonic() - began) * 1000, 2)
+        self.setup["since_grant_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
+        self.log.info("session live", fields=self.setup)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if upstream.leftover:
@@ -150,18 +153,22 @@ class WorkerSession:
                 await self._send(self._client, self._client_lock, payload, self.relay.client_vanished)
             else:
                 await self._send(self._upstream, self._upstream_lock, payload, self.relay.upstream_vanished)
-        if self.relay.finished:
+        if self.relay.finished and self._sending == 0:  # a close still being written must land
             self._tg.cancel_scope.cancel()
         elif self.relay.phase is not Phase.OPEN and not self._closing_started:
             self._closing_started = True
             self._tg.start_soon(self._closing_deadline)
 
     async def _send(self, stream: ByteStream, lock: anyio.Lock, data: bytes, vanished) -> None:
+        self._sending += 1
         try:
             async with lock:
                 await stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self._sending -= 1
             await self._execute(vanished())
+        else:
+            self._sending -= 1
 
     async def _bill(self, increment) -> None:
         """Spool, then report: the increment is durable before its frame is delivered."""
@@ -251,12 +258,16 @@ def run(grant: Grant, request: bytes, client_fd: int, channel_fd: int, spool_fd:
     """Run one session to its end in this process; returns the exit code."""
     from .metering import build_meter
 
+    forked_at = time.time()
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
     session = WorkerSession(grant, request, client, channel, spool_fd, meter, may_carry_usage)
+    session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
+    session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:
-        anyio.run(session.run, backend=grant.backend)
+        backend, options = ("asyncio", {"use_uvloop": True}) if grant.backend == "uvloop" else (grant.backend, {})
+        anyio.run(session.run, backend=backend, backend_options=options)
     finally:
         session.channel.close()
         os.close(spool_fd)

@@ -4,6 +4,7 @@ It is started by the supervisor with a scrubbed environment before any database 
 secret exists, and pre-imports everything a worker needs, so a fork costs ~ms and the child
 inherits no tenant data. Protocol on its channel (SOCK_SEQPACKET): Spawn in (fds: client
 socket, worker channel, spool file) → Spawned out; every reaped child → WorkerExited out.
+With `--warm N` it keeps N idle workers forked ahead, each waiting on its own socket for a Spawn.
 
 Post-fork checklist in the child: default signal handlers, SIGINT ignored (the supervisor
 decides when sessions end), the zygote's channel closed, resource limits applied; the child
@@ -20,6 +21,8 @@ import signal
 import socket
 import sys
 
+from meshrt.shared import control
+
 
 def _preimport() -> None:
     import anyio  # noqa: F401
@@ -27,9 +30,10 @@ def _preimport() -> None:
     import anyio._backends._trio  # noqa: F401
     import trio  # noqa: F401
 
-    from meshrt.worker import metering, session, upstream  # noqa: F401
+    from meshrt.worker import metering, session, upstream, warmup  # noqa: F401
 
     upstream.tls_context()
+    warmup.warm_up()
 
 
 WORKER_MAX_FDS = 64  # a session needs ~10: client, upstream, channel, spool, event loop, pipes
@@ -42,15 +46,10 @@ def _limit_resources(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_MAX_FDS, WORKER_MAX_FDS))
 
 
-def _child(spawn, fds: list[int], channel: socket.socket, wakeup_r: int) -> None:
+def _run_session(spawn, fds: list[int]) -> None:
+    """The worker's whole life after the fork; never returns into the zygote's code."""
     code = 70
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        channel.close()
-        os.close(wakeup_r)
         _limit_resources(spawn.grant.memory_limit_mb)
         from meshrt.worker.session import run
 
@@ -64,76 +63,135 @@ def _child(spawn, fds: list[int], channel: socket.socket, wakeup_r: int) -> None
         os._exit(code)
 
 
-def _reap(channel: socket.socket) -> None:
-    from meshrt.shared import control
+class Zygote:
+    """Forks workers, keeping `warm` idle ones forked ahead: a session then starts in a process
+    that already exists (its fork and first page faults paid off the set-up path)."""
 
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        exit_code = os.waitstatus_to_exitcode(status)
-        message = control.WorkerExited(pid, exit_code if exit_code >= 0 else None,
-                                       -exit_code if exit_code < 0 else None)
-        try:
-            control.send(channel, message)
-        except OSError:
-            pass
+    def __init__(self, channel: socket.socket, warm: int):
+        self.channel = channel
+        self.warm = warm
+        self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
+    def _post_fork(self) -> None:
+        """In a new child: default signals, and none of the zygote's descriptors."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when sessions end
+        self.channel.close()
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        for sock in self.idle.values():
+            sock.close()
 
-def serve(channel: socket.socket) -> int:
-    from meshrt.shared import control
-
-    wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wakeup_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: None)  # the supervisor closes our channel to stop us
-    control.send(channel, control.ZygoteReady(os.getpid()))
-    while True:
-        readable, _, _ = select.select([channel, wakeup_r], [], [])
-        if wakeup_r in readable:
-            while True:
-                try:
-                    if not os.read(wakeup_r, 4096):
-                        break
-                except BlockingIOError:
-                    break
-            _reap(channel)
-        if channel not in readable:
-            continue
-        try:
-            spawn, fds = control.recv(channel)
-        except EOFError:
-            return 0  # the supervisor is gone; running workers go on and finish their sessions
-        except control.ControlError as exc:
-            print(f"zygote: {exc}", file=sys.stderr)
-            continue
-        if not isinstance(spawn, control.Spawn) or len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            continue
+    def _fork_idle(self) -> None:
+        ours, theirs = control.seqpacket_pair()
         pid = os.fork()
         if pid == 0:
-            _child(spawn, fds, channel, wakeup_r)
+            ours.close()
+            self._post_fork()
+            try:
+                spawn, fds = control.recv(theirs)
+            except (EOFError, OSError, control.ControlError):
+                os._exit(0)  # the zygote is gone: nothing to do
+            theirs.close()
+            _run_session(spawn, fds)
+        theirs.close()
+        self.idle[pid] = ours
+
+    def _fork_session(self, spawn, fds: list[int]) -> int:
+        pid = os.fork()
+        if pid == 0:
+            self._post_fork()
+            _run_session(spawn, fds)
+        return pid
+
+    def _spawn(self, spawn, fds: list[int]) -> None:
+        pid = None
+        while self.idle and pid is None:
+            candidate, sock = self.idle.popitem()
+            try:
+                control.send(sock, spawn, fds)
+                pid = candidate
+            except OSError:
+                pass  # that idle worker died; try the next
+            finally:
+                sock.close()
+        if pid is None:
+            pid = self._fork_session(spawn, fds)
         for fd in fds:
             os.close(fd)
-        control.send(channel, control.Spawned(spawn.grant.session_id, pid))
+        control.send(self.channel, control.Spawned(spawn.grant.session_id, pid))
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            idle = self.idle.pop(pid, None)
+            if idle is not None:
+                idle.close()
+            exit_code = os.waitstatus_to_exitcode(status)
+            message = control.WorkerExited(pid, exit_code if exit_code >= 0 else None,
+                                           -exit_code if exit_code < 0 else None)
+            try:
+                control.send(self.channel, message)
+            except OSError:
+                pass
+
+    def _drain_wakeups(self) -> None:
+        while True:
+            try:
+                if not os.read(self.wakeup_r, 4096):
+                    return
+            except BlockingIOError:
+                return
+
+    def serve(self) -> int:
+        signal.set_wakeup_fd(self.wakeup_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: None)  # the supervisor closes our channel to stop us
+        control.send(self.channel, control.ZygoteReady(os.getpid()))
+        while True:
+            while len(self.idle) < self.warm:
+                self._fork_idle()
+            readable, _, _ = select.select([self.channel, self.wakeup_r], [], [])
+            if self.wakeup_r in readable:
+                self._drain_wakeups()
+                self._reap()
+            if self.channel not in readable:
+                continue
+            try:
+                spawn, fds = control.recv(self.channel)
+            except EOFError:
+                return 0  # the supervisor is gone; running workers finish their sessions
+            except control.ControlError as exc:
+                print(f"zygote: {exc}", file=sys.stderr)
+                continue
+            if not isinstance(spawn, control.Spawn) or len(fds) != 3:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self._spawn(spawn, fds)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshrt-zygote")
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--warm", type=int, default=0, help="idle workers kept forked ahead")
     args = parser.parse_args(argv)
     channel = socket.socket(fileno=args.channel_fd)
     from meshrt.shared import logs
 
     logs.configure("worker", args.log_level)
     _preimport()
-    return serve(channel)
+    return Zygote(channel, max(0, args.warm)).serve()
 
 
 if __name__ == "__main__":
