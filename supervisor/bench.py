@@ -171,14 +171,12 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    from importlib.metadata import version
-
     return {
         "cpu_model": model, "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "kernel": f"{platform.system()} {platform.release()}", "arch": platform.machine(),
-        "versions": {name: version(name) for name in ("websockets", "uvicorn", "anyio", "psutil")},
+        "versions": {name: _version(name) for name in ("websockets", "uvicorn", "anyio", "uvloop", "psutil")},
         "load_generator_loop": _loop_name(),
     }
 
@@ -225,6 +223,15 @@ def cpu_steal_pct(before, after) -> float | None:
         return None
     total = sum(after) - sum(before)
     return round(100 * (after.steal - before.steal) / total, 2) if total > 0 else None
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _loop_name() -> str:
