@@ -95,9 +95,6 @@ class Zygote:
         if pid == 0:
             ours.close()
             self._post_fork()
-            from meshrt.worker import warmup
-
-            warmup.warm_up()  # take this process's first-touch page faults now, not on a session's set-up
             try:
                 spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
