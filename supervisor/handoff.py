@@ -22,7 +22,7 @@ import anyio
 
 from meshrt.shared import control
 from meshrt.shared.control import Handoff, HandoffAck
-from meshrt.shared.errors import ERRORS, GatewayError, http_error_body
+from meshrt.shared.errors import GatewayError, http_error_body
 from meshrt.shared.handshake import (
     accept_bytes, error_frames, new_server_protocol, parse_request_bytes, parse_upgrade, redact,
     strip_credentials,

@@ -65,6 +65,24 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> in
 # --- database -----------------------------------------------------------------------------
 
 
+def session_record(engine, request_id: str):
+    from sqlmodel import Session, select
+
+    from meshrt.supervisor.db import SessionRecord
+
+    with Session(engine) as db:
+        return db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
+
+
+def ended_record(engine, request_id: str, timeout: float = 20):
+    """The session's final usage record, waiting (with a deadline) for the supervisor to write it."""
+    def ended():
+        row = session_record(engine, request_id)
+        return row if row is not None and row.state == "ended" else None
+
+    return wait_for(ended, timeout, 0.05, f"the record of {request_id}")
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory):
     base = os.environ.get(PG_ENV)

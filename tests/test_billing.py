@@ -15,10 +15,9 @@ import pytest
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
-from meshrt.supervisor import accounts
-from meshrt.supervisor.db import Account, LedgerEntry, SessionRecord
+from meshrt.supervisor.db import Account, LedgerEntry
 
-from conftest import wait_for
+from conftest import ended_record
 from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
 
 PER_1M = Decimal(1_000_000)
@@ -67,13 +66,6 @@ def balance(engine, account_id: str) -> Money:
         return Money(db.get(Account, account_id).balance_pico)
 
 
-def ended(engine, request_id: str) -> SessionRecord:
-    def find():
-        with Session(engine) as db:
-            row = db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
-            return row if row is not None and row.state == "ended" else None
-
-    return wait_for(find, 15, 0.05, f"record of {request_id}")
 
 
 async def converse(ws, transcription_model: str) -> tuple[list[dict], list[dict]]:
@@ -124,7 +116,7 @@ def test_record_and_balance_match_served_rates_to_the_picodollar(gateway_factory
     assert responses[0]["input_token_details"]["image_tokens"] > 0
     expected = sum(response_cost(u, served[model]["pricing"]) for u in responses)
     expected += sum(transcription_cost(u, served[transcription]["pricing"]) for u in transcriptions)
-    row = ended(engine, request_id)
+    row = ended_record(engine, request_id)
     assert Money.from_usd(expected.quantize(Decimal("1e-12"))) == Money(row.cost_pico)
     assert row.responses == 2
     assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in responses)
@@ -150,7 +142,7 @@ def test_client_that_vanishes_mid_response_is_billed_for_the_partial_response(ga
         ws.transport.abort()  # a tab closed: no close frame
         return request_id
 
-    row = ended(engine, run(go()))
+    row = ended_record(engine, run(go()))
     assert row.end_reason == "client_closed" and row.close_code == 1006
     assert row.responses == 1 and row.cost_pico > 0
     assert 0 < row.usage["output_tokens"] < 60  # 3 s would be 60 audio tokens: it was cut short
@@ -175,7 +167,7 @@ def test_token_cap_ends_the_session_after_delivering_the_crossing_response(gatew
     assert "response.done" in types and types[-1] == "error"
     assert types.index("response.done") < len(types) - 1
     assert events[-1]["error"]["code"] == "session_token_cap_exceeded" and code == 1008
-    row = ended(engine, request_id)
+    row = ended_record(engine, request_id)
     assert row.end_reason == "session_token_cap_exceeded" and row.usage["total_tokens"] >= 30
 
 
@@ -210,7 +202,7 @@ def test_concurrent_sessions_of_one_account_drain_a_small_balance_exactly(gatewa
         return await asyncio.gather(*(session(i) for i in range(20)))
 
     results = run(all_sessions(), 120)
-    rows = [ended(engine, request_id) for _, request_id, admitted in results if admitted]
+    rows = [ended_record(engine, request_id) for _, request_id, admitted in results if admitted]
     for (code, _, _), row in zip([x for x in results if x[2]], rows):
         assert (code, row.end_reason, row.close_code) == ("insufficient_quota", "insufficient_quota", 1008)
     assert {code for code, _, _ in results} == {"insufficient_quota"}
@@ -235,7 +227,7 @@ def test_usage_api_filters_and_paginates(gateway, tenant, engine):
             return ws.response.headers["x-request-id"]
 
     ids = [run(one(m)) for m in ("gpt-realtime", "gpt-realtime-mini", "gpt-realtime")]
-    rows = [ended(engine, r) for r in ids]
+    rows = [ended_record(engine, r) for r in ids]
     auth = {"Authorization": f"Bearer {tenant.key}"}
     page = httpx.get(f"{gateway.http_url}/v1/usage?limit=2", headers=auth).json()
     assert [r["id"] for r in page["data"]] == [rows[2].id, rows[1].id] and page["has_more"]

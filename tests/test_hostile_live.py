@@ -28,7 +28,7 @@ from meshrt.supervisor import accounts
 from meshrt.supervisor.db import SessionRecord
 from meshrt.worker.frames import FrameScanner, payload
 
-from conftest import Tenant, _stop, start_gateway, wait_for
+from conftest import Tenant, _stop, ended_record, start_gateway, wait_for
 
 MAX_MESSAGE = 65536
 DEADLINE_S = 10.0  # generous: the answers come in milliseconds, but CI machines get loaded
@@ -248,13 +248,6 @@ def records_of(engine, account_id: str) -> list[SessionRecord]:
         return list(db.exec(select(SessionRecord).where(SessionRecord.account_id == account_id)).all())
 
 
-def ended_record(engine, request_id: str) -> SessionRecord:
-    def ended():
-        with Session(engine) as db:
-            row = db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
-        return row if row is not None and row.state == "ended" else None
-
-    return wait_for(ended, 15, 0.05, f"the record of {request_id}")
 
 
 # --- the request line and headers ---------------------------------------------------------

@@ -3,7 +3,6 @@ that comes back, sessions ending while nobody supervises — no usage lost, none
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -13,17 +12,10 @@ from sqlmodel import Session, select
 from meshrt.shared.money import Money
 from meshrt.supervisor.db import Account, SessionRecord
 
-from conftest import wait_for
+from conftest import ended_record, wait_for
 from realtime_client import connect_ws, expect_closed, recv_json, recv_until, run
 
 
-def ended(engine, request_id: str, timeout: float = 20) -> SessionRecord:
-    def find():
-        with Session(engine) as db:
-            row = db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
-            return row if row is not None and row.state == "ended" else None
-
-    return wait_for(find, timeout, 0.05, f"record of {request_id}")
 
 
 def live_pid(engine, request_id: str) -> int:
@@ -59,7 +51,7 @@ def test_killed_worker_is_billed_for_everything_it_spooled(gateway, tenant, engi
             return usages, request_id
 
     usages, request_id = run(go())
-    row = ended(engine, request_id)
+    row = ended_record(engine, request_id)
     assert row.end_reason == "internal_error" and row.responses == 2
     assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)
     assert start - balance(engine, tenant.account_id) == Money(row.cost_pico) and row.cost_pico > 0
@@ -91,7 +83,7 @@ def test_supervisor_killed_and_restarted_loses_and_doubles_nothing(gateway_facto
     sessions, second = run(go(), 90)
     total = Money(0)
     for request_id, usages in sessions:
-        row = ended(engine, request_id)
+        row = ended_record(engine, request_id)
         assert row.end_reason == "client_closed" and row.responses == 3
         assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)
         total += Money(row.cost_pico)
@@ -114,6 +106,6 @@ def test_session_that_ends_while_unsupervised_keeps_its_end_and_usage(gateway_fa
 
     request_id, usages = run(go(), 60)
     gateway_factory(state=first.state_dir)
-    row = ended(engine, request_id, 30)
+    row = ended_record(engine, request_id, 30)
     assert row.end_reason == "client_closed" and row.close_code == 1000 and row.responses == 2
     assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import stat
 
 import psutil
@@ -15,7 +14,7 @@ from sqlmodel import Session, select
 
 from meshrt.supervisor.db import SessionRecord
 
-from conftest import OPERATOR_KEY, wait_for
+from conftest import OPERATOR_KEY, ended_record, wait_for
 from realtime_client import connect_ws, recv_json, run
 
 SECRET_VARS = ("OPENAI_API_KEY", "MESHRT_DATABASE_URL", "MESHRT_ADMIN_TOKEN")
@@ -100,6 +99,7 @@ def test_keys_are_stored_hashed_and_query_keys_are_redacted_everywhere(gateway, 
             return ws.response.headers["x-request-id"]
 
     request_id = run(go())
+    assert ended_record(engine, request_id).end_reason == "client_closed"
     wait_for(lambda: "session finalised" in gateway.log_text(), 10)
     log = gateway.log_text()
     assert tenant.key not in log

@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from meshrt.supervisor.db import SessionRecord
 
-from conftest import OPERATOR_KEY, wait_for
+from conftest import OPERATOR_KEY, ended_record, wait_for
 from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
 
 
@@ -37,12 +37,6 @@ def record(engine, session_id: str | None = None, request_id: str | None = None)
         return db.exec(query).first()
 
 
-def ended_record(engine, request_id: str) -> SessionRecord:
-    def ended():
-        row = record(engine, request_id=request_id)
-        return row if row is not None and row.state == "ended" else None
-
-    return wait_for(ended, 15, 0.05, f"the record of {request_id}")
 
 
 def test_sdk_conversation_is_relayed_byte_for_byte(gateway, sim, tenant, engine):
