@@ -7,7 +7,7 @@ change during the session cannot change its bill.
 
 from __future__ import annotations
 
-from meshrt.shared.pricing import ModelRates, PriceTable
+from meshrt.shared.pricing import ModelRates
 
 from .meter import Increment, Meter, UsageTotals, may_carry_usage
 
@@ -51,16 +51,6 @@ class GrantPriceTable:
     def transcription(self, name: object) -> ModelRates | None:
         rates = self.get(name)
         return rates if rates is not None and rates.kind == "transcription" else None
-
-
-def price_table_from_grant(rates: dict) -> tuple[ModelRates, PriceTable]:
-    """A complete PriceTable from a grant's snapshots (for tools; sessions use GrantPriceTable)."""
-    model = ModelRates.from_snapshot(rates["model"])
-    entries = [(model, ())]
-    for name, snapshot in rates.get("transcription", {}).items():
-        if name != model.model:
-            entries.append((ModelRates.from_snapshot(snapshot), ()))
-    return model, PriceTable(rates.get("effective_date", model.effective_date), entries, source="grant")
 
 
 def build_meter(grant):

@@ -45,7 +45,7 @@ def _handshakes() -> None:
 def _relay_and_meter() -> None:
     from meshrt.shared.pricing import load_price_table
     from meshrt.worker import frames
-    from meshrt.worker.metering import SessionMeter, price_table_from_grant
+    from meshrt.worker.metering import GrantPriceTable, SessionMeter
     from meshrt.worker.meter import Meter, may_carry_usage
     from meshrt.worker.relay import Relay
 
@@ -53,8 +53,9 @@ def _relay_and_meter() -> None:
     model = table.realtime("gpt-realtime")
     rates = {"effective_date": table.effective_date, "model": model.snapshot(),
              "transcription": {m.model: m.snapshot() for m in table.models if m.kind == "transcription"}}
-    rates_model, grant_table = price_table_from_grant(rates)
-    meter = SessionMeter(Meter(rates_model, grant_table))
+    grant_table = GrantPriceTable(rates)  # what build_meter builds for a session
+    grant_table.transcription("gpt-4o-transcribe")
+    meter = SessionMeter(Meter(grant_table.model, grant_table))
     relay = Relay("req_warmup", 1_000_000, 1 << 20, meter=meter, may_carry_usage=may_carry_usage)
     usage = {"total_tokens": 2, "input_tokens": 1, "output_tokens": 1,
              "input_token_details": {"text_tokens": 1, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 0,
