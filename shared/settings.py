@@ -221,5 +221,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def scrubbed_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """An environment with no secret and no MESHRT_* setting: what the zygote starts with."""
     env = os.environ if environ is None else environ
-    keep = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "HOME")
+    # SSL_CERT_FILE/SSL_CERT_DIR: which CAs the workers trust for the upstream's TLS (public)
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "HOME",
+            "SSL_CERT_FILE", "SSL_CERT_DIR")
     return {k: env[k] for k in keep if k in env}

@@ -756,8 +756,8 @@ class Stack:
         self.settings, self.plan = settings, plan
         self.tmp = Path(tempfile.mkdtemp(prefix="meshrt-bench-"))
         self.operator_key = "sk-bench-" + secrets.token_hex(16)
-        self.sim = self.gw = None
-        self.direct = self.gateway = None
+        self.sim = self.gw = self.floor_relay = None
+        self.direct = self.gateway = self.floor = None
 
     def start(self) -> "Stack":
         self.sim = subprocess.Popen(
@@ -765,6 +765,11 @@ class Stack:
             stdout=subprocess.PIPE, stderr=open(self.tmp / "sim.err", "ab"), text=True, stdin=subprocess.DEVNULL)
         sim_port = int(_read_line(self.sim, r"listening on ws://[^:]+:(\d+)", 20, "the simulator").group(1))
         self.direct = Target("direct", sim_port, self.operator_key)
+        self.floor_relay = subprocess.Popen(
+            [sys.executable, "-m", "meshrt.supervisor.bench_floor", "--upstream-port", str(sim_port)],
+            stdout=subprocess.PIPE, stderr=open(self.tmp / "floor.err", "ab"), text=True, stdin=subprocess.DEVNULL)
+        floor_port = int(_read_line(self.floor_relay, r"listening on (\d+)", 20, "the floor relay").group(1))
+        self.floor = Target("floor", floor_port, self.operator_key)
         db_url = f"sqlite:///{self.tmp / 'meshrt.db'}"
         key = self._tenant_key(db_url)
         self.gw = subprocess.Popen(
@@ -873,6 +878,7 @@ class Stack:
 
     def stop(self, keep: bool = False) -> None:
         _stop_process(self.gw)
+        _stop_process(self.floor_relay)
         _stop_process(self.sim)
         if not keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -996,26 +1002,32 @@ def measure_rtt(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     """Added round-trip latency through a session vs direct, echo mode, 1 KB and 32 KB events.
 
     One connection to each path stays open; each round times one echo on both, in alternating
-    order (pairs interleaved, so drift cancels). Percentiles in µs; added = gateway − direct."""
+    order (pairs interleaved, so drift cancels). Percentiles in µs; added = gateway − direct.
+    A third connection goes through a byte-copying uvloop relay (bench_floor.py), timed in the
+    same rounds: its added time is the floor for any Python relay on this machine."""
     cases = (("small_1k", text_event(1024), plan.rtt_small), ("large_32k", append_event(size=32768), plan.rtt_large))
     out = {}
-    with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway:
+    with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway, \
+            Conn(stack.floor, "sim_echo=1") as floor:
         watched = stack.wait_live(1)[:1] + [psutil.Process(stack.sim.pid)]
         for name, payload, pairs in cases:
             frame = client_frame(payload)
             for _ in range(plan.warmup):
                 direct.roundtrip_ns(frame, len(payload))
                 gateway.roundtrip_ns(frame, len(payload))
-            times = {"direct": [], "gateway": []}
+                floor.roundtrip_ns(frame, len(payload))
+            times = {"direct": [], "gateway": [], "floor": []}
             with profiler.record(f"rtt-{name}-worker", watched[:-1]):
                 cpu0 = cpu_seconds(watched)
                 for i in range(pairs):
                     for conn, key in alternate(i, (direct, "direct"), (gateway, "gateway")):
                         times[key].append(conn.roundtrip_ns(frame, len(payload)) / 1000)
+                    times["floor"].append(floor.roundtrip_ns(frame, len(payload)) / 1000)
                 cpu1 = cpu_seconds(watched)
             worker_pid, sim_pid = (watched[0].pid if len(watched) == 2 else None), stack.sim.pid
             out[name] = {"bytes": len(payload), "pairs": pairs, "unit": "us",
                          **compare(times["direct"], times["gateway"]),
+                         "floor_added": compare(times["direct"], times["floor"])["added"],
                          # CPU behind the numbers: the gateway worker per round trip (two frames
                          # relayed), the simulator per echo (both paths use it)
                          "worker_cpu_us_per_roundtrip": _per(cpu1, cpu0, worker_pid, pairs),
@@ -1195,7 +1207,8 @@ def measure_capacity(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     stopped = "cap reached"
     started = time.monotonic()
     try:
-        with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway:
+        with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway, \
+            Conn(stack.floor, "sim_echo=1") as floor:
             probe(direct, gateway, 0.3)  # warm-up
             loadgen.stream(True)
             fails = 0
@@ -1336,6 +1349,8 @@ def _render_rtt(r: dict) -> list[str]:
     for name, label in (("small_1k", "1 KB text event"), ("large_32k", "32 KB audio append")):
         case = r[name]
         lines += _comparison(f"{label}, {case['pairs']} interleaved pairs", case, "µs")
+        if "floor_added" in case:
+            lines.append(_row("  floor: byte-copying uvloop relay, added", case["floor_added"]))
         lines.append(f"     CPU: gateway worker {case['worker_cpu_us_per_roundtrip']} µs per round trip; "
                      f"simulator {case['sim_cpu_us_per_echo']} µs per echo")
     return lines

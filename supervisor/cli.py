@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--api-key", default=None)
     sim.add_argument("--pace", action="store_true")
     sim.add_argument("--frame-log-dir", default=None)
+    sim.add_argument("--tls-cert", default=None, help="serve wss:// with this PEM certificate")
+    sim.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
 
     dbp = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     dbp.add_parser("upgrade", help="create / migrate the schema")
@@ -139,6 +141,8 @@ def _dispatch(args, settings) -> int:
         argv += ["--api-key", args.api_key] if args.api_key else []
         argv += ["--pace"] if args.pace else []
         argv += ["--frame-log-dir", args.frame_log_dir] if args.frame_log_dir else []
+        argv += ["--tls-cert", args.tls_cert] if args.tls_cert else []
+        argv += ["--tls-key", args.tls_key] if args.tls_key else []
         return simulator.main(argv)
     if args.command == "serve":
         from .supervisor import serve

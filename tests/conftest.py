@@ -140,10 +140,11 @@ class Sim:
     proc: subprocess.Popen
     port: int
     log_dir: Path
+    scheme: str = "ws"
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+        return f"{self.scheme}://127.0.0.1:{self.port}/v1/realtime"
 
     def logs(self) -> list[Path]:
         return sorted(self.log_dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
@@ -156,8 +157,8 @@ def start_sim(tmp: Path, *extra: str) -> Sim:
         [sys.executable, "-m", "meshrt.worker.simulator", "--port", "0", "--api-key", OPERATOR_KEY,
          "--frame-log-dir", str(log_dir), *extra],
         stdout=subprocess.PIPE, stderr=open(tmp / "sim.err", "ab"), text=True)
-    match = _read_line_matching(proc, r"listening on ws://[^:]+:(\d+)", 20)
-    return Sim(proc, int(match.group(1)), log_dir)
+    match = _read_line_matching(proc, r"listening on (wss?)://[^:]+:(\d+)", 20)
+    return Sim(proc, int(match.group(2)), log_dir, match.group(1))
 
 
 @pytest.fixture(scope="module")

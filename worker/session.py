@@ -3,11 +3,16 @@
 Order of events: parse the (key-stripped) request → connect upstream with the operator's key →
 send the client its 101 (or the error frame and close) → tell the supervisor we're live →
 relay until both legs are closed → report the end → exit. The relay logic is in `relay.py`;
-this shell only moves bytes, keeps the clocks (idle, max length, drain) and the channel.
+this shell only moves bytes (`legs.py`), keeps the clocks (idle, max length, drain) and the
+channel. On asyncio the legs become uvloop transports and frames are relayed inside the loop's
+read callbacks; on trio (and for a TLS upstream) a task per leg reads. Both feed one synchronous
+path, so a relayed frame never waits on anything but the kernel.
 
 Ownership: the worker owns the client socket, its end of the control channel and the spool fd;
-all are closed when `run` returns. Every usage increment is written to the spool and sent to the
-supervisor before the frame carrying it is written to the client.
+all are closed when `run` returns. Every usage increment is written to the spool (durable) and
+handed to the supervisor's channel before the frame carrying it is written to the client; if the
+channel is momentarily full the increment waits in order in a backlog (the supervisor replays the
+spool at the session's end, so nothing is lost either way).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import json
 import os
 import socket
 import time
+from collections import deque
 
 import anyio
-from anyio.abc import ByteStream, SocketStream
+import sniffio
 
 from meshrt.shared import control
 from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerEnded, WorkerLive
@@ -29,6 +35,7 @@ from meshrt.shared.handshake import (
 )
 from meshrt.shared.logs import session_log
 
+from .legs import Leg, TransportLeg
 from .relay import Phase, Relay, Target
 from .upstream import connect_upstream, upstream_url
 
@@ -49,12 +56,12 @@ class WorkerSession:
         self.relay = Relay(grant.request_id, grant.token_cap, grant.max_message_bytes, meter=meter,
                            **({"may_carry_usage": may_carry_usage} if may_carry_usage else {}))
         self.upgraded = False
-        self._client: SocketStream | None = None
-        self._upstream: ByteStream | None = None
-        self._client_lock = anyio.Lock()
-        self._upstream_lock = anyio.Lock()
-        self._closing_started = False
-        self._sending = 0  # writes in progress; the session is not torn down under one
+        self._client: Leg | TransportLeg | None = None
+        self._upstream: Leg | TransportLeg | None = None
+        self._finished = anyio.Event()  # both legs closed (or the closing deadline passed)
+        self._closing = anyio.Event()  # the relay left Phase.OPEN: the closing deadline runs
+        self._channel_backlog: deque[UsageIncrement] = deque()  # increments the channel would not take yet
+        self._channel_ready = anyio.Event()
         self._last_activity = time.monotonic()
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
 
@@ -70,19 +77,14 @@ class WorkerSession:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._report_end()
-                for closeable in (self._client, self._upstream):
-                    if closeable is not None:
-                        await anyio.aclose_forcefully(closeable)
-                if self._client is None:
-                    self.client_sock.close()
+                await self._close_legs()
 
     async def _run(self) -> None:
         self.setup["loop_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
-        self.client_sock.setblocking(False)
         self.channel.setblocking(False)
         protocol, request = parse_request_bytes(self.request)
         upgrade = parse_upgrade(request)
-        self._client = await SocketStream.from_socket(self.client_sock)  # takes ownership
+        self._client = Leg(self.client_sock)
         url = upstream_url(self.grant.upstream_url, upstream_query(upgrade))
         began = time.monotonic()
         try:
@@ -105,13 +107,19 @@ class WorkerSession:
         self.setup["since_grant_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
         self.log.info("session live", fields=self.setup)
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            if upstream.leftover:
-                await self._execute(self.relay.from_upstream(upstream.leftover))
-            tg.start_soon(self._pump, self._client, self.relay.from_client, self.relay.client_vanished, True)
-            tg.start_soon(self._pump, self._upstream, self.relay.from_upstream, self.relay.upstream_vanished, False)
             tg.start_soon(self._watch_channel)
             tg.start_soon(self._watch_clocks)
+            tg.start_soon(self._watch_closing)
+            tg.start_soon(self._flush_channel_backlog)
+            if sniffio.current_async_library() == "asyncio" and type(self._upstream) is Leg:
+                await self._relay_on_transports(upstream.leftover)
+            else:
+                await self._relay_with_pumps(tg, upstream.leftover)
+            await self._finished.wait()
+            with anyio.move_on_after(CLOSE_TIMEOUT_S):  # what is still being written must land
+                await self._client.drain()
+                await self._upstream.drain()
+            tg.cancel_scope.cancel()
 
     async def _refuse(self, protocol, request, error: GatewayError) -> None:
         """Accept the client's upgrade only to deliver the error frame and close (SPEC §5)."""
@@ -125,71 +133,142 @@ class WorkerSession:
             with anyio.move_on_after(CLOSE_TIMEOUT_S):
                 while await self._client.receive():  # until the client's close reply / EOF
                     pass
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        except OSError:
             pass
 
-    # --- relay --------------------------------------------------------------------------
+    async def _close_legs(self) -> None:
+        for leg in (self._upstream, self._client):
+            if leg is not None:
+                leg.close()
+        if self._client is None:
+            self.client_sock.close()
+        with anyio.move_on_after(CLOSE_TIMEOUT_S):  # a transport flushes its buffer, then closes
+            for leg in (self._upstream, self._client):
+                if leg is not None:
+                    await leg.closed()
 
-    async def _pump(self, stream: ByteStream, feed, vanished, from_client: bool) -> None:
-        while True:
+    # --- relay: the I/O shells around the sans-I/O Relay ----------------------------------
+    # Both shells feed the same synchronous path: bytes in → relay actions → writes that never
+    # wait. They differ in how bytes arrive and how backpressure is applied.
+
+    async def _relay_on_transports(self, leftover: bytes) -> None:
+        """asyncio (uvloop): both legs become transports; bytes arrive by callback, so a relayed
+        frame wakes no task. Backpressure: a leg whose buffer is full pauses the other's reading."""
+        self._client = await TransportLeg.adopt(self.client_sock, self._guarded(self._from_client),
+                                                self._guarded(self._client_lost))
+        if leftover:  # before upstream's transport can deliver anything newer
+            self._from_upstream(leftover)
+        self._upstream = await TransportLeg.adopt(self._upstream.sock, self._guarded(self._from_upstream),
+                                                  self._guarded(self._upstream_lost))
+        self._client.peer, self._upstream.peer = self._upstream, self._client
+
+    def _guarded(self, handler):
+        """A failure inside a loop callback ends the session as internal_error, not silently."""
+        def call(*args):
             try:
-                data = await stream.receive(262144)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await self._execute(vanished())
-                return
-            actions = feed(data)
-            if from_client and self.relay.client_active:
-                self.relay.client_active = False
-                self._last_activity = time.monotonic()
-            await self._execute(actions)
-            if (self.relay.client_gone if from_client else self.relay.upstream_gone):
-                return
+                handler(*args)
+            except Exception:
+                self.log.exception("worker failed")
+                self._execute(self.relay.end("internal_error"))
+                self._finished.set()
+        return call
 
-    async def _execute(self, actions) -> None:
+    async def _relay_with_pumps(self, tg, leftover: bytes) -> None:
+        """trio, or a TLS upstream: one task per leg reads and relays; after relaying it waits for
+        the other leg's backlog to drain before reading more (backpressure)."""
+        if leftover:
+            self._from_upstream(leftover)
+        tg.start_soon(self._pump, self._client, self._upstream, self._from_client, self._client_lost)
+        tg.start_soon(self._pump, self._upstream, self._client, self._from_upstream, self._upstream_lost)
+
+    async def _pump(self, leg: Leg, other: Leg, relay_in, lost) -> None:
+        while not self._finished.is_set():
+            try:
+                data = await leg.receive()
+            except OSError:
+                data = b""
+            if not data:
+                return lost()
+            relay_in(data)
+            try:
+                await other.drain()
+            except OSError:
+                (self._upstream_lost if other is self._upstream else self._client_lost)()
+
+    def _from_client(self, data: bytes) -> None:
+        self._execute(self.relay.from_client(data))
+        if self.relay.client_active:
+            self.relay.client_active = False
+            self._last_activity = time.monotonic()
+
+    def _from_upstream(self, data: bytes) -> None:
+        self._execute(self.relay.from_upstream(data))
+
+    def _client_lost(self) -> None:
+        self._execute(self.relay.client_vanished())
+
+    def _upstream_lost(self) -> None:
+        self._execute(self.relay.upstream_vanished())
+
+    def _execute(self, actions) -> None:
+        """Carry out relay actions in order, without waiting: bills go to the spool and the
+        channel, frames to the legs (whose backlog, if any, drains in the background)."""
         for target, payload in actions:
             if target is Target.BILL:
-                await self._bill(payload)
-            elif target is Target.CLIENT:
-                await self._send(self._client, self._client_lock, payload, self.relay.client_vanished)
-            else:
-                await self._send(self._upstream, self._upstream_lock, payload, self.relay.upstream_vanished)
-        if self.relay.finished and self._sending == 0:  # a close still being written must land
-            self._tg.cancel_scope.cancel()
-        elif self.relay.phase is not Phase.OPEN and not self._closing_started:
-            self._closing_started = True
-            self._tg.start_soon(self._closing_deadline)
+                self._bill(payload)
+                continue
+            leg, lost = ((self._client, self.relay.client_vanished) if target is Target.CLIENT
+                         else (self._upstream, self.relay.upstream_vanished))
+            try:
+                leg.write(payload)
+            except OSError:
+                self._execute(lost())
+        if self.relay.finished:
+            self._finished.set()
+        elif self.relay.phase is not Phase.OPEN:
+            self._closing.set()
 
-    async def _send(self, stream: ByteStream, lock: anyio.Lock, data: bytes, vanished) -> None:
-        self._sending += 1
-        try:
-            async with lock:
-                await stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            self._sending -= 1
-            await self._execute(vanished())
-        else:
-            self._sending -= 1
-
-    async def _bill(self, increment) -> None:
+    def _bill(self, increment) -> None:
         """Spool, then report: the increment is durable before its frame is delivered."""
         record = increment.to_json()
         line = json.dumps({"seq": increment.seq, "increment": record}, separators=(",", ":")) + "\n"
         os.write(self.spool_fd, line.encode())
-        try:
-            await control.asend(self.channel, UsageIncrement(self.grant.session_id, increment.seq, record))
-        except OSError:
-            self.log.warning("supervisor unreachable; increment kept in the spool", fields={"seq": increment.seq})
+        message = UsageIncrement(self.grant.session_id, increment.seq, record)
+        if not self._channel_backlog:
+            try:
+                return control.send(self.channel, message)
+            except BlockingIOError:
+                pass  # the supervisor is behind: keep order, send when the channel has room
+            except OSError:
+                self.log.warning("supervisor unreachable; increment kept in the spool", fields={"seq": increment.seq})
+                return
+        self._channel_backlog.append(message)
+        self._channel_ready.set()
 
-    async def _closing_deadline(self) -> None:
+    async def _flush_channel_backlog(self) -> None:
+        while True:
+            await self._channel_ready.wait()
+            self._channel_ready = anyio.Event()
+            while self._channel_backlog:
+                try:
+                    await control.asend(self.channel, self._channel_backlog[0])
+                except OSError:  # the supervisor is gone: its successor replays the spool
+                    self.log.warning("supervisor unreachable; increments kept in the spool")
+                    self._channel_backlog.clear()
+                    break
+                self._channel_backlog.popleft()
+
+    async def _watch_closing(self) -> None:
         """A closing session finishes within the usage drain plus the close handshake timeout."""
+        await self._closing.wait()
         if self.relay.draining:
             await anyio.sleep(self.grant.drain_usage_s)
-            await self._execute(self.relay.drain_expired())
+            self._execute(self.relay.drain_expired())
         await anyio.sleep(CLOSE_TIMEOUT_S)
-        self._tg.cancel_scope.cancel()
+        self._finished.set()
 
-    async def _end(self, code: str) -> None:
-        await self._execute(self.relay.end(code))
+    def _end(self, code: str) -> None:
+        self._execute(self.relay.end(code))
 
     # --- clocks and channel -------------------------------------------------------------
 
@@ -199,9 +278,9 @@ class WorkerSession:
             idle_deadline = self._last_activity + self.grant.idle_timeout_s
             now = time.monotonic()
             if now >= expires:
-                return await self._end("session_expired")
+                return self._end("session_expired")
             if now >= idle_deadline:
-                return await self._end("session_idle_timeout")
+                return self._end("session_idle_timeout")
             await anyio.sleep(min(expires, idle_deadline) - now)
 
     async def _watch_channel(self) -> None:
@@ -216,7 +295,7 @@ class WorkerSession:
                 os.close(fd)
             if isinstance(message, StopSession):
                 self.log.info("stop requested", fields={"code": message.code})
-                await self._end(message.code)
+                self._end(message.code)
 
     async def _reattach(self) -> None:
         """The supervisor died: keep relaying (the spool keeps every increment) and offer this

@@ -100,6 +100,7 @@ import math
 import os
 import secrets
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -1145,8 +1146,10 @@ def _select_subprotocol(ws: ServerConnection, offered: Any) -> str | None:
 
 async def serve(host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None,
                 frame_log_dir: str | None = None, pace: bool = False,
-                ready: Callable[[int], None] | None = None, fault: str | None = None) -> None:
-    """Run the simulator until cancelled; ``ready(port)`` is called once listening."""
+                ready: Callable[[int], None] | None = None, fault: str | None = None,
+                tls: ssl.SSLContext | None = None) -> None:
+    """Run the simulator until cancelled; ``ready(port)`` is called once listening.
+    With ``tls`` it serves wss://, like the real API."""
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
     if frame_log_dir:
@@ -1155,7 +1158,7 @@ async def serve(host: str = "127.0.0.1", port: int = 8765, api_key: str | None =
     async with ws_serve(sim.handler, host, port, process_request=sim.process_request,
                         select_subprotocol=_select_subprotocol, create_connection=SimConnection,
                         compression=None, max_size=MAX_MESSAGE_BYTES, ping_interval=None,
-                        server_header="meshrt-sim") as server:
+                        server_header="meshrt-sim", ssl=tls) as server:
         actual_port = server.sockets[0].getsockname()[1]
         if ready is not None:
             ready(actual_port)
@@ -1179,7 +1182,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-log-dir", default=None, help="write a JSONL frame log per connection here")
     parser.add_argument("--pace", action="store_true", help="send output audio in real time")
     parser.add_argument("--fault", choices=FAULTS, default=None, help="inject this fault on every connection")
+    parser.add_argument("--tls-cert", default=None, help="serve wss:// with this PEM certificate (chain)")
+    parser.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    args.tls = None
+    if args.tls_cert:
+        args.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            args.tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"cannot load --tls-cert/--tls-key: {exc}")
     if not args.host.strip():
         parser.error("--host must not be empty")
     if args.api_key is not None and not args.api_key.strip():
@@ -1205,10 +1219,11 @@ async def _run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     def ready(port: int) -> None:
-        print(f"meshrt sim listening on ws://{_url_host(args.host)}:{port}/v1/realtime", flush=True)
+        scheme = "wss" if args.tls else "ws"
+        print(f"meshrt sim listening on {scheme}://{_url_host(args.host)}:{port}/v1/realtime", flush=True)
 
     server = asyncio.create_task(serve(args.host, args.port, args.api_key, args.frame_log_dir, args.pace,
-                                       ready, args.fault))
+                                       ready, args.fault, args.tls))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
     for task in (server, stopper):

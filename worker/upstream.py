@@ -10,19 +10,23 @@ they become `upstream_unavailable`. A definite rejection (401, 403, 404, bad acc
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
 import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from websockets.client import ClientProtocol
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from meshrt.shared.errors import GatewayError
+
+from .legs import Leg, TlsLeg
 
 MAX_RESPONSE_HEAD = 64 * 1024
 
@@ -33,7 +37,7 @@ class RetryableUpstream(Exception):
 
 @dataclass
 class UpstreamConnection:
-    stream: ByteStream
+    stream: Leg
     leftover: bytes
     response: Response
 
@@ -43,15 +47,18 @@ def upstream_url(base: str, query: str) -> str:
     return f"{base}{sep}{query}" if query else base
 
 
-async def _read_head(stream: ByteStream) -> tuple[bytes, bytes]:
+async def _read_head(stream: Leg) -> tuple[bytes, bytes]:
     buf = b""
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_RESPONSE_HEAD:
             raise GatewayError("upstream_error", "oversized handshake response")
         try:
-            buf += await stream.receive(65536)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
+            data = await stream.receive()
+        except OSError as exc:
             raise RetryableUpstream(f"connection closed during handshake: {exc!r}") from exc
+        if not data:
+            raise RetryableUpstream("connection closed during handshake")
+        buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
     return head + b"\r\n\r\n", rest
 
@@ -63,18 +70,57 @@ def _status(head: bytes) -> int:
         raise GatewayError("upstream_error", "malformed handshake response") from None
 
 
-async def _open_stream(url: str) -> ByteStream:
+async def _open_stream(url: str) -> Leg:
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
     try:
-        if secure:
-            return await anyio.connect_tcp(parts.hostname, port, tls=True,
-                                           ssl_context=tls_context(),
-                                           tls_hostname=parts.hostname)
-        return await anyio.connect_tcp(parts.hostname, port)
+        sock = await _connect_tcp(parts.hostname, port)
     except OSError as exc:
         raise RetryableUpstream(f"cannot connect: {exc.strerror or exc!r}") from exc
+    if not secure:
+        return Leg(sock)
+    leg = TlsLeg(sock, tls_context(), parts.hostname)
+    try:
+        await leg.connect()
+    except ssl.SSLCertVerificationError as exc:  # a definite rejection: retrying won't help
+        leg.close()
+        raise GatewayError("upstream_error", "Upstream TLS certificate rejected.") from exc
+    except OSError as exc:
+        leg.close()
+        raise RetryableUpstream(f"TLS handshake failed: {exc!r}") from exc
+    return leg
+
+
+async def _connect_tcp(host: str, port: int) -> socket.socket:
+    """A non-blocking TCP connect to each resolved address in turn, with Nagle off."""
+    try:  # an address literal needs no resolver (which would start a thread in the worker)
+        ip = ipaddress.ip_address(host.strip("[]"))
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        infos = [(family, socket.SOCK_STREAM, 0, "", (str(ip), port))]
+    except ValueError:
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host} did not resolve")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            status = sock.connect_ex(address)
+            if status not in (0, errno.EINPROGRESS):
+                raise OSError(status, os.strerror(status))
+            if status:
+                await anyio.wait_writable(sock)
+                status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if status:
+                    raise OSError(status, os.strerror(status))
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            error = exc
+    raise error
 
 
 async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> UpstreamConnection:
@@ -87,9 +133,6 @@ async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> Up
     protocol.send_request(request)
     stream = await _open_stream(url)
     try:
-        raw = stream.extra(SocketAttribute.raw_socket, None)
-        if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await stream.send(b"".join(protocol.data_to_send()))
         head, leftover = await _read_head(stream)
         status = _status(head)
@@ -103,7 +146,7 @@ async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> Up
             raise GatewayError("upstream_error", "Upstream handshake failed.")
         return UpstreamConnection(stream, leftover, events[0])
     except BaseException:
-        await anyio.aclose_forcefully(stream)
+        stream.close()
         raise
 
 
