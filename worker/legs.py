@@ -10,8 +10,9 @@ in order, for `drain()` to flush when the socket is writable. On asyncio a recei
 `TlsLeg` runs TLS (the real upstream is `wss://`) as ssl.SSLObject over memory BIOs on the same
 plain-socket machinery, so both legs share one send and receive path.
 
-`TransportLeg` is the asyncio relay's leg: a uvloop transport whose bytes arrive by callback.
-All three offer `write(data) -> bool` (never waits), `drain()` (waits until the backlog is
+`TransportLeg` is every leg on asyncio: a uvloop transport (with uvloop's own TLS for wss://)
+whose bytes arrive by callback once the relay starts. `Leg` and `TlsLeg` serve trio, and the
+client socket on asyncio until its 101 is sent. All three offer `write(data) -> bool` (never waits), `drain()` (waits until the backlog is
 with the kernel) and `close()`.
 """
 
@@ -165,40 +166,73 @@ class TlsLeg(Leg):
 
 
 class TransportLeg(asyncio.Protocol):
-    """A leg as an asyncio (uvloop) transport, for the relay proper on asyncio: bytes arrive by
+    """A leg as an asyncio (uvloop) transport, the leg of the asyncio relay: bytes arrive by
     callback from the loop's C code, so relaying a frame wakes no task and awaits nothing, as in
     a plain byte-copying relay. Writes are buffered by the transport; when its buffer passes the
-    high-water mark, the other leg stops reading until it drains (backpressure end to end)."""
+    high-water mark, the other leg stops reading until it drains (backpressure end to end).
 
-    def __init__(self, on_data, on_lost):
-        self.on_data, self.on_lost = on_data, on_lost
+    Until `relay()` is called (the upstream's HTTP handshake), bytes are kept for `receive()`."""
+
+    def __init__(self):
         self.transport: asyncio.Transport | None = None
         self.peer: TransportLeg | None = None  # whose reading pauses while we can't write
+        self._on_data = self._on_lost = None
+        self._inbox: list[bytes] = []
+        self._arrived = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
         self.lost = asyncio.Event()
 
     @classmethod
-    async def adopt(cls, sock: socket.socket, on_data, on_lost) -> "TransportLeg":
-        """Wrap a connected socket (the transport owns it from here)."""
-        _, leg = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: cls(on_data, on_lost), sock=sock)
+    async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None) -> "TransportLeg":
+        _, leg = await asyncio.get_running_loop().create_connection(
+            cls, host, port, ssl=tls, server_hostname=host if tls else None)
         return leg
+
+    @classmethod
+    async def adopt(cls, sock: socket.socket) -> "TransportLeg":
+        """Wrap a connected socket (the transport owns it from here)."""
+        _, leg = await asyncio.get_running_loop().connect_accepted_socket(cls, sock=sock)
+        return leg
+
+    def relay(self, on_data, on_lost) -> bytes:
+        """From now on, bytes go to `on_data` as they arrive; returns what arrived before."""
+        self._on_data, self._on_lost = on_data, on_lost
+        early, self._inbox = b"".join(self._inbox), []
+        if self.lost.is_set():
+            asyncio.get_running_loop().call_soon(on_lost)
+        return early
+
+    async def receive(self) -> bytes:
+        """Before `relay()`: the next bytes, or b"" at end of stream."""
+        while not self._inbox:
+            if self.lost.is_set():
+                return b""
+            self._arrived.clear()
+            await self._arrived.wait()
+        data, self._inbox = b"".join(self._inbox), []
+        return data
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.on_data(data)
+        if self._on_data is not None:
+            self._on_data(data)
+        else:
+            self._inbox.append(data)
+            self._arrived.set()
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
 
     def connection_lost(self, exc) -> None:
         self._writable.set()
+        self._arrived.set()
         self.lost.set()
-        self.on_lost()
+        if self._on_lost is not None:
+            self._on_lost()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -219,6 +253,10 @@ class TransportLeg(asyncio.Protocol):
 
     async def drain(self) -> None:
         await self._writable.wait()
+
+    async def send(self, data: bytes) -> None:
+        self.write(data)
+        await self.drain()
 
     def close(self) -> None:
         """Close after flushing what the transport still holds."""

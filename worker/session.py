@@ -4,8 +4,8 @@ Order of events: parse the (key-stripped) request → connect upstream with the 
 send the client its 101 (or the error frame and close) → tell the supervisor we're live →
 relay until both legs are closed → report the end → exit. The relay logic is in `relay.py`;
 this shell only moves bytes (`legs.py`), keeps the clocks (idle, max length, drain) and the
-channel. On asyncio the legs become uvloop transports and frames are relayed inside the loop's
-read callbacks; on trio (and for a TLS upstream) a task per leg reads. Both feed one synchronous
+channel. On asyncio the legs are uvloop transports and frames are relayed inside the loop's
+read callbacks; on trio a task per leg reads. Both feed one synchronous
 path, so a relayed frame never waits on anything but the kernel.
 
 Ownership: the worker owns the client socket, its end of the control channel and the spool fd;
@@ -25,7 +25,6 @@ import time
 from collections import deque
 
 import anyio
-import sniffio
 
 from meshrt.shared import control
 from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerEnded, WorkerLive
@@ -111,7 +110,7 @@ class WorkerSession:
             tg.start_soon(self._watch_clocks)
             tg.start_soon(self._watch_closing)
             tg.start_soon(self._flush_channel_backlog)
-            if sniffio.current_async_library() == "asyncio" and type(self._upstream) is Leg:
+            if isinstance(self._upstream, TransportLeg):
                 await self._relay_on_transports(upstream.leftover)
             else:
                 await self._relay_with_pumps(tg, upstream.leftover)
@@ -152,15 +151,16 @@ class WorkerSession:
     # wait. They differ in how bytes arrive and how backpressure is applied.
 
     async def _relay_on_transports(self, leftover: bytes) -> None:
-        """asyncio (uvloop): both legs become transports; bytes arrive by callback, so a relayed
+        """asyncio (uvloop): both legs are transports; bytes arrive by callback, so a relayed
         frame wakes no task. Backpressure: a leg whose buffer is full pauses the other's reading."""
-        self._client = await TransportLeg.adopt(self.client_sock, self._guarded(self._from_client),
-                                                self._guarded(self._client_lost))
-        if leftover:  # before upstream's transport can deliver anything newer
-            self._from_upstream(leftover)
-        self._upstream = await TransportLeg.adopt(self._upstream.sock, self._guarded(self._from_upstream),
-                                                  self._guarded(self._upstream_lost))
+        self._client = await TransportLeg.adopt(self.client_sock)
         self._client.peer, self._upstream.peer = self._upstream, self._client
+        early = self._client.relay(self._guarded(self._from_client), self._guarded(self._client_lost))
+        if early:
+            self._from_client(early)
+        leftover += self._upstream.relay(self._guarded(self._from_upstream), self._guarded(self._upstream_lost))
+        if leftover:
+            self._from_upstream(leftover)
 
     def _guarded(self, handler):
         """A failure inside a loop callback ends the session as internal_error, not silently."""
@@ -174,7 +174,7 @@ class WorkerSession:
         return call
 
     async def _relay_with_pumps(self, tg, leftover: bytes) -> None:
-        """trio, or a TLS upstream: one task per leg reads and relays; after relaying it waits for
+        """trio: one task per leg reads and relays; after relaying it waits for
         the other leg's backlog to drain before reading more (backpressure)."""
         if leftover:
             self._from_upstream(leftover)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import anyio
+import sniffio
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from websockets.client import ClientProtocol
 from websockets.http11 import Response
@@ -26,7 +27,7 @@ from websockets.uri import parse_uri
 
 from meshrt.shared.errors import GatewayError
 
-from .legs import Leg, TlsLeg
+from .legs import Leg, TlsLeg, TransportLeg
 
 MAX_RESPONSE_HEAD = 64 * 1024
 
@@ -37,7 +38,7 @@ class RetryableUpstream(Exception):
 
 @dataclass
 class UpstreamConnection:
-    stream: Leg
+    stream: Leg | TransportLeg
     leftover: bytes
     response: Response
 
@@ -47,7 +48,7 @@ def upstream_url(base: str, query: str) -> str:
     return f"{base}{sep}{query}" if query else base
 
 
-async def _read_head(stream: Leg) -> tuple[bytes, bytes]:
+async def _read_head(stream: Leg | TransportLeg) -> tuple[bytes, bytes]:
     buf = b""
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_RESPONSE_HEAD:
@@ -70,10 +71,17 @@ def _status(head: bytes) -> int:
         raise GatewayError("upstream_error", "malformed handshake response") from None
 
 
-async def _open_stream(url: str) -> Leg:
+async def _open_stream(url: str) -> Leg | TransportLeg:
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
+    if sniffio.current_async_library() == "asyncio":  # a uvloop transport, its TLS included
+        try:
+            return await TransportLeg.connect(parts.hostname, port, tls_context() if secure else None)
+        except ssl.SSLCertVerificationError as exc:  # a definite rejection: retrying won't help
+            raise GatewayError("upstream_error", "Upstream TLS certificate rejected.") from exc
+        except OSError as exc:
+            raise RetryableUpstream(f"cannot connect: {exc.strerror or exc!r}") from exc
     try:
         sock = await _connect_tcp(parts.hostname, port)
     except OSError as exc:
