@@ -55,6 +55,8 @@ class WorkerSession:
         self.relay = Relay(grant.request_id, grant.token_cap, grant.max_message_bytes, meter=meter,
                            **({"may_carry_usage": may_carry_usage} if may_carry_usage else {}))
         self.upgraded = False
+        self._handshake = None  # (protocol, request) once parsed: what a refusal answers
+        self._answered = False  # the client has had its HTTP response
         self._client: Leg | TransportLeg | None = None
         self._upstream: Leg | TransportLeg | None = None
         self._finished = anyio.Event()  # both legs closed (or the closing deadline passed)
@@ -73,6 +75,10 @@ class WorkerSession:
             self.log.exception("worker failed")
             if self.relay.outcome.end_reason is None:
                 self.relay.outcome.end_reason, self.relay.outcome.close_code = "internal_error", 1011
+            if self._handshake is not None and not self._answered:  # the client still gets its frame
+                self._client = self._client or Leg(self.client_sock)
+                with anyio.CancelScope(shield=True):
+                    await self._refuse(*self._handshake, GatewayError("internal_error"))
         finally:
             with anyio.CancelScope(shield=True):
                 await self._report_end()
@@ -82,6 +88,7 @@ class WorkerSession:
         self.setup["loop_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
         self.channel.setblocking(False)
         protocol, request = parse_request_bytes(self.request)
+        self._handshake = protocol, request
         upgrade = parse_upgrade(request)
         self._client = Leg(self.client_sock)
         url = upstream_url(self.grant.upstream_url, upstream_query(upgrade))
@@ -96,6 +103,7 @@ class WorkerSession:
             return
         self._upstream = upstream.stream
         response, status = accept_bytes(protocol, request, self.grant.request_id)
+        self._answered = True
         await self._client.send(response)
         if status != 101:
             self.relay.outcome.end_reason, self.relay.outcome.close_code = "client_closed", None
@@ -123,6 +131,7 @@ class WorkerSession:
     async def _refuse(self, protocol, request, error: GatewayError) -> None:
         """Accept the client's upgrade only to deliver the error frame and close (SPEC §5)."""
         response, status = accept_bytes(protocol, request, self.grant.request_id)
+        self._answered = True
         data = response + (error_frames(protocol, error.code, self.grant.request_id, error.detail)
                            if status == 101 else b"")
         spec = ERRORS[error.code]
