@@ -1156,7 +1156,8 @@ def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: C
     opened = loadgen.open(n)
     time.sleep(plan.settle_s)
     loadgen.stats(reset=True)
-    gateway_procs = list(stack.roles().values()) + stack.zygote_children()
+    roles = stack.roles()
+    gateway_procs = list(roles.values()) + stack.zygote_children()
     others = [psutil.Process(stack.sim.pid), psutil.Process()] + [psutil.Process(pid) for pid in loadgen.pids()]
     # profiles (when asked for) of the first step with ≥ 30 sessions: four workers, the supervisor
     profiled = n >= 30 and not profiler.capacity_profiled
@@ -1169,6 +1170,12 @@ def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: C
         cpu1, other1, busy1 = cpu_seconds(gateway_procs), cpu_seconds(others), busy_seconds()
     stats = loadgen.stats(reset=True)
     gateway_cpu = sum(cpu1[pid] - cpu0[pid] for pid in cpu1 if pid in cpu0)
+    role_of = {proc.pid: role for role, proc in roles.items()}
+    by_role: dict[str, float] = {}
+    for pid in cpu1:
+        if pid in cpu0:
+            role = role_of.get(pid, "workers")
+            by_role[role] = by_role.get(role, 0.0) + cpu1[pid] - cpu0[pid]
     other_cpu = sum(other1[pid] - other0[pid] for pid in other1 if pid in other0)
     rtt = compare(d, g)
     live = stats["live"]
@@ -1182,6 +1189,8 @@ def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: C
         "probe_pairs": len(d), "probe_us": rtt,
         "gateway_cpu_cores": round(gateway_cpu / wall, 3),
         "cpu_per_session_pct": round(100 * gateway_cpu / wall / max(live, 1), 3),
+        "cpu_per_session_pct_by_role": {role: round(100 * cpu / wall / max(live, 1), 3)
+                                        for role, cpu in sorted(by_role.items())},
         "sim_and_loadgen_cpu_cores": round(other_cpu / wall, 3),  # and the probing client
         "foreign_cpu_cores": foreign_cpu_cores(busy0, busy1, gateway_cpu + other_cpu, wall),
     }
@@ -1399,6 +1408,10 @@ def _render_capacity(cap: dict) -> list[str]:
     lines.append(f"   most sessions held: {cap['max_sessions']} (cap {cap['cap']}; stopped: {cap['stopped']}); "
                  f"gateway CPU per session {cap['cpu_per_session_pct']} % of a core → "
                  f"{cap['sessions_per_core']} per core")
+    if cap["steps"] and cap["steps"][-1].get("cpu_per_session_pct_by_role"):
+        last = cap["steps"][-1]
+        shares = ", ".join(f"{role} {pct} %" for role, pct in last["cpu_per_session_pct_by_role"].items())
+        lines.append(f"   CPU per session by role at {last['live']} sessions: {shares}")
     return lines
 
 

@@ -27,8 +27,8 @@ class ProtocolViolation(Exception):
         self.frames: list = []  # the complete, valid frames scanned before the violation
 
 
-@dataclass(slots=True, frozen=True)
-class RawFrame:
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a setattr call per field,
+class RawFrame:  # and one is built per relayed frame
     opcode: int
     fin: bool
     start: int  # offset of the frame in the chunk it was scanned from
