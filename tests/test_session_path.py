@@ -89,7 +89,7 @@ def test_every_auth_form_opens_a_session_and_the_key_stays_behind(gateway, sim, 
     before = set(sim.logs())
 
     async def go():
-        async with connect_ws(gateway.ws_url, key=tenant.key, how=how) as ws:
+        async with connect_ws(gateway.ws_url, key=tenant.key, how=how, user_agent_header="voice-agent/2.1") as ws:
             created = await recv_json(ws)
             assert created["type"] == "session.created"
             headers = ws.response.headers
@@ -106,6 +106,8 @@ def test_every_auth_form_opens_a_session_and_the_key_stays_behind(gateway, sim, 
     assert tenant.key not in dumped and "rsk_" not in dumped
     assert dict((k.lower(), v) for k, v in request["headers"])["authorization"] == f"Bearer {OPERATOR_KEY}"
     assert "api_key" not in request["query"]
+    agents = [v for k, v in request["headers"] if k.lower() == "user-agent"]
+    assert agents == ["voice-agent/2.1"]  # the client's, once: it replaces websockets' own
     wait_for(lambda: "session finalised" in gateway.log_text(), 10)
     assert tenant.key not in gateway.log_text()
 
