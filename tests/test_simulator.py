@@ -679,7 +679,8 @@ def test_session_model_without_sockets() -> None:
 
 def test_cli_rejects_bad_arguments() -> None:
     for args, needle in ((["--port", "70000"], "--port"), (["--fault", "nope"], "--fault"),
-                         (["--host", ""], "--host")):
+                         (["--host", ""], "--host"), (["--tls-cert", "c.pem"], "go together"),
+                         (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert")):
         proc = subprocess.run([sys.executable, "-m", "meshrt.worker.simulator", *args], capture_output=True,
                               text=True, timeout=20)
         assert proc.returncode == 2 and needle in proc.stderr
