@@ -70,6 +70,8 @@ from pathlib import Path
 import psutil
 from websockets.frames import Close, Frame, Opcode
 
+from .children import ChildStartError, wait_for_line
+
 P99_TARGET_US = 5000.0  # capacity: a step holds while the probes' p99 added latency is below this
 APPEND_PCM_BYTES = 960  # 20 ms of PCM16 mono at 24 kHz
 APPEND_PERIOD_S = 0.020
@@ -724,17 +726,10 @@ class LoadGen:
 
 
 def _read_line(proc: subprocess.Popen, pattern: str, timeout: float, what: str) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        match = re.search(pattern, line)
-        if match:
-            return match
-    raise BenchError(f"{what} did not start (no {pattern!r} within {timeout} s)")
+    try:
+        return wait_for_line(proc, pattern, timeout, what)
+    except ChildStartError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def _stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
@@ -1216,8 +1211,7 @@ def measure_capacity(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     stopped = "cap reached"
     started = time.monotonic()
     try:
-        with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway, \
-            Conn(stack.floor, "sim_echo=1") as floor:
+        with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway:
             probe(direct, gateway, 0.3)  # warm-up
             loadgen.stream(True)
             fails = 0

@@ -4,13 +4,13 @@ OpenAI when OPENAI_API_KEY is set), a demo account and key, plain ws on loopback
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from meshrt.shared.money import Money
+
+from .children import ChildStartError, wait_for_line
 
 EXAMPLE = '''\
 Try it with the official OpenAI Python SDK (pip install "openai[realtime]"):
@@ -40,16 +40,11 @@ Then see the usage:  curl -H "Authorization: Bearer {key}" http://127.0.0.1:{por
 def _start_simulator() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "meshrt.worker.simulator", "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        match = re.search(r"listening on (ws://\S+)", line)
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("the simulator did not start")
+    try:
+        return proc, wait_for_line(proc, r"listening on (ws://\S+)", 20, "the simulator").group(1)
+    except ChildStartError:
+        proc.kill()
+        raise
 
 
 def run_dev(settings, args) -> int:

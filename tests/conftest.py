@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 
 from meshrt.shared.money import Money
 from meshrt.supervisor import accounts, db
+from meshrt.supervisor.children import wait_for_line
 
 OPERATOR_KEY = "sk-operator-" + "x" * 24
 PG_ENV = "MESHRT_TEST_DATABASE_URL"
@@ -36,19 +37,7 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02, what: str
 
 
 def _read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match
-    raise AssertionError(f"process did not print {pattern!r}; got {seen!r}")
+    return wait_for_line(proc, pattern, timeout, " ".join(map(str, proc.args[-3:])))
 
 
 def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> int | None:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import re
-import select
 import signal
 import subprocess
 import sys
@@ -32,6 +29,7 @@ from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidMessage, InvalidStatus
 
+from meshrt.supervisor.children import wait_for_line
 from meshrt.worker import simulator
 
 TEST_DEADLINE_S = 20
@@ -107,30 +105,15 @@ class Sim:
         return AsyncOpenAI(api_key=api_key, websocket_base_url=f"ws://127.0.0.1:{self.port}/v1")
 
 
-def _read_line(proc: subprocess.Popen, deadline: float) -> str:
-    buf = b""
-    while b"\n" not in buf:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("simulator did not print its listening line")
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError(f"simulator exited early with {proc.wait()}")
-            buf += chunk
-    return buf.decode()
-
-
 @contextmanager
 def running_sim(*args: str, stop_signal: int = signal.SIGTERM) -> Iterator[Sim]:
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "meshrt.worker.simulator", "--port", "0", *args],
-                                stdout=subprocess.PIPE, stderr=stderr)
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
-            line = _read_line(proc, time.monotonic() + 15)
-            match = re.fullmatch(r"meshrt sim listening on ws://127\.0\.0\.1:(\d+)/v1/realtime\n", line)
-            assert match, line
+            # the listening line, whole and exact: it is the simulator's documented interface
+            match = wait_for_line(proc, r"^meshrt sim listening on ws://127\.0\.0\.1:(\d+)/v1/realtime$", 15,
+                                  "the simulator")
             yield Sim(proc, int(match.group(1)))
         finally:
             if proc.poll() is None:
