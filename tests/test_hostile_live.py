@@ -590,10 +590,8 @@ def test_malformed_framing_gets_1002_or_1009_and_a_client_side_record(fuzzed_gat
     fuzz_frames(fuzzed_gateway, hostile_tenant, engine, random.Random(1000 + seed), FRAMING_ERRORS, 16)
 
 
-def test_malformed_close_frame_gets_1002_or_1007_and_a_client_side_record(hostile_gateway, hostile_tenant, engine):
-    # the default (asyncio) workers only: on trio a client-initiated close sometimes loses upstream's close reply
-    # (a race in worker/session.py, reported); this test should take `fuzzed_gateway` once it is fixed
-    fuzz_frames(hostile_gateway, hostile_tenant, engine, random.Random(2000), BAD_CLOSE_FRAMES, 16)
+def test_malformed_close_frame_gets_1002_or_1007_and_a_client_side_record(fuzzed_gateway, hostile_tenant, engine):
+    fuzz_frames(fuzzed_gateway, hostile_tenant, engine, random.Random(2000), BAD_CLOSE_FRAMES, 16)
 
 
 def test_invalid_utf8_text_from_a_client_gets_1007(fuzzed_gateway, hostile_tenant):
