@@ -109,7 +109,10 @@ class WorkerSession:
             self.relay.outcome.end_reason, self.relay.outcome.close_code = "client_closed", None
             return
         self.upgraded = True
-        await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
+        try:
+            await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
+        except OSError:  # the supervisor died just now: relay on; the channel watcher re-attaches
+            self.log.warning("supervisor unreachable at go-live")
         self.setup["upstream_ms"] = round((time.monotonic() - began) * 1000, 2)
         self.setup["since_grant_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
         self.log.info("session live", fields=self.setup)
