@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshrt.worker.meter import Increment, UsageTotals
+from meshrt.shared.increments import Increment, UsageTotals
 
 
 def summarize(increments: list[dict]) -> dict:
