@@ -15,7 +15,7 @@ import secrets
 import string
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Column, event, text
+from sqlalchemy import BigInteger, Column, Index, event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
 
@@ -83,6 +83,9 @@ class ApiKey(SQLModel, table=True):
 
 class SessionRecord(SQLModel, table=True):
     __tablename__ = "realtime_session"
+    # Admission counts an account's live sessions: without (account_id, state) SQLite walks every
+    # session the account ever had (the account_id index), so admission slowed as history grew.
+    __table_args__ = (Index("ix_realtime_session_account_state", "account_id", "state"),)
     id: str = Field(primary_key=True)
     request_id: str = Field(index=True)
     account_id: str = Field(foreign_key="account.id", index=True)
@@ -151,11 +154,10 @@ def make_engine(url: str) -> Engine:
 
 def create_schema(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine)
-
-
-def lock_account(session: Session, account_id: str) -> Account | None:
-    """Load an account for update: a row lock on PostgreSQL (SQLite's BEGIN IMMEDIATE suffices)."""
-    return session.exec(select(Account).where(Account.id == account_id).with_for_update()).first()
+    # create_all skips a table that exists, and with it any index added since: add those
+    for table in SQLModel.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

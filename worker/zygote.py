@@ -4,7 +4,8 @@ It is started by the supervisor with a scrubbed environment before any database 
 secret exists, and pre-imports everything a worker needs, so a fork costs ~ms and the child
 inherits no tenant data. Protocol on its channel (SOCK_SEQPACKET): Spawn in (fds: client
 socket, worker channel, spool file) → Spawned out; every reaped child → WorkerExited out.
-With `--warm N` it keeps N idle workers forked ahead, each waiting on its own socket for a Spawn.
+With `--warm N` it keeps N idle workers forked ahead, each waiting on its own socket for a Spawn
+after rehearsing the set-up path (warmup.rehearse), so that its first page faults are paid early.
 
 Post-fork checklist in the child: default signal handlers, SIGINT ignored (the supervisor
 decides when sessions end), the zygote's channel closed, resource limits applied; the child
@@ -14,14 +15,17 @@ never returns into the zygote's loop (it ends in os._exit).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import select
 import signal
 import socket
 import sys
+import time
 
 from meshrt.shared import control
+from meshrt.worker import warmup
 
 
 def _preimport() -> None:
@@ -39,6 +43,10 @@ def _preimport() -> None:
     gc.collect()
     gc.freeze()  # inherited objects stay out of the children's GC passes (fewer copy-on-write faults)
 
+
+# A pool worker just handed a session is not replaced at once: the fork (~2 ms of CPU, plus the
+# child's first page faults) would compete with that session's set-up on a small machine.
+REFILL_DELAY_S = 0.02
 
 WORKER_MAX_FDS = 64  # a session needs ~10: client, upstream, channel, spool, event loop, pipes
 
@@ -75,6 +83,8 @@ class Zygote:
         self.channel = channel
         self.warm = warm
         self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
+        self.last_spawn = 0.0  # monotonic time of the last session handed out
+        self.backend = "uvloop"  # the event loop pool workers rehearse: the last grant's (default: settings')
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _post_fork(self) -> None:
@@ -89,12 +99,17 @@ class Zygote:
         for sock in self.idle.values():
             sock.close()
 
-    def _fork_idle(self) -> None:
+    def _fork_idle(self, rehearse: bool) -> None:
         ours, theirs = control.seqpacket_pair()
         pid = os.fork()
         if pid == 0:
             ours.close()
             self._post_fork()
+            try:
+                if rehearse:
+                    warmup.rehearse(self.backend)
+            except Exception as exc:  # noqa: BLE001 - only an optimisation; the session runs without it
+                print(f"zygote: pool worker rehearsal failed: {exc!r}", file=sys.stderr)
             try:
                 spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
@@ -111,22 +126,35 @@ class Zygote:
             _run_session(spawn, fds)
         return pid
 
-    def _spawn(self, spawn, fds: list[int]) -> None:
+    def _spawn(self, datagram: bytes, fds: list[int]) -> None:
+        """Hand a Spawn to an idle worker as received, and only then decode it: re-encoding the
+        grant would cost ~0.2 ms, and whatever the zygote writes after a fork first costs it
+        copy-on-write faults (~100 here, ~0.3 ms) that should not delay the session. Only the
+        supervisor writes to this channel; a worker sent something else exits on it."""
         pid = None
-        while self.idle and pid is None:
+        while self.idle and pid is None and len(fds) == 3:
             candidate, sock = self.idle.popitem()
             try:
-                control.send(sock, spawn, fds)
+                control.send_datagram(sock, datagram, fds)
                 pid = candidate
             except OSError:
                 pass  # that idle worker died; try the next
             finally:
                 sock.close()
-        if pid is None:
-            pid = self._fork_session(spawn, fds)
+        try:
+            spawn = control.decode(datagram)
+        except control.ControlError as exc:
+            print(f"zygote: {exc}", file=sys.stderr)
+            spawn = None
+        if isinstance(spawn, control.Spawn) and len(fds) == 3:
+            self.backend = spawn.grant.backend
+            if pid is None:
+                pid = self._fork_session(spawn, fds)
+            self.last_spawn = time.monotonic()
         for fd in fds:
             os.close(fd)
-        control.send(self.channel, control.Spawned(spawn.grant.session_id, pid))
+        if isinstance(spawn, control.Spawn) and pid is not None:
+            control.send(self.channel, control.Spawned(spawn.grant.session_id, pid))
 
     def _reap(self) -> None:
         while True:
@@ -162,26 +190,29 @@ class Zygote:
         signal.signal(signal.SIGTERM, lambda *_: None)  # the supervisor closes our channel to stop us
         control.send(self.channel, control.ZygoteReady(os.getpid()))
         while True:
+            timeout = None
             while len(self.idle) < self.warm:
-                self._fork_idle()
-            readable, _, _ = select.select([self.channel, self.wakeup_r], [], [])
+                wait = self.last_spawn + REFILL_DELAY_S - time.monotonic()
+                if self.idle and wait > 0:  # an empty pool is refilled at once
+                    timeout = wait
+                    break
+                # a pool emptied by a burst is refilled with workers needed now: a rehearsal
+                # would only add its CPU to theirs (and delay the session waiting for it)
+                self._fork_idle(rehearse=wait <= 0)
+            readable, _, _ = select.select([self.channel, self.wakeup_r], [], [], timeout)
             if self.wakeup_r in readable:
                 self._drain_wakeups()
                 self._reap()
             if self.channel not in readable:
                 continue
             try:
-                spawn, fds = control.recv(self.channel)
-            except EOFError:
+                datagram, fds = control.recv_undecoded(self.channel)
+            except (EOFError, ConnectionResetError):  # reset: it died with our messages unread
                 return 0  # the supervisor is gone; running workers finish their sessions
             except control.ControlError as exc:
                 print(f"zygote: {exc}", file=sys.stderr)
                 continue
-            if not isinstance(spawn, control.Spawn) or len(fds) != 3:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            self._spawn(spawn, fds)
+            self._spawn(datagram, fds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     from meshrt.shared import logs
 
     logs.configure("worker", args.log_level)
+    # websockets logs "connection open" at INFO for every upstream handshake: a JSON line per
+    # session set-up that says less than the worker's own "session live"
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     _preimport()
     return Zygote(channel, max(0, args.warm)).serve()
 
