@@ -121,26 +121,38 @@ class HandoffProtocol(asyncio.Protocol):
         except GatewayError as error:
             return await self._refuse(protocol, request, error.code, request_id)
         ack = await self._hand_off(grant, stripped)
+        if ack is None:  # sent, but no answer: the supervisor may own the socket now; let go of it
+            return self._release()
         if ack.error_code is not None:
             self.on_refused(grant.session_id, ack.error_code)
             return await self._refuse(protocol, request, ack.error_code, request_id)
         self._release()
 
-    async def _hand_off(self, grant, request: bytes) -> HandoffAck:
+    async def _hand_off(self, grant, request: bytes) -> HandoffAck | None:
+        """The supervisor's answer; a refusal of our own if the handoff could not be sent; None if
+        it was sent but not answered (the supervisor died or stalled with the socket in hand:
+        refusing then would write onto a socket a worker may own, and end a row it may bill;
+        its successor settles the row instead)."""
+        ids = {"request_id": grant.request_id, "session_id": grant.session_id}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            sock.connect(self.control_socket)
-            sock.setblocking(False)
-            fd = self.transport.get_extra_info("socket").fileno()
-            await control.asend(sock, Handoff(grant, request), [fd])
-            with anyio.fail_after(10):
-                ack, fds = await control.arecv(sock)
+            try:
+                sock.connect(self.control_socket)
+                sock.setblocking(False)
+                fd = self.transport.get_extra_info("socket").fileno()
+                await control.asend(sock, Handoff(grant, request), [fd])
+            except OSError:
+                log.exception("handoff failed", extra=ids)
+                return HandoffAck(grant.session_id, "server_at_capacity")  # 1013: try again later
+            try:
+                with anyio.fail_after(10):
+                    ack, fds = await control.arecv(sock)
+            except (OSError, EOFError, TimeoutError, control.ControlError):
+                log.exception("handoff sent but not answered; letting go of the socket", extra=ids)
+                return None
             for extra in fds:
                 socket.close(extra)
             return ack if isinstance(ack, HandoffAck) else HandoffAck(grant.session_id, "internal_error")
-        except (OSError, EOFError, TimeoutError, control.ControlError):
-            log.exception("handoff failed", extra={"request_id": grant.request_id, "session_id": grant.session_id})
-            return HandoffAck(grant.session_id, "server_at_capacity")
         finally:
             sock.close()
 

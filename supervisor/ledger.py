@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import anyio
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select
 
 from .db import Account, AppliedIncrement, LedgerEntry, SessionRecord, SessionState, utcnow
@@ -29,50 +30,88 @@ log = logging.getLogger("meshrt.supervisor")
 MAX_BATCH = 256
 
 
+_sessions = SessionRecord.__table__
+# One per session set-up, so a Core statement built once rather than an ORM load and flush.
+_MARK_LIVE = (update(_sessions)
+              .where(_sessions.c.id == bindparam("session_id"), _sessions.c.state != SessionState.ENDED.value)
+              .values(state=SessionState.LIVE.value, pid=bindparam("live_pid")))
+
+
 def mark_live(db: Session, session_id: str, pid: int) -> None:
-    row = db.get(SessionRecord, session_id)
-    if row is not None and row.state != SessionState.ENDED.value:
-        row.state, row.pid = SessionState.LIVE.value, pid
+    db.connection().execute(_MARK_LIVE, {"session_id": session_id, "live_pid": pid})
+
+
+_applied, _accounts, _entries = AppliedIncrement.__table__, Account.__table__, LedgerEntry.__table__
+# One per billed response, so Core statements built once rather than ORM loads and flushes.
+_DEBIT = (update(_accounts).where(_accounts.c.id == bindparam("debit_account"))
+          .values(balance_pico=_accounts.c.balance_pico - bindparam("cost")).returning(_accounts.c.balance_pico))
 
 
 def apply_increment(db: Session, session_id: str, account_id: str, seq: int, increment: dict) -> int | None:
     """Debit the account for one increment, once. Returns the new balance (picodollars), or
     None when this (session_id, seq) was applied before."""
-    if db.get(AppliedIncrement, (session_id, seq)) is not None:
-        return None
+    connection = db.connection()
     cost = int(increment["cost_picodollars"])
-    db.add(AppliedIncrement(session_id=session_id, seq=seq, account_id=account_id, cost_pico=cost,
-                            body=increment))
-    db.flush()  # the (session_id, seq) primary key rejects a concurrent duplicate here
-    balance = db.exec(update(Account).where(Account.id == account_id)
-                      .values(balance_pico=Account.balance_pico - cost).returning(Account.balance_pico)).scalar_one()
-    db.add(LedgerEntry(account_id=account_id, amount_pico=-cost, kind="usage", ref=f"{session_id}:{seq}"))
+    now = utcnow()
+    # the (session_id, seq) primary key makes a replayed increment a no-op, never a second debit
+    first = _insert_new(connection.dialect.name)(_applied).values(
+        session_id=session_id, seq=seq, account_id=account_id, cost_pico=cost, body=increment,
+        applied_at=now).on_conflict_do_nothing(index_elements=["session_id", "seq"]).returning(_applied.c.seq)
+    if connection.execute(first).first() is None:  # (not rowcount: psycopg did not report 0 here)
+        return None
+    balance = connection.execute(_DEBIT, {"debit_account": account_id, "cost": cost}).scalar_one()
+    connection.execute(_entries.insert().values(account_id=account_id, amount_pico=-cost, kind="usage",
+                                                ref=f"{session_id}:{seq}", note="", created_at=now))
     return balance
+
+
+def _insert_new(dialect: str):
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (SQLite's and PostgreSQL's both do)."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+_FINALIZE = (update(_sessions)
+             .where(_sessions.c.id == bindparam("final_id"), _sessions.c.state != SessionState.ENDED.value)
+             .values(state=SessionState.ENDED.value, ended_at=bindparam("final_ended_at"),
+                     end_reason=bindparam("final_reason"), close_code=bindparam("final_code"),
+                     responses=bindparam("final_responses"), usage=bindparam("final_usage"),
+                     cost_pico=bindparam("final_cost"), by_category=bindparam("final_by_category")))
 
 
 def finalize(db: Session, session_id: str, end_reason: str, close_code: int | None,
              ended_at: datetime | None = None) -> bool:
     """Write the session's final record once, from the increments applied for it. Returns
-    False if it was already final."""
-    row = db.get(SessionRecord, session_id)
-    if row is None or row.state == SessionState.ENDED.value:
-        return False
-    applied = db.exec(select(AppliedIncrement.body).where(AppliedIncrement.session_id == session_id)).all()
-    summary = summarize(list(applied))
-    row.state = SessionState.ENDED.value
-    row.ended_at = ended_at or utcnow()
-    row.end_reason, row.close_code = end_reason, close_code
-    row.responses = summary["responses"]
-    row.usage = summary["usage"]
-    row.cost_pico = summary["cost_pico"]
-    row.by_category = summary["by_category"]
-    return True
+    False if it was already final (or does not exist)."""
+    connection = db.connection()
+    bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()
+    summary = summarize(list(bodies))
+    written = connection.execute(_FINALIZE, {
+        "final_id": session_id, "final_ended_at": ended_at or utcnow(), "final_reason": end_reason,
+        "final_code": close_code, "final_responses": summary["responses"], "final_usage": summary["usage"],
+        "final_cost": summary["cost_pico"], "final_by_category": summary["by_category"]})
+    return written.rowcount == 1
 
 
 def unfinished_sessions(engine, node: str) -> list[SessionRecord]:
     with Session(engine, expire_on_commit=False) as db:
         return list(db.exec(select(SessionRecord).where(
             SessionRecord.node == node, SessionRecord.state != SessionState.ENDED.value)).all())
+
+
+def granted_sessions(engine, node: str) -> list[SessionRecord]:
+    """This node's sessions admitted by a front door and not (yet) owned by a worker."""
+    with Session(engine, expire_on_commit=False) as db:
+        return list(db.exec(select(SessionRecord).where(
+            SessionRecord.node == node, SessionRecord.state == SessionState.GRANTED.value)).all())
+
+
+def end_orphaned_grant(db: Session, session_id: str, end_reason: str) -> bool:
+    """End a row that is still `granted`: a front door died between admitting the upgrade and
+    handing the socket over, so no worker exists and nothing was relayed or billed."""
+    row = db.get(SessionRecord, session_id)
+    if row is None or row.state != SessionState.GRANTED.value:
+        return False
+    return finalize(db, session_id, end_reason, None)
 
 
 @dataclass

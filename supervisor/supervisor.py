@@ -38,6 +38,7 @@ from .registry import LiveSession, Registry
 log = logging.getLogger("meshrt.supervisor")
 
 RESTART_BACKOFF_S = 0.5
+ORPHAN_GRACE_S = 2.0  # a dead front door's last handoffs are served well within this
 REATTACH_GRACE_S = 3.0
 BIND_WAIT_S = 10.0
 METRICS_INTERVAL_S = 1.0
@@ -58,6 +59,10 @@ class Supervisor:
         self.frontdoor: subprocess.Popen | None = None
         self.zygote: subprocess.Popen | None = None
         self.zygote_channel: socket.socket | None = None
+        # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
+        # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
+        self.zygote_send_lock = anyio.Lock()
+        self.control_socket_path = str(settings.control_socket.resolve())  # once, not per session
         self.engine = None
 
     # --- start-up -------------------------------------------------------------------------
@@ -159,8 +164,33 @@ class Supervisor:
             if self.stopping:
                 return
             log.warning("front door exited; restarting", extra={"fields": {"exit_code": code}})
+            await self.tg.start(self._end_orphaned_grants)  # its snapshot precedes the new front door
             await anyio.sleep(RESTART_BACKOFF_S)
             self._start_frontdoor(listener)
+
+    async def _end_orphaned_grants(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """A front door that died between admitting an upgrade (its row inserted, `granted`) and
+        handing the socket over left a row no worker will ever end; it would count against the
+        account's concurrent sessions until the next supervisor restart. Once every handoff it
+        sent has been served, end those rows (nothing was relayed, nothing billed). Only rows
+        granted before its successor starts are candidates: the snapshot is taken first."""
+        try:
+            rows = await anyio.to_thread.run_sync(ledger.granted_sessions, self.engine, self.node)
+        except Exception:  # noqa: BLE001 - the database is down: the next restart's recovery ends them
+            log.exception("could not list granted sessions")
+            rows = []
+        task_status.started()
+        await anyio.sleep(ORPHAN_GRACE_S)
+        for row in rows:
+            if self.registry.get(row.id) is not None or self._spool_path(row.id).exists():
+                continue  # handed over: a worker has it, or its record is being written
+            try:
+                ended = await self.writer.submit(ledger.end_orphaned_grant, row.id, "internal_error")
+            except Exception:  # noqa: BLE001 - logged by the writer
+                continue
+            if ended:
+                log.warning("ended a session its dead front door never handed over",
+                            extra={"session_id": row.id, "request_id": row.request_id})
 
     # --- handoffs -------------------------------------------------------------------------
 
@@ -225,13 +255,14 @@ class Supervisor:
             max_message_bytes=s.max_message_bytes, drain_usage_s=s.drain_usage_s,
             upstream_connect_timeout_s=s.upstream_connect_timeout_s,
             upstream_attempts=s.upstream_attempts, backend=s.worker_backend,
-            memory_limit_mb=s.worker_memory_mb, control_socket=str(s.control_socket.resolve()))
+            memory_limit_mb=s.worker_memory_mb, control_socket=self.control_socket_path)
         spool_fd = os.open(self._spool_path(grant.session_id),
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         ours, theirs = control.seqpacket_pair()
         try:
-            await control.asend(self.zygote_channel, Spawn(grant, handoff.request),
-                                [client_fd, theirs.fileno(), spool_fd])
+            async with self.zygote_send_lock:
+                await control.asend(self.zygote_channel, Spawn(grant, handoff.request),
+                                    [client_fd, theirs.fileno(), spool_fd])
         finally:
             theirs.close()
             os.close(spool_fd)
