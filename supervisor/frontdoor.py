@@ -22,6 +22,7 @@ import uvicorn
 from sqlmodel import Session
 
 from meshrt.shared import logs
+from meshrt.shared.errors import http_error_body
 from meshrt.shared.settings import load_settings
 
 from . import db, gate, handoff
@@ -71,11 +72,13 @@ class FrontDoorContext:
 
 def header_deadline_protocol(timeout_s: float):
     """uvicorn's httptools protocol with a deadline on each request head: uvicorn has none, so a
-    client trickling a partial request (slowloris) would hold its connection for ever."""
+    client trickling a partial request (slowloris) would hold its connection for ever. It also
+    refuses HTTP/1.0 upgrades, which uvicorn would hand on as HTTP/1.1."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadlineProtocol(HttpToolsProtocol):
         _deadline = None
+        _refused_upgrade = False
 
         def _arm(self) -> None:
             self._disarm()
@@ -103,7 +106,20 @@ def header_deadline_protocol(timeout_s: float):
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            if self.parser.should_upgrade() and self.parser.get_http_version() != "1.1":
+                # RFC 6455 needs HTTP/1.1; uvicorn would pass the upgrade on relabelled as 1.1
+                self._refused_upgrade = True
+                request_id = new_request_id()
+                body = http_error_body("invalid_request", "WebSocket upgrades need HTTP/1.1.",
+                                       "invalid_request_error", request_id)
+                self.transport.write(handoff.http_response(400, "Bad Request", body, request_id))
+                self.transport.close()
+                return
             super().on_headers_complete()
+
+        def handle_websocket_upgrade(self) -> None:
+            if not self._refused_upgrade:
+                super().handle_websocket_upgrade()
 
         def connection_lost(self, exc) -> None:
             self._disarm()

@@ -335,6 +335,15 @@ def test_upgrade_with_a_body_is_refused_as_bad_request(hostile_gateway, hostile_
     assert_clean_http_error(answer)
 
 
+def test_an_http_1_0_upgrade_is_refused_with_400(hostile_gateway, hostile_tenant, engine):
+    before = len(hostile_gateway.log_text())
+    raw = upgrade_request(hostile_tenant.key).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    answer = ask(hostile_gateway.port, raw)
+    assert answer.status == 400 and b"HTTP/1.1" in json.loads(answer.body)["error"]["message"].encode()
+    assert_clean_http_error(answer)
+    assert '"event": "upgrade"' not in hostile_gateway.log_text()[before:]  # it never reached the gate
+
+
 def test_pipelined_request_after_an_upgrade_is_never_answered_as_http(hostile_gateway, hostile_tenant):
     second = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + hostile_tenant.key.encode()
     with RawClient(hostile_gateway.port) as client:
