@@ -84,6 +84,29 @@ def test_sdk_conversation_is_relayed_byte_for_byte(gateway, sim, tenant, engine)
     assert row.pid and row.ended_at is not None
 
 
+def test_a_reader_that_stalls_gets_every_message_in_order(gateway, tenant):
+    """Upstream's echoes outrun a client that stops reading: the worker's write buffer to the
+    client fills, backpressure reaches upstream, and once the client reads again every message
+    arrives whole and in order (both worker backends)."""
+    messages = [json.dumps({"type": "conversation.item.create", "n": n, "pad": chr(97 + n) * 2_000_000})
+                for n in range(8)]
+
+    async def go():
+        async with connect_ws(gateway.ws_url, key=tenant.key, query="sim_echo=1") as ws:
+            await recv_json(ws)
+            async def send_all():
+                for m in messages:
+                    await ws.send(m)
+
+            sender = asyncio.create_task(send_all())
+            await asyncio.sleep(1.5)  # not reading: 16 MB of echoes back up behind us
+            got = [await asyncio.wait_for(ws.recv(), 30) for _ in messages]
+            await sender
+            return got
+
+    assert run(go(), 90) == messages
+
+
 @pytest.mark.parametrize("how", ["insecure", "bearer-dot", "authorization", "query"])
 def test_every_auth_form_opens_a_session_and_the_key_stays_behind(gateway, sim, tenant, how):
     before = set(sim.logs())

@@ -236,7 +236,7 @@ class TransportLeg(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
-        if self.peer is not None and self.peer.transport is not None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.transport.is_closing():
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:

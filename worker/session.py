@@ -63,6 +63,7 @@ class WorkerSession:
         self._closing = anyio.Event()  # the relay left Phase.OPEN: the closing deadline runs
         self._channel_backlog: deque[UsageIncrement] = deque()  # increments the channel would not take yet
         self._channel_ready = anyio.Event()
+        self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
 
@@ -117,6 +118,7 @@ class WorkerSession:
         self.setup["since_grant_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
         self.log.info("session live", fields=self.setup)
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             tg.start_soon(self._watch_channel)
             tg.start_soon(self._watch_clocks)
             tg.start_soon(self._watch_closing)
@@ -224,7 +226,8 @@ class WorkerSession:
 
     def _execute(self, actions) -> None:
         """Carry out relay actions in order, without waiting: bills go to the spool and the
-        channel, frames to the legs (whose backlog, if any, drains in the background)."""
+        channel, frames to the legs. A transport flushes its own buffer; a raw socket's backlog
+        (its kernel buffer was full) is flushed by a background task."""
         for target, payload in actions:
             if target is Target.BILL:
                 self._bill(payload)
@@ -232,13 +235,23 @@ class WorkerSession:
             leg, lost = ((self._client, self.relay.client_vanished) if target is Target.CLIENT
                          else (self._upstream, self.relay.upstream_vanished))
             try:
-                leg.write(payload)
+                if not leg.write(payload) and leg not in self._draining:
+                    self._draining.add(leg)  # a full socket buffer: flush in the background
+                    self._tg.start_soon(self._drain, leg, lost)
             except OSError:
                 self._execute(lost())
         if self.relay.finished:
             self._finished.set()
         elif self.relay.phase is not Phase.OPEN:
             self._closing.set()
+
+    async def _drain(self, leg: Leg, lost) -> None:
+        try:
+            await leg.drain()
+        except OSError:
+            self._execute(lost())
+        finally:
+            self._draining.discard(leg)
 
     def _bill(self, increment) -> None:
         """Spool, then report: the increment is durable before its frame is delivered."""
