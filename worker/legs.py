@@ -4,28 +4,26 @@ Why not anyio's socket streams: profiling the 1 KB round trip showed 61 % of the
 the stream send path (a lock, an extra event-loop pass, then the syscall) and 10 % more in
 receive. Here `write()` is one `send()` syscall, without awaiting anything, when the kernel takes the
 bytes whole, which on a live session is nearly always; only a full socket buffer queues the rest,
-in order, for `drain()` to flush when the socket is writable. On asyncio a receive is uvloop's
-`sock_recv` (C); on trio, a wait for readability and one `recv()`.
+in order, for `drain()` to flush when the socket is writable. A receive is a wait for
+readability and one `recv()`.
 
 `TlsLeg` runs TLS (the real upstream is `wss://`) as ssl.SSLObject over memory BIOs on the same
 plain-socket machinery, so both legs share one send and receive path.
 
 `TransportLeg` is every leg on asyncio: a uvloop transport (with uvloop's own TLS for wss://)
 whose bytes arrive by callback once the relay starts. `Leg` and `TlsLeg` serve trio, and the
-client socket on asyncio until its 101 is sent. All three offer `write(data) -> bool` (never waits), `drain()` (waits until the backlog is
-with the kernel) and `close()`.
+client socket on asyncio until its 101 is sent. All three offer `write(data) -> bool` (never
+waits), `drain()` (waits until the backlog is with the kernel) and `close()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import socket
 import ssl
 from collections import deque
 
 import anyio
-import sniffio
 
 RECEIVE_BYTES = 262144
 
@@ -37,9 +35,6 @@ class Leg:
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         self.sock = sock
-        if type(self) is Leg and sniffio.current_async_library() == "asyncio":
-            # uvloop's sock_recv is all C: a receive costs no Python frame of ours
-            self.receive = functools.partial(asyncio.get_running_loop().sock_recv, sock, RECEIVE_BYTES)
         self._queue: deque[bytes] = deque()  # what the kernel would not take yet, in order
         self._flushed: anyio.Event | None = None  # set when a flush in progress empties the queue
         self._error: OSError | None = None
