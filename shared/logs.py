@@ -44,7 +44,9 @@ def configure(role: str, level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access",):
+    # websockets logs "connection open" at INFO for every handshake it checks (the front door)
+    # or completes (a worker's upstream): a line per session set-up that says less than ours
+    for noisy in ("uvicorn.access", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -171,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(args.parent_pid)
     settings = load_settings()
     logs.configure("frontdoor", settings.log_level)
-    # the handshake check (websockets' ServerProtocol) logs "connection open" at INFO for every
-    # upgrade, though the front door opens nothing: a JSON line per session set-up, misleading
-    logging.getLogger("websockets").setLevel(logging.WARNING)
     app, protocol = build(settings, args.node)
     listener = socket.socket(fileno=args.fd)
     config = uvicorn.Config(app, ws=protocol, http=header_deadline_protocol(settings.header_timeout_s),

@@ -15,7 +15,6 @@ never returns into the zygote's loop (it ends in os._exit).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import resource
 import select
@@ -225,9 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     from meshrt.shared import logs
 
     logs.configure("worker", args.log_level)
-    # websockets logs "connection open" at INFO for every upstream handshake: a JSON line per
-    # session set-up that says less than the worker's own "session live"
-    logging.getLogger("websockets").setLevel(logging.WARNING)
     _preimport()
     return Zygote(channel, max(0, args.warm)).serve()
 
