@@ -45,6 +45,11 @@ _applied, _accounts, _entries = AppliedIncrement.__table__, Account.__table__, L
 # One per billed response, so Core statements built once rather than ORM loads and flushes.
 _DEBIT = (update(_accounts).where(_accounts.c.id == bindparam("debit_account"))
           .values(balance_pico=_accounts.c.balance_pico - bindparam("cost")).returning(_accounts.c.balance_pico))
+# The (session_id, seq) primary key makes a replayed increment a no-op, never a second debit:
+# INSERT … ON CONFLICT DO NOTHING RETURNING, in each dialect's spelling (SQLite's and PostgreSQL's).
+_APPLY = {module.dialect.name: module.insert(_applied).on_conflict_do_nothing(index_elements=["session_id", "seq"])
+          .returning(_applied.c.seq) for module in (postgresql, sqlite)}
+_LEDGER_ENTRY = _entries.insert()
 
 
 def apply_increment(db: Session, session_id: str, account_id: str, seq: int, increment: dict) -> int | None:
@@ -53,21 +58,15 @@ def apply_increment(db: Session, session_id: str, account_id: str, seq: int, inc
     connection = db.connection()
     cost = int(increment["cost_picodollars"])
     now = utcnow()
-    # the (session_id, seq) primary key makes a replayed increment a no-op, never a second debit
-    first = _insert_new(connection.dialect.name)(_applied).values(
-        session_id=session_id, seq=seq, account_id=account_id, cost_pico=cost, body=increment,
-        applied_at=now).on_conflict_do_nothing(index_elements=["session_id", "seq"]).returning(_applied.c.seq)
-    if connection.execute(first).first() is None:  # (not rowcount: psycopg did not report 0 here)
+    first = connection.execute(_APPLY[connection.dialect.name], {
+        "session_id": session_id, "seq": seq, "account_id": account_id, "cost_pico": cost, "body": increment,
+        "applied_at": now}).first()
+    if first is None:  # a replay (not rowcount: psycopg did not report 0 for it)
         return None
     balance = connection.execute(_DEBIT, {"debit_account": account_id, "cost": cost}).scalar_one()
-    connection.execute(_entries.insert().values(account_id=account_id, amount_pico=-cost, kind="usage",
-                                                ref=f"{session_id}:{seq}", note="", created_at=now))
+    connection.execute(_LEDGER_ENTRY, {"account_id": account_id, "amount_pico": -cost, "kind": "usage",
+                                       "ref": f"{session_id}:{seq}", "note": "", "created_at": now})
     return balance
-
-
-def _insert_new(dialect: str):
-    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (SQLite's and PostgreSQL's both do)."""
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 _FINALIZE = (update(_sessions)
