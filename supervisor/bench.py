@@ -1164,13 +1164,13 @@ def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: C
         wall = time.monotonic() - t0
         cpu1, other1, busy1 = cpu_seconds(gateway_procs), cpu_seconds(others), busy_seconds()
     stats = loadgen.stats(reset=True)
-    gateway_cpu = sum(cpu1[pid] - cpu0[pid] for pid in cpu1 if pid in cpu0)
     role_of = {proc.pid: role for role, proc in roles.items()}
     by_role: dict[str, float] = {}
     for pid in cpu1:
         if pid in cpu0:
             role = role_of.get(pid, "workers")
             by_role[role] = by_role.get(role, 0.0) + cpu1[pid] - cpu0[pid]
+    gateway_cpu = sum(by_role.values())
     other_cpu = sum(other1[pid] - other0[pid] for pid in other1 if pid in other0)
     rtt = compare(d, g)
     live = stats["live"]

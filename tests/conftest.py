@@ -5,7 +5,6 @@ is set: the same tests then run there). Waits poll a condition against a deadlin
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -34,10 +33,6 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _read_line_matching(proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
-    return wait_for_line(proc, pattern, timeout, " ".join(map(str, proc.args[-3:])))
 
 
 def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> int | None:
@@ -146,7 +141,7 @@ def start_sim(tmp: Path, *extra: str) -> Sim:
         [sys.executable, "-m", "meshrt.worker.simulator", "--port", "0", "--api-key", OPERATOR_KEY,
          "--frame-log-dir", str(log_dir), *extra],
         stdout=subprocess.PIPE, stderr=open(tmp / "sim.err", "ab"), text=True)
-    match = _read_line_matching(proc, r"listening on (wss?)://[^:]+:(\d+)", 20)
+    match = wait_for_line(proc, r"listening on (wss?)://[^:]+:(\d+)", 20, "the simulator")
     return Sim(proc, int(match.group(2)), log_dir, match.group(1))
 
 
@@ -211,7 +206,7 @@ def start_gateway(tmp: Path, database_url: str, upstream_url: str, state: Path |
     stderr_path = tmp / f"gateway-{secrets.token_hex(3)}.err"
     proc = subprocess.Popen([sys.executable, "-m", "meshrt.supervisor.cli", "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=open(stderr_path, "ab"), text=True)
-    port = int(_read_line_matching(proc, r"listening on http://[^:]+:(\d+)", 30).group(1))
+    port = int(wait_for_line(proc, r"listening on http://[^:]+:(\d+)", 30, "the gateway").group(1))
     gateway = Gateway(proc, port, state, stderr_path, env)
 
     def ready():
