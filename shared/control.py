@@ -55,6 +55,7 @@ class Grant:
     backend: str = "asyncio"
     memory_limit_mb: int = 0
     control_socket: str = ""  # where a worker re-attaches if its supervisor restarts
+    orphan_limit_s: float = 15.0  # the node's lease: how long a worker relays with no supervisor
 
 
 # --- front door <-> supervisor -------------------------------------------------------------
@@ -74,6 +75,19 @@ class HandoffAck:
     kind: ClassVar[str] = "handoff_ack"
     session_id: str
     error_code: str | None = None  # None: the supervisor owns the socket now
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Front door → supervisor: are you there, and can this node take sessions?"""
+
+    kind: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
+class Pong:
+    kind: ClassVar[str] = "pong"
+    problems: list  # why this node is not ready; empty when it is
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ class StopSession:
 
 MESSAGES = {
     cls.kind: cls
-    for cls in (Handoff, HandoffAck, Reattach, Spawn, Spawned, ZygoteReady, WorkerExited, WorkerLive, UsageIncrement,
+    for cls in (Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, ZygoteReady, WorkerExited, WorkerLive, UsageIncrement,
                 WorkerEnded, StopSession)
 }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -111,6 +113,13 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _node_id(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", raw):
+        raise SettingsError(f"{name}: 1-63 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+                            f"got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path = Path(".meshrt")
@@ -139,6 +148,9 @@ class Settings:
     pricing_file: str = ""
     log_level: str = "info"
     frontdoor_workers: int = 1
+    node_id: str = ""  # default: one made up once per state dir (see `node_identity`)
+    node_lease_s: float = 15.0  # a node not heard from for this long is lost; its sessions end
+    db_timeout_s: float = 10.0  # connect, statement and lock waits; SQLite's busy timeout
 
     @property
     def db_url(self) -> str:
@@ -184,6 +196,9 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "MESHRT_FRONTDOOR_WORKERS": ("frontdoor_workers", _positive_int),
     "MESHRT_ALLOW_PLAIN_WS": ("allow_plain_ws", _bool),
+    "MESHRT_NODE_ID": ("node_id", _node_id),
+    "MESHRT_NODE_LEASE_S": ("node_lease_s", _positive_float),
+    "MESHRT_DB_TIMEOUT_S": ("db_timeout_s", _positive_float),
 }
 
 SECRET_VARIABLES = ("OPENAI_API_KEY", "MESHRT_ADMIN_TOKEN", "MESHRT_DATABASE_URL")
@@ -201,6 +216,24 @@ def load_settings(environ: dict[str, str] | None = None, **overrides) -> Setting
     if values.get("pricing_file") and not Path(values["pricing_file"]).is_file():
         raise SettingsError(f"MESHRT_PRICING_FILE: no such file {values['pricing_file']!r}")
     return Settings(**values)
+
+
+def node_identity(settings: Settings) -> str:
+    """This node's id: MESHRT_NODE_ID, or one made up on first start and kept in the state dir.
+    Not the hostname: two nodes on one host (or pods reusing names) must never share an id,
+    and a node restarted on the same state dir must keep its own (its spools name its sessions)."""
+    if settings.node_id:
+        return settings.node_id
+    path = settings.state_dir / "node_id"
+    try:
+        return _node_id(str(path), path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    node = f"node-{secrets.token_hex(6)}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node + "\n")
+    os.replace(tmp, path)
+    return node
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

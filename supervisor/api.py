@@ -11,7 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meshrt.shared.errors import http_error_body
+from sqlalchemy.exc import SQLAlchemyError
+
+from meshrt.shared.errors import ERRORS, http_error_body
 
 
 def new_request_id() -> str:
@@ -59,8 +61,18 @@ def create_app(ctx) -> FastAPI:
         return _error(request, 400, "invalid_parameter", f"{where}: {first.get('msg', 'invalid')}",
                       "invalid_request_error")
 
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(request: Request, exc: SQLAlchemyError):
+        return _error(request, 503, "service_unavailable", ERRORS["service_unavailable"].message, "server_error",
+                      headers={"Retry-After": "1"})
+
     @app.get("/healthz")
-    async def healthz():
+    async def healthz(request: Request):
+        """This process is up and its supervisor answers (a front door whose supervisor is gone
+        or wedged cannot hand a socket to anyone)."""
+        problems = await ctx.supervisor_problems()
+        if "supervisor not answering" in problems:
+            return _error(request, 503, "unhealthy", "supervisor not answering", "server_error")
         return {"status": "ok"}
 
     @app.get("/readyz")

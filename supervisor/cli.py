@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine(settings):
     from meshrt.supervisor import db
 
-    engine = db.make_engine(settings.db_url)
+    engine = db.make_engine(settings.db_url, settings.db_timeout_s)
     db.create_schema(engine)
     return engine
 
@@ -145,14 +145,15 @@ def _dispatch(args, settings) -> int:
         argv += ["--tls-key", args.tls_key] if args.tls_key else []
         return simulator.main(argv)
     if args.command == "serve":
-        from .supervisor import serve
+        from .supervisor import exit_process, serve
 
         logs.configure("supervisor", settings.log_level)
-        return serve(settings)
+        exit_process(serve(settings))
     if args.command == "dev":
         from .dev import run_dev
+        from .supervisor import exit_process
 
-        return run_dev(settings, args)
+        exit_process(run_dev(settings, args))
     if args.command == "bench":
         from .bench import run_bench
 

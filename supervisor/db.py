@@ -9,13 +9,14 @@ SHA-256 hashes plus a short display prefix.
 from __future__ import annotations
 
 import enum
+import math
 import hashlib
 import hmac
 import secrets
 import string
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Column, Index, event, text
+from sqlalchemy import BigInteger, Column, Index, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
 
@@ -104,6 +105,28 @@ class SessionRecord(SQLModel, table=True):
     cost_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     by_category: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     rates: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Set when usage reached the record after it was final: a lost node came back with
+    # increments in its spools that were not committed when another node ended the session.
+    amended_at: datetime | None = None
+
+
+class NodeState(str, enum.Enum):
+    UP = "up"  # holds a lease; its sessions are its own
+    LOST = "lost"  # its lease expired; another node ended its sessions
+    LEFT = "left"  # shut down cleanly
+
+
+class Node(SQLModel, table=True):
+    """A gateway node's lease. Times are the database's clock in epoch seconds, so nodes with
+    skewed clocks still agree on who expired."""
+
+    id: str = Field(primary_key=True)
+    hostname: str = ""
+    state: str = NodeState.UP.value
+    incarnation: int = 0  # bumped at every start: a renewal from an older one fails
+    lease_expires: float = 0.0
+    renewed_at: float = 0.0
+    started_at: datetime = Field(default_factory=utcnow)
 
 
 class AppliedIncrement(SQLModel, table=True):
@@ -129,16 +152,19 @@ class LedgerEntry(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, timeout_s: float = 10.0, pool_size: int = 5) -> Engine:
+    """An engine whose every wait is bounded by `timeout_s`: SQLite's busy timeout; PostgreSQL's
+    connect, statement and lock timeouts, so a stuck database surfaces as an error to retry."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s},
+                               pool_size=pool_size, max_overflow=2 * pool_size)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
             # WAL + NORMAL survives any process crash; usage is also in the workers' spools
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -149,15 +175,36 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    ms = int(timeout_s * 1000)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=2 * pool_size,
+                         pool_timeout=timeout_s,
+                         connect_args={"connect_timeout": max(1, math.ceil(timeout_s)),
+                                       "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"})
 
 
 def create_schema(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine)
-    # create_all skips a table that exists, and with it any index added since: add those
+    # create_all skips a table that exists, and with it any column or index added since
+    existing = inspect(engine)
     for table in SQLModel.metadata.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(engine.dialect)
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
         for index in table.indexes:
             index.create(engine, checkfirst=True)
+
+
+_NOW = {  # the database's clock, epoch seconds: leases are judged by one clock, not each node's
+    "postgresql": text("SELECT extract(epoch from clock_timestamp())::float8"),
+    "sqlite": text("SELECT (julianday('now') - 2440587.5) * 86400.0"),
+}
+
+
+def db_now(connection) -> float:
+    return float(connection.execute(_NOW[connection.dialect.name]).scalar_one())
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import anyio
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from meshrt.shared import logs
+from meshrt.shared import control, logs
+from meshrt.shared.control import Ping, Pong
 from meshrt.shared.errors import http_error_body
 from meshrt.shared.settings import load_settings
 
@@ -32,6 +34,8 @@ from .routes import ROUTERS
 
 log = logging.getLogger("meshrt.frontdoor")
 
+SUPERVISOR_ANSWER_S = 1.0
+
 
 class FrontDoorContext:
     """What the HTTP routes and the gate share inside one front-door process."""
@@ -40,17 +44,31 @@ class FrontDoorContext:
         self.settings, self.engine, self.prices, self.node = settings, engine, prices, node
         self.routers = ROUTERS
 
-    async def readiness_problems(self) -> list[str]:
-        problems = []
+    async def supervisor_problems(self) -> list[str]:
+        """Ask the supervisor over the control socket: an answer proves it is alive and serving
+        handoffs (a supervisor wedged or gone is seen within SUPERVISOR_ANSWER_S)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            await anyio.to_thread.run_sync(db.ping, self.engine)
+            with anyio.fail_after(SUPERVISOR_ANSWER_S):
+                sock.setblocking(False)
+                sock.connect(str(self.settings.control_socket))
+                await control.asend(sock, Ping())
+                answer, fds = await control.arecv(sock)
+            for fd in fds:
+                os.close(fd)
+            return list(answer.problems) if isinstance(answer, Pong) else ["supervisor answered nonsense"]
+        except (OSError, EOFError, TimeoutError, control.ControlError):
+            return ["supervisor not answering"]
+        finally:
+            sock.close()
+
+    async def readiness_problems(self) -> list[str]:
+        problems = await self.supervisor_problems()
+        try:
+            with anyio.fail_after(SUPERVISOR_ANSWER_S):
+                await anyio.to_thread.run_sync(db.ping, self.engine, abandon_on_cancel=True)
         except Exception as exc:  # noqa: BLE001 - any DB failure means not ready
             problems.append(f"database: {type(exc).__name__}")
-        run = Path(self.settings.state_dir) / "run"
-        if (run / "draining").exists():
-            problems.append("draining")
-        if not (run / "zygote.ready").exists():
-            problems.append("zygote not ready")
         return problems
 
     async def metrics_snapshot(self) -> dict:
@@ -61,13 +79,17 @@ class FrontDoorContext:
             return {}
 
     def refuse_granted(self, session_id: str, code: str) -> None:
-        """A granted session the supervisor would not take: close its row with the code."""
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
-            row = s.get(db.SessionRecord, session_id)
-            if row is not None and row.state == db.SessionState.GRANTED.value:
-                row.state, row.end_reason = db.SessionState.ENDED.value, code
-                row.close_code = None
-                row.ended_at = db.utcnow()
+        """A granted session the supervisor would not take: close its row with the code. If the
+        database is out of reach, the supervisor's orphaned-grant sweep or recovery ends it."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                row = s.get(db.SessionRecord, session_id)
+                if row is not None and row.state == db.SessionState.GRANTED.value:
+                    row.state, row.end_reason = db.SessionState.ENDED.value, code
+                    row.close_code = None
+                    row.ended_at = db.utcnow()
+        except SQLAlchemyError:
+            log.warning("could not end a refused session's row", extra={"session_id": session_id})
 
 
 def header_deadline_protocol(timeout_s: float):
@@ -129,7 +151,7 @@ def header_deadline_protocol(timeout_s: float):
 
 
 def build(settings, node: str):
-    engine = db.make_engine(settings.db_url)
+    engine = db.make_engine(settings.db_url, settings.db_timeout_s)
     prices = load_catalog(settings)
     ctx = FrontDoorContext(settings, engine, prices, node)
     admit = functools.partial(gate.admit, engine, settings, prices)
@@ -164,7 +186,7 @@ def die_with_parent(parent_pid: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshrt-frontdoor")
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--node", default=socket.gethostname())
+    parser.add_argument("--node", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
     if args.parent_pid is not None:

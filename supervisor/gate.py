@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 
 from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from meshrt.shared.control import Grant
 from meshrt.shared.errors import GatewayError
@@ -63,6 +64,19 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
     key = check_request(settings, upgrade, peer_ip)
     digest = hash_key(key)
     began = time.monotonic()
+    try:
+        grant = _admit_in_transaction(engine, settings, prices, upgrade, peer_ip, request_id, node, digest)
+    except SQLAlchemyError as exc:  # refused, dropped, timed out, locked: the client may retry
+        log.warning("admission failed: database unavailable", extra={"request_id": request_id, "fields": {
+            "error": f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0][:200]}"}})
+        raise GatewayError("service_unavailable") from exc
+    log.info("admitted", extra={"request_id": request_id, "session_id": grant.session_id,
+                                "fields": {"admit_ms": round((time.monotonic() - began) * 1000, 2)}})
+    return grant
+
+
+def _admit_in_transaction(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: str | None,
+                          request_id: str, node: str, digest: str) -> Grant:
     with engine.begin() as db:
         found = db.execute(_KEY_AND_ACCOUNT, {"digest": digest}).first()  # the key, and its account locked
         if (found is None or not hmac.compare_digest(found.key_hash, digest) or found.revoked_at is not None
@@ -93,8 +107,6 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
             "api_key_id": grant.api_key_id, "model": model, "node": node, "state": SessionState.GRANTED.value,
             "pid": None, "client_addr": grant.client_addr, "started_at": datetime.fromtimestamp(now, timezone.utc),
             "ended_at": None, "end_reason": None, "close_code": None, "responses": 0, "usage": {},
-            "cost_pico": 0, "by_category": {}, "rates": grant.rates,
+            "cost_pico": 0, "by_category": {}, "rates": grant.rates, "amended_at": None,
         })
-    log.info("admitted", extra={"request_id": request_id, "session_id": grant.session_id,
-                                "fields": {"admit_ms": round((time.monotonic() - began) * 1000, 2)}})
     return grant

@@ -12,8 +12,10 @@ The write functions take an open `Session` and run inside the writer's transacti
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,7 +24,7 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select
 
-from .db import Account, AppliedIncrement, LedgerEntry, SessionRecord, SessionState, utcnow
+from .db import Account, AppliedIncrement, LedgerEntry, Node, NodeState, SessionRecord, SessionState, db_now, utcnow
 from .usage import summarize
 
 log = logging.getLogger("meshrt.supervisor")
@@ -75,26 +77,69 @@ _FINALIZE = (update(_sessions)
                      end_reason=bindparam("final_reason"), close_code=bindparam("final_code"),
                      responses=bindparam("final_responses"), usage=bindparam("final_usage"),
                      cost_pico=bindparam("final_cost"), by_category=bindparam("final_by_category")))
+# A record already final (another node ended it when this one lost its lease) that gets usage
+# from this node's spool later: the totals are recomputed and the amendment dated.
+_AMEND = (update(_sessions).where(_sessions.c.id == bindparam("final_id"))
+          .values(responses=bindparam("final_responses"), usage=bindparam("final_usage"),
+                  cost_pico=bindparam("final_cost"), by_category=bindparam("final_by_category"),
+                  amended_at=bindparam("final_ended_at")))
+
+
+class Finalized(str, enum.Enum):
+    WRITTEN = "written"  # the record is final now
+    AMENDED = "amended"  # it was final already; late usage was added to it
+    ALREADY = "already"  # it was final already, with everything the spool holds
+    MISSING = "missing"  # no such session row
 
 
 def finalize(db: Session, session_id: str, end_reason: str, close_code: int | None,
-             ended_at: datetime | None = None) -> bool:
-    """Write the session's final record once, from the increments applied for it. Returns
-    False if it was already final (or does not exist)."""
+             increments: dict[int, dict] | None = None, ended_at: datetime | None = None) -> Finalized:
+    """Apply what the session's spool holds (each increment once, whenever it arrives), then
+    write the final record from every increment applied for it — one transaction, so a record
+    is never final without all of its spool. Safe to repeat."""
     connection = db.connection()
+    exists = connection.execute(select(_sessions.c.state, _sessions.c.account_id)
+                                .where(_sessions.c.id == session_id)).first()
+    if exists is None:
+        return Finalized.MISSING
+    added = sum(apply_increment(db, session_id, exists.account_id, seq, body) is not None
+                for seq, body in sorted((increments or {}).items()))
+    if exists.state == SessionState.ENDED.value and not added:
+        return Finalized.ALREADY
     bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()
     summary = summarize(list(bodies))
-    written = connection.execute(_FINALIZE, {
-        "final_id": session_id, "final_ended_at": ended_at or utcnow(), "final_reason": end_reason,
-        "final_code": close_code, "final_responses": summary["responses"], "final_usage": summary["usage"],
-        "final_cost": summary["cost_pico"], "final_by_category": summary["by_category"]})
-    return written.rowcount == 1
+    values = {"final_id": session_id, "final_ended_at": ended_at or utcnow(), "final_reason": end_reason,
+              "final_code": close_code, "final_responses": summary["responses"], "final_usage": summary["usage"],
+              "final_cost": summary["cost_pico"], "final_by_category": summary["by_category"]}
+    if exists.state != SessionState.ENDED.value:
+        connection.execute(_FINALIZE, values)
+        return Finalized.WRITTEN
+    connection.execute(_AMEND, values)
+    return Finalized.AMENDED
+
+
+def committed_seqs(db: Session, session_id: str) -> set[int]:
+    """The increments of a session the database has: what a replay need not count again."""
+    return set(db.connection().execute(select(_applied.c.seq).where(_applied.c.session_id == session_id)).scalars())
+
+
+def balances(db: Session, account_ids: list[str]) -> dict[str, int]:
+    """Current balances (top-ups from any node included): the quota estimate's base."""
+    rows = db.connection().execute(select(_accounts.c.id, _accounts.c.balance_pico)
+                                   .where(_accounts.c.id.in_(account_ids)))
+    return {row.id: row.balance_pico for row in rows}
 
 
 def unfinished_sessions(engine, node: str) -> list[SessionRecord]:
     with Session(engine, expire_on_commit=False) as db:
         return list(db.exec(select(SessionRecord).where(
             SessionRecord.node == node, SessionRecord.state != SessionState.ENDED.value)).all())
+
+
+def session_rows(engine, session_ids: list[str]) -> dict[str, SessionRecord]:
+    with Session(engine, expire_on_commit=False) as db:
+        rows = db.exec(select(SessionRecord).where(SessionRecord.id.in_(session_ids))).all()
+        return {row.id: row for row in rows}
 
 
 def granted_sessions(engine, node: str) -> list[SessionRecord]:
@@ -110,13 +155,91 @@ def end_orphaned_grant(db: Session, session_id: str, end_reason: str) -> bool:
     row = db.get(SessionRecord, session_id)
     if row is None or row.state != SessionState.GRANTED.value:
         return False
-    return finalize(db, session_id, end_reason, None)
+    return finalize(db, session_id, end_reason, None) is Finalized.WRITTEN
+
+
+# --- node leases ---------------------------------------------------------------------------
+# A node acts only on its own rows while it holds its lease; a node whose lease expired is lost:
+# a live node ends its sessions (`node_lost`), which frees their account slots and bills what
+# was committed; the lost node, back later, replays its spools into those records.
+
+_nodes = Node.__table__
+
+
+@dataclass(frozen=True)
+class Lease:
+    incarnation: int
+    expires: float  # the database's clock
+    now: float
+    was_lost: bool = False  # joining: the previous incarnation had been declared lost
+
+
+def join_node(db: Session, node_id: str, hostname: str, ttl: float) -> Lease:
+    """Take this node's lease for a new incarnation (a restart of the same node included)."""
+    connection = db.connection()
+    now = db_now(connection)
+    row = connection.execute(select(_nodes).where(_nodes.c.id == node_id).with_for_update()).first()
+    if row is None:
+        connection.execute(_nodes.insert().values(id=node_id, hostname=hostname, state=NodeState.UP.value,
+                                                  incarnation=1, lease_expires=now + ttl, renewed_at=now,
+                                                  started_at=utcnow()))
+        return Lease(1, now + ttl, now)
+    incarnation = row.incarnation + 1
+    connection.execute(update(_nodes).where(_nodes.c.id == node_id).values(
+        hostname=hostname, state=NodeState.UP.value, incarnation=incarnation, lease_expires=now + ttl,
+        renewed_at=now, started_at=utcnow()))
+    return Lease(incarnation, now + ttl, now, was_lost=row.state == NodeState.LOST.value)
+
+
+def renew_lease(db: Session, node_id: str, incarnation: int, ttl: float) -> Lease | None:
+    """Extend the lease; None when it is no longer ours (declared lost, or a newer incarnation)."""
+    connection = db.connection()
+    now = db_now(connection)
+    renewed = connection.execute(
+        update(_nodes).where(_nodes.c.id == node_id, _nodes.c.incarnation == incarnation,
+                             _nodes.c.state == NodeState.UP.value)
+        .values(lease_expires=now + ttl, renewed_at=now).returning(_nodes.c.lease_expires)).first()
+    return None if renewed is None else Lease(incarnation, renewed.lease_expires, now)
+
+
+def leave_node(db: Session, node_id: str, incarnation: int) -> None:
+    db.connection().execute(update(_nodes).where(_nodes.c.id == node_id, _nodes.c.incarnation == incarnation)
+                            .values(state=NodeState.LEFT.value))
+
+
+@dataclass(frozen=True)
+class Reaped:
+    node_id: str
+    sessions: list[str]
+
+
+def reap_lost_nodes(db: Session, reaper_id: str, held_since: float, ttl: float) -> list[Reaped]:
+    """End the sessions of every node whose lease expired. A node is judged only by a reaper that
+    has held its own lease for a full `ttl` (`held_since`, the database's clock): after an outage
+    every lease looks expired, and each node gets that long to renew before anyone is reaped."""
+    connection = db.connection()
+    now = db_now(connection)
+    if now < held_since + ttl:
+        return []
+    expired = connection.execute(
+        update(_nodes).where(_nodes.c.state == NodeState.UP.value, _nodes.c.id != reaper_id,
+                             _nodes.c.lease_expires < now)
+        .values(state=NodeState.LOST.value).returning(_nodes.c.id)).scalars().all()
+    reaped = []
+    for node_id in expired:
+        sessions = connection.execute(select(_sessions.c.id).where(
+            _sessions.c.node == node_id, _sessions.c.state != SessionState.ENDED.value)).scalars().all()
+        for session_id in sessions:
+            finalize(db, session_id, "node_lost", None)
+        reaped.append(Reaped(node_id, list(sessions)))
+    return reaped
 
 
 @dataclass
 class Job:
     call: object
     args: tuple
+    number: int  # FIFO position: a balance read by job n includes every commit of jobs < n
     done: anyio.Event = field(default_factory=anyio.Event)
     result: object = None
     error: BaseException | None = None
@@ -128,20 +251,44 @@ class Job:
         return self.result
 
 
+class BatchAbandoned(TimeoutError):
+    """A batch outlived its deadline (a database that stopped answering); its outcome is
+    unknown, so its jobs fail and their callers retry — every write here is safe to repeat."""
+
+
+class WriterStopped(RuntimeError):
+    pass
+
+
 class LedgerWriter:
     """One task owns the supervisor's writes: FIFO, batched into one transaction per wake-up
     (SQLite has one writer; one commit for many writes), a savepoint per job so one failing
     write fails alone. Callers enqueue without waiting, so a slow database never delays what
-    the supervisor sees of its workers."""
+    the supervisor sees of its workers. A job that fails is the caller's to retry: the writer
+    never retries by itself, so one bad write cannot hold up the queue behind it."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, batch_deadline_s: float = 30.0):
         self.engine = engine
+        self.batch_deadline_s = batch_deadline_s
         self._send, self._receive = anyio.create_memory_object_stream(math.inf)
         self.queued = 0
+        self.enqueued = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self.last_failure: float | None = None  # monotonic time of the last failed batch or job
+        self.last_success: float | None = None
+        self.stopped = False
 
     def enqueue(self, call, *args) -> Job:
-        job = Job(call, args)
+        self.enqueued += 1
+        job = Job(call, args, self.enqueued)
+        if self.stopped:
+            job.error = WriterStopped("the ledger writer has stopped")
+            job.done.set()
+            return job
         self.queued += 1
+        if self._idle.is_set():
+            self._idle = anyio.Event()
         self._send.send_nowait(job)
         return job
 
@@ -149,6 +296,19 @@ class LedgerWriter:
         return await self.enqueue(call, *args).wait()
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:  # cancelled (the supervisor stops): nothing queued may wait for ever
+            self.stopped = True
+            while True:
+                try:
+                    job = self._receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                job.error = WriterStopped("the ledger writer has stopped")
+                job.done.set()
+
+    async def _serve(self) -> None:
         async for first in self._receive:
             batch = [first]
             while len(batch) < MAX_BATCH:
@@ -156,15 +316,27 @@ class LedgerWriter:
                     batch.append(self._receive.receive_nowait())
                 except anyio.WouldBlock:
                     break
-            with anyio.CancelScope(shield=True):  # a started batch always completes
-                await anyio.to_thread.run_sync(self._run_batch, batch)
+            with anyio.CancelScope(shield=True):  # a started batch always completes (or is abandoned)
+                with anyio.move_on_after(self.batch_deadline_s) as deadline:
+                    await anyio.to_thread.run_sync(self._run_batch, batch, abandon_on_cancel=True)
+            if deadline.cancelled_caught:
+                log.error("ledger batch abandoned: the database did not answer",
+                          extra={"fields": {"jobs": len(batch), "deadline_s": self.batch_deadline_s}})
+                for job in batch:
+                    job.error = BatchAbandoned(f"no answer from the database in {self.batch_deadline_s} s")
+            failed = any(job.error is not None for job in batch)
+            if failed:
+                self.last_failure = time.monotonic()
+            else:
+                self.last_success = time.monotonic()
             for job in batch:
                 self.queued -= 1
                 job.done.set()
+            if not self.queued:
+                self._idle.set()
 
     async def idle(self) -> None:
-        while self.queued:
-            await anyio.sleep(0.01)
+        await self._idle.wait()
 
     def _run_batch(self, batch: list[Job]) -> None:
         try:
@@ -175,8 +347,16 @@ class LedgerWriter:
                             job.result = job.call(db, *job.args)
                     except Exception as exc:  # noqa: BLE001 - reported to the job's waiter
                         job.error = exc
-                        log.exception("ledger write failed", extra={"fields": {"call": job.call.__name__}})
+                        log.warning("ledger write failed", extra={"fields": {
+                            "call": job.call.__name__, "error": _one_line(exc)}})
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job failed
-            log.exception("ledger batch failed")
+            log.warning("ledger batch failed", extra={"fields": {"jobs": len(batch), "error": _one_line(exc)}})
             for job in batch:
                 job.error = job.error or exc
+                job.result = None
+
+
+def _one_line(exc: BaseException) -> str:
+    """A database error in one line (SQLAlchemy's carry the SQL and a help link on more)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -17,6 +17,7 @@ HELP = {
     "meshrt_usage_increments_total": ("counter", "Usage increments applied to balances."),
     "meshrt_usage_cost_usd_total": ("counter", "USD debited for usage (exact decimal)."),
     "meshrt_worker_crashes_total": ("counter", "Workers that exited without reporting their end."),
+    "meshrt_nodes_reaped_total": ("counter", "Other nodes this one declared lost (their lease expired)."),
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from dataclasses import dataclass, field
 
 from meshrt.shared.control import Grant, WorkerEnded
@@ -12,13 +11,12 @@ from meshrt.shared.control import Grant, WorkerEnded
 @dataclass
 class LiveSession:
     grant: Grant
-    channel: socket.socket
-    started_mono: float = field(default_factory=time.monotonic)
+    channel: socket.socket | None  # None: recovered from its spool, no worker
     pid: int | None = None
-    live: bool = False
     ended: WorkerEnded | None = None
-    increments: dict = field(default_factory=dict)  # seq -> increment dict (as reported)
+    reported: dict = field(default_factory=dict)  # seq -> increment dict, as the worker reported it
     stop_sent: str | None = None
+    finalized: bool = False  # the final record committed: nothing of this session is left to write
 
 
 class Registry:

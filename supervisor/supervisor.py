@@ -3,7 +3,10 @@ keeper of the live-session registry, and the only writer of final usage records.
 
 Shape (after gunicorn's arbiter): signals become messages into one task group; children are
 restarted when they die; every session is finalised exactly once, when its worker's channel
-closes — however the worker ended — from the increments applied for it plus its spool.
+closes — however the worker ended — from its spool, which stays the truth until the final
+record commits. Database writes that fail are retried with backoff (every write is safe to
+repeat); anything else that fails takes the whole supervisor down with a non-zero exit, so its
+restarter and the workers' re-attachment take over — a half-dead supervisor never lingers.
 Start-up order matters for isolation: the zygote is started (with a scrubbed environment)
 before the database is opened or the upstream key is read.
 """
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal
@@ -23,16 +25,19 @@ import time
 from pathlib import Path
 
 import anyio
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
-from meshrt.shared import control
+from meshrt.shared import control, spool
 from meshrt.shared.control import (
-    Handoff, HandoffAck, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded, WorkerExited,
-    WorkerLive, ZygoteReady,
+    Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
+    WorkerExited, WorkerLive, ZygoteReady,
 )
-from meshrt.shared.settings import Settings, scrubbed_env, settings_env
+from meshrt.shared.settings import Settings, node_identity, scrubbed_env, settings_env
 
 from . import db, ledger
+from .ledger import Finalized
 from .metrics import Metrics
+from .quota import QuotaEstimate
 from .registry import LiveSession, Registry
 
 log = logging.getLogger("meshrt.supervisor")
@@ -42,28 +47,45 @@ ORPHAN_GRACE_S = 2.0  # a dead front door's last handoffs are served well within
 REATTACH_GRACE_S = 3.0
 BIND_WAIT_S = 10.0
 METRICS_INTERVAL_S = 1.0
-FINALIZE_TIMEOUT_S = 60.0
+BALANCE_REFRESH_S = 0.5  # top-ups made on any node reach the quota decision within this
+RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
+EXIT_CRASHED = 70  # EX_SOFTWARE: a task failed; the restarter starts a fresh supervisor
+DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
+
+
+def _retrying(give_up) -> AsyncRetrying:
+    """Backoff for a database write: retried while `give_up()` is false (every ledger write is
+    safe to repeat: increments by (session_id, seq), the record by its state)."""
+    return AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
+                         retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not give_up()),
+                         sleep=anyio.sleep, reraise=True)
 
 
 class Supervisor:
     def __init__(self, settings: Settings, node: str | None = None):
         self.settings = settings
-        self.node = node or socket.gethostname()
+        self.node = node  # set from the state dir in run() if not given
         self.registry = Registry()
         self.metrics = Metrics()
         self.finalizing = 0  # sessions whose record is being written
-        self.balances: dict[str, list[int]] = {}  # account -> [last known balance, pending debits]
+        self.quota: dict[str, QuotaEstimate] = {}  # account -> what it can still spend
+        self.lease: ledger.Lease | None = None
+        self.lease_valid_until = 0.0  # monotonic: the lease is ours until then, as far as we know
+        self.held_since = 0.0  # the database's clock: since when we have held the lease unbroken
         self.draining = False
         self.stopping = False
         self.run_dir = settings.state_dir / "run"
         self.frontdoor: subprocess.Popen | None = None
         self.zygote: subprocess.Popen | None = None
         self.zygote_channel: socket.socket | None = None
+        self.zygote_ready = False
         # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
         self.control_socket_path = str(settings.control_socket.resolve())  # once, not per session
         self.engine = None
+        self.tg = None
+        self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -71,8 +93,6 @@ class Supervisor:
         for path in (self.settings.state_dir, self.run_dir, self.settings.spool_dir):
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
-        for stale in ("draining", "zygote.ready"):
-            (self.run_dir / stale).unlink(missing_ok=True)
 
     def _start_zygote(self) -> None:
         ours, theirs = control.seqpacket_pair()
@@ -83,6 +103,7 @@ class Supervisor:
         theirs.close()
         ours.setblocking(False)
         self.zygote_channel = ours
+        self.zygote_ready = False
         log.info("zygote started", extra={"pid": self.zygote.pid})
 
     async def _bind(self) -> tuple[socket.socket, socket.socket]:
@@ -126,23 +147,61 @@ class Supervisor:
 
     async def run(self) -> int:
         self._prepare_dirs()
+        self.node = self.node or node_identity(self.settings)
         self._start_zygote()
-        self.engine = db.make_engine(self.settings.db_url)
-        await anyio.to_thread.run_sync(db.create_schema, self.engine)
-        self.writer = ledger.LedgerWriter(self.engine)
+        try:
+            return await self._run()
+        except BaseException:
+            log.critical("supervisor failed; exiting so that a fresh one takes over", exc_info=True)
+            self._kill_children()
+            return EXIT_CRASHED
+
+    async def _run(self) -> int:
+        s = self.settings
+        self.engine = db.make_engine(s.db_url, s.db_timeout_s)
+        # the lease on a connection of its own: never queued behind the ledger's writes
+        self.lease_engine = db.make_engine(s.db_url, s.db_timeout_s, pool_size=1)
+        await self._until_done("create the schema", anyio.to_thread.run_sync, db.create_schema, self.engine)
+        await self._join()
+        self.writer = ledger.LedgerWriter(self.engine, batch_deadline_s=3 * s.db_timeout_s)
         listener, handoffs = await self._bind()
         self._start_frontdoor(listener)
-        print(f"meshrt listening on http://{self.settings.host}:{listener.getsockname()[1]}", flush=True)
+        print(f"meshrt listening on http://{s.host}:{listener.getsockname()[1]}", flush=True)
+        log.info("node up", extra={"fields": {"node": self.node, "incarnation": self.lease.incarnation}})
         async with anyio.create_task_group() as tg:
             self.tg = tg
             tg.start_soon(self.writer.run)
             tg.start_soon(self._recover)
+            tg.start_soon(self._hold_lease)
+            tg.start_soon(self._refresh_balances)
             tg.start_soon(self._publish_metrics)
             tg.start_soon(self._accept_handoffs, handoffs)
             tg.start_soon(self._read_zygote)
             tg.start_soon(self._watch_frontdoor, listener)
             tg.start_soon(self._watch_signals)
         return 0
+
+    def _giving_up(self) -> bool:
+        """Stopping (or crashing): a write that fails now is left to the spool and the next start."""
+        return self.stopping or (self.tg is not None and self.tg.cancel_scope.cancel_called)
+
+    def _kill_children(self) -> None:
+        for child in (self.frontdoor, self.zygote):
+            if child is not None and child.poll() is None:
+                child.kill()
+
+    async def _until_done(self, what: str, call, *args):
+        """Retry a start-up step until the database lets it through (or the supervisor stops)."""
+        attempt = 0
+        async for attempt_state in _retrying(self._giving_up):
+            with attempt_state:
+                attempt += 1
+                try:
+                    return await call(*args)
+                except Exception as exc:
+                    log.warning(f"could not {what}; retrying", extra={"fields": {
+                        "attempt": attempt, "error": ledger._one_line(exc)}})
+                    raise
 
     async def _publish_metrics(self) -> None:
         path = self.run_dir / "metrics.json"
@@ -160,7 +219,12 @@ class Supervisor:
 
     async def _watch_frontdoor(self, listener: socket.socket) -> None:
         while not self.stopping:
-            code = await anyio.to_thread.run_sync(self.frontdoor.wait, abandon_on_cancel=True)
+            exited = os.pidfd_open(self.frontdoor.pid)  # readable once it exits: no thread waits on it
+            try:
+                await anyio.wait_readable(exited)
+            finally:
+                os.close(exited)
+            code = self.frontdoor.wait()
             if self.stopping:
                 return
             log.warning("front door exited; restarting", extra={"fields": {"exit_code": code}})
@@ -176,18 +240,15 @@ class Supervisor:
         granted before its successor starts are candidates: the snapshot is taken first."""
         try:
             rows = await anyio.to_thread.run_sync(ledger.granted_sessions, self.engine, self.node)
-        except Exception:  # noqa: BLE001 - the database is down: the next restart's recovery ends them
-            log.exception("could not list granted sessions")
+        except Exception as exc:  # noqa: BLE001 - the database is down: the next restart's recovery ends them
+            log.warning("could not list granted sessions", extra={"fields": {"error": ledger._one_line(exc)}})
             rows = []
         task_status.started()
         await anyio.sleep(ORPHAN_GRACE_S)
         for row in rows:
             if self.registry.get(row.id) is not None or self._spool_path(row.id).exists():
                 continue  # handed over: a worker has it, or its record is being written
-            try:
-                ended = await self.writer.submit(ledger.end_orphaned_grant, row.id, "internal_error")
-            except Exception:  # noqa: BLE001 - logged by the writer
-                continue
+            ended, _ = await self._write(ledger.end_orphaned_grant, row.id, "internal_error")
             if ended:
                 log.warning("ended a session its dead front door never handed over",
                             extra={"session_id": row.id, "request_id": row.request_id})
@@ -212,6 +273,9 @@ class Supervisor:
         fds: list[int] = []
         try:
             message, fds = await control.arecv(conn)
+            if isinstance(message, Ping):
+                await control.asend(conn, Pong(self.problems()))
+                return
             if isinstance(message, Reattach) and not fds:
                 await self._adopt(message, conn)
                 conn = None  # now the session's channel
@@ -233,6 +297,20 @@ class Supervisor:
             if conn is not None:
                 conn.close()
 
+    def problems(self) -> list[str]:
+        """Why this node should not be sent sessions now (what the front door's /readyz says)."""
+        problems = []
+        if self.draining:
+            problems.append("draining")
+        if not self.zygote_ready:
+            problems.append("zygote not ready")
+        if time.monotonic() > self.lease_valid_until:
+            problems.append("node lease not renewed (database unreachable?)")
+        failed, succeeded = self.writer.last_failure, self.writer.last_success
+        if failed is not None and (succeeded is None or succeeded < failed) and time.monotonic() - failed < DATABASE_STALE_S:
+            problems.append("database writes failing")
+        return problems
+
     def _refusal(self) -> str | None:
         if self.draining:
             return "server_shutting_down"
@@ -243,7 +321,7 @@ class Supervisor:
         return None
 
     def _spool_path(self, session_id: str) -> Path:
-        return self.settings.spool_dir / f"{session_id}.jsonl"
+        return spool.path(self.settings.spool_dir, session_id)
 
     async def _spawn(self, handoff: Handoff, client_fd: int) -> None:
         """Send the session to the zygote: fds [client, worker channel, spool]. The caller
@@ -255,9 +333,9 @@ class Supervisor:
             max_message_bytes=s.max_message_bytes, drain_usage_s=s.drain_usage_s,
             upstream_connect_timeout_s=s.upstream_connect_timeout_s,
             upstream_attempts=s.upstream_attempts, backend=s.worker_backend,
-            memory_limit_mb=s.worker_memory_mb, control_socket=self.control_socket_path)
-        spool_fd = os.open(self._spool_path(grant.session_id),
-                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            memory_limit_mb=s.worker_memory_mb, control_socket=self.control_socket_path,
+            orphan_limit_s=s.node_lease_s)
+        spool_fd = spool.open_for_worker(s.spool_dir, grant.session_id)
         ours, theirs = control.seqpacket_pair()
         try:
             async with self.zygote_send_lock:
@@ -269,6 +347,8 @@ class Supervisor:
         ours.setblocking(False)
         live = LiveSession(grant, ours)
         self.registry.add(live)
+        # the balance admission read: a first estimate until the next refresh (a stop is confirmed first)
+        self._estimate(grant.account_id).observe_balance(grant.balance_pico, -1)
         self.tg.start_soon(self._watch_worker, live)
 
     # --- zygote and workers ---------------------------------------------------------------
@@ -289,7 +369,7 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
             if isinstance(message, ZygoteReady):
-                (self.run_dir / "zygote.ready").write_text(str(message.pid))
+                self.zygote_ready = True
             elif isinstance(message, Spawned):
                 self.registry.set_pid(message.session_id, message.pid)
             elif isinstance(message, WorkerExited):
@@ -307,52 +387,111 @@ class Supervisor:
                 for fd in fds:
                     os.close(fd)
                 if isinstance(message, WorkerLive):
-                    live.live, live.pid = True, message.pid
-                    self.writer.enqueue(ledger.mark_live, message.session_id, message.pid)
+                    live.pid = message.pid
+                    self.tg.start_soon(self._write, ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
                     await self._apply(live, message.seq, message.increment)
                 elif isinstance(message, WorkerEnded):
                     live.ended = message
         finally:
-            with anyio.move_on_after(FINALIZE_TIMEOUT_S, shield=True):  # bounded even in shutdown
+            with anyio.CancelScope(shield=True):  # ends by itself when the record commits or we stop
                 await self._finalize(live)
 
-    async def _apply(self, live: LiveSession, seq: int, increment: dict) -> None:
-        """Debit one increment. Its write is queued now (so it lands before the session's
-        finalisation); the stop decision does not wait for it: it uses the balance estimate
-        (last balance the database returned, minus debits still queued), so a slow database
-        never lets an account run on past zero. The database stays the authority."""
-        grant = live.grant
-        live.increments[seq] = increment
-        cost = int(increment["cost_picodollars"])
-        job = self.writer.enqueue(ledger.apply_increment, grant.session_id, grant.account_id, seq, increment)
-        balances = self.balances.setdefault(grant.account_id, [grant.balance_pico, 0])  # [known, pending]
-        balances[1] += cost
-        self.tg.start_soon(self._settle, grant.account_id, cost, job, balances)
-        if balances[0] - balances[1] <= 0:
-            await self._stop_account(grant.account_id, "insufficient_quota")
+    # --- money ----------------------------------------------------------------------------
 
-    async def _settle(self, account_id: str, cost: int, job, balances: list[int]) -> None:
+    async def _write(self, call, *args, give_up=None):
+        """Run one ledger write, retrying with backoff until it commits (or `give_up()`, or the
+        supervisor stops: what is left is in a spool, and the next start finishes it). Returns
+        (result, job number), or (None, None) when it gave up."""
+        give_up = give_up or (lambda: False)
         try:
-            balance = await job.wait()
-        except Exception:  # noqa: BLE001 - logged by the writer; the spool still has it
-            balance = None
-        finally:
-            balances[1] -= cost
-        if balance is None:
+            async for attempt in _retrying(lambda: self._giving_up() or give_up()):
+                with attempt:
+                    job = self.writer.enqueue(call, *args)
+                    return await job.wait(), job.number
+        except Exception:  # noqa: BLE001 - each failure was logged by the writer
+            return None, None
+
+    def _estimate(self, account_id: str) -> QuotaEstimate:
+        estimate = self.quota.get(account_id)
+        if estimate is None:
+            estimate = self.quota[account_id] = QuotaEstimate()
+        return estimate
+
+    async def _apply(self, live: LiveSession, seq: int, increment: dict, check: bool = True) -> None:
+        """Bill one increment: it counts against the account's estimate at once, and its write
+        is retried until the database acknowledges it; the spool keeps it meanwhile."""
+        if seq in live.reported:
             return
-        self.metrics.inc("meshrt_usage_increments_total")
-        self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
-        balances[0] = balance
-        if balance - balances[1] <= 0:
-            await self._stop_account(account_id, "insufficient_quota")
+        live.reported[seq] = increment
+        grant = live.grant
+        key, cost = (grant.session_id, seq), int(increment["cost_picodollars"])
+        estimate = self._estimate(grant.account_id)
+        estimate.add(key, cost)
+        self.tg.start_soon(self._commit, live, seq, increment)
+        if check:
+            self._check_quota_soon(grant.account_id)
+
+    async def _commit(self, live: LiveSession, seq: int, increment: dict) -> None:
+        grant = live.grant
+        balance, job = await self._write(ledger.apply_increment, grant.session_id, grant.account_id, seq,
+                                         increment, give_up=lambda: live.finalized)
+        if job is None:
+            return  # finalisation took it over (it applies the whole spool)
+        estimate = self._estimate(grant.account_id)
+        if balance is not None:  # None: the database had it already (a replay)
+            self.metrics.inc("meshrt_usage_increments_total")
+            self.metrics.inc("meshrt_usage_cost_picodollars_total", int(increment["cost_picodollars"]))
+            estimate.observe_balance(balance, job)
+        estimate.acknowledged((grant.session_id, seq), job)
+        self._check_quota_soon(grant.account_id)
+
+    def _check_quota_soon(self, account_id: str) -> None:
+        """Stop the account's sessions when it cannot pay for more. An estimate at zero is
+        confirmed by a fresh read first (a top-up may have landed since the last refresh); with
+        the database unreachable, the estimate decides. Off the caller's path: a worker's
+        messages are never held behind the database."""
+        if (self._estimate(account_id).exhausted and account_id not in self.checking_quota
+                and self.registry.of_account(account_id)):
+            self.checking_quota.add(account_id)
+            self.tg.start_soon(self._confirm_exhausted, account_id)
+
+    async def _confirm_exhausted(self, account_id: str) -> None:
+        try:
+            await self._read_balances([account_id])
+            if self._estimate(account_id).exhausted:
+                await self._stop_account(account_id, "insufficient_quota")
+        finally:
+            self.checking_quota.discard(account_id)
+
+    async def _read_balances(self, account_ids: list[str]) -> None:
+        job = self.writer.enqueue(ledger.balances, account_ids)
+        try:
+            found = await job.wait()
+        except Exception:  # noqa: BLE001 - logged by the writer; the estimate stands meanwhile
+            return
+        for account_id, balance in found.items():
+            self._estimate(account_id).observe_balance(balance, job.number)
+
+    async def _refresh_balances(self) -> None:
+        """Balances of the accounts with live sessions here, read often: top-ups on any node count."""
+        while True:
+            await anyio.sleep(BALANCE_REFRESH_S)
+            accounts = sorted({live.grant.account_id for live in self.registry.sessions()})
+            for gone in set(self.quota) - set(accounts):
+                if not any(job is None for _, job in self.quota[gone]._unsettled.values()):
+                    del self.quota[gone]
+            if accounts:
+                await self._read_balances(accounts)
+                for account_id in accounts:
+                    self._check_quota_soon(account_id)
 
     async def _stop_account(self, account_id: str, code: str) -> None:
         for other in self.registry.of_account(account_id):
             await self._stop(other, code)
 
     async def _stop(self, live: LiveSession, code: str) -> None:
-        if live.stop_sent is not None:
+        if live.stop_sent is not None or live.channel is None:
             return
         live.stop_sent = code
         try:
@@ -360,39 +499,20 @@ class Supervisor:
         except OSError:
             pass
 
-    def _read_spool(self, session_id: str) -> tuple[dict[int, dict], dict | None]:
-        """The session's spool: increments by seq, and the worker's end line if it wrote one."""
-        increments: dict[int, dict] = {}
-        end = None
-        try:
-            lines = self._spool_path(session_id).read_bytes().splitlines()
-        except FileNotFoundError:
-            return increments, end
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                if "end" in entry:
-                    end = entry["end"]
-                else:
-                    increments[int(entry["seq"])] = entry["increment"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("torn spool line ignored", extra={"session_id": session_id})
-        return increments, end
-
-    async def _replay_spool(self, live: LiveSession) -> dict | None:
-        """Apply whatever the spool holds that was not applied through the channel."""
-        increments, end = self._read_spool(live.grant.session_id)
-        for seq, increment in sorted(increments.items()):
-            if seq not in live.increments:
-                await self._apply(live, seq, increment)
-        return end
+    async def _replay_spool(self, live: LiveSession) -> spool.SpoolEnd | None:
+        """Count what the spool holds that the channel did not deliver (an adopted session's)."""
+        held = spool.read(self._spool_path(live.grant.session_id))
+        for seq, increment in sorted(held.increments.items()):
+            await self._apply(live, seq, increment, check=False)
+        return held.end
 
     async def _finalize(self, live: LiveSession) -> None:
-        """The worker is gone: bill what its spool holds that the channel did not deliver, then
-        write the record (once). Node capacity frees at once; the billing may queue a little."""
+        """The worker is gone: write the record from its spool. Node capacity frees at once; the
+        record is retried until it commits, and only then is the spool removed."""
         grant = live.grant
         self.registry.remove(grant.session_id)
-        live.channel.close()
+        if live.channel is not None:
+            live.channel.close()
         self.finalizing += 1
         try:
             await self._write_final(live)
@@ -401,53 +521,152 @@ class Supervisor:
 
     async def _write_final(self, live: LiveSession) -> None:
         grant = live.grant
-        spooled_end = await self._replay_spool(live)
+        held = spool.read(self._spool_path(grant.session_id))
+        estimate = self._estimate(grant.account_id)
+        for seq, increment in held.increments.items():
+            if seq not in live.reported:  # delivered by the spool only: counts until the record commits
+                estimate.add((grant.session_id, seq), int(increment["cost_picodollars"]))
         if live.ended is not None:
             reason, code = live.ended.end_reason, live.ended.close_code
-        elif spooled_end is not None:
-            reason, code = spooled_end["end_reason"], spooled_end["close_code"]
+        elif held.end is not None:
+            reason, code = held.end.end_reason, held.end.close_code
         else:
             reason, code = "internal_error", 1011  # the worker died without a word
             self.metrics.inc("meshrt_worker_crashes_total")
-        if await self.writer.submit(ledger.finalize, grant.session_id, reason, code):
-            self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason)
+        outcome, job = await self._write(ledger.finalize, grant.session_id, reason, code, held.increments)
+        if job is None:
+            log.warning("session record not written; its spool is kept for the next start",
+                        extra={"session_id": grant.session_id})
+            return
+        live.finalized = True
+        for seq in set(held.increments) | set(live.reported):
+            estimate.acknowledged((grant.session_id, seq), job)
+        if outcome is Finalized.MISSING:
+            log.error("spool of a session the database does not know; kept",
+                      extra={"session_id": grant.session_id})
+            return
         self._spool_path(grant.session_id).unlink(missing_ok=True)
-        if not self.registry.of_account(grant.account_id):
-            self.balances.pop(grant.account_id, None)
+        if outcome is Finalized.WRITTEN:
+            self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason)
+        if outcome is Finalized.AMENDED:
+            log.warning("record amended late with usage from the spool", extra={"session_id": grant.session_id})
         log.info("session finalised", extra={"session_id": grant.session_id, "request_id": grant.request_id,
-                                              "fields": {"end_reason": reason, "close_code": code}})
+                                              "fields": {"end_reason": reason, "close_code": code,
+                                                         "record": outcome.value}})
+
+    # --- node lease -----------------------------------------------------------------------
+
+    async def _join(self) -> None:
+        s = self.settings
+        began = time.monotonic()
+        lease = await self._until_done("join the node table", anyio.to_thread.run_sync, self._in_transaction,
+                                       ledger.join_node, self.node, socket.gethostname(), s.node_lease_s)
+        self._took_lease(lease, began, fresh=True)
+        if lease.was_lost:
+            log.warning("this node was declared lost while it was away; its spools amend those records")
+
+    def _took_lease(self, lease: ledger.Lease, sent_at: float, fresh: bool) -> None:
+        if fresh or sent_at > self.lease_valid_until:
+            self.held_since = lease.now  # the chain of renewals (re)starts here
+        self.lease = lease
+        self.lease_valid_until = sent_at + self.settings.node_lease_s
+
+    def _in_transaction(self, call, *args):
+        """A lease transaction, on the lease's own connection."""
+        from sqlmodel import Session
+
+        with Session(self.lease_engine, expire_on_commit=False) as session, session.begin():
+            return call(session, *args)
+
+    async def _hold_lease(self) -> None:
+        """Renew this node's lease a few times per period; judge the other nodes' leases.
+        Renewal runs on its own connection, not behind the ledger writer's queue."""
+        ttl = self.settings.node_lease_s
+        while True:
+            await anyio.sleep(ttl / 4)
+            sent_at = time.monotonic()
+            try:
+                with anyio.fail_after(ttl / 2):
+                    lease = await anyio.to_thread.run_sync(self._in_transaction, ledger.renew_lease, self.node,
+                                                           self.lease.incarnation, ttl, abandon_on_cancel=True)
+            except Exception as exc:  # noqa: BLE001 - the database is unreachable: try again soon
+                log.warning("node lease not renewed", extra={"fields": {"error": ledger._one_line(exc)}})
+                continue
+            if lease is None:
+                await self._lost_lease()
+                continue
+            self._took_lease(lease, sent_at, fresh=False)
+            try:
+                reaped = await anyio.to_thread.run_sync(self._in_transaction, ledger.reap_lost_nodes, self.node,
+                                                        self.held_since, ttl)
+            except Exception as exc:  # noqa: BLE001 - next round
+                log.warning("could not check other nodes' leases", extra={"fields": {"error": ledger._one_line(exc)}})
+                continue
+            for lost in reaped:
+                log.warning("node lost: its lease expired; its sessions were ended", extra={"fields": {
+                    "node": lost.node_id, "sessions": len(lost.sessions)}})
+                self.metrics.inc("meshrt_nodes_reaped_total")
+
+    async def _lost_lease(self) -> None:
+        """Another node declared this one lost (its lease expired while the database was out of
+        reach) and ended its sessions' records, freeing their slots: those sessions stop now;
+        their usage still reaches the records (amended late). Then the node joins anew."""
+        log.error("this node's lease was taken: it had been declared lost; ending its sessions")
+        for live in self.registry.sessions():
+            await self._stop(live, "node_lost")
+        await self._join()
 
     # --- recovery and drain ---------------------------------------------------------------
 
     async def _recover(self) -> None:
         """Sessions this node left unfinished (the previous supervisor died): their workers
-        re-attach within the grace period; the others are finalised from their spools."""
-        rows = await anyio.to_thread.run_sync(ledger.unfinished_sessions, self.engine, self.node)
-        if not rows:
+        re-attach within the grace period; the others are finalised from their spools. Spools
+        of sessions another node ended meanwhile (this node was declared lost) amend them."""
+        rows = await self._until_done("list unfinished sessions", anyio.to_thread.run_sync,
+                                      ledger.unfinished_sessions, self.engine, self.node)
+        candidates = {row.id for row in rows} | spool.session_ids(self.settings.spool_dir)
+        if not candidates:
             return
         log.warning("unfinished sessions found; waiting for their workers",
-                    extra={"fields": {"sessions": len(rows)}})
+                    extra={"fields": {"sessions": len(candidates)}})
         await anyio.sleep(REATTACH_GRACE_S)
-        for row in rows:
-            if self.registry.get(row.id) is not None:
+        known = await self._until_done("read session rows", anyio.to_thread.run_sync,
+                                       ledger.session_rows, self.engine, sorted(candidates))
+        for session_id in sorted(candidates):
+            if self.registry.get(session_id) is not None:
                 continue  # re-attached: it will be finalised when it ends
+            row = known.get(session_id)
+            if row is None:
+                log.error("spool of a session the database does not know; kept", extra={"session_id": session_id})
+                continue
             grant = control.Grant(session_id=row.id, request_id=row.request_id, account_id=row.account_id,
                                   api_key_id=row.api_key_id, model=row.model, token_cap=0, rates=row.rates)
-            await self._finalize(LiveSession(grant, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)))
+            await self._finalize(LiveSession(grant, None))
             log.warning("finalised a session whose worker did not return", extra={"session_id": row.id})
 
     async def _adopt(self, message: Reattach, conn: socket.socket) -> None:
-        """A worker of a previous supervisor offers its live session: take it over."""
-        live = LiveSession(message.grant, conn, pid=message.pid, live=message.upgraded)
+        """A worker of a previous supervisor offers its live session: take it over. Its account's
+        balance is read afresh before any quota decision; its spool is counted once."""
+        live = LiveSession(message.grant, conn, pid=message.pid)
         self.registry.add(live)
         await self._replay_spool(live)
         log.info("worker re-attached", extra={"session_id": message.grant.session_id, "pid": message.pid})
         self.tg.start_soon(self._watch_worker, live)
+        self.tg.start_soon(self._stop_if_taken, live)
+
+    async def _stop_if_taken(self, live: LiveSession) -> None:
+        """A session another node ended while this one was lost must not run on: its slot is free."""
+        try:
+            rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [live.grant.session_id])
+        except Exception:  # noqa: BLE001 - unknown now; the lease check catches a lost node
+            return
+        row = rows.get(live.grant.session_id)
+        if row is not None and row.state == db.SessionState.ENDED.value:
+            await self._stop(live, "node_lost")
 
     async def drain(self) -> None:
         """SIGTERM: refuse new sessions, let live ones run up to drain_s, end the rest, exit."""
         self.draining = True
-        (self.run_dir / "draining").touch()
         deadline = time.monotonic() + self.settings.drain_s
         while len(self.registry) and time.monotonic() < deadline:
             await anyio.sleep(0.05)
@@ -476,12 +695,26 @@ class Supervisor:
             while self.finalizing:
                 await anyio.sleep(0.02)
             await self.writer.idle()
+        with anyio.move_on_after(2):
+            try:
+                await anyio.to_thread.run_sync(self._in_transaction, ledger.leave_node, self.node,
+                                               self.lease.incarnation, abandon_on_cancel=True)
+            except Exception:  # noqa: BLE001 - the lease then simply expires
+                log.warning("could not mark this node as left")
         self.zygote_channel.close()
         await anyio.to_thread.run_sync(self.zygote.wait)
         self.settings.control_socket.unlink(missing_ok=True)
-        (self.run_dir / "zygote.ready").unlink(missing_ok=True)
         self.tg.cancel_scope.cancel()
 
 
 def serve(settings: Settings) -> int:
     return anyio.run(Supervisor(settings).run)
+
+
+def exit_process(code: int) -> None:
+    """End the process now, not by a normal interpreter exit: a thread abandoned on a database
+    that stopped answering would hold that for ever (worker threads are joined at exit)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

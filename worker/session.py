@@ -18,7 +18,6 @@ spool at the session's end, so nothing is lost either way).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -26,7 +25,7 @@ from collections import deque
 
 import anyio
 
-from meshrt.shared import control
+from meshrt.shared import control, spool
 from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerEnded, WorkerLive
 from meshrt.shared.errors import ERRORS, GatewayError
 from meshrt.shared.handshake import (
@@ -256,8 +255,7 @@ class WorkerSession:
     def _bill(self, increment) -> None:
         """Spool, then report: the increment is durable before its frame is delivered."""
         record = increment.to_json()
-        line = json.dumps({"seq": increment.seq, "increment": record}, separators=(",", ":")) + "\n"
-        os.write(self.spool_fd, line.encode())
+        spool.append_increment(self.spool_fd, increment.seq, record)
         message = UsageIncrement(self.grant.session_id, increment.seq, record)
         if not self._channel_backlog:
             try:
@@ -314,7 +312,7 @@ class WorkerSession:
                 message, fds = await control.arecv(self.channel)
             except (EOFError, OSError, control.ControlError):
                 self.log.warning("supervisor channel lost; re-attaching")
-                await self._reattach()
+                await self._reattach(fence_after_s=self.grant.orphan_limit_s)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -322,12 +320,19 @@ class WorkerSession:
                 self.log.info("stop requested", fields={"code": message.code})
                 self._end(message.code)
 
-    async def _reattach(self) -> None:
+    async def _reattach(self, fence_after_s: float | None = None) -> None:
         """The supervisor died: keep relaying (the spool keeps every increment) and offer this
-        session to its successor on the control socket until one takes it."""
+        session to its successor on the control socket until one takes it. With no supervisor
+        for `fence_after_s` (the node's lease), end the session: another node is about to
+        declare this one lost and free the session's slot, so it must not run on beyond it."""
         grant = dataclasses.replace(self.grant, upstream_key="")
+        fence_at = None if fence_after_s is None else time.monotonic() + fence_after_s
         while True:
             await anyio.sleep(REATTACH_INTERVAL_S)
+            if fence_at is not None and time.monotonic() >= fence_at:
+                fence_at = None
+                self.log.warning("no supervisor for the node's lease; ending the session")
+                self._end("node_lost")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 sock.connect(self.grant.control_socket)
@@ -347,8 +352,7 @@ class WorkerSession:
         outcome = self.relay.outcome
         message = WorkerEnded(self.grant.session_id, outcome.end_reason or "internal_error",
                               outcome.close_code, self.upgraded)
-        end = {"end": {"end_reason": message.end_reason, "close_code": message.close_code}}
-        os.write(self.spool_fd, (json.dumps(end, separators=(",", ":")) + "\n").encode())
+        spool.append_end(self.spool_fd, message.end_reason, message.close_code)
         try:
             control.send(self.channel, message)
         except OSError:
