@@ -45,6 +45,8 @@ def record_json(row: SessionRecord) -> dict:
         "cost": {"currency": "usd", "amount": Money(row.cost_pico).usd_str(),
                  "by_category": {k: Money(v).usd_str() for k, v in sorted(row.by_category.items())}},
         "rates": row.rates,
+        # set when usage reached the record after it was final (its node was declared lost)
+        "amended_at": _ts(row.amended_at),
     }
 
 

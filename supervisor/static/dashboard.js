@@ -211,7 +211,10 @@
       el("td", { class: "model", "data-label": "Model" }, r.model || "–"),
       el("td", { class: "num", "data-label": "Duration", title: `${r.duration_s} s` }, duration(r.duration_s)),
       tokens,
-      el("td", { class: "num cost", "data-label": "Cost" }, cost.amount != null ? usd(cost.amount) : "–"),
+      el("td", { class: "num cost", "data-label": "Cost",
+                 title: r.amended_at != null ? "amended " + utcTime(r.amended_at) + " UTC: usage from a node that came back" : "" },
+        cost.amount != null ? usd(cost.amount) : "–",
+        r.amended_at != null ? el("span", { class: "detail", text: "amended late" }) : ""),
       el("td", { class: "reason", "data-label": "End reason",
                  title: r.close_code != null ? "close code " + r.close_code : "" }, reasonBadge(r.end_reason)));
     return tr;
