@@ -8,7 +8,7 @@ frame log of that connection (`--frame-log-dir`, one file per connection, first 
 with its query) is found by the tag. The simulator's report for a connection is the list of
 `response.done` events it sent on it, in order; their usage, summed field by field, and their
 cost under the rates stored on the record (the gateway's meter applied to the simulator's own
-bytes) are what the record must equal.
+bytes) are what the record must equal (tests/simlog.py, shared with tests/test_db_faults.py).
 
 Reproducing a failure: every run prints its seed and every assertion message starts with
 `[seed=N role=R]`; run `MESHRT_FAULT_SEED=N pytest tests/test_faults.py -k worker` (or
@@ -20,7 +20,6 @@ session is live at a given instant.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import random
@@ -28,7 +27,6 @@ import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -36,12 +34,11 @@ from sqlmodel import Session, select
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from meshrt.shared.money import Money
-from meshrt.supervisor.db import Account, SessionRecord
-from meshrt.worker.meter import Meter, UsageTotals
-from meshrt.worker.metering import GrantPriceTable
+from meshrt.supervisor.db import SessionRecord
 
 from conftest import _stop, start_sim, wait_for
 from realtime_client import connect_ws, recv_json, recv_until
+from simlog import balance, expected_from, records_of, same_usage, sim_reports
 
 SEED = int(os.environ.get("MESHRT_FAULT_SEED", "20260611"))
 SLOTS = 10  # concurrent client sessions at any time
@@ -209,87 +206,7 @@ def _run(coro, timeout: float):
     return asyncio.run(bounded())
 
 
-# --- what the simulator reported --------------------------------------------------------------
-
-
-def sim_reports(sim) -> dict[str, list[list[bytes]]]:
-    """tag -> for each simulator connection with that tag, the payloads of the response.done
-    events it sent, in order (exact bytes, as logged at the frame layer)."""
-    out: dict[str, list[list[bytes]]] = defaultdict(list)
-    for path in sim.logs():
-        lines = path.read_text().splitlines()
-        if not lines:
-            continue
-        head = json.loads(lines[0])
-        tags = parse_qs(head.get("query", "")).get("fault_tag")
-        if not tags:
-            continue
-        done = []
-        for line in lines[1:]:
-            try:
-                frame = json.loads(line)
-            except ValueError:
-                continue  # a line the simulator was writing when the test read it
-            if frame.get("dir") != "out" or frame.get("opcode") != "text":
-                continue
-            payload = base64.b64decode(frame["payload_b64"])
-            event = json.loads(payload)
-            if event.get("type") == "response.done":
-                assert frame["fin"], "the simulator fragments no message"
-                done.append(payload)
-        out[tags[0]].append(done)
-    return out
-
-
-def add_usage(total: dict, usage: dict) -> dict:
-    for name, value in usage.items():
-        if isinstance(value, dict):
-            add_usage(total.setdefault(name, {}), value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            total[name] = total.get(name, 0) + value
-    return total
-
-
-def flat(usage: dict, prefix: str = "") -> dict[str, int]:
-    out = {}
-    for name, value in usage.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{name}."))
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[prefix + name] = value
-    return out
-
-
-def same_usage(recorded: dict, expected: dict) -> bool:
-    """Field by field, a field missing on one side counting as 0."""
-    a, b = flat(recorded), flat(expected)
-    return all(a.get(k, 0) == b.get(k, 0) for k in set(a) | set(b))
-
-
-def expected_from(payloads: list[bytes], rates: dict) -> tuple[dict, int, int]:
-    """(usage summed field by field, cost in picodollars under `rates`, responses)."""
-    usage: dict = {}
-    table = GrantPriceTable(rates)
-    meter, totals = Meter(table.model, table), UsageTotals()
-    for payload in payloads:
-        add_usage(usage, json.loads(payload)["response"]["usage"])
-        increment = meter.observe(payload)
-        assert increment is not None
-        totals.add(increment)
-    return usage, totals.cost.picodollars, totals.responses
-
-
 # --- the checks -------------------------------------------------------------------------------
-
-
-def records_of(engine, account_id: str) -> list[SessionRecord]:
-    with Session(engine, expire_on_commit=False) as db:
-        return list(db.exec(select(SessionRecord).where(SessionRecord.account_id == account_id)).all())
-
-
-def balance(engine, account_id: str) -> int:
-    with Session(engine) as db:
-        return db.get(Account, account_id).balance_pico
 
 
 def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed: bool = False) -> dict:

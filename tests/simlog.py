@@ -1,0 +1,106 @@
+"""What the simulator reported on each connection, and the records to compare with it: shared by
+the fault suites (tests/test_faults.py, tests/test_db_faults.py).
+
+Every client connection carries a unique `fault_tag=<tag>` query parameter; the gateway forwards
+the query upstream, so the simulator's frame log of that connection (`--frame-log-dir`, one file
+per connection, first line the request with its query) is found by the tag. The simulator's
+report for a connection is the list of `response.done` events it sent on it, in order; their
+usage, summed field by field, and their cost under the rates stored on the record (the gateway's
+meter applied to the simulator's own bytes) are what the record must equal.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import defaultdict
+from urllib.parse import parse_qs
+
+from sqlmodel import Session, select
+
+from meshrt.supervisor.db import Account, SessionRecord
+from meshrt.worker.meter import Meter, UsageTotals
+from meshrt.worker.metering import GrantPriceTable
+
+
+# --- what the simulator reported --------------------------------------------------------------
+
+
+def sim_reports(sim) -> dict[str, list[list[bytes]]]:
+    """tag -> for each simulator connection with that tag, the payloads of the response.done
+    events it sent, in order (exact bytes, as logged at the frame layer)."""
+    out: dict[str, list[list[bytes]]] = defaultdict(list)
+    for path in sim.logs():
+        lines = path.read_text().splitlines()
+        if not lines:
+            continue
+        head = json.loads(lines[0])
+        tags = parse_qs(head.get("query", "")).get("fault_tag")
+        if not tags:
+            continue
+        done = []
+        for line in lines[1:]:
+            try:
+                frame = json.loads(line)
+            except ValueError:
+                continue  # a line the simulator was writing when the test read it
+            if frame.get("dir") != "out" or frame.get("opcode") != "text":
+                continue
+            payload = base64.b64decode(frame["payload_b64"])
+            event = json.loads(payload)
+            if event.get("type") == "response.done":
+                assert frame["fin"], "the simulator fragments no message"
+                done.append(payload)
+        out[tags[0]].append(done)
+    return out
+
+
+def add_usage(total: dict, usage: dict) -> dict:
+    for name, value in usage.items():
+        if isinstance(value, dict):
+            add_usage(total.setdefault(name, {}), value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def flat(usage: dict, prefix: str = "") -> dict[str, int]:
+    out = {}
+    for name, value in usage.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{name}."))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[prefix + name] = value
+    return out
+
+
+def same_usage(recorded: dict, expected: dict) -> bool:
+    """Field by field, a field missing on one side counting as 0."""
+    a, b = flat(recorded), flat(expected)
+    return all(a.get(k, 0) == b.get(k, 0) for k in set(a) | set(b))
+
+
+def expected_from(payloads: list[bytes], rates: dict) -> tuple[dict, int, int]:
+    """(usage summed field by field, cost in picodollars under `rates`, responses)."""
+    usage: dict = {}
+    table = GrantPriceTable(rates)
+    meter, totals = Meter(table.model, table), UsageTotals()
+    for payload in payloads:
+        add_usage(usage, json.loads(payload)["response"]["usage"])
+        increment = meter.observe(payload)
+        assert increment is not None
+        totals.add(increment)
+    return usage, totals.cost.picodollars, totals.responses
+
+
+# --- the records ------------------------------------------------------------------------------
+
+
+def records_of(engine, account_id: str) -> list[SessionRecord]:
+    with Session(engine, expire_on_commit=False) as db:
+        return list(db.exec(select(SessionRecord).where(SessionRecord.account_id == account_id)).all())
+
+
+def balance(engine, account_id: str) -> int:
+    with Session(engine) as db:
+        return db.get(Account, account_id).balance_pico
