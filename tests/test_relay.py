@@ -7,7 +7,7 @@ import json
 
 from websockets.frames import Close, Frame, Opcode
 
-from meshrt.worker.relay import Phase, Relay, Target
+from meshrt.worker.relay import LEG_TRANSITIONS, LegClose, LegEvent, LegState, Phase, Relay, RelayStateError, Target
 
 
 def client_frame(opcode, data: bytes, fin: bool = True) -> bytes:
@@ -152,7 +152,7 @@ def test_unmasked_client_frame_gets_1002_and_nothing_reaches_upstream_but_a_clos
     to_client = [p for t, p in actions if t is Target.CLIENT]
     assert Close.parse(unmasked_payload(to_client[0])).code == 1002
     assert all(p[:1] == b"\x88" for t, p in actions if t is Target.UPSTREAM)  # only a close frame
-    assert r.outcome.close_code == 1002 and r.client_gone
+    assert r.outcome.close_code == 1002 and r.client.state is LegState.GONE
 
 
 def test_oversized_message_is_message_too_large_with_1009():
@@ -197,3 +197,28 @@ def test_frames_before_a_violation_in_the_same_read_are_still_relayed_and_billed
     ok = client_frame(Opcode.TEXT, b"{}")
     actions = relay().from_client(ok + server_frame(Opcode.TEXT, b"{}"))
     assert actions[0] == (Target.UPSTREAM, ok)
+
+
+def test_leg_close_table_covers_every_state_and_refuses_a_close_sent_twice():
+    assert set(LEG_TRANSITIONS) == set(LegState)
+    leg = LegClose()
+    leg.handle(LegEvent.SENT_CLOSE)
+    assert leg.state is LegState.CLOSE_SENT and not leg.can_send and not leg.done
+    try:
+        leg.handle(LegEvent.SENT_CLOSE)
+    except RelayStateError:
+        pass
+    else:
+        raise AssertionError("a second close toward a peer must be impossible")
+    leg.handle(LegEvent.RECEIVED_CLOSE)
+    assert leg.state is LegState.CLOSED and leg.done
+    leg.handle(LegEvent.VANISHED)
+    assert leg.state is LegState.GONE and leg.done
+
+
+def test_a_session_ends_with_both_legs_closed_by_handshake():
+    r = relay()
+    r.from_client(client_frame(Opcode.CLOSE, Close(1000, "bye").serialize()))
+    assert (r.client.state, r.upstream.state) == (LegState.CLOSE_RECEIVED, LegState.CLOSE_SENT)
+    r.from_upstream(server_frame(Opcode.CLOSE, Close(1000, "bye").serialize()))
+    assert (r.client.state, r.upstream.state) == (LegState.CLOSED, LegState.CLOSED) and r.finished

@@ -34,11 +34,71 @@ Action = tuple[Target, Any]
 
 
 class Phase(enum.Enum):
+    """Who is ending the session: it stays OPEN until the first close (or loss) of either leg."""
+
     OPEN = "open"
     CLIENT_CLOSING = "client_closing"  # client closed or vanished; upstream close pending/sent
     UPSTREAM_CLOSING = "upstream_closing"  # upstream closed; waiting for the client's reply
     GATEWAY_CLOSING = "gateway_closing"  # meshrt ended the session with an error code
-    CLOSED = "closed"
+
+
+class LegState(enum.Enum):
+    """One leg's close handshake (RFC 6455 §7.1): a close frame each way, or the leg is gone."""
+
+    OPEN = "open"
+    CLOSE_RECEIVED = "close_received"  # its close arrived: ours is owed
+    CLOSE_SENT = "close_sent"  # ours went out: its reply is awaited
+    CLOSED = "closed"  # a close each way
+    GONE = "gone"  # its connection ended or its stream is unreadable: nothing more to or from it
+
+
+class LegEvent(enum.Enum):
+    RECEIVED_CLOSE = "received_close"
+    SENT_CLOSE = "sent_close"
+    VANISHED = "vanished"
+
+
+_O, _R, _S, _C, _G = LegState.OPEN, LegState.CLOSE_RECEIVED, LegState.CLOSE_SENT, LegState.CLOSED, LegState.GONE
+LEG_TRANSITIONS: dict[LegState, dict[LegEvent, LegState]] = {
+    # a second close from a peer is ignored (RFC 6455 allows one); a gone leg stays gone
+    _O: {LegEvent.RECEIVED_CLOSE: _R, LegEvent.SENT_CLOSE: _S, LegEvent.VANISHED: _G},
+    _R: {LegEvent.RECEIVED_CLOSE: _R, LegEvent.SENT_CLOSE: _C, LegEvent.VANISHED: _G},
+    _S: {LegEvent.RECEIVED_CLOSE: _C, LegEvent.VANISHED: _G},
+    _C: {LegEvent.RECEIVED_CLOSE: _C, LegEvent.VANISHED: _G},
+    _G: {LegEvent.RECEIVED_CLOSE: _G, LegEvent.VANISHED: _G},
+}
+
+
+class RelayStateError(RuntimeError):
+    """A transition the table does not allow: a bug in the relay, never the peers' doing."""
+
+
+@dataclass
+class LegClose:
+    state: LegState = LegState.OPEN
+
+    def handle(self, event: LegEvent) -> None:
+        try:
+            self.state = LEG_TRANSITIONS[self.state][event]
+        except KeyError:
+            raise RelayStateError(f"{event.value} in state {self.state.value}") from None
+
+    @property
+    def can_send(self) -> bool:
+        """Frames (a close included) may still be written to this leg."""
+        return self.state in (LegState.OPEN, LegState.CLOSE_RECEIVED)
+
+    @property
+    def close_received(self) -> bool:
+        return self.state in (LegState.CLOSE_RECEIVED, LegState.CLOSED)
+
+    @property
+    def gone(self) -> bool:
+        return self.state is LegState.GONE
+
+    @property
+    def done(self) -> bool:
+        return self.state in (LegState.CLOSED, LegState.GONE)
 
 
 _CANCEL = json.dumps({"type": "response.cancel"}, separators=(",", ":")).encode()
@@ -64,27 +124,31 @@ class Relay:
     phase: Phase = Phase.OPEN
     outcome: Outcome = field(default_factory=Outcome)
     responses_in_flight: int = 0
-    client_active: bool = False  # a client data frame arrived since the shell last looked
-    client_close_seen: bool = False
-    upstream_close_seen: bool = False
-    client_gone: bool = False
-    upstream_gone: bool = False
+    client: LegClose = field(default_factory=LegClose)
+    upstream: LegClose = field(default_factory=LegClose)
 
     def __post_init__(self):
         self._client = FrameScanner(expect_masked=True, max_message=self.max_message_bytes)
         self._upstream = FrameScanner(expect_masked=False)
-        self._close_sent_to_client = False
-        self._close_sent_upstream = False
         self._held_upstream_close: bytes | None = None  # waits behind a response.cancel
         self._usage_fragments: list[bytes] | None = None
         self._pending_end: str | None = None  # an end decided mid-batch, applied after it
+        self._client_active = False  # a client data frame arrived since the shell last asked
 
     @property
     def finished(self) -> bool:
         """Both legs are closed (close frames both ways) or gone: the shell may drop the sockets."""
-        client_done = self.client_gone or (self.client_close_seen and self._close_sent_to_client)
-        upstream_done = self.upstream_gone or (self.upstream_close_seen and self._close_sent_upstream)
-        return client_done and upstream_done
+        return self.client.done and self.upstream.done
+
+    def take_client_activity(self) -> bool:
+        """Whether a client data frame arrived since the last call (the idle clock's input)."""
+        active, self._client_active = self._client_active, False
+        return active
+
+    def settle_outcome(self, reason: str, code: int | None) -> None:
+        """How the session ended, decided outside the relay (a refused upgrade, a failure in the
+        shell); the first decision stands."""
+        self._end(reason, code)
 
     def _end(self, reason: str, code: int | None) -> None:
         if self.outcome.end_reason is None:
@@ -93,7 +157,7 @@ class Relay:
     # --- client -> upstream ---------------------------------------------------------------
 
     def from_client(self, data: bytes) -> list[Action]:
-        if self.client_gone:
+        if self.client.gone:
             return []
         try:
             chunk, frames = self._client.feed(data)
@@ -111,47 +175,47 @@ class Relay:
                 actions += self._client_close(chunk[frame.start:frame.end], wsf.payload(chunk, frame))
                 continue
             if frame.opcode <= wsf.OP_BINARY:
-                self.client_active = True
-            if not self.client_close_seen and self.phase in (Phase.OPEN, Phase.UPSTREAM_CLOSING):
+                self._client_active = True
+            if not self.client.close_received and self.phase in (Phase.OPEN, Phase.UPSTREAM_CLOSING):
                 span = (span[0] if span else frame.start, frame.end)
         _flush(actions, Target.UPSTREAM, chunk, span)
         return actions
 
     def _client_close(self, raw: bytes, body: bytes) -> list[Action]:
-        if self.client_close_seen:
+        if self.client.close_received:
             return []  # a second close: RFC 6455 allows one; nothing more goes upstream
-        self.client_close_seen = True
+        self.client.handle(LegEvent.RECEIVED_CLOSE)
         code = _close_code(body)
         if self.phase is Phase.OPEN:
             self.phase = Phase.CLIENT_CLOSING
             self._end("client_closed", code)
             return self._close_upstream_after_drain(raw)
-        if self.phase is Phase.UPSTREAM_CLOSING:
+        if self.phase is Phase.UPSTREAM_CLOSING and self.upstream.can_send:
             # the client's reply to upstream's close completes upstream's handshake too
-            self._close_sent_upstream = True
-            return [(Target.UPSTREAM, raw)] if not self.upstream_gone else []
+            self.upstream.handle(LegEvent.SENT_CLOSE)
+            return [(Target.UPSTREAM, raw)]
         return []  # GATEWAY_CLOSING: the client's reply to our close
 
     def _client_violation(self, violation: ProtocolViolation) -> list[Action]:
-        if self.phase is not Phase.OPEN or self._close_sent_to_client:
-            self.client_gone = True  # already closing: no second close toward the client
+        if self.phase is not Phase.OPEN or not self.client.can_send:
+            self.client.handle(LegEvent.VANISHED)  # already closing: no second close toward the client
             return self._close_upstream_after_drain(wsf.client_close_frame(1001, "client error"))
         if violation.close_code == 1009:
             actions = self.end("message_too_large")
-            self.client_gone = True  # the stream can't be resynchronised: read no more of it
+            self.client.handle(LegEvent.VANISHED)  # the stream can't be resynchronised: read no more of it
             return actions
-        self.client_gone = True
         self._end("client_closed", violation.close_code)
         self.phase = Phase.CLIENT_CLOSING
         actions = [(Target.CLIENT, wsf.server_close_frame(violation.close_code, violation.reason))]
-        self._close_sent_to_client = True
+        self.client.handle(LegEvent.SENT_CLOSE)
+        self.client.handle(LegEvent.VANISHED)  # its stream is unreadable from here on
         return actions + self._close_upstream_after_drain(wsf.client_close_frame(1001, "client error"))
 
     def client_vanished(self) -> list[Action]:
         """The client's TCP connection ended without a close handshake."""
-        if self.client_gone:
+        if self.client.gone:
             return []
-        self.client_gone = True
+        self.client.handle(LegEvent.VANISHED)
         if self.phase is Phase.OPEN:
             self.phase = Phase.CLIENT_CLOSING
             self._end("client_closed", 1006)
@@ -159,14 +223,14 @@ class Relay:
         return []
 
     def _close_upstream_after_drain(self, close_frame: bytes) -> list[Action]:
-        if self.upstream_gone or self._close_sent_upstream:
+        if not self.upstream.can_send:
             return []
-        if self.responses_in_flight > 0 and not self.upstream_close_seen:
+        if self.responses_in_flight > 0 and not self.upstream.close_received:
             self._held_upstream_close = close_frame
             if self._upstream_can_take_injected_frame():
                 return [(Target.UPSTREAM, wsf.client_text_frame(_CANCEL))]
             return []
-        self._close_sent_upstream = True
+        self.upstream.handle(LegEvent.SENT_CLOSE)
         return [(Target.UPSTREAM, close_frame)]
 
     def _upstream_can_take_injected_frame(self) -> bool:
@@ -178,9 +242,9 @@ class Relay:
 
     def _release_held_close(self) -> list[Action]:
         held, self._held_upstream_close = self._held_upstream_close, None
-        if held is None or self.upstream_gone or self._close_sent_upstream:
+        if held is None or not self.upstream.can_send:
             return []
-        self._close_sent_upstream = True
+        self.upstream.handle(LegEvent.SENT_CLOSE)
         return [(Target.UPSTREAM, held)]
 
     @property
@@ -190,7 +254,7 @@ class Relay:
     # --- upstream -> client ---------------------------------------------------------------
 
     def from_upstream(self, data: bytes) -> list[Action]:
-        if self.upstream_gone:
+        if self.upstream.gone:
             return []
         try:
             chunk, frames = self._upstream.feed(data)
@@ -201,7 +265,7 @@ class Relay:
     def _upstream_frames(self, chunk: bytes, frames: list[RawFrame]) -> list[Action]:
         actions: list[Action] = []
         span = None
-        deliver = not self._close_sent_to_client and not self.client_gone
+        deliver = self.client.can_send
         for frame in frames:
             if frame.opcode == wsf.OP_CLOSE:
                 _flush(actions, Target.CLIENT, chunk, span)
@@ -253,36 +317,36 @@ class Relay:
         return increment
 
     def _upstream_close(self, raw: bytes, body: bytes) -> list[Action]:
-        self.upstream_close_seen = True
+        self.upstream.handle(LegEvent.RECEIVED_CLOSE)
         if self.phase is Phase.OPEN:
             self.phase = Phase.UPSTREAM_CLOSING
             self._end("upstream_closed", _close_code(body))
-            if self.client_gone or self._close_sent_to_client:
+            if not self.client.can_send:
                 return []
-            self._close_sent_to_client = True
+            self.client.handle(LegEvent.SENT_CLOSE)
             return [(Target.CLIENT, raw)]
-        if self.phase is Phase.CLIENT_CLOSING and not self.client_gone and not self._close_sent_to_client:
+        if self.phase is Phase.CLIENT_CLOSING and self.client.can_send:
             # upstream's reply to the client's close completes the client's handshake
-            self._close_sent_to_client = True
+            self.client.handle(LegEvent.SENT_CLOSE)
             return [(Target.CLIENT, raw)]
         return []
 
     def _upstream_violation(self, violation: ProtocolViolation) -> list[Action]:
         actions = self.end("upstream_error")
-        self.upstream_gone = True
+        self.upstream.handle(LegEvent.VANISHED)
         return actions
 
     def upstream_vanished(self) -> list[Action]:
         """Upstream's TCP connection ended. Without a close frame first, that's an outage."""
-        if self.upstream_gone:
+        if self.upstream.gone:
             return []
-        self.upstream_gone = True
+        self.upstream.handle(LegEvent.VANISHED)
         self._held_upstream_close = None
         self.responses_in_flight = 0
         if self.phase is Phase.OPEN:
             return self.end("upstream_unavailable")
-        if not self._close_sent_to_client and not self.client_gone:
-            self._close_sent_to_client = True
+        if self.client.can_send:
+            self.client.handle(LegEvent.SENT_CLOSE)
             return [(Target.CLIENT, wsf.server_close_frame(1001, "upstream went away"))]
         return []
 
@@ -297,11 +361,11 @@ class Relay:
         self.phase = Phase.GATEWAY_CLOSING
         self._end(code, spec.close_code)
         actions: list[Action] = []
-        if not self.client_gone and not self._close_sent_to_client:
+        if self.client.can_send:
             if not self._upstream.in_message:  # never split a message that is half delivered
                 actions.append((Target.CLIENT, wsf.server_text_frame(error_event(code, self.request_id, detail))))
             actions.append((Target.CLIENT, wsf.server_close_frame(spec.close_code, spec.close_reason)))
-            self._close_sent_to_client = True
+            self.client.handle(LegEvent.SENT_CLOSE)
         return actions + self._close_upstream_after_drain(wsf.client_close_frame(1000))
 
 

@@ -73,8 +73,7 @@ class WorkerSession:
             await self._run()
         except Exception:
             self.log.exception("worker failed")
-            if self.relay.outcome.end_reason is None:
-                self.relay.outcome.end_reason, self.relay.outcome.close_code = "internal_error", 1011
+            self.relay.settle_outcome("internal_error", 1011)
             if self._handshake is not None and not self._answered:  # the client still gets its frame
                 self._client = self._client or Leg(self.client_sock)
                 with anyio.CancelScope(shield=True):
@@ -106,7 +105,7 @@ class WorkerSession:
         self._answered = True
         await self._client.send(response)
         if status != 101:
-            self.relay.outcome.end_reason, self.relay.outcome.close_code = "client_closed", None
+            self.relay.settle_outcome("client_closed", None)
             return
         self.upgraded = True
         try:
@@ -139,7 +138,7 @@ class WorkerSession:
         data = response + (error_frames(protocol, error.code, self.grant.request_id, error.detail)
                            if status == 101 else b"")
         spec = ERRORS[error.code]
-        self.relay.outcome.end_reason, self.relay.outcome.close_code = error.code, spec.close_code
+        self.relay.settle_outcome(error.code, spec.close_code)
         try:
             await self._client.send(data)
             with anyio.move_on_after(CLOSE_TIMEOUT_S):
@@ -210,8 +209,7 @@ class WorkerSession:
 
     def _from_client(self, data: bytes) -> None:
         self._execute(self.relay.from_client(data))
-        if self.relay.client_active:
-            self.relay.client_active = False
+        if self.relay.take_client_activity():
             self._last_activity = time.monotonic()
 
     def _from_upstream(self, data: bytes) -> None:
