@@ -77,6 +77,40 @@ ERRORS: dict[str, ErrorSpec] = {
 }
 
 
+class EndReason(str, enum.Enum):
+    """How a session ended (the usage record's `end_reason`): one side closed, or an error code
+    of ERRORS ended it (a test keeps the two lists equal)."""
+
+    CLIENT_CLOSED = "client_closed"
+    UPSTREAM_CLOSED = "upstream_closed"
+    TLS_REQUIRED = "tls_required"
+    MISSING_API_KEY = "missing_api_key"
+    INVALID_API_KEY = "invalid_api_key"
+    MISSING_MODEL = "missing_model"
+    MODEL_NOT_FOUND = "model_not_found"
+    INSUFFICIENT_QUOTA = "insufficient_quota"
+    SESSION_TOKEN_CAP_EXCEEDED = "session_token_cap_exceeded"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    SESSION_IDLE_TIMEOUT = "session_idle_timeout"
+    SESSION_EXPIRED = "session_expired"
+    SERVER_AT_CAPACITY = "server_at_capacity"
+    SERVER_SHUTTING_DOWN = "server_shutting_down"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    NODE_LOST = "node_lost"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_ERROR = "upstream_error"
+    INTERNAL_ERROR = "internal_error"
+
+    @classmethod
+    def of(cls, text: object) -> "EndReason":
+        """An end reason reported by a worker (untrusted): anything unknown is a gateway fault."""
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.INTERNAL_ERROR
+
+
 class GatewayError(Exception):
     """An error with a code from ERRORS, raised inside a process and turned into a value at its edge."""
 

@@ -17,6 +17,7 @@ import string
 from datetime import datetime, timezone
 
 from sqlalchemy import BigInteger, Column, Index, event, inspect, text
+from sqlalchemy import Enum as SAEnum
 from sqlalchemy.engine import Engine
 from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
 
@@ -51,7 +52,7 @@ class SessionState(str, enum.Enum):
     ENDED = "ended"  # the usage record is final
 
 
-LIVE_STATES = (SessionState.GRANTED.value, SessionState.LIVE.value)
+LIVE_STATES = (SessionState.GRANTED, SessionState.LIVE)
 
 
 def _tz(dt: datetime | None) -> datetime | None:
@@ -93,7 +94,9 @@ class SessionRecord(SQLModel, table=True):
     api_key_id: str
     model: str
     node: str = ""
-    state: str = Field(default=SessionState.GRANTED.value, index=True)
+    state: SessionState = Field(default=SessionState.GRANTED, sa_column=Column(
+        SAEnum(SessionState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]),
+        nullable=False, index=True))
     pid: int | None = None
     client_addr: str = ""
     started_at: datetime = Field(default_factory=utcnow, index=True)

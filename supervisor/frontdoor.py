@@ -84,8 +84,8 @@ class FrontDoorContext:
         try:
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
                 row = s.get(db.SessionRecord, session_id)
-                if row is not None and row.state == db.SessionState.GRANTED.value:
-                    row.state, row.end_reason = db.SessionState.ENDED.value, code
+                if row is not None and row.state == db.SessionState.GRANTED:
+                    row.state, row.end_reason = db.SessionState.ENDED, code
                     row.close_code = None
                     row.ended_at = db.utcnow()
         except SQLAlchemyError:

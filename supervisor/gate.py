@@ -104,7 +104,7 @@ def _admit_in_transaction(engine, settings: Settings, prices, upgrade: UpgradeRe
         )
         db.execute(_INSERT_SESSION, {
             "id": grant.session_id, "request_id": request_id, "account_id": grant.account_id,
-            "api_key_id": grant.api_key_id, "model": model, "node": node, "state": SessionState.GRANTED.value,
+            "api_key_id": grant.api_key_id, "model": model, "node": node, "state": SessionState.GRANTED,
             "pid": None, "client_addr": grant.client_addr, "started_at": datetime.fromtimestamp(now, timezone.utc),
             "ended_at": None, "end_reason": None, "close_code": None, "responses": 0, "usage": {},
             "cost_pico": 0, "by_category": {}, "rates": grant.rates, "amended_at": None,

@@ -35,8 +35,8 @@ MAX_BATCH = 256
 _sessions = SessionRecord.__table__
 # One per session set-up, so a Core statement built once rather than an ORM load and flush.
 _MARK_LIVE = (update(_sessions)
-              .where(_sessions.c.id == bindparam("session_id"), _sessions.c.state != SessionState.ENDED.value)
-              .values(state=SessionState.LIVE.value, pid=bindparam("live_pid")))
+              .where(_sessions.c.id == bindparam("session_id"), _sessions.c.state != SessionState.ENDED)
+              .values(state=SessionState.LIVE, pid=bindparam("live_pid")))
 
 
 def mark_live(db: Session, session_id: str, pid: int) -> None:
@@ -72,8 +72,8 @@ def apply_increment(db: Session, session_id: str, account_id: str, seq: int, inc
 
 
 _FINALIZE = (update(_sessions)
-             .where(_sessions.c.id == bindparam("final_id"), _sessions.c.state != SessionState.ENDED.value)
-             .values(state=SessionState.ENDED.value, ended_at=bindparam("final_ended_at"),
+             .where(_sessions.c.id == bindparam("final_id"), _sessions.c.state != SessionState.ENDED)
+             .values(state=SessionState.ENDED, ended_at=bindparam("final_ended_at"),
                      end_reason=bindparam("final_reason"), close_code=bindparam("final_code"),
                      responses=bindparam("final_responses"), usage=bindparam("final_usage"),
                      cost_pico=bindparam("final_cost"), by_category=bindparam("final_by_category")))
@@ -104,14 +104,14 @@ def finalize(db: Session, session_id: str, end_reason: str, close_code: int | No
         return Finalized.MISSING
     added = sum(apply_increment(db, session_id, exists.account_id, seq, body) is not None
                 for seq, body in sorted((increments or {}).items()))
-    if exists.state == SessionState.ENDED.value and not added:
+    if exists.state == SessionState.ENDED and not added:
         return Finalized.ALREADY
     bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()
     summary = summarize(list(bodies))
     values = {"final_id": session_id, "final_ended_at": ended_at or utcnow(), "final_reason": end_reason,
               "final_code": close_code, "final_responses": summary["responses"], "final_usage": summary["usage"],
               "final_cost": summary["cost_pico"], "final_by_category": summary["by_category"]}
-    if exists.state != SessionState.ENDED.value:
+    if exists.state != SessionState.ENDED:
         connection.execute(_FINALIZE, values)
         return Finalized.WRITTEN
     connection.execute(_AMEND, values)
@@ -133,7 +133,7 @@ def balances(db: Session, account_ids: list[str]) -> dict[str, int]:
 def unfinished_sessions(engine, node: str) -> list[SessionRecord]:
     with Session(engine, expire_on_commit=False) as db:
         return list(db.exec(select(SessionRecord).where(
-            SessionRecord.node == node, SessionRecord.state != SessionState.ENDED.value)).all())
+            SessionRecord.node == node, SessionRecord.state != SessionState.ENDED)).all())
 
 
 def session_rows(engine, session_ids: list[str]) -> dict[str, SessionRecord]:
@@ -146,14 +146,14 @@ def granted_sessions(engine, node: str) -> list[SessionRecord]:
     """This node's sessions admitted by a front door and not (yet) owned by a worker."""
     with Session(engine, expire_on_commit=False) as db:
         return list(db.exec(select(SessionRecord).where(
-            SessionRecord.node == node, SessionRecord.state == SessionState.GRANTED.value)).all())
+            SessionRecord.node == node, SessionRecord.state == SessionState.GRANTED)).all())
 
 
 def end_orphaned_grant(db: Session, session_id: str, end_reason: str) -> bool:
     """End a row that is still `granted`: a front door died between admitting the upgrade and
     handing the socket over, so no worker exists and nothing was relayed or billed."""
     row = db.get(SessionRecord, session_id)
-    if row is None or row.state != SessionState.GRANTED.value:
+    if row is None or row.state != SessionState.GRANTED:
         return False
     return finalize(db, session_id, end_reason, None) is Finalized.WRITTEN
 
@@ -228,7 +228,7 @@ def reap_lost_nodes(db: Session, reaper_id: str, held_since: float, ttl: float) 
     reaped = []
     for node_id in expired:
         sessions = connection.execute(select(_sessions.c.id).where(
-            _sessions.c.node == node_id, _sessions.c.state != SessionState.ENDED.value)).scalars().all()
+            _sessions.c.node == node_id, _sessions.c.state != SessionState.ENDED)).scalars().all()
         for session_id in sessions:
             finalize(db, session_id, "node_lost", None)
         reaped.append(Reaped(node_id, list(sessions)))

@@ -1,11 +1,51 @@
-"""The live-session registry: what the supervisor knows about each session it handed to a worker."""
+"""The live-session registry: what the supervisor knows about each session it handed to a
+worker, and each session's lifecycle as a transition table (h11's `_state.py` is the model).
+
+    STARTING --worker_live--> LIVE --stop--> STOPPING
+       |                        |               |
+       +------------------------+--worker_gone--+--> ENDED --record_committed--> BILLED
+
+In the session row: STARTING is `granted`, LIVE and STOPPING are `live`, BILLED is `ended`; an
+ENDED session's row is still open while its record is written (retried until it commits).
+"""
 
 from __future__ import annotations
 
+import enum
 import socket
 from dataclasses import dataclass, field
 
 from meshrt.shared.control import Grant, WorkerEnded
+
+
+class Stage(enum.Enum):
+    STARTING = "starting"  # handed to the zygote; no word from its worker yet
+    LIVE = "live"  # its worker relays
+    STOPPING = "stopping"  # its worker was asked to end it (quota, drain, lost lease)
+    ENDED = "ended"  # its worker is gone; the record is being written
+    BILLED = "billed"  # the record committed: nothing of it is left to write
+
+
+class SessionEvent(enum.Enum):
+    WORKER_LIVE = "worker_live"
+    STOP = "stop"
+    WORKER_GONE = "worker_gone"
+    RECORD_COMMITTED = "record_committed"
+
+
+_E = SessionEvent
+TRANSITIONS: dict[Stage, dict[SessionEvent, Stage]] = {
+    Stage.STARTING: {_E.WORKER_LIVE: Stage.LIVE, _E.STOP: Stage.STOPPING, _E.WORKER_GONE: Stage.ENDED},
+    Stage.LIVE: {_E.STOP: Stage.STOPPING, _E.WORKER_GONE: Stage.ENDED},
+    # a worker asked to stop while starting may still report going live; a second stop is moot
+    Stage.STOPPING: {_E.WORKER_LIVE: Stage.STOPPING, _E.STOP: Stage.STOPPING, _E.WORKER_GONE: Stage.ENDED},
+    Stage.ENDED: {_E.STOP: Stage.ENDED, _E.RECORD_COMMITTED: Stage.BILLED},
+    Stage.BILLED: {_E.STOP: Stage.BILLED},
+}
+
+
+class LifecycleError(RuntimeError):
+    """An event the table does not allow in the session's stage: a supervisor bug."""
 
 
 @dataclass
@@ -13,16 +53,26 @@ class LiveSession:
     grant: Grant
     channel: socket.socket | None  # None: recovered from its spool, no worker
     pid: int | None = None
-    ended: WorkerEnded | None = None
+    stage: Stage = Stage.STARTING
+    end_report: WorkerEnded | None = None  # the worker's own word on how it ended
     reported: dict = field(default_factory=dict)  # seq -> increment dict, as the worker reported it
-    stop_sent: str | None = None
-    finalized: bool = False  # the final record committed: nothing of this session is left to write
+    stop_code: str | None = None  # why it was asked to stop
+
+    def handle(self, event: SessionEvent) -> Stage:
+        try:
+            self.stage = TRANSITIONS[self.stage][event]
+        except KeyError:
+            raise LifecycleError(f"{event.value} in stage {self.stage.value}") from None
+        return self.stage
+
+    @property
+    def billed(self) -> bool:
+        return self.stage is Stage.BILLED
 
 
 class Registry:
     def __init__(self):
         self._sessions: dict[str, LiveSession] = {}
-        self._by_pid: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -37,17 +87,9 @@ class Registry:
         session = self._sessions.get(session_id)
         if session is not None:
             session.pid = pid
-            self._by_pid[pid] = session_id
-
-    def by_pid(self, pid: int) -> LiveSession | None:
-        session_id = self._by_pid.get(pid)
-        return self._sessions.get(session_id) if session_id else None
 
     def remove(self, session_id: str) -> LiveSession | None:
-        session = self._sessions.pop(session_id, None)
-        if session is not None and session.pid is not None:
-            self._by_pid.pop(session.pid, None)
-        return session
+        return self._sessions.pop(session_id, None)
 
     def sessions(self) -> list[LiveSession]:
         return list(self._sessions.values())

@@ -14,6 +14,7 @@ before the database is opened or the upstream key is read.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import logging
 import os
@@ -28,6 +29,7 @@ import anyio
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from meshrt.shared import control, spool
+from meshrt.shared.errors import EndReason
 from meshrt.shared.control import (
     Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
     WorkerExited, WorkerLive, ZygoteReady,
@@ -38,7 +40,7 @@ from . import db, ledger
 from .ledger import Finalized
 from .metrics import Metrics
 from .quota import QuotaEstimate
-from .registry import LiveSession, Registry
+from .registry import LiveSession, Registry, SessionEvent, Stage
 
 log = logging.getLogger("meshrt.supervisor")
 
@@ -61,6 +63,13 @@ def _retrying(give_up) -> AsyncRetrying:
                          sleep=anyio.sleep, reraise=True)
 
 
+class RunState(enum.Enum):
+    STARTING = "starting"  # the schema, the node's lease, the sockets
+    SERVING = "serving"
+    DRAINING = "draining"  # SIGTERM: refusing new sessions, live ones run on up to drain_s
+    STOPPING = "stopping"  # ending what is left; writes that fail now are left to the spools
+
+
 class Supervisor:
     def __init__(self, settings: Settings, node: str | None = None):
         self.settings = settings
@@ -72,8 +81,7 @@ class Supervisor:
         self.lease: ledger.Lease | None = None
         self.lease_valid_until = 0.0  # monotonic: the lease is ours until then, as far as we know
         self.held_since = 0.0  # the database's clock: since when we have held the lease unbroken
-        self.draining = False
-        self.stopping = False
+        self.state = RunState.STARTING
         self.run_dir = settings.state_dir / "run"
         self.frontdoor: subprocess.Popen | None = None
         self.zygote: subprocess.Popen | None = None
@@ -168,6 +176,7 @@ class Supervisor:
         self._start_frontdoor(listener)
         print(f"meshrt listening on http://{s.host}:{listener.getsockname()[1]}", flush=True)
         log.info("node up", extra={"fields": {"node": self.node, "incarnation": self.lease.incarnation}})
+        self.state = RunState.SERVING
         async with anyio.create_task_group() as tg:
             self.tg = tg
             tg.start_soon(self.writer.run)
@@ -183,7 +192,7 @@ class Supervisor:
 
     def _giving_up(self) -> bool:
         """Stopping (or crashing): a write that fails now is left to the spool and the next start."""
-        return self.stopping or (self.tg is not None and self.tg.cancel_scope.cancel_called)
+        return self.state is RunState.STOPPING or (self.tg is not None and self.tg.cancel_scope.cancel_called)
 
     def _kill_children(self) -> None:
         for child in (self.frontdoor, self.zygote):
@@ -218,14 +227,14 @@ class Supervisor:
                 return
 
     async def _watch_frontdoor(self, listener: socket.socket) -> None:
-        while not self.stopping:
+        while self.state is not RunState.STOPPING:
             exited = os.pidfd_open(self.frontdoor.pid)  # readable once it exits: no thread waits on it
             try:
                 await anyio.wait_readable(exited)
             finally:
                 os.close(exited)
             code = self.frontdoor.wait()
-            if self.stopping:
+            if self.state is RunState.STOPPING:
                 return
             log.warning("front door exited; restarting", extra={"fields": {"exit_code": code}})
             await self.tg.start(self._end_orphaned_grants)  # its snapshot precedes the new front door
@@ -300,8 +309,8 @@ class Supervisor:
     def problems(self) -> list[str]:
         """Why this node should not be sent sessions now (what the front door's /readyz says)."""
         problems = []
-        if self.draining:
-            problems.append("draining")
+        if self.state is not RunState.SERVING:
+            problems.append(self.state.value)
         if not self.zygote_ready:
             problems.append("zygote not ready")
         if time.monotonic() > self.lease_valid_until:
@@ -312,7 +321,7 @@ class Supervisor:
         return problems
 
     def _refusal(self) -> str | None:
-        if self.draining:
+        if self.state is not RunState.SERVING:
             return "server_shutting_down"
         if len(self.registry) >= self.settings.max_sessions:
             log.warning("node at capacity", extra={"fields": {"live": len(self.registry),
@@ -358,7 +367,7 @@ class Supervisor:
             try:
                 message, fds = await control.arecv(self.zygote_channel)
             except (EOFError, control.ControlError):
-                if self.stopping:
+                if self.state is RunState.STOPPING:
                     return
                 log.error("zygote channel lost; restarting the zygote")
                 self.zygote.kill()
@@ -386,13 +395,16 @@ class Supervisor:
                     return
                 for fd in fds:
                     os.close(fd)
-                if isinstance(message, WorkerLive):
+                if message.session_id != live.grant.session_id:
+                    log.warning("worker spoke for another session; ignored", extra={"session_id": live.grant.session_id})
+                elif isinstance(message, WorkerLive):
                     live.pid = message.pid
+                    live.handle(SessionEvent.WORKER_LIVE)
                     self.tg.start_soon(self._write, ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
                     await self._apply(live, message.seq, message.increment)
                 elif isinstance(message, WorkerEnded):
-                    live.ended = message
+                    live.end_report = message
         finally:
             with anyio.CancelScope(shield=True):  # ends by itself when the record commits or we stop
                 await self._finalize(live)
@@ -435,7 +447,7 @@ class Supervisor:
     async def _commit(self, live: LiveSession, seq: int, increment: dict) -> None:
         grant = live.grant
         balance, job = await self._write(ledger.apply_increment, grant.session_id, grant.account_id, seq,
-                                         increment, give_up=lambda: live.finalized)
+                                         increment, give_up=lambda: live.billed)
         if job is None:
             return  # finalisation took it over (it applies the whole spool)
         estimate = self._estimate(grant.account_id)
@@ -491,9 +503,10 @@ class Supervisor:
             await self._stop(other, code)
 
     async def _stop(self, live: LiveSession, code: str) -> None:
-        if live.stop_sent is not None or live.channel is None:
+        if live.stage not in (Stage.STARTING, Stage.LIVE) or live.channel is None:
             return
-        live.stop_sent = code
+        live.handle(SessionEvent.STOP)
+        live.stop_code = code
         try:
             await control.asend(live.channel, StopSession(code))
         except OSError:
@@ -511,6 +524,7 @@ class Supervisor:
         record is retried until it commits, and only then is the spool removed."""
         grant = live.grant
         self.registry.remove(grant.session_id)
+        live.handle(SessionEvent.WORKER_GONE)
         if live.channel is not None:
             live.channel.close()
         self.finalizing += 1
@@ -526,19 +540,19 @@ class Supervisor:
         for seq, increment in held.increments.items():
             if seq not in live.reported:  # delivered by the spool only: counts until the record commits
                 estimate.add((grant.session_id, seq), int(increment["cost_picodollars"]))
-        if live.ended is not None:
-            reason, code = live.ended.end_reason, live.ended.close_code
+        if live.end_report is not None:
+            reason, code = EndReason.of(live.end_report.end_reason), live.end_report.close_code
         elif held.end is not None:
-            reason, code = held.end.end_reason, held.end.close_code
+            reason, code = EndReason.of(held.end.end_reason), held.end.close_code
         else:
-            reason, code = "internal_error", 1011  # the worker died without a word
+            reason, code = EndReason.INTERNAL_ERROR, 1011  # the worker died without a word
             self.metrics.inc("meshrt_worker_crashes_total")
         outcome, job = await self._write(ledger.finalize, grant.session_id, reason, code, held.increments)
         if job is None:
             log.warning("session record not written; its spool is kept for the next start",
                         extra={"session_id": grant.session_id})
             return
-        live.finalized = True
+        live.handle(SessionEvent.RECORD_COMMITTED)
         for seq in set(held.increments) | set(live.reported):
             estimate.acknowledged((grant.session_id, seq), job)
         if outcome is Finalized.MISSING:
@@ -547,11 +561,11 @@ class Supervisor:
             return
         self._spool_path(grant.session_id).unlink(missing_ok=True)
         if outcome is Finalized.WRITTEN:
-            self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason)
+            self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason.value)
         if outcome is Finalized.AMENDED:
             log.warning("record amended late with usage from the spool", extra={"session_id": grant.session_id})
         log.info("session finalised", extra={"session_id": grant.session_id, "request_id": grant.request_id,
-                                              "fields": {"end_reason": reason, "close_code": code,
+                                              "fields": {"end_reason": reason.value, "close_code": code,
                                                          "record": outcome.value}})
 
     # --- node lease -----------------------------------------------------------------------
@@ -641,13 +655,14 @@ class Supervisor:
                 continue
             grant = control.Grant(session_id=row.id, request_id=row.request_id, account_id=row.account_id,
                                   api_key_id=row.api_key_id, model=row.model, token_cap=0, rates=row.rates)
-            await self._finalize(LiveSession(grant, None))
+            await self._finalize(LiveSession(grant, None, stage=Stage.LIVE))
             log.warning("finalised a session whose worker did not return", extra={"session_id": row.id})
 
     async def _adopt(self, message: Reattach, conn: socket.socket) -> None:
         """A worker of a previous supervisor offers its live session: take it over. Its account's
         balance is read afresh before any quota decision; its spool is counted once."""
-        live = LiveSession(message.grant, conn, pid=message.pid)
+        live = LiveSession(message.grant, conn, pid=message.pid,
+                           stage=Stage.LIVE if message.upgraded else Stage.STARTING)
         self.registry.add(live)
         await self._replay_spool(live)
         log.info("worker re-attached", extra={"session_id": message.grant.session_id, "pid": message.pid})
@@ -661,12 +676,12 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - unknown now; the lease check catches a lost node
             return
         row = rows.get(live.grant.session_id)
-        if row is not None and row.state == db.SessionState.ENDED.value:
+        if row is not None and row.state == db.SessionState.ENDED:
             await self._stop(live, "node_lost")
 
     async def drain(self) -> None:
         """SIGTERM: refuse new sessions, let live ones run up to drain_s, end the rest, exit."""
-        self.draining = True
+        self.state = RunState.DRAINING
         deadline = time.monotonic() + self.settings.drain_s
         while len(self.registry) and time.monotonic() < deadline:
             await anyio.sleep(0.05)
@@ -678,7 +693,7 @@ class Supervisor:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        self.stopping = True
+        self.state = RunState.STOPPING
         if self.frontdoor is not None and self.frontdoor.poll() is None:
             self.frontdoor.terminate()
             await anyio.to_thread.run_sync(self.frontdoor.wait)

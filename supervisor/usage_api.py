@@ -54,7 +54,7 @@ def query_usage(engine, account_id: str | None, *, start_time: int | None = None
                 model: str | None = None, limit: int = 20, after: str | None = None) -> dict:
     """One page of ended sessions, newest first. Raises LookupError for an unknown cursor."""
     with Session(engine) as db:
-        query = select(SessionRecord).where(SessionRecord.state == SessionState.ENDED.value)
+        query = select(SessionRecord).where(SessionRecord.state == SessionState.ENDED)
         if account_id is not None:
             query = query.where(SessionRecord.account_id == account_id)
         if start_time is not None:

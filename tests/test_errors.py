@@ -208,3 +208,11 @@ def test_a_request_head_that_never_completes_is_cut_off(gateway_factory):
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:  # complete heads are unaffected
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+def test_every_way_a_session_ends_is_an_end_reason():
+    from meshrt.shared.errors import EndReason
+
+    assert {r.value for r in EndReason} == set(ERRORS) | {"client_closed", "upstream_closed"}
+    assert EndReason.of("no_such_reason") is EndReason.INTERNAL_ERROR
+    assert EndReason.of(None) is EndReason.INTERNAL_ERROR
