@@ -43,7 +43,14 @@ class Grant:
     client_addr: str = ""
     started_at: float = 0.0  # UTC epoch seconds
     balance_pico: int = 0  # the account's balance at admission: the supervisor's first estimate
-    # Filled in by the supervisor, never by the front door:
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How this node runs every session's worker, set once by the supervisor from its settings.
+    It holds the operator's upstream key, so it travels in one message only: Spawn, toward the
+    worker (never back, never through the front door)."""
+
     upstream_url: str = ""
     upstream_key: str = field(default="", repr=False)
     idle_timeout_s: float = 300.0
@@ -93,7 +100,7 @@ class Pong:
 @dataclass(frozen=True)
 class Reattach:
     """Worker → a restarted supervisor, on a new connection to the control socket: this
-    session is still live in this process. The grant comes back without the upstream key."""
+    session is still live in this process."""
 
     kind: ClassVar[str] = "reattach"
     grant: Grant
@@ -110,6 +117,7 @@ class Spawn:
 
     kind: ClassVar[str] = "spawn"
     grant: Grant
+    config: WorkerConfig
     request: bytes
 
 
@@ -188,7 +196,7 @@ def encode(message) -> bytes:
         value = getattr(message, f.name)
         if isinstance(value, bytes):
             value = {"b64": base64.b64encode(value).decode()}
-        elif isinstance(value, Grant):  # shallow: asdict would deep-copy the rates (0.2 ms a hop)
+        elif isinstance(value, (Grant, WorkerConfig)):  # shallow: asdict would deep-copy the rates (0.2 ms a hop)
             value = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
         body[f.name] = value
     data = json.dumps(body, separators=(",", ":")).encode()
@@ -208,6 +216,8 @@ def decode(data: bytes):
                 value = base64.b64decode(value["b64"])
             elif f.name == "grant":
                 value = Grant(**value)
+            elif f.name == "config":
+                value = WorkerConfig(**value)
             kwargs[f.name] = value
         return cls(**kwargs)
     except (ValueError, KeyError, TypeError) as exc:

@@ -13,7 +13,6 @@ before the database is opened or the upstream key is read.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import errno
 import logging
@@ -32,7 +31,7 @@ from meshrt.shared import control, spool
 from meshrt.shared.errors import EndReason
 from meshrt.shared.control import (
     Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
-    WorkerExited, WorkerLive, ZygoteReady,
+    WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
 )
 from meshrt.shared.settings import Settings, node_identity, scrubbed_env, settings_env
 
@@ -90,7 +89,14 @@ class Supervisor:
         # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
-        self.control_socket_path = str(settings.control_socket.resolve())  # once, not per session
+        self.worker_config = WorkerConfig(  # the same for every session: built once
+            upstream_url=settings.upstream_url, upstream_key=settings.openai_api_key,
+            idle_timeout_s=settings.idle_timeout_s, max_session_s=settings.max_session_s,
+            max_message_bytes=settings.max_message_bytes, drain_usage_s=settings.drain_usage_s,
+            upstream_connect_timeout_s=settings.upstream_connect_timeout_s,
+            upstream_attempts=settings.upstream_attempts, backend=settings.worker_backend,
+            memory_limit_mb=settings.worker_memory_mb, control_socket=str(settings.control_socket.resolve()),
+            orphan_limit_s=settings.node_lease_s)
         self.engine = None
         self.tg = None
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
@@ -335,20 +341,12 @@ class Supervisor:
     async def _spawn(self, handoff: Handoff, client_fd: int) -> None:
         """Send the session to the zygote: fds [client, worker channel, spool]. The caller
         closes its copy of client_fd; ours of the other two are closed here once sent."""
-        s = self.settings
-        grant = dataclasses.replace(
-            handoff.grant, upstream_url=s.upstream_url, upstream_key=s.openai_api_key,
-            idle_timeout_s=s.idle_timeout_s, max_session_s=s.max_session_s,
-            max_message_bytes=s.max_message_bytes, drain_usage_s=s.drain_usage_s,
-            upstream_connect_timeout_s=s.upstream_connect_timeout_s,
-            upstream_attempts=s.upstream_attempts, backend=s.worker_backend,
-            memory_limit_mb=s.worker_memory_mb, control_socket=self.control_socket_path,
-            orphan_limit_s=s.node_lease_s)
-        spool_fd = spool.open_for_worker(s.spool_dir, grant.session_id)
+        grant = handoff.grant
+        spool_fd = spool.open_for_worker(self.settings.spool_dir, grant.session_id)
         ours, theirs = control.seqpacket_pair()
         try:
             async with self.zygote_send_lock:
-                await control.asend(self.zygote_channel, Spawn(grant, handoff.request),
+                await control.asend(self.zygote_channel, Spawn(grant, self.worker_config, handoff.request),
                                     [client_fd, theirs.fileno(), spool_fd])
         finally:
             theirs.close()

@@ -10,17 +10,17 @@ import pytest
 from meshrt.shared import control
 from meshrt.shared.control import (
     ControlError, Grant, Handoff, HandoffAck, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
-    WorkerExited, WorkerLive, ZygoteReady,
+    WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
 )
 
 GRANT = Grant("sess_1", "req_1", "acct_1", "key_1", "gpt-realtime", 32000,
               {"model": {"input": {"text": "4000"}, "nested": [1, {"x": None}]}, "effective_date": "2026-01-01"},
-              beta=True, client_addr="10.0.0.1", started_at=1.5, balance_pico=10**15,
-              upstream_url="wss://api.openai.com/v1/realtime", upstream_key="sk-x", control_socket="/run/c.sock")
+              beta=True, client_addr="10.0.0.1", started_at=1.5, balance_pico=10**15)
+CONFIG = WorkerConfig(upstream_url="wss://api.openai.com/v1/realtime", upstream_key="sk-x", control_socket="/run/c.sock")
 
 MESSAGES = [
     Handoff(GRANT, b"GET / HTTP/1.1\r\n\r\n\x00\xff"), HandoffAck("sess_1"), HandoffAck("sess_1", "server_at_capacity"),
-    Reattach(GRANT, 42, True), Spawn(GRANT, b"GET"), Spawned("sess_1", 42), ZygoteReady(7),
+    Reattach(GRANT, 42, True), Spawn(GRANT, CONFIG, b"GET"), Spawned("sess_1", 42), ZygoteReady(7),
     WorkerExited(42, None, 9), WorkerLive("sess_1", 42),
     UsageIncrement("sess_1", 3, {"seq": 3, "usage": {"total_tokens": 5}}),
     WorkerEnded("sess_1", "client_closed", 1000, True), StopSession("insufficient_quota"),

@@ -16,7 +16,7 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from meshrt.shared import control
-from meshrt.shared.control import Grant, WorkerEnded
+from meshrt.shared.control import Grant, WorkerConfig, WorkerEnded
 from meshrt.worker import session as worker_session
 
 REQUEST = (b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
@@ -61,9 +61,9 @@ def test_a_failure_before_the_101_still_gives_the_client_an_internal_error_frame
     client, served = socket.socketpair()
     channel, supervisor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     spool_fd = os.open(tmp_path / "spool.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    grant = Grant("sess_1", "req_1", "acct_1", "key_1", "gpt-realtime", 10**9, {},
-                  started_at=time.time(), upstream_url="ws://127.0.0.1:9/v1/realtime")
-    session = worker_session.WorkerSession(grant, REQUEST, served, channel, spool_fd)
+    grant = Grant("sess_1", "req_1", "acct_1", "key_1", "gpt-realtime", 10**9, {}, started_at=time.time())
+    config = WorkerConfig(upstream_url="ws://127.0.0.1:9/v1/realtime")
+    session = worker_session.WorkerSession(grant, config, REQUEST, served, channel, spool_fd)
     try:
         with client:
             worker_done = []

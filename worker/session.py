@@ -17,7 +17,6 @@ spool at the session's end, so nothing is lost either way).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
@@ -26,7 +25,7 @@ from collections import deque
 import anyio
 
 from meshrt.shared import control, spool
-from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerEnded, WorkerLive
+from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerConfig, WorkerEnded, WorkerLive
 from meshrt.shared.errors import ERRORS, GatewayError
 from meshrt.shared.handshake import (
     accept_bytes, error_frames, parse_request_bytes, parse_upgrade, upstream_headers, upstream_query,
@@ -43,15 +42,16 @@ REPORT_END_WAIT_S = 10.0
 
 
 class WorkerSession:
-    def __init__(self, grant: Grant, request: bytes, client: socket.socket, channel: socket.socket,
-                 spool_fd: int, meter=None, may_carry_usage=None):
+    def __init__(self, grant: Grant, config: WorkerConfig, request: bytes, client: socket.socket,
+                 channel: socket.socket, spool_fd: int, meter=None, may_carry_usage=None):
         self.grant = grant
+        self.config = config
         self.request = request
         self.client_sock = client
         self.channel = channel
         self.spool_fd = spool_fd
         self.log = session_log("meshrt.worker", grant.session_id, grant.request_id)
-        self.relay = Relay(grant.request_id, grant.token_cap, grant.max_message_bytes, meter=meter,
+        self.relay = Relay(grant.request_id, grant.token_cap, config.max_message_bytes, meter=meter,
                            **({"may_carry_usage": may_carry_usage} if may_carry_usage else {}))
         self.upgraded = False
         self._handshake = None  # (protocol, request) once parsed: what a refusal answers
@@ -90,12 +90,12 @@ class WorkerSession:
         self._handshake = protocol, request
         upgrade = parse_upgrade(request)
         self._client = Leg(self.client_sock)
-        url = upstream_url(self.grant.upstream_url, upstream_query(upgrade))
+        url = upstream_url(self.config.upstream_url, upstream_query(upgrade))
         began = time.monotonic()
         try:
-            upstream = await connect_upstream(url, upstream_headers(upgrade), self.grant.upstream_key,
-                                              self.grant.upstream_connect_timeout_s,
-                                              self.grant.upstream_attempts)
+            upstream = await connect_upstream(url, upstream_headers(upgrade), self.config.upstream_key,
+                                              self.config.upstream_connect_timeout_s,
+                                              self.config.upstream_attempts)
         except GatewayError as error:
             self.log.warning("upstream connect failed", fields={"code": error.code, "cause": repr(error.__cause__)})
             await self._refuse(protocol, request, error)
@@ -283,7 +283,7 @@ class WorkerSession:
         """A closing session finishes within the usage drain plus the close handshake timeout."""
         await self._closing.wait()
         if self.relay.draining:
-            await anyio.sleep(self.grant.drain_usage_s)
+            await anyio.sleep(self.config.drain_usage_s)
             self._execute(self.relay.drain_expired())
         await anyio.sleep(CLOSE_TIMEOUT_S)
         self._finished.set()
@@ -294,9 +294,9 @@ class WorkerSession:
     # --- clocks and channel -------------------------------------------------------------
 
     async def _watch_clocks(self) -> None:
-        expires = time.monotonic() + self.grant.max_session_s
+        expires = time.monotonic() + self.config.max_session_s
         while self.relay.phase is Phase.OPEN:
-            idle_deadline = self._last_activity + self.grant.idle_timeout_s
+            idle_deadline = self._last_activity + self.config.idle_timeout_s
             now = time.monotonic()
             if now >= expires:
                 return self._end("session_expired")
@@ -310,7 +310,7 @@ class WorkerSession:
                 message, fds = await control.arecv(self.channel)
             except (EOFError, OSError, control.ControlError):
                 self.log.warning("supervisor channel lost; re-attaching")
-                await self._reattach(fence_after_s=self.grant.orphan_limit_s)
+                await self._reattach(fence_after_s=self.config.orphan_limit_s)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -323,7 +323,6 @@ class WorkerSession:
         session to its successor on the control socket until one takes it. With no supervisor
         for `fence_after_s` (the node's lease), end the session: another node is about to
         declare this one lost and free the session's slot, so it must not run on beyond it."""
-        grant = dataclasses.replace(self.grant, upstream_key="")
         fence_at = None if fence_after_s is None else time.monotonic() + fence_after_s
         while True:
             await anyio.sleep(REATTACH_INTERVAL_S)
@@ -333,9 +332,9 @@ class WorkerSession:
                 self._end("node_lost")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                sock.connect(self.grant.control_socket)
+                sock.connect(self.config.control_socket)
                 sock.setblocking(False)
-                await control.asend(sock, Reattach(grant, os.getpid(), self.upgraded))
+                await control.asend(sock, Reattach(self.grant, os.getpid(), self.upgraded))
             except OSError:
                 sock.close()
                 continue
@@ -360,7 +359,7 @@ class WorkerSession:
         self.log.info("session ended", fields={"end_reason": message.end_reason, "close_code": message.close_code})
 
 
-def run(grant: Grant, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:
+def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:
     """Run one session to its end in this process; returns the exit code."""
     from .metering import build_meter
 
@@ -368,11 +367,11 @@ def run(grant: Grant, request: bytes, client_fd: int, channel_fd: int, spool_fd:
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
-    session = WorkerSession(grant, request, client, channel, spool_fd, meter, may_carry_usage)
+    session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage)
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:
-        backend, options = ("asyncio", {"use_uvloop": True}) if grant.backend == "uvloop" else (grant.backend, {})
+        backend, options = ("asyncio", {"use_uvloop": True}) if config.backend == "uvloop" else (config.backend, {})
         anyio.run(session.run, backend=backend, backend_options=options)
     finally:
         session.channel.close()

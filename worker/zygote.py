@@ -61,11 +61,11 @@ def _run_session(spawn, fds: list[int]) -> None:
     """The worker's whole life after the fork; never returns into the zygote's code."""
     code = 70
     try:
-        _limit_resources(spawn.grant.memory_limit_mb)
+        _limit_resources(spawn.config.memory_limit_mb)
         from meshrt.worker.session import run
 
         client_fd, channel_fd, spool_fd = fds
-        code = run(spawn.grant, spawn.request, client_fd, channel_fd, spool_fd)
+        code = run(spawn.grant, spawn.config, spawn.request, client_fd, channel_fd, spool_fd)
     except BaseException:  # noqa: BLE001 - the child must never unwind into the zygote loop
         import traceback
 
@@ -83,7 +83,7 @@ class Zygote:
         self.warm = warm
         self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
         self.last_spawn = 0.0  # monotonic time of the last session handed out
-        self.backend = "uvloop"  # the event loop pool workers rehearse: the last grant's (default: settings')
+        self.backend = "uvloop"  # the event loop pool workers rehearse: the last session's (default: settings')
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _post_fork(self) -> None:
@@ -146,7 +146,7 @@ class Zygote:
             print(f"zygote: {exc}", file=sys.stderr)
             spawn = None
         if isinstance(spawn, control.Spawn) and len(fds) == 3:
-            self.backend = spawn.grant.backend
+            self.backend = spawn.config.backend
             if pid is None:
                 pid = self._fork_session(spawn, fds)
             self.last_spawn = time.monotonic()
