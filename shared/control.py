@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import anyio
 
+from .increments import Increment
+
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 4
 
@@ -160,8 +162,7 @@ class UsageIncrement:
 
     kind: ClassVar[str] = "usage_increment"
     session_id: str
-    seq: int
-    increment: dict
+    increment: Increment
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,8 @@ def encode(message) -> bytes:
         value = getattr(message, f.name)
         if isinstance(value, bytes):
             value = {"b64": base64.b64encode(value).decode()}
+        elif isinstance(value, Increment):
+            value = value.to_json()
         elif isinstance(value, (Grant, WorkerConfig)):  # shallow: asdict would deep-copy the rates (0.2 ms a hop)
             value = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
         body[f.name] = value
@@ -218,6 +221,8 @@ def decode(data: bytes):
                 value = Grant(**value)
             elif f.name == "config":
                 value = WorkerConfig(**value)
+            elif f.name == "increment":
+                value = Increment.from_json(value)
             kwargs[f.name] = value
         return cls(**kwargs)
     except (ValueError, KeyError, TypeError) as exc:

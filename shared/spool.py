@@ -3,7 +3,7 @@ carries the usage is delivered, read by the supervisor to bill what the database
 
 One file per session, `<spool_dir>/<session_id>.jsonl`, opened O_APPEND by the supervisor and
 handed to the worker as an fd (the worker knows no path). One JSON line per increment
-(`{"seq": n, "increment": {...}}`), and a last line with how the session ended
+(`{"seq": n, "increment": Increment.to_json()}`), and a last line with how the session ended
 (`{"end": {"end_reason": ..., "close_code": ...}}`). The file is removed only after the session's
 final record has committed: until then it is the truth. A torn last line (a crash mid-write) is
 skipped; an increment appears at most once per seq.
@@ -16,6 +16,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .increments import Increment
 
 log = logging.getLogger("meshrt.spool")
 
@@ -38,8 +40,8 @@ def _line(entry: dict) -> bytes:
     return (json.dumps(entry, separators=(",", ":")) + "\n").encode()
 
 
-def append_increment(fd: int, seq: int, increment: dict) -> None:
-    os.write(fd, _line({"seq": seq, "increment": increment}))
+def append_increment(fd: int, increment: Increment) -> None:
+    os.write(fd, _line({"seq": increment.seq, "increment": increment.to_json()}))
 
 
 def append_end(fd: int, end_reason: str, close_code: int | None) -> None:
@@ -54,7 +56,7 @@ class SpoolEnd:
 
 @dataclass
 class Spool:
-    increments: dict[int, dict] = field(default_factory=dict)
+    increments: dict[int, Increment] = field(default_factory=dict)
     end: SpoolEnd | None = None
 
 
@@ -71,7 +73,8 @@ def read(file: Path) -> Spool:
             if "end" in entry:
                 spool.end = SpoolEnd(str(entry["end"]["end_reason"]), entry["end"]["close_code"])
             else:
-                spool.increments[int(entry["seq"])] = dict(entry["increment"])
+                increment = Increment.from_json(entry["increment"])
+                spool.increments[increment.seq] = increment
         except (ValueError, KeyError, TypeError):
             log.warning("torn spool line ignored", extra={"fields": {"spool": file.name}})
     return spool

@@ -25,6 +25,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select
 
 from .db import Account, AppliedIncrement, LedgerEntry, Node, NodeState, SessionRecord, SessionState, db_now, utcnow
+from meshrt.shared.increments import Increment
+
 from .usage import summarize
 
 log = logging.getLogger("meshrt.supervisor")
@@ -54,15 +56,15 @@ _APPLY = {module.dialect.name: module.insert(_applied).on_conflict_do_nothing(in
 _LEDGER_ENTRY = _entries.insert()
 
 
-def apply_increment(db: Session, session_id: str, account_id: str, seq: int, increment: dict) -> int | None:
+def apply_increment(db: Session, session_id: str, account_id: str, increment: Increment) -> int | None:
     """Debit the account for one increment, once. Returns the new balance (picodollars), or
     None when this (session_id, seq) was applied before."""
     connection = db.connection()
-    cost = int(increment["cost_picodollars"])
+    seq, cost = increment.seq, increment.cost.picodollars
     now = utcnow()
     first = connection.execute(_APPLY[connection.dialect.name], {
-        "session_id": session_id, "seq": seq, "account_id": account_id, "cost_pico": cost, "body": increment,
-        "applied_at": now}).first()
+        "session_id": session_id, "seq": seq, "account_id": account_id, "cost_pico": cost,
+        "body": increment.to_json(), "applied_at": now}).first()
     if first is None:  # a replay (not rowcount: psycopg did not report 0 for it)
         return None
     balance = connection.execute(_DEBIT, {"debit_account": account_id, "cost": cost}).scalar_one()
@@ -93,7 +95,7 @@ class Finalized(str, enum.Enum):
 
 
 def finalize(db: Session, session_id: str, end_reason: str, close_code: int | None,
-             increments: dict[int, dict] | None = None, ended_at: datetime | None = None) -> Finalized:
+             increments: dict[int, Increment] | None = None, ended_at: datetime | None = None) -> Finalized:
     """Apply what the session's spool holds (each increment once, whenever it arrives), then
     write the final record from every increment applied for it — one transaction, so a record
     is never final without all of its spool. Safe to repeat."""
@@ -102,12 +104,12 @@ def finalize(db: Session, session_id: str, end_reason: str, close_code: int | No
                                 .where(_sessions.c.id == session_id)).first()
     if exists is None:
         return Finalized.MISSING
-    added = sum(apply_increment(db, session_id, exists.account_id, seq, body) is not None
-                for seq, body in sorted((increments or {}).items()))
+    added = sum(apply_increment(db, session_id, exists.account_id, increment) is not None
+                for _, increment in sorted((increments or {}).items()))
     if exists.state == SessionState.ENDED and not added:
         return Finalized.ALREADY
     bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()
-    summary = summarize(list(bodies))
+    summary = summarize([Increment.from_json(body) for body in bodies])
     values = {"final_id": session_id, "final_ended_at": ended_at or utcnow(), "final_reason": end_reason,
               "final_code": close_code, "final_responses": summary["responses"], "final_usage": summary["usage"],
               "final_cost": summary["cost_pico"], "final_by_category": summary["by_category"]}

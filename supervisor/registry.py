@@ -55,7 +55,7 @@ class LiveSession:
     pid: int | None = None
     stage: Stage = Stage.STARTING
     end_report: WorkerEnded | None = None  # the worker's own word on how it ended
-    reported: dict = field(default_factory=dict)  # seq -> increment dict, as the worker reported it
+    reported: dict = field(default_factory=dict)  # seq -> Increment, as the worker reported it
     stop_code: str | None = None  # why it was asked to stop
 
     def handle(self, event: SessionEvent) -> Stage:

@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from meshrt.shared import control, spool
 from meshrt.shared.errors import EndReason
+from meshrt.shared.increments import Increment
 from meshrt.shared.control import (
     Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
     WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
@@ -400,7 +401,7 @@ class Supervisor:
                     live.handle(SessionEvent.WORKER_LIVE)
                     self.tg.start_soon(self._write, ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
-                    await self._apply(live, message.seq, message.increment)
+                    await self._apply(live, message.increment)
                 elif isinstance(message, WorkerEnded):
                     live.end_report = message
         finally:
@@ -428,32 +429,30 @@ class Supervisor:
             estimate = self.quota[account_id] = QuotaEstimate()
         return estimate
 
-    async def _apply(self, live: LiveSession, seq: int, increment: dict, check: bool = True) -> None:
+    async def _apply(self, live: LiveSession, increment: Increment, check: bool = True) -> None:
         """Bill one increment: it counts against the account's estimate at once, and its write
         is retried until the database acknowledges it; the spool keeps it meanwhile."""
-        if seq in live.reported:
+        if increment.seq in live.reported:
             return
-        live.reported[seq] = increment
+        live.reported[increment.seq] = increment
         grant = live.grant
-        key, cost = (grant.session_id, seq), int(increment["cost_picodollars"])
-        estimate = self._estimate(grant.account_id)
-        estimate.add(key, cost)
-        self.tg.start_soon(self._commit, live, seq, increment)
+        self._estimate(grant.account_id).add((grant.session_id, increment.seq), increment.cost.picodollars)
+        self.tg.start_soon(self._commit, live, increment)
         if check:
             self._check_quota_soon(grant.account_id)
 
-    async def _commit(self, live: LiveSession, seq: int, increment: dict) -> None:
+    async def _commit(self, live: LiveSession, increment: Increment) -> None:
         grant = live.grant
-        balance, job = await self._write(ledger.apply_increment, grant.session_id, grant.account_id, seq,
-                                         increment, give_up=lambda: live.billed)
+        balance, job = await self._write(ledger.apply_increment, grant.session_id, grant.account_id, increment,
+                                         give_up=lambda: live.billed)
         if job is None:
             return  # finalisation took it over (it applies the whole spool)
         estimate = self._estimate(grant.account_id)
         if balance is not None:  # None: the database had it already (a replay)
             self.metrics.inc("meshrt_usage_increments_total")
-            self.metrics.inc("meshrt_usage_cost_picodollars_total", int(increment["cost_picodollars"]))
+            self.metrics.inc("meshrt_usage_cost_picodollars_total", increment.cost.picodollars)
             estimate.observe_balance(balance, job)
-        estimate.acknowledged((grant.session_id, seq), job)
+        estimate.acknowledged((grant.session_id, increment.seq), job)
         self._check_quota_soon(grant.account_id)
 
     def _check_quota_soon(self, account_id: str) -> None:
@@ -513,8 +512,8 @@ class Supervisor:
     async def _replay_spool(self, live: LiveSession) -> spool.SpoolEnd | None:
         """Count what the spool holds that the channel did not deliver (an adopted session's)."""
         held = spool.read(self._spool_path(live.grant.session_id))
-        for seq, increment in sorted(held.increments.items()):
-            await self._apply(live, seq, increment, check=False)
+        for _, increment in sorted(held.increments.items()):
+            await self._apply(live, increment, check=False)
         return held.end
 
     async def _finalize(self, live: LiveSession) -> None:
@@ -537,7 +536,7 @@ class Supervisor:
         estimate = self._estimate(grant.account_id)
         for seq, increment in held.increments.items():
             if seq not in live.reported:  # delivered by the spool only: counts until the record commits
-                estimate.add((grant.session_id, seq), int(increment["cost_picodollars"]))
+                estimate.add((grant.session_id, seq), increment.cost.picodollars)
         if live.end_report is not None:
             reason, code = EndReason.of(live.end_report.end_reason), live.end_report.close_code
         elif held.end is not None:

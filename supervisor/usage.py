@@ -5,9 +5,9 @@ from __future__ import annotations
 from meshrt.shared.increments import Increment, UsageTotals
 
 
-def summarize(increments: list[dict]) -> dict:
+def summarize(increments: list[Increment]) -> dict:
     """Sum increments (order-independent, idempotent by seq) into the record's fields."""
-    totals = UsageTotals.from_increments(Increment.from_json(body) for body in increments)
+    totals = UsageTotals.from_increments(increments)
     return {
         "usage": totals.as_record_usage(),
         "responses": totals.responses,

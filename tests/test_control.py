@@ -8,6 +8,7 @@ import os
 import pytest
 
 from meshrt.shared import control
+from meshrt.shared.increments import Increment
 from meshrt.shared.control import (
     ControlError, Grant, Handoff, HandoffAck, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
     WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
@@ -22,7 +23,10 @@ MESSAGES = [
     Handoff(GRANT, b"GET / HTTP/1.1\r\n\r\n\x00\xff"), HandoffAck("sess_1"), HandoffAck("sess_1", "server_at_capacity"),
     Reattach(GRANT, 42, True), Spawn(GRANT, CONFIG, b"GET"), Spawned("sess_1", 42), ZygoteReady(7),
     WorkerExited(42, None, 9), WorkerLive("sess_1", 42),
-    UsageIncrement("sess_1", 3, {"seq": 3, "usage": {"total_tokens": 5}}),
+    UsageIncrement("sess_1", Increment.from_json({
+        "seq": 3, "kind": "response", "model": "gpt-realtime", "usage": {"total_tokens": 5}, "cost_picodollars": 7,
+        "by_category_picodollars": {"text_input": 7}, "total_tokens": 5, "response_id": "resp_1", "item_id": None,
+        "unpriced": False})),
     WorkerEnded("sess_1", "client_closed", 1000, True), StopSession("insufficient_quota"),
 ]
 

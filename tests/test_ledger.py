@@ -8,16 +8,18 @@ import secrets
 
 from sqlmodel import Session, select
 
+from meshrt.shared.increments import Increment
 from meshrt.shared.money import Money
 from meshrt.supervisor import ledger
 from meshrt.supervisor.db import Account, LedgerEntry, SessionRecord
 
 
-def increment(seq: int, cost: int, tokens: int) -> dict:
-    return {"seq": seq, "kind": "response", "model": "gpt-realtime",
-            "usage": {"total_tokens": tokens, "input_tokens": tokens, "output_tokens": 0},
-            "cost_picodollars": cost, "by_category_picodollars": {"text_in": cost}, "total_tokens": tokens,
-            "response_id": f"resp_{seq}", "item_id": None, "unpriced": False}
+def increment(seq: int, cost: int, tokens: int) -> Increment:
+    return Increment.from_json({"seq": seq, "kind": "response", "model": "gpt-realtime",
+                                "usage": {"total_tokens": tokens, "input_tokens": tokens, "output_tokens": 0},
+                                "cost_picodollars": cost, "by_category_picodollars": {"text_in": cost},
+                                "total_tokens": tokens, "response_id": f"resp_{seq}", "item_id": None,
+                                "unpriced": False})
 
 
 def write(engine, call, *args):
@@ -37,15 +39,15 @@ def test_an_increment_debits_once_and_the_record_is_final_once(engine, tenant):
         db.commit()
         start = db.get(Account, tenant.account_id).balance_pico
 
-    first = write(engine, ledger.apply_increment, session_id, tenant.account_id, 1, increment(1, 700, 7))
+    first = write(engine, ledger.apply_increment, session_id, tenant.account_id, increment(1, 700, 7))
     assert first == start - 700
     with Session(engine) as db:  # a replay inside one transaction, twice
         for _ in range(2):
             with db.begin_nested():
-                assert ledger.apply_increment(db, session_id, tenant.account_id, 1, increment(1, 700, 7)) is None
+                assert ledger.apply_increment(db, session_id, tenant.account_id, increment(1, 700, 7)) is None
         db.commit()
-    assert write(engine, ledger.apply_increment, session_id, tenant.account_id, 2, increment(2, 300, 3)) == start - 1000
-    assert write(engine, ledger.apply_increment, session_id, tenant.account_id, 2, increment(2, 300, 3)) is None
+    assert write(engine, ledger.apply_increment, session_id, tenant.account_id, increment(2, 300, 3)) == start - 1000
+    assert write(engine, ledger.apply_increment, session_id, tenant.account_id, increment(2, 300, 3)) is None
 
     assert write(engine, ledger.finalize, session_id, "client_closed", 1000) is ledger.Finalized.WRITTEN
     assert write(engine, ledger.finalize, session_id, "internal_error", 1011) is ledger.Finalized.ALREADY
@@ -76,7 +78,7 @@ def balance_of(engine, account_id: str) -> int:
 def test_finalize_applies_the_spool_once_whatever_the_database_already_had(engine, tenant):
     session_id = new_session(engine, tenant)
     start = balance_of(engine, tenant.account_id)
-    write(engine, ledger.apply_increment, session_id, tenant.account_id, 1, increment(1, 700, 7))  # live, committed
+    write(engine, ledger.apply_increment, session_id, tenant.account_id, increment(1, 700, 7))  # live, committed
     spooled = {1: increment(1, 700, 7), 2: increment(2, 300, 3), 3: increment(3, 50, 1)}  # 2, 3 never committed
     assert write(engine, ledger.finalize, session_id, "client_closed", 1000, spooled) is ledger.Finalized.WRITTEN
     assert write(engine, ledger.finalize, session_id, "client_closed", 1000, spooled) is ledger.Finalized.ALREADY
@@ -88,7 +90,7 @@ def test_finalize_applies_the_spool_once_whatever_the_database_already_had(engin
 
 def test_a_record_ended_by_another_node_is_amended_late_with_the_spool(engine, tenant):
     session_id = new_session(engine, tenant)
-    write(engine, ledger.apply_increment, session_id, tenant.account_id, 1, increment(1, 700, 7))
+    write(engine, ledger.apply_increment, session_id, tenant.account_id, increment(1, 700, 7))
     assert write(engine, ledger.finalize, session_id, "node_lost", None) is ledger.Finalized.WRITTEN
     start = balance_of(engine, tenant.account_id)
     spooled = {1: increment(1, 700, 7), 2: increment(2, 300, 3)}
@@ -105,7 +107,7 @@ def test_a_lease_is_renewed_by_its_holder_only_and_an_expired_node_is_reaped(eng
     lease_a = write(engine, ledger.join_node, a, "host", 0.2)
     lease_b = write(engine, ledger.join_node, b, "host", 30)
     live, granted = new_session(engine, tenant, node=a), new_session(engine, tenant, node=a, state="granted")
-    write(engine, ledger.apply_increment, live, tenant.account_id, 1, increment(1, 700, 7))
+    write(engine, ledger.apply_increment, live, tenant.account_id, increment(1, 700, 7))
     mine = new_session(engine, tenant, node=b)
     # b has not held its lease a full ttl: it judges nobody yet (after an outage all leases look expired)
     assert write(engine, ledger.reap_lost_nodes, b, lease_b.now, 30) == []

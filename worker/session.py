@@ -252,9 +252,8 @@ class WorkerSession:
 
     def _bill(self, increment) -> None:
         """Spool, then report: the increment is durable before its frame is delivered."""
-        record = increment.to_json()
-        spool.append_increment(self.spool_fd, increment.seq, record)
-        message = UsageIncrement(self.grant.session_id, increment.seq, record)
+        spool.append_increment(self.spool_fd, increment)
+        message = UsageIncrement(self.grant.session_id, increment)
         if not self._channel_backlog:
             try:
                 return control.send(self.channel, message)
