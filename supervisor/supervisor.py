@@ -97,7 +97,9 @@ class Supervisor:
             upstream_connect_timeout_s=settings.upstream_connect_timeout_s,
             upstream_attempts=settings.upstream_attempts, backend=settings.worker_backend,
             memory_limit_mb=settings.worker_memory_mb, control_socket=str(settings.control_socket.resolve()),
-            orphan_limit_s=settings.node_lease_s)
+            # half the lease: the lease may have been renewed last up to a quarter of it before the
+            # worker lost its supervisor, and no other node may free the slot of a session still running
+            orphan_limit_s=settings.node_lease_s / 2)
         self.engine = None
         self.tg = None
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
@@ -593,7 +595,7 @@ class Supervisor:
         """Renew this node's lease a few times per period; judge the other nodes' leases.
         Renewal runs on its own connection, not behind the ledger writer's queue."""
         ttl = self.settings.node_lease_s
-        while True:
+        while self.state is not RunState.STOPPING:
             await anyio.sleep(ttl / 4)
             sent_at = time.monotonic()
             try:
@@ -603,6 +605,8 @@ class Supervisor:
             except Exception as exc:  # noqa: BLE001 - the database is unreachable: try again soon
                 log.warning("node lease not renewed", extra={"fields": {"error": ledger._one_line(exc)}})
                 continue
+            if self.state is RunState.STOPPING:
+                return  # shutting down: the node leaves; a failed renewal now means nothing
             if lease is None:
                 await self._lost_lease()
                 continue

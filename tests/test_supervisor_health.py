@@ -51,3 +51,23 @@ def test_front_door_reports_a_stalled_supervisor_within_a_second(gateway_factory
     wait_for(lambda: httpx.get(f"{gateway.http_url}/readyz", timeout=5).status_code == 200, 10,
              what="readiness after the supervisor resumed")
     assert httpx.get(f"{gateway.http_url}/healthz", timeout=5).status_code == 200
+
+
+def test_a_clean_stop_leaves_the_node_left_not_rejoined(gateway_factory, engine):
+    """A renewal racing the stop used to read the node's own `left` as "declared lost" and join
+    again: a ghost node that others then reaped. Short leases make the race likely."""
+    from sqlmodel import Session
+
+    from meshrt.supervisor.db import Node
+
+    for _ in range(8):
+        gateway = gateway_factory(MESHRT_NODE_LEASE_S="0.4")
+        node_id = (gateway.state_dir / "node_id").read_text().strip()
+        time.sleep(0.5)  # a few renewals
+        with Session(engine) as db:
+            before = db.get(Node, node_id).incarnation
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert gateway.proc.wait(20) == 0
+        with Session(engine) as db:
+            row = db.get(Node, node_id)
+            assert (row.state, row.incarnation) == ("left", before), gateway.log_text()[-2000:]

@@ -80,8 +80,9 @@ class WorkerSession:
                     await self._refuse(*self._handshake, GatewayError("internal_error"))
         finally:
             with anyio.CancelScope(shield=True):
-                await self._report_end()
-                await self._close_legs()
+                end = self._spool_end()
+                await self._close_legs()  # the client is not held while a supervisor is awaited
+                await self._report_end(end)
 
     async def _run(self) -> None:
         self.setup["loop_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
@@ -342,13 +343,17 @@ class WorkerSession:
             self.log.info("re-attached to the supervisor")
             return
 
-    async def _report_end(self) -> None:
-        """Record the end in the spool (durable even if no supervisor is listening), then tell
-        the supervisor; if it is down, wait a bounded time for a successor to re-attach to."""
+    def _spool_end(self) -> WorkerEnded:
+        """Record the end in the spool: durable even if no supervisor is listening."""
         outcome = self.relay.outcome
         message = WorkerEnded(self.grant.session_id, outcome.end_reason or "internal_error",
                               outcome.close_code, self.upgraded)
         spool.append_end(self.spool_fd, message.end_reason, message.close_code)
+        return message
+
+    async def _report_end(self, message: WorkerEnded) -> None:
+        """Tell the supervisor how the session ended; if it is down, wait a bounded time for a
+        successor to re-attach to (the spool has the end either way)."""
         try:
             control.send(self.channel, message)
         except OSError:
