@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 import socket
+
+import anyio
 from dataclasses import dataclass, field
 
 from meshrt.shared.control import Grant, WorkerEnded
@@ -48,6 +50,29 @@ class LifecycleError(RuntimeError):
     """An event the table does not allow in the session's stage: a supervisor bug."""
 
 
+class Tally:
+    """A count of things in progress that can be waited on to reach zero."""
+
+    def __init__(self):
+        self.count = 0
+        self._zero = anyio.Event()
+        self._zero.set()
+
+    def __enter__(self) -> "Tally":
+        if self._zero.is_set():
+            self._zero = anyio.Event()
+        self.count += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.count -= 1
+        if not self.count:
+            self._zero.set()
+
+    async def wait_zero(self) -> None:
+        await self._zero.wait()
+
+
 @dataclass
 class LiveSession:
     grant: Grant
@@ -71,14 +96,23 @@ class LiveSession:
 
 
 class Registry:
+    """The sessions whose worker this supervisor watches, by id; `wait_empty` is what a drain waits on."""
+
     def __init__(self):
         self._sessions: dict[str, LiveSession] = {}
+        self._empty = anyio.Event()
+        self._empty.set()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def add(self, session: LiveSession) -> None:
+        if self._empty.is_set():
+            self._empty = anyio.Event()
         self._sessions[session.grant.session_id] = session
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
 
     def get(self, session_id: str) -> LiveSession | None:
         return self._sessions.get(session_id)
@@ -89,7 +123,10 @@ class Registry:
             session.pid = pid
 
     def remove(self, session_id: str) -> LiveSession | None:
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if not self._sessions:
+            self._empty.set()
+        return session
 
     def sessions(self) -> list[LiveSession]:
         return list(self._sessions.values())

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,24 +33,22 @@ from meshrt.shared.control import (
     Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
     WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
 )
-from meshrt.shared.settings import Settings, node_identity, scrubbed_env, settings_env
+from meshrt.shared.settings import Settings, node_identity
 
-from . import db, ledger
+from . import db, ledger, processes
 from .ledger import Finalized
 from .metrics import Metrics
 from .quota import QuotaEstimate
-from .registry import LiveSession, Registry, SessionEvent, Stage
+from .registry import LiveSession, Registry, SessionEvent, Stage, Tally
 
 log = logging.getLogger("meshrt.supervisor")
 
-RESTART_BACKOFF_S = 0.5
 ORPHAN_GRACE_S = 2.0  # a dead front door's last handoffs are served well within this
 REATTACH_GRACE_S = 3.0
 BIND_WAIT_S = 10.0
 METRICS_INTERVAL_S = 1.0
 BALANCE_REFRESH_S = 0.5  # top-ups made on any node reach the quota decision within this
 RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
-EXIT_CRASHED = 70  # EX_SOFTWARE: a task failed; the restarter starts a fresh supervisor
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
 
@@ -76,15 +73,15 @@ class Supervisor:
         self.node = node  # set from the state dir in run() if not given
         self.registry = Registry()
         self.metrics = Metrics()
-        self.finalizing = 0  # sessions whose record is being written
+        self.finalizing = Tally()  # sessions whose record is being written
         self.quota: dict[str, QuotaEstimate] = {}  # account -> what it can still spend
         self.lease: ledger.Lease | None = None
         self.lease_valid_until = 0.0  # monotonic: the lease is ours until then, as far as we know
         self.held_since = 0.0  # the database's clock: since when we have held the lease unbroken
         self.state = RunState.STARTING
         self.run_dir = settings.state_dir / "run"
-        self.frontdoor: subprocess.Popen | None = None
-        self.zygote: subprocess.Popen | None = None
+        self.frontdoor: processes.Child | None = None
+        self.zygote: processes.Child | None = None
         self.zygote_channel: socket.socket | None = None
         self.zygote_ready = False
         # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
@@ -111,17 +108,9 @@ class Supervisor:
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
 
-    def _start_zygote(self) -> None:
-        ours, theirs = control.seqpacket_pair()
-        self.zygote = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.worker.zygote", "--channel-fd", str(theirs.fileno()),
-             "--log-level", self.settings.log_level, "--warm", str(self.settings.warm_workers)],
-            pass_fds=[theirs.fileno()], env=scrubbed_env(), stdin=subprocess.DEVNULL)
-        theirs.close()
-        ours.setblocking(False)
-        self.zygote_channel = ours
+    async def _start_zygote(self) -> None:
+        self.zygote, self.zygote_channel = await processes.start_zygote(self.settings)
         self.zygote_ready = False
-        log.info("zygote started", extra={"pid": self.zygote.pid})
 
     async def _bind(self) -> tuple[socket.socket, socket.socket]:
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
@@ -149,29 +138,24 @@ class Supervisor:
         handoffs.setblocking(False)
         return listener, handoffs
 
-    def _start_frontdoor(self, listener: socket.socket) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-        env.update(settings_env(self.settings))
-        env.pop("OPENAI_API_KEY", None)
-        fd = listener.fileno()
-        self.frontdoor = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.supervisor.frontdoor", "--fd", str(fd), "--node", self.node,
-             "--parent-pid", str(os.getpid())],
-            pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
-        log.info("front door started", extra={"pid": self.frontdoor.pid})
+    async def _start_frontdoor(self, listener: socket.socket) -> None:
+        self.frontdoor = await processes.start_frontdoor(self.settings, listener, self.node)
 
     # --- the main loop --------------------------------------------------------------------
 
     async def run(self) -> int:
         self._prepare_dirs()
         self.node = self.node or node_identity(self.settings)
-        self._start_zygote()
+        await self._start_zygote()
         try:
             return await self._run()
-        except BaseException:
-            log.critical("supervisor failed; exiting so that a fresh one takes over", exc_info=True)
+        except BaseException as error:
             self._kill_children()
-            return EXIT_CRASHED
+            if processes.contains(error, processes.CrashLoop):
+                log.critical("a child process is in a crash loop; exiting", exc_info=True)
+                return processes.EXIT_CHILD_CRASH_LOOP
+            log.critical("supervisor failed; exiting so that a fresh one takes over", exc_info=True)
+            return processes.EXIT_CRASHED
 
     async def _run(self) -> int:
         s = self.settings
@@ -182,7 +166,7 @@ class Supervisor:
         await self._join()
         self.writer = ledger.LedgerWriter(self.engine, batch_deadline_s=3 * s.db_timeout_s)
         listener, handoffs = await self._bind()
-        self._start_frontdoor(listener)
+        await self._start_frontdoor(listener)
         print(f"meshrt listening on http://{s.host}:{listener.getsockname()[1]}", flush=True)
         log.info("node up", extra={"fields": {"node": self.node, "incarnation": self.lease.incarnation}})
         self.state = RunState.SERVING
@@ -205,7 +189,7 @@ class Supervisor:
 
     def _kill_children(self) -> None:
         for child in (self.frontdoor, self.zygote):
-            if child is not None and child.poll() is None:
+            if child is not None:
                 child.kill()
 
     async def _until_done(self, what: str, call, *args):
@@ -236,19 +220,16 @@ class Supervisor:
                 return
 
     async def _watch_frontdoor(self, listener: socket.socket) -> None:
+        policy = processes.RestartPolicy("front door")
         while self.state is not RunState.STOPPING:
-            exited = os.pidfd_open(self.frontdoor.pid)  # readable once it exits: no thread waits on it
-            try:
-                await anyio.wait_readable(exited)
-            finally:
-                os.close(exited)
-            code = self.frontdoor.wait()
+            code = await self.frontdoor.exited()
             if self.state is RunState.STOPPING:
                 return
-            log.warning("front door exited; restarting", extra={"fields": {"exit_code": code}})
+            backoff = policy.after_exit(self.frontdoor.lived_s(), code)
+            log.warning("front door exited; restarting", extra={"fields": {"exit_code": code, "backoff_s": backoff}})
             await self.tg.start(self._end_orphaned_grants)  # its snapshot precedes the new front door
-            await anyio.sleep(RESTART_BACKOFF_S)
-            self._start_frontdoor(listener)
+            await anyio.sleep(backoff)
+            await self._start_frontdoor(listener)
 
     async def _end_orphaned_grants(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """A front door that died between admitting an upgrade (its row inserted, `granted`) and
@@ -364,17 +345,21 @@ class Supervisor:
     # --- zygote and workers ---------------------------------------------------------------
 
     async def _read_zygote(self) -> None:
+        policy = processes.RestartPolicy("zygote")
         while True:
             try:
                 message, fds = await control.arecv(self.zygote_channel)
             except (EOFError, control.ControlError):
                 if self.state is RunState.STOPPING:
                     return
-                log.error("zygote channel lost; restarting the zygote")
                 self.zygote.kill()
-                await anyio.to_thread.run_sync(self.zygote.wait)
+                code = await self.zygote.exited()
+                backoff = policy.after_exit(self.zygote.lived_s(), code)
+                log.error("zygote channel lost; restarting the zygote",
+                          extra={"fields": {"exit_code": code, "backoff_s": backoff}})
                 self.zygote_channel.close()
-                self._start_zygote()
+                await anyio.sleep(backoff)
+                await self._start_zygote()
                 continue
             for fd in fds:
                 os.close(fd)
@@ -526,11 +511,8 @@ class Supervisor:
         live.handle(SessionEvent.WORKER_GONE)
         if live.channel is not None:
             live.channel.close()
-        self.finalizing += 1
-        try:
+        with self.finalizing:
             await self._write_final(live)
-        finally:
-            self.finalizing -= 1
 
     async def _write_final(self, live: LiveSession) -> None:
         grant = live.grant
@@ -683,33 +665,29 @@ class Supervisor:
     async def drain(self) -> None:
         """SIGTERM: refuse new sessions, let live ones run up to drain_s, end the rest, exit."""
         self.state = RunState.DRAINING
-        deadline = time.monotonic() + self.settings.drain_s
-        while len(self.registry) and time.monotonic() < deadline:
-            await anyio.sleep(0.05)
+        with anyio.move_on_after(self.settings.drain_s):  # sessions end by themselves meanwhile
+            await self.registry.wait_empty()
         for live in self.registry.sessions():
             await self._stop(live, "server_shutting_down")
-        deadline = time.monotonic() + self.settings.drain_usage_s + 5
-        while len(self.registry) and time.monotonic() < deadline:
-            await anyio.sleep(0.05)
+        with anyio.move_on_after(self.settings.drain_usage_s + 5):  # their cancelled responses' usage
+            await self.registry.wait_empty()
         await self.shutdown()
 
     async def shutdown(self) -> None:
         self.state = RunState.STOPPING
-        if self.frontdoor is not None and self.frontdoor.poll() is None:
+        if self.frontdoor is not None and self.frontdoor.running():
             self.frontdoor.terminate()
-            await anyio.to_thread.run_sync(self.frontdoor.wait)
+            await self.frontdoor.exited()
         for live in self.registry.sessions():
             if live.pid:
                 try:
                     os.kill(live.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        with anyio.move_on_after(2):
-            while len(self.registry):
-                await anyio.sleep(0.05)
+        with anyio.move_on_after(2):  # their channels close as they die
+            await self.registry.wait_empty()
         with anyio.move_on_after(10):  # records of the last sessions, then exit
-            while self.finalizing:
-                await anyio.sleep(0.02)
+            await self.finalizing.wait_zero()
             await self.writer.idle()
         with anyio.move_on_after(2):
             try:
@@ -718,7 +696,7 @@ class Supervisor:
             except Exception:  # noqa: BLE001 - the lease then simply expires
                 log.warning("could not mark this node as left")
         self.zygote_channel.close()
-        await anyio.to_thread.run_sync(self.zygote.wait)
+        await self.zygote.exited()
         self.settings.control_socket.unlink(missing_ok=True)
         self.tg.cancel_scope.cancel()
 

@@ -15,16 +15,18 @@ never returns into the zygote's loop (it ends in os._exit).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import select
 import signal
 import socket
-import sys
 import time
 
 from meshrt.shared import control
 from meshrt.worker import warmup
+
+log = logging.getLogger("meshrt.zygote")
 
 
 def _preimport() -> None:
@@ -67,9 +69,7 @@ def _run_session(spawn, fds: list[int]) -> None:
         client_fd, channel_fd, spool_fd = fds
         code = run(spawn.grant, spawn.config, spawn.request, client_fd, channel_fd, spool_fd)
     except BaseException:  # noqa: BLE001 - the child must never unwind into the zygote loop
-        import traceback
-
-        traceback.print_exc()
+        log.exception("worker failed before its session ran")
     finally:
         os._exit(code)
 
@@ -108,7 +108,7 @@ class Zygote:
                 if rehearse:
                     warmup.rehearse(self.backend)
             except Exception as exc:  # noqa: BLE001 - only an optimisation; the session runs without it
-                print(f"zygote: pool worker rehearsal failed: {exc!r}", file=sys.stderr)
+                log.warning("pool worker rehearsal failed", extra={"fields": {"error": repr(exc)}})
             try:
                 spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
@@ -143,7 +143,7 @@ class Zygote:
         try:
             spawn = control.decode(datagram)
         except control.ControlError as exc:
-            print(f"zygote: {exc}", file=sys.stderr)
+            log.error("spawn message not understood", extra={"fields": {"error": str(exc)}})
             spawn = None
         if isinstance(spawn, control.Spawn) and len(fds) == 3:
             self.backend = spawn.config.backend
@@ -209,7 +209,7 @@ class Zygote:
             except (EOFError, ConnectionResetError):  # reset: it died with our messages unread
                 return 0  # the supervisor is gone; running workers finish their sessions
             except control.ControlError as exc:
-                print(f"zygote: {exc}", file=sys.stderr)
+                log.error("control message not understood", extra={"fields": {"error": str(exc)}})
                 continue
             self._spawn(datagram, fds)
 
