@@ -756,7 +756,7 @@ class Stack:
 
     def start(self) -> "Stack":
         self.sim = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.worker.simulator", "--port", "0", "--api-key", self.operator_key],
+            [sys.executable, "-m", "meshrt.simulator", "--port", "0", "--api-key", self.operator_key],
             stdout=subprocess.PIPE, stderr=open(self.tmp / "sim.err", "ab"), text=True, stdin=subprocess.DEVNULL)
         sim_port = int(_read_line(self.sim, r"listening on ws://[^:]+:(\d+)", 20, "the simulator").group(1))
         self.direct = Target("direct", sim_port, self.operator_key)

@@ -135,7 +135,7 @@ def _dispatch(args, settings) -> int:
     from meshrt.shared import logs
 
     if args.command == "sim":
-        from meshrt.worker import simulator
+        from meshrt import simulator
 
         argv = ["--host", args.host, "--port", str(args.port)]
         argv += ["--api-key", args.api_key] if args.api_key else []

@@ -38,7 +38,7 @@ Then see the usage:  curl -H "Authorization: Bearer {key}" http://127.0.0.1:{por
 
 
 def _start_simulator() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "meshrt.worker.simulator", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshrt.simulator", "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
     try:
         return proc, wait_for_line(proc, r"listening on (ws://\S+)", 20, "the simulator").group(1)

@@ -138,7 +138,7 @@ def start_sim(tmp: Path, *extra: str) -> Sim:
     log_dir = tmp / "sim-frames"
     log_dir.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshrt.worker.simulator", "--port", "0", "--api-key", OPERATOR_KEY,
+        [sys.executable, "-m", "meshrt.simulator", "--port", "0", "--api-key", OPERATOR_KEY,
          "--frame-log-dir", str(log_dir), *extra],
         stdout=subprocess.PIPE, stderr=open(tmp / "sim.err", "ab"), text=True)
     match = wait_for_line(proc, r"listening on (wss?)://[^:]+:(\d+)", 20, "the simulator")

@@ -53,7 +53,7 @@ def test_meshrt_dev_runs_the_printed_sdk_example(tmp_path):
         (record,) = wait_for(records, 20, 0.1, "the example's usage record")
         assert record["usage"]["total_tokens"] == printed_total > 0 and record["end_reason"] == "client_closed"
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert any("meshrt.worker.simulator" in " ".join(c.cmdline()) for c in children)
+        assert any("meshrt.simulator" in " ".join(c.cmdline()) for c in children)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)

@@ -1,6 +1,6 @@
-"""Tests of the OpenAI Realtime upstream simulator (meshrt.worker.simulator).
+"""Tests of the OpenAI Realtime upstream simulator (meshrt.simulator).
 
-The simulator runs in a subprocess (``python -m meshrt.worker.simulator --port 0``)
+The simulator runs in a subprocess (``python -m meshrt.simulator --port 0``)
 and is driven over real sockets: by the official ``openai`` SDK, and by a plain
 ``websockets`` client where the test needs raw frames. Every server event is
 validated against the SDK's pydantic models (GA, or beta under OpenAI-Beta).
@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidMessage, InvalidStatus
 
 from meshrt.supervisor.children import wait_for_line
-from meshrt.worker import simulator
+from meshrt import simulator
 
 TEST_DEADLINE_S = 20
 ONE_SECOND = b"\x00\x00" * 24_000  # 1 s of PCM16 24 kHz mono silence
@@ -108,7 +108,7 @@ class Sim:
 @contextmanager
 def running_sim(*args: str, stop_signal: int = signal.SIGTERM) -> Iterator[Sim]:
     with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "meshrt.worker.simulator", "--port", "0", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "meshrt.simulator", "--port", "0", *args],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
             # the listening line, whole and exact: it is the simulator's documented interface
@@ -664,6 +664,6 @@ def test_cli_rejects_bad_arguments() -> None:
     for args, needle in ((["--port", "70000"], "--port"), (["--fault", "nope"], "--fault"),
                          (["--host", ""], "--host"), (["--tls-cert", "c.pem"], "go together"),
                          (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert")):
-        proc = subprocess.run([sys.executable, "-m", "meshrt.worker.simulator", *args], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "meshrt.simulator", *args], capture_output=True,
                               text=True, timeout=20)
         assert proc.returncode == 2 and needle in proc.stderr

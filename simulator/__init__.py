@@ -6,8 +6,8 @@ default upstream of ``meshrt dev`` and of the test suite; it never talks to Open
 
 Run it::
 
-    python -m meshrt.worker.simulator --port 8765 [--api-key K] [--frame-log-dir D]
-                                      [--pace] [--fault NAME]
+    python -m meshrt.simulator --port 8765 [--api-key K] [--frame-log-dir D]
+                               [--pace] [--fault NAME]
 
 The endpoint is ``ws://HOST:PORT/v1/realtime`` and takes exactly one of
 ``?model=M``, ``?call_id=C`` or ``?intent=transcription``. GA event names are
