@@ -29,8 +29,10 @@ from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidMessage, InvalidStatus
 
-from meshrt.supervisor.children import wait_for_line
 from meshrt import simulator
+from meshrt.simulator.server import FAULT_AFTER_TICKS
+from meshrt.simulator.session import DEFAULT_INSTRUCTIONS
+from meshrt.supervisor.children import wait_for_line
 
 TEST_DEADLINE_S = 20
 ONE_SECOND = b"\x00\x00" * 24_000  # 1 s of PCM16 24 kHz mono silence
@@ -336,7 +338,7 @@ def test_cancel_reports_partial_usage(sim: Sim) -> None:
     transcript = "".join(e["delta"] for e in of_type(events, "response.output_audio_transcript.delta"))
     usage = response["usage"]
     assert usage["output_token_details"] == {"audio_tokens": sent, "text_tokens": text_tok(transcript)}
-    assert usage["input_tokens"] == text_tok(simulator.DEFAULT_INSTRUCTIONS) + 10
+    assert usage["input_tokens"] == text_tok(DEFAULT_INSTRUCTIONS) + 10
     assert of_type(after, "error")[0]["error"]["code"] == "response_cancel_not_active"
 
 
@@ -481,7 +483,7 @@ def test_mid_response_faults(sim: Sim, fault: str) -> None:
         return events, caught.value
 
     events, closed = run(body())
-    assert len(of_type(events, "response.output_audio.delta")) == simulator.FAULT_AFTER_TICKS
+    assert len(of_type(events, "response.output_audio.delta")) == FAULT_AFTER_TICKS
     assert not of_type(events, "response.done")
     if fault == "close_mid_response":
         assert closed.rcvd is not None and closed.rcvd.code == 1011
