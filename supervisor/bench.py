@@ -70,7 +70,7 @@ from pathlib import Path
 import psutil
 from websockets.frames import Close, Frame, Opcode
 
-from .children import ChildStartError, wait_for_line
+from meshrt.dev.children import ChildStartError, wait_for_line
 
 P99_TARGET_US = 5000.0  # capacity: a step holds while the probes' p99 added latency is below this
 APPEND_PCM_BYTES = 960  # 20 ms of PCM16 mono at 24 kHz

@@ -150,7 +150,7 @@ def _dispatch(args, settings) -> int:
         logs.configure("supervisor", settings.log_level)
         exit_process(serve(settings))
     if args.command == "dev":
-        from .dev import run_dev
+        from meshrt.dev.demo import run_dev
         from .supervisor import exit_process
 
         exit_process(run_dev(settings, args))

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from meshrt.dev.children import wait_for_line
 from meshrt.shared.money import Money
 from meshrt.supervisor import accounts, db
-from meshrt.supervisor.children import wait_for_line
 
 OPERATOR_KEY = "sk-operator-" + "x" * 24
 PG_ENV = "MESHRT_TEST_DATABASE_URL"

@@ -14,7 +14,7 @@ import sys
 import httpx
 import psutil
 
-from meshrt.supervisor.children import ChildOutput
+from meshrt.dev.children import ChildOutput
 
 from conftest import wait_for
 

@@ -30,9 +30,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidMessage, InvalidStatus
 
 from meshrt import simulator
+from meshrt.dev.children import wait_for_line
 from meshrt.simulator.server import FAULT_AFTER_TICKS
 from meshrt.simulator.session import DEFAULT_INSTRUCTIONS
-from meshrt.supervisor.children import wait_for_line
 
 TEST_DEADLINE_S = 20
 ONE_SECOND = b"\x00\x00" * 24_000  # 1 s of PCM16 24 kHz mono silence

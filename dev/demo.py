@@ -48,9 +48,9 @@ def _start_simulator() -> tuple[subprocess.Popen, str]:
 
 
 def run_dev(settings, args) -> int:
-    from . import accounts, db
-    from .supervisor import serve
     from meshrt.shared import logs
+    from meshrt.supervisor import accounts, db
+    from meshrt.supervisor.supervisor import serve
 
     state = Path(args.state_dir) if args.state_dir else Path(".meshrt-dev")
     settings = settings.replace(state_dir=state, allow_plain_ws=True, host="127.0.0.1",
