@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from meshrt.supervisor.bench import percentile, summarize_folded, summary
+from meshrt.bench import percentile, summarize_folded, summary
 
 
 def _sane(dist: dict, what: str) -> None:

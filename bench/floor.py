@@ -4,7 +4,7 @@ One uvloop `Protocol` pair per connection, in one process. What it adds over a d
 connection is what any Python relay on this machine pays for two extra socket hops; the gateway's
 added round trip is reported next to it, so the share that is meshrt's own work is visible.
 
-    python -m meshrt.supervisor.bench_floor --upstream-port 8765   # prints "listening on PORT"
+    python -m meshrt.bench.floor --upstream-port 8765   # prints "listening on PORT"
 """
 
 from __future__ import annotations

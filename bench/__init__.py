@@ -761,7 +761,7 @@ class Stack:
         sim_port = int(_read_line(self.sim, r"listening on ws://[^:]+:(\d+)", 20, "the simulator").group(1))
         self.direct = Target("direct", sim_port, self.operator_key)
         self.floor_relay = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.supervisor.bench_floor", "--upstream-port", str(sim_port)],
+            [sys.executable, "-m", "meshrt.bench.floor", "--upstream-port", str(sim_port)],
             stdout=subprocess.PIPE, stderr=open(self.tmp / "floor.err", "ab"), text=True, stdin=subprocess.DEVNULL)
         floor_port = int(_read_line(self.floor_relay, r"listening on (\d+)", 20, "the floor relay").group(1))
         self.floor = Target("floor", floor_port, self.operator_key)
@@ -778,8 +778,7 @@ class Stack:
 
     def _tenant_key(self, db_url: str) -> str:
         from meshrt.shared.money import Money
-
-        from . import accounts, db
+        from meshrt.supervisor import accounts, db
 
         engine = db.make_engine(db_url)
         try:
@@ -998,7 +997,7 @@ def measure_rtt(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
 
     One connection to each path stays open; each round times one echo on both, in alternating
     order (pairs interleaved, so drift cancels). Percentiles in µs; added = gateway − direct.
-    A third connection goes through a byte-copying uvloop relay (bench_floor.py), timed in the
+    A third connection goes through a byte-copying uvloop relay (bench/floor.py), timed in the
     same rounds: its added time is the floor for any Python relay on this machine."""
     cases = (("small_1k", text_event(1024), plan.rtt_small), ("large_32k", append_event(size=32768), plan.rtt_large))
     out = {}
