@@ -155,7 +155,7 @@ def _dispatch(args, settings) -> int:
 
         exit_process(run_dev(settings, args))
     if args.command == "bench":
-        from meshrt.bench import run_bench
+        from meshrt.bench.run import run_bench
 
         return run_bench(settings, args)
     return _operate(args, settings)

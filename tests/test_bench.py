@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from meshrt.bench import percentile, summarize_folded, summary
+from meshrt.bench.profiles import summarize_folded
+from meshrt.bench.stats import percentile, summary
 
 
 def _sane(dist: dict, what: str) -> None:

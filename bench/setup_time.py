@@ -1,0 +1,50 @@
+"""2. Connection set-up added by the gateway, connect → `session.created`, sequential and in bursts."""
+
+from __future__ import annotations
+
+import time
+
+from .clients import Conn, open_burst, run_async
+from .plans import Plan, log
+from .profiles import Profiler
+from .stack import Stack, alternate
+from .stats import compare
+
+
+def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
+    """Added set-up time, connect → `session.created`, sequential and in concurrent bursts.
+
+    Sequential: one connection at a time, closed (close handshake) before the next, direct and
+    gateway alternating; a short pause lets the previous session's teardown finish. Bursts:
+    `burst_size` opens at once on an asyncio client, per-connection times and the burst's wall
+    time; the gateway's workers are left to exit before the next burst. Milliseconds."""
+    seq = {"direct": [], "gateway": []}
+    roles = stack.roles()
+    with profiler.record("setup-frontdoor", [roles["frontdoor"]]), \
+            profiler.record("setup-supervisor", [roles["supervisor"]]):
+        for i in range(plan.setup_sequential):
+            for target in alternate(i, stack.direct, stack.gateway):
+                conn = Conn(target)
+                seq[target.name].append(conn.setup_ns / 1e6)
+                conn.close()
+            time.sleep(0.02)
+    stack.wait_sessions_ended()
+    burst = {"direct": [], "gateway": []}
+    walls = {"direct": [], "gateway": []}
+    for r in range(plan.burst_rounds):
+        for target in alternate(r, stack.direct, stack.gateway):
+            times, wall = run_async(open_burst(target, plan.burst_size))
+            burst[target.name] += times
+            walls[target.name].append(wall)
+            stack.wait_sessions_ended()
+            time.sleep(0.2)
+    out = {
+        "unit": "ms",
+        "sequential": {"connections": plan.setup_sequential, **compare(seq["direct"], seq["gateway"], 3)},
+        "burst": {"size": plan.burst_size, "rounds": plan.burst_rounds,
+                  **compare(burst["direct"], burst["gateway"], 3),
+                  "wall_ms": {k: round(sum(v) / len(v), 1) for k, v in walls.items()}},
+    }
+    log(f"setup: sequential added p50 {out['sequential']['added']['p50']} ms; "
+        f"burst added p50 {out['burst']['added']['p50']} ms")
+    return out
