@@ -79,7 +79,7 @@ class Stack:
 
     def _tenant_key(self, db_url: str) -> str:
         from meshrt.shared.money import Money
-        from meshrt.supervisor import accounts, db
+        from meshrt.storage import accounts, db
 
         engine = db.make_engine(db_url)
         try:
@@ -132,7 +132,7 @@ class Stack:
 
     def roles(self) -> dict[str, psutil.Process]:
         out = {"supervisor": psutil.Process(self.gw.pid)}
-        for role, marker in (("frontdoor", "meshrt.supervisor.frontdoor"), ("zygote", "meshrt.worker.zygote")):
+        for role, marker in (("frontdoor", "meshrt.frontdoor"), ("zygote", "meshrt.worker.zygote")):
             proc = self._child(marker)
             if proc is not None:
                 out[role] = proc

@@ -49,7 +49,7 @@ def _start_simulator() -> tuple[subprocess.Popen, str]:
 
 def run_dev(settings, args) -> int:
     from meshrt.shared import logs
-    from meshrt.supervisor import accounts, db
+    from meshrt.storage import accounts, db
     from meshrt.supervisor.supervisor import serve
 
     state = Path(args.state_dir) if args.state_dir else Path(".meshrt-dev")

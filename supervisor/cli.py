@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine(settings):
-    from meshrt.supervisor import db
+    from meshrt.storage import db
 
     engine = db.make_engine(settings.db_url, settings.db_timeout_s)
     db.create_schema(engine)
@@ -162,7 +162,7 @@ def _dispatch(args, settings) -> int:
 
 
 def _operate(args, settings) -> int:
-    from . import accounts as ops
+    from meshrt.storage import accounts as ops
 
     engine = _engine(settings)
     if args.command == "db":
@@ -196,11 +196,11 @@ def _operate(args, settings) -> int:
             _print(args, ops.key_json(key), f"{key.id}\trevoked")
         return 0
     if args.command == "usage":
-        from .usage_api import list_usage_cli
+        from meshrt.frontdoor.usage import list_usage_cli
 
         return list_usage_cli(engine, args)
     if args.command == "models":
-        from .catalog import load_catalog
+        from meshrt.frontdoor.catalog import load_catalog
 
         catalog = load_catalog(settings)
         rows = catalog.models_json()

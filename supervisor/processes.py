@@ -111,7 +111,7 @@ async def start_frontdoor(settings: Settings, listener: socket.socket, node: str
     env.update(settings_env(settings))
     env.pop("OPENAI_API_KEY", None)
     fd = listener.fileno()
-    child = await _start([sys.executable, "-m", "meshrt.supervisor.frontdoor", "--fd", str(fd), "--node", node,
+    child = await _start([sys.executable, "-m", "meshrt.frontdoor", "--fd", str(fd), "--node", node,
                           "--parent-pid", str(os.getpid())], [fd], env)
     log.info("front door started", extra={"pid": child.pid})
     return child

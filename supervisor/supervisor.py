@@ -35,9 +35,11 @@ from meshrt.shared.control import (
 )
 from meshrt.shared.settings import Settings, node_identity
 
-from . import db, ledger, processes
-from .ledger import Finalized
-from .metrics import Metrics
+from meshrt.shared.metrics import Metrics
+from meshrt.storage import db, ledger
+from meshrt.storage.ledger import Finalized
+
+from . import processes
 from .quota import QuotaEstimate
 from .registry import LiveSession, Registry, SessionEvent, Stage, Tally
 

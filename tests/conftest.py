@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 
 from meshrt.dev.children import wait_for_line
 from meshrt.shared.money import Money
-from meshrt.supervisor import accounts, db
+from meshrt.storage import accounts, db
 
 OPERATOR_KEY = "sk-operator-" + "x" * 24
 PG_ENV = "MESHRT_TEST_DATABASE_URL"
@@ -52,7 +52,7 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> in
 def session_record(engine, request_id: str):
     from sqlmodel import Session, select
 
-    from meshrt.supervisor.db import SessionRecord
+    from meshrt.storage.db import SessionRecord
 
     with Session(engine) as db:
         return db.exec(select(SessionRecord).where(SessionRecord.request_id == request_id)).first()
@@ -184,7 +184,7 @@ class Gateway:
 
         for child in psutil.Process(self.proc.pid).children():
             try:
-                if child.status() != psutil.STATUS_ZOMBIE and "meshrt.supervisor.frontdoor" in " ".join(child.cmdline()):
+                if child.status() != psutil.STATUS_ZOMBIE and "meshrt.frontdoor" in " ".join(child.cmdline()):
                     return child.pid
             except psutil.Error:
                 continue

@@ -18,9 +18,9 @@ from urllib.parse import parse_qs
 
 from sqlmodel import Session, select
 
-from meshrt.supervisor.db import Account, SessionRecord
+from meshrt.storage.db import Account, SessionRecord
 from meshrt.worker.meter import Meter, UsageTotals
-from meshrt.worker.metering import GrantPriceTable
+from meshrt.worker.session_meter import GrantPriceTable
 
 
 # --- what the simulator reported --------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
-from meshrt.supervisor.db import Account, LedgerEntry
+from meshrt.storage.db import Account, LedgerEntry
 
 from conftest import ended_record
 from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run

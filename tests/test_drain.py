@@ -12,7 +12,7 @@ import httpx
 from sqlmodel import Session, select
 
 from meshrt.shared.errors import ERRORS
-from meshrt.supervisor.db import SessionRecord
+from meshrt.storage.db import SessionRecord
 
 from conftest import wait_for
 from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, recv_until, run

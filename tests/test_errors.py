@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from meshrt.shared.errors import ERRORS
-from meshrt.supervisor import accounts
+from meshrt.storage import accounts
 
 from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, run
 

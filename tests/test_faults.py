@@ -34,7 +34,7 @@ from sqlmodel import Session, select
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from meshrt.shared.money import Money
-from meshrt.supervisor.db import SessionRecord
+from meshrt.storage.db import SessionRecord
 
 from conftest import _stop, start_sim, wait_for
 from realtime_client import connect_ws, recv_json, recv_until

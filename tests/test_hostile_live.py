@@ -24,8 +24,8 @@ import pytest
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
-from meshrt.supervisor import accounts
-from meshrt.supervisor.db import SessionRecord
+from meshrt.storage import accounts
+from meshrt.storage.db import SessionRecord
 from meshrt.worker.frames import FrameScanner, payload
 
 from conftest import Tenant, _stop, ended_record, start_gateway, wait_for

@@ -10,8 +10,8 @@ from sqlmodel import Session, select
 
 from meshrt.shared.increments import Increment
 from meshrt.shared.money import Money
-from meshrt.supervisor import ledger
-from meshrt.supervisor.db import Account, LedgerEntry, SessionRecord
+from meshrt.storage import ledger
+from meshrt.storage.db import Account, LedgerEntry, SessionRecord
 
 
 def increment(seq: int, cost: int, tokens: int) -> Increment:

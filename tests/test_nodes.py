@@ -34,8 +34,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from meshrt.shared import spool
 from meshrt.shared.errors import ERRORS
 from meshrt.shared.money import Money
-from meshrt.supervisor import accounts
-from meshrt.supervisor.db import LIVE_STATES, AppliedIncrement, Node, SessionRecord
+from meshrt.storage import accounts
+from meshrt.storage.db import LIVE_STATES, AppliedIncrement, Node, SessionRecord
 
 from conftest import session_record, wait_for
 from realtime_client import connect_ws, recv_json, run

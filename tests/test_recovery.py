@@ -10,7 +10,7 @@ import signal
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
-from meshrt.supervisor.db import Account, SessionRecord
+from meshrt.storage.db import Account, SessionRecord
 
 from conftest import ended_record, wait_for
 from realtime_client import connect_ws, expect_closed, recv_json, recv_until, run

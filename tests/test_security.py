@@ -12,7 +12,7 @@ import psutil
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from meshrt.supervisor.db import SessionRecord
+from meshrt.storage.db import SessionRecord
 
 from conftest import OPERATOR_KEY, ended_record, wait_for
 from realtime_client import connect_ws, recv_json, run
@@ -24,7 +24,7 @@ def _processes(gateway, worker_pid: int) -> dict:
     procs = {"frontdoor": None, "zygote": None, "worker": None}
     for child in gateway.children():
         cmd = " ".join(child.cmdline())
-        if "meshrt.supervisor.frontdoor" in cmd:
+        if "meshrt.frontdoor" in cmd:
             procs["frontdoor"] = child
         elif "meshrt.worker.zygote" in cmd and child.ppid() == gateway.proc.pid:
             procs["zygote"] = child

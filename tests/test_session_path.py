@@ -14,7 +14,7 @@ import pytest
 from openai import AsyncOpenAI
 from sqlmodel import Session
 
-from meshrt.supervisor.db import SessionRecord
+from meshrt.storage.db import SessionRecord
 
 from conftest import OPERATOR_KEY, ended_record, wait_for
 from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run

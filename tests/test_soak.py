@@ -12,7 +12,7 @@ import psutil
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from meshrt.supervisor.db import SessionRecord
+from meshrt.storage.db import SessionRecord
 
 from conftest import wait_for
 from realtime_client import connect_ws, recv_json, run

@@ -58,7 +58,7 @@ def test_a_clean_stop_leaves_the_node_left_not_rejoined(gateway_factory, engine)
     again: a ghost node that others then reaped. Short leases make the race likely."""
     from sqlmodel import Session
 
-    from meshrt.supervisor.db import Node
+    from meshrt.storage.db import Node
 
     for _ in range(8):
         gateway = gateway_factory(MESHRT_NODE_LEASE_S="0.4")

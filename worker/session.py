@@ -365,7 +365,7 @@ class WorkerSession:
 
 def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:
     """Run one session to its end in this process; returns the exit code."""
-    from .metering import build_meter
+    from .session_meter import build_meter
 
     forked_at = time.time()
     client = socket.socket(fileno=client_fd)

@@ -48,7 +48,7 @@ _sample_rates: dict | None = None  # a grant's rate snapshot, for the pool worke
 def _relay_and_meter() -> None:
     from meshrt.shared.pricing import load_price_table
     from meshrt.worker import frames
-    from meshrt.worker.metering import GrantPriceTable, SessionMeter
+    from meshrt.worker.session_meter import GrantPriceTable, SessionMeter
     from meshrt.worker.meter import Meter, may_carry_usage
     from meshrt.worker.relay import Relay
 

@@ -35,7 +35,7 @@ def _preimport() -> None:
     import anyio._backends._trio  # noqa: F401
     import trio  # noqa: F401
 
-    from meshrt.worker import metering, session, upstream, warmup  # noqa: F401
+    from meshrt.worker import session_meter, session, upstream, warmup  # noqa: F401
 
     upstream.tls_context()
     warmup.warm_up()

@@ -12,11 +12,12 @@ from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
 
-from . import accounts as ops
-from .api import ApiError
+from meshrt.storage import accounts as ops
+from meshrt.storage.db import LIVE_STATES, Account, ApiKey, SessionRecord, find_key
+
+from .app import ApiError
 from .dashboard import dashboard_routes
-from .db import LIVE_STATES, Account, ApiKey, SessionRecord, find_key
-from .usage_api import MAX_LIMIT, query_usage
+from .usage import MAX_LIMIT, query_usage
 
 
 def _bearer(request: Request) -> str | None:

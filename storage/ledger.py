@@ -27,7 +27,7 @@ from sqlmodel import Session, select
 from .db import Account, AppliedIncrement, LedgerEntry, Node, NodeState, SessionRecord, SessionState, db_now, utcnow
 from meshrt.shared.increments import Increment
 
-from .usage import summarize
+from .summary import summarize
 
 log = logging.getLogger("meshrt.supervisor")
 

@@ -21,7 +21,7 @@ from meshrt.shared.errors import GatewayError
 from meshrt.shared.handshake import UpgradeRequest, extract_credentials, is_secure, is_wellformed_key
 from meshrt.shared.settings import Settings
 
-from .db import LIVE_STATES, Account, ApiKey, SessionRecord, SessionState, hash_key, new_id
+from meshrt.storage.db import LIVE_STATES, Account, ApiKey, SessionRecord, SessionState, hash_key, new_id
 
 
 log = logging.getLogger("meshrt.frontdoor")

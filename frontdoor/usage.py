@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
 
-from .db import SessionRecord, SessionState
+from meshrt.storage.db import SessionRecord, SessionState
 
 MAX_LIMIT = 100
 

@@ -27,8 +27,10 @@ from meshrt.shared.control import Ping, Pong
 from meshrt.shared.errors import http_error_body
 from meshrt.shared.settings import load_settings
 
-from . import db, gate, handoff
-from .api import create_app, new_request_id
+from meshrt.storage import db
+
+from . import gate, handoff
+from .app import create_app, new_request_id
 from .catalog import load_catalog
 from .routes import ROUTERS
 

@@ -86,7 +86,7 @@ def create_app(ctx) -> FastAPI:
     async def metrics():
         from fastapi.responses import PlainTextResponse
 
-        from .metrics import render
+        from meshrt.shared.metrics import render
 
         snapshot = await ctx.metrics_snapshot()
         return PlainTextResponse(render(snapshot), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,1 @@
+"""meshrt.frontdoor: the front door process — HTTP API, upgrade admission and handoff."""

@@ -1,0 +1,1 @@
+"""meshrt.storage: the database — tables, accounts and keys, the ledger."""
