@@ -99,7 +99,6 @@ class Stack:
             "MESHRT_MAX_SESSIONS": str(max(self.plan.capacity_steps) + 200),
             "MESHRT_MAX_CONCURRENT_SESSIONS": "100000", "MESHRT_DRAIN_S": "2",
             "MESHRT_WORKER_BACKEND": self.settings.worker_backend,
-            "MESHRT_FRONTDOOR_WORKERS": str(self.settings.frontdoor_workers),
             "MESHRT_WARM_WORKERS": str(self.settings.warm_workers),
             "MESHRT_LOG_LEVEL": self.settings.log_level,
         })

@@ -4,7 +4,6 @@ usage, account, admin. Every response carries `x-request-id`; every error is SPE
 
 from __future__ import annotations
 
-import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,10 +13,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.exc import SQLAlchemyError
 
 from meshrt.shared.errors import ERRORS, http_error_body
+from meshrt.shared.ids import new_id
 
 
 def new_request_id() -> str:
-    return f"req_{secrets.token_hex(12)}"
+    return new_id("req")
 
 
 class ApiError(Exception):

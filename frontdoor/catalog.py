@@ -16,11 +16,7 @@ class Catalog:
         return self.table.realtime(model)
 
     def grant_rates(self, model: str) -> dict:
-        rates = self.table.realtime(model)
-        transcription = {m.model: m.snapshot() for m in self.table.models if m.kind == "transcription"}
-        return {"effective_date": self.table.effective_date, "model": rates.snapshot(),
-                "transcription": transcription}
-
+        return self.table.grant_rates(self.table.realtime(model))
 
     def listed_models(self) -> dict:
         """What /v1/models shows: connectable realtime models (with their aliases), then the

@@ -8,7 +8,6 @@ front-door processes and nodes. Raises GatewayError; never logs or returns the k
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from datetime import datetime, timezone
@@ -21,24 +20,15 @@ from meshrt.shared.errors import GatewayError
 from meshrt.shared.handshake import UpgradeRequest, extract_credentials, is_secure, is_wellformed_key
 from meshrt.shared.settings import Settings
 
-from meshrt.storage.db import LIVE_STATES, Account, ApiKey, SessionRecord, SessionState, hash_key, new_id
+from meshrt.shared.ids import new_id
+from meshrt.storage.accounts import usable_key
+from meshrt.storage.db import LIVE_STATES, SessionRecord, SessionState
 
 
 log = logging.getLogger("meshrt.frontdoor")
 
 # Admission is on every session's set-up path, so it uses Core statements built once (SQLAlchemy
 # caches their compiled form) rather than ORM objects: the ORM was ~45 % of the front door's CPU.
-# The key and its account come in one statement; FOR UPDATE OF account is the row lock that
-# serialises admissions of one account across nodes (PostgreSQL; SQLite renders no FOR UPDATE,
-# its BEGIN IMMEDIATE already serialises writers).
-_KEY_AND_ACCOUNT = (
-    select(ApiKey.key_hash, ApiKey.id.label("api_key_id"), ApiKey.token_cap, ApiKey.revoked_at,
-           Account.id.label("account_id"), Account.active, Account.balance_pico,
-           Account.max_concurrent_sessions, Account.session_token_cap)
-    .join(Account, Account.id == ApiKey.account_id)
-    .where(ApiKey.key_hash == bindparam("digest"))
-    .with_for_update(of=Account)
-)
 # After the lock, as its own statement: on PostgreSQL each statement sees the rows committed
 # before it started, so this count includes sessions admitted while we waited for the lock.
 _LIVE_SESSIONS = select(func.count()).select_from(SessionRecord).where(
@@ -62,10 +52,9 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
           request_id: str, node: str) -> Grant:
     """Admit an upgrade: returns the grant, with its session row inserted (state granted)."""
     key = check_request(settings, upgrade, peer_ip)
-    digest = hash_key(key)
     began = time.monotonic()
     try:
-        grant = _admit_in_transaction(engine, settings, prices, upgrade, peer_ip, request_id, node, digest)
+        grant = _admit_in_transaction(engine, settings, prices, upgrade, peer_ip, request_id, node, key)
     except SQLAlchemyError as exc:  # refused, dropped, timed out, locked: the client may retry
         log.warning("admission failed: database unavailable", extra={"request_id": request_id, "fields": {
             "error": f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0][:200]}"}})
@@ -76,11 +65,10 @@ def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: 
 
 
 def _admit_in_transaction(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: str | None,
-                          request_id: str, node: str, digest: str) -> Grant:
+                          request_id: str, node: str, key: str) -> Grant:
     with engine.begin() as db:
-        found = db.execute(_KEY_AND_ACCOUNT, {"digest": digest}).first()  # the key, and its account locked
-        if (found is None or not hmac.compare_digest(found.key_hash, digest) or found.revoked_at is not None
-                or not found.active):
+        found = usable_key(db, key, lock_account=True)
+        if found is None:
             raise GatewayError("invalid_api_key")
         model = upgrade.model
         if model is None:

@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 from meshrt.shared.money import Money
 
 from meshrt.storage import accounts as ops
-from meshrt.storage.db import LIVE_STATES, Account, ApiKey, SessionRecord, find_key
+from meshrt.storage.db import LIVE_STATES, SessionRecord
 
 from .app import ApiError
 from .dashboard import dashboard_routes
@@ -28,19 +28,17 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else ""
 
 
-def tenant_key(request: Request) -> ApiKey:
-    """The caller's key (Authorization: Bearer rsk_…), checked like the realtime upgrade."""
+def tenant_key(request: Request):
+    """The caller's key (Authorization: Bearer rsk_…), by the realtime upgrade's own rule: a row
+    with `api_key_id` and `account_id`."""
     token = _bearer(request)
     if token is None:
         raise ApiError(401, "missing_api_key", "No API key provided. Send Authorization: Bearer <key>.")
-    engine = request.app.state.ctx.engine
-    with Session(engine) as db:
-        key = find_key(db, token) if token else None
-        account = db.get(Account, key.account_id) if key else None
-        if key is None or key.revoked_at is not None or account is None or not account.active:
-            raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
-        db.expunge(key)
-        return key
+    with request.app.state.ctx.engine.connect() as connection:
+        found = ops.usable_key(connection, token) if token else None
+    if found is None:
+        raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
+    return found
 
 
 def admin(request: Request) -> None:
@@ -76,28 +74,28 @@ def _usage_page(engine, account_id, start_time, end_time, model, limit, after) -
 
 def tenant_routes(app: FastAPI, ctx) -> None:
     @app.get("/v1/models")
-    def list_models(key: ApiKey = Depends(tenant_key)):
+    def list_models(key=Depends(tenant_key)):
         return {"object": "list", "data": [_model_json(m, r) for m, r in ctx.prices.listed_models().items()]}
 
     @app.get("/v1/models/{model_id}")
-    def get_model(model_id: str, key: ApiKey = Depends(tenant_key)):
+    def get_model(model_id: str, key=Depends(tenant_key)):
         rates = ctx.prices.listed_models().get(model_id)
         if rates is None:
             raise ApiError(404, "model_not_found", f"The model {model_id!r} does not exist or is not a realtime model.")
         return _model_json(model_id, rates)
 
     @app.get("/v1/usage")
-    def usage(key: ApiKey = Depends(tenant_key), start_time: int | None = Query(None, ge=0),
+    def usage(key=Depends(tenant_key), start_time: int | None = Query(None, ge=0),
               end_time: int | None = Query(None, ge=0), model: str | None = None,
               limit: int = Query(20, ge=1, le=MAX_LIMIT), after: str | None = None):
         return _usage_page(ctx.engine, key.account_id, start_time, end_time, model, limit, after)
 
     @app.get("/v1/account")
-    def account(key: ApiKey = Depends(tenant_key)):
+    def account(key=Depends(tenant_key)):
         row = ops.get_account(ctx.engine, key.account_id)
         return {**ops.account_json(row), "live_sessions": _live_count(ctx.engine, row.id),
                 "max_concurrent_sessions": row.max_concurrent_sessions or ctx.settings.default_max_concurrent_sessions,
-                "api_key_id": key.id}
+                "api_key_id": key.api_key_id}
 
 
 class NewAccount(BaseModel):

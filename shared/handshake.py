@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 
 from websockets.datastructures import Headers
-from websockets.frames import Close
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
@@ -213,7 +212,3 @@ def error_frames(protocol: ServerProtocol, code: str, request_id: str, detail: s
     protocol.send_close(spec.close_code, spec.close_reason)
     return b"".join(protocol.data_to_send())
 
-
-def close_frame_fields(payload: bytes) -> tuple[int, str]:
-    close = Close.parse(payload)
-    return close.code, close.reason

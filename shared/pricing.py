@@ -205,6 +205,13 @@ class PriceTable:
             return None
         return rates
 
+    def grant_rates(self, rates: ModelRates) -> dict[str, Any]:
+        """What a session's grant carries: the session model's rates and every transcription
+        model's it may announce, so the worker reads no file and a later price change never
+        rewrites a session's cost (`GrantPriceTable` reads it back)."""
+        transcription = {m.model: m.snapshot() for m in self.models if m.kind == "transcription"}
+        return {"effective_date": self.effective_date, "model": rates.snapshot(), "transcription": transcription}
+
     def transcription(self, model: object) -> ModelRates | None:
         """The rates of an input-audio transcription model, else ``None``."""
         rates = self.get(model)

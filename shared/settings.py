@@ -47,14 +47,23 @@ def _non_negative_int(name: str, raw: str) -> int:
     return _positive_int(name, raw)
 
 
-def _port(name: str, raw: str) -> int:
+def parse_port(raw: str) -> int:
+    """A TCP port (0: any free one). Raises ValueError with a one-line reason; every place that
+    reads a port (settings, the CLI, the simulator) uses this."""
     try:
         value = int(raw)
     except ValueError:
-        raise SettingsError(f"{name}: expected a TCP port number, got {raw!r}") from None
+        raise ValueError(f"expected a TCP port number, got {raw!r}") from None
     if not 0 <= value <= 65535:
-        raise SettingsError(f"{name}: port must be 0-65535, got {raw!r}")
+        raise ValueError(f"port must be 0-65535, got {raw!r}")
     return value
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        return parse_port(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 def _ws_url(name: str, raw: str) -> str:
@@ -147,7 +156,6 @@ class Settings:
     worker_memory_mb: int = 512
     pricing_file: str = ""
     log_level: str = "info"
-    frontdoor_workers: int = 1
     node_id: str = ""  # default: one made up once per state dir (see `node_identity`)
     node_lease_s: float = 15.0  # a node not heard from for this long is lost; its sessions end
     db_timeout_s: float = 10.0  # connect, statement and lock waits; SQLite's busy timeout
@@ -194,7 +202,6 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_WORKER_MEMORY_MB": ("worker_memory_mb", _positive_int),
     "MESHRT_PRICING_FILE": ("pricing_file", _text),
     "MESHRT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
-    "MESHRT_FRONTDOOR_WORKERS": ("frontdoor_workers", _positive_int),
     "MESHRT_ALLOW_PLAIN_WS": ("allow_plain_ws", _bool),
     "MESHRT_NODE_ID": ("node_id", _node_id),
     "MESHRT_NODE_LEASE_S": ("node_lease_s", _positive_float),

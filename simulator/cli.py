@@ -10,14 +10,17 @@ import signal
 import ssl
 import sys
 
+from meshrt.shared.settings import parse_port
+
 from .handshake import FAULTS
 from .server import serve
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected an integer from 0 to 65535")
-    return int(text)
+    try:
+        return parse_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

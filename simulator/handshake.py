@@ -31,7 +31,9 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .framelog import FrameLog
-from .session import DEFAULT_MAX_SESSION_S, DEFAULT_MODEL, DEFAULT_RESPONSE_MS, SimSession, new_id
+from meshrt.shared.ids import new_id
+
+from .session import DEFAULT_MAX_SESSION_S, DEFAULT_MODEL, DEFAULT_RESPONSE_MS, SimSession
 
 DEFAULT_DELAY_MS = 2000
 FAULTS = (

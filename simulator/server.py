@@ -18,7 +18,9 @@ from websockets.http11 import Request, Response
 
 from .framelog import FrameLog
 from .handshake import FAULT_REJECTIONS, FAULTS, ConnOptions, HandshakeError, SimConfig, parse_options
-from .session import CHUNK_MS, ResponseRun, SimSession, StartResponse, new_id
+from meshrt.shared.ids import new_id
+
+from .session import CHUNK_MS, ResponseRun, SimSession, StartResponse
 
 log = logging.getLogger("meshrt.sim")
 

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from meshrt.shared.ids import new_id
+
 from .usage import (
     BYTES_PER_SECOND,
     Tokens,
@@ -41,10 +43,6 @@ DEFAULT_MODEL = "gpt-realtime"
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant."
 WORDS = ("Hello", "from", "the", "meshrt", "simulator.", "This", "is", "a", "synthetic", "reply.")
 PCM_FORMAT = {"type": "audio/pcm", "rate": 24000}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
 
 
 def _tone_chunk(ms: int = CHUNK_MS, hz: int = 440) -> bytes:

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlmodel import Session, select
 
+from meshrt.shared.ids import new_id
 from meshrt.shared.money import Money
 
-from .db import Account, ApiKey, LedgerEntry, hash_key, key_display, new_id, new_key, utcnow
+from .db import Account, ApiKey, LedgerEntry, hash_key, key_display, new_key, utcnow
+
+
+# The key and its account in one statement: the realtime upgrade (which also locks the account
+# row, serialising admissions of one account across nodes) and the HTTP API use the same rule.
+_KEY_AND_ACCOUNT = (
+    select(ApiKey.key_hash, ApiKey.id.label("api_key_id"), ApiKey.token_cap, ApiKey.revoked_at,
+           Account.id.label("account_id"), Account.active, Account.balance_pico,
+           Account.max_concurrent_sessions, Account.session_token_cap)
+    .join(Account, Account.id == ApiKey.account_id)
+    .where(ApiKey.key_hash == bindparam("digest"))
+)
+_KEY_AND_LOCKED_ACCOUNT = _KEY_AND_ACCOUNT.with_for_update(of=Account)
+
+
+def usable_key(connection, key: str, *, lock_account: bool = False):
+    """The key's row with its account's, or None when the key is unknown, revoked, or its account
+    disabled — one message for all, so a caller learns nothing about which. With `lock_account`
+    the account row stays locked until the transaction ends (PostgreSQL; SQLite's BEGIN
+    IMMEDIATE already serialises writers)."""
+    digest = hash_key(key)
+    found = connection.execute(_KEY_AND_LOCKED_ACCOUNT if lock_account else _KEY_AND_ACCOUNT,
+                               {"digest": digest}).first()
+    if (found is None or not hmac.compare_digest(found.key_hash, digest) or found.revoked_at is not None
+            or not found.active):
+        return None
+    return found
 
 
 class NotFound(LookupError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import math
 import hashlib
-import hmac
 import secrets
 import string
 from datetime import datetime, timezone
@@ -19,15 +18,11 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, Column, Index, event, inspect, text
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.engine import Engine
-from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
+from sqlmodel import JSON, Field, SQLModel, create_engine
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def new_id(prefix: str, nbytes: int = 12) -> str:
-    return f"{prefix}_{secrets.token_hex(nbytes)}"
 
 
 _KEY_ALPHABET = string.ascii_letters + string.digits
@@ -53,13 +48,6 @@ class SessionState(str, enum.Enum):
 
 
 LIVE_STATES = (SessionState.GRANTED, SessionState.LIVE)
-
-
-def _tz(dt: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes: every stored time is UTC."""
-    if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
-    return dt
 
 
 class Account(SQLModel, table=True):
@@ -208,14 +196,6 @@ _NOW = {  # the database's clock, epoch seconds: leases are judged by one clock,
 
 def db_now(connection) -> float:
     return float(connection.execute(_NOW[connection.dialect.name]).scalar_one())
-
-
-def find_key(session: Session, key: str) -> ApiKey | None:
-    digest = hash_key(key)
-    row = session.exec(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
-        return None
-    return row
 
 
 def ping(engine: Engine) -> None:

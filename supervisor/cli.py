@@ -8,7 +8,7 @@ import json
 import sys
 
 from meshrt.shared.money import Money
-from meshrt.shared.settings import SettingsError, load_settings
+from meshrt.shared.settings import SettingsError, load_settings, parse_port
 
 
 def _money(raw: str) -> Money:
@@ -30,12 +30,9 @@ def _positive(raw: str) -> int:
 
 def _port(raw: str) -> int:
     try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {raw!r}")
-    return value
+        return parse_port(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -479,7 +479,7 @@ def test_a_lost_node_back_amends_the_records_with_its_spools(gateway_factory, ma
     logs exactly, and the balance moved by exactly the records' costs (nothing twice)."""
     lease = LEASE_S
     tenant = make_tenant(max_concurrent_sessions=10)
-    b = gateway_factory(MESHRT_NODE_LEASE_S=lease)
+    gateway_factory(MESHRT_NODE_LEASE_S=lease)  # node B: reaps A
     b_started = time.monotonic()
     a = gateway_factory(MESHRT_NODE_LEASE_S=lease)
     node_a = node_id_of(a)

@@ -37,10 +37,6 @@ class RawFrame:  # and one is built per relayed frame
     mask: bytes | None
     message_start: bool  # first frame of a data message (text/binary opcode)
 
-    @property
-    def payload_len(self) -> int:
-        return self.end - self.payload_start
-
 
 class FrameScanner:
     """Feeds on stream bytes; yields complete frames as offsets into the returned chunk.

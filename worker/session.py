@@ -17,6 +17,7 @@ spool at the session's end, so nothing is lost either way).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -360,7 +361,11 @@ class WorkerSession:
             with anyio.move_on_after(REPORT_END_WAIT_S):
                 await self._reattach()
                 control.send(self.channel, message)
-        self.log.info("session ended", fields={"end_reason": message.end_reason, "close_code": message.close_code})
+        fields = {"end_reason": message.end_reason, "close_code": message.close_code}
+        meter = getattr(self.relay.meter, "meter", None)
+        if meter is not None:  # what the meter saw: parsed, unreadable and unpriced usage (never content)
+            fields["meter"] = dataclasses.asdict(meter.stats)
+        self.log.info("session ended", fields=fields)
 
 
 def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:

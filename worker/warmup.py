@@ -56,8 +56,7 @@ def _relay_and_meter() -> None:
     if _sample_rates is None:  # built once, in the zygote: a pool worker reads no file
         table = load_price_table()
         model = table.realtime("gpt-realtime")
-        _sample_rates = {"effective_date": table.effective_date, "model": model.snapshot(),
-                         "transcription": {m.model: m.snapshot() for m in table.models if m.kind == "transcription"}}
+        _sample_rates = table.grant_rates(model)
     grant_table = GrantPriceTable(_sample_rates)  # what build_meter builds for a session
     grant_table.transcription("gpt-4o-transcribe")
     meter = SessionMeter(Meter(grant_table.model, grant_table))
