@@ -105,38 +105,21 @@ def item_tokens(item: dict, beta: bool = False) -> Tokens:
     return Tokens(total.text, total.audio, 0) if beta else total
 
 
+def _usage(inp: Tokens, out: Tokens, input_details: dict) -> dict:
+    """A response.done usage object: the totals both protocols share, then their own details."""
+    return {"total_tokens": inp.total + out.total, "input_tokens": inp.total, "output_tokens": out.total,
+            "input_token_details": input_details,
+            "output_token_details": {"text_tokens": out.text, "audio_tokens": out.audio}}
+
+
 def ga_usage(inp: Tokens, cached: Tokens, out: Tokens) -> dict:
-    return {
-        "total_tokens": inp.total + out.total,
-        "input_tokens": inp.total,
-        "output_tokens": out.total,
-        "input_token_details": {
-            "text_tokens": inp.text,
-            "audio_tokens": inp.audio,
-            "image_tokens": inp.image,
-            "cached_tokens": cached.total,
-            "cached_tokens_details": {
-                "text_tokens": cached.text,
-                "audio_tokens": cached.audio,
-                "image_tokens": cached.image,
-            },
-        },
-        "output_token_details": {"text_tokens": out.text, "audio_tokens": out.audio},
-    }
+    cached_details = {"text_tokens": cached.text, "audio_tokens": cached.audio, "image_tokens": cached.image}
+    return _usage(inp, out, {"text_tokens": inp.text, "audio_tokens": inp.audio, "image_tokens": inp.image,
+                             "cached_tokens": cached.total, "cached_tokens_details": cached_details})
 
 
 def beta_usage(inp: Tokens, cached: Tokens, out: Tokens) -> dict:
-    return {
-        "total_tokens": inp.total + out.total,
-        "input_tokens": inp.total,
-        "output_tokens": out.total,
-        "input_token_details": {
-            "cached_tokens": cached.total,
-            "text_tokens": inp.text,
-            "audio_tokens": inp.audio,
-        },
-        "output_token_details": {"text_tokens": out.text, "audio_tokens": out.audio},
-    }
+    return _usage(inp, out, {"cached_tokens": cached.total, "text_tokens": inp.text, "audio_tokens": inp.audio})
 
 
 def transcription_usage(model: str, n_bytes: int, transcript: str, prompt: str) -> dict:

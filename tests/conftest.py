@@ -219,6 +219,14 @@ def start_gateway(tmp: Path, database_url: str, upstream_url: str, state: Path |
     return gateway
 
 
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory, database_url, sim):
+    """One gateway for a whole module, for tests that only read from it or make their own tenants."""
+    gw = start_gateway(tmp_path_factory.mktemp("gw"), database_url, sim.url)
+    yield gw
+    _stop(gw.proc)
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def worker_backend(request) -> str:
     return request.param

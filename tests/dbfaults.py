@@ -154,25 +154,25 @@ class PgFaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def refuse(self) -> None:
+    def _switch(self, kind: str) -> None:
+        """Apply a mode now (cancelling a pending outage's heal); returns once applied."""
         self._cancel_timer()
-        self._call(lambda: self._apply("refuse"))
+        self._call(lambda: self._apply(kind))
+
+    def refuse(self) -> None:
+        self._switch("refuse")
 
     def drop(self) -> None:
-        self._cancel_timer()
-        self._call(lambda: self._apply("drop"))
+        self._switch("drop")
 
     def restart(self) -> None:
-        self._cancel_timer()
-        self._call(lambda: self._apply("restart"))
+        self._switch("restart")
 
     def stall(self) -> None:
-        self._cancel_timer()
-        self._call(lambda: self._apply("stall"))
+        self._switch("stall")
 
     def heal(self) -> None:
-        self._cancel_timer()
-        self._call(lambda: self._apply("heal"))
+        self._switch("heal")
 
     def outage(self, kind: str, seconds: float) -> threading.Event:
         """Apply `kind` (refuse, drop, stall, restart) now and heal after `seconds`; returns an

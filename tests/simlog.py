@@ -104,3 +104,44 @@ def records_of(engine, account_id: str) -> list[SessionRecord]:
 def balance(engine, account_id: str) -> int:
     with Session(engine) as db:
         return db.get(Account, account_id).balance_pico
+
+
+def final_records(engine, account_id: str, timeout: float, who: str, tail=lambda: "") -> list[SessionRecord]:
+    """Every record of the account once all have ended (bounded wait); else fail with the stuck rows."""
+    from conftest import wait_for
+
+    def all_ended():
+        rows = records_of(engine, account_id)
+        return rows if rows and all(r.state == "ended" for r in rows) else None
+
+    try:
+        return wait_for(all_ended, timeout, 0.1, "every record")
+    except AssertionError:
+        stuck = [(r.id, r.request_id, r.state) for r in records_of(engine, account_id) if r.state != "ended"]
+        raise AssertionError(f"{who} rows never ended: {stuck}\n{tail()}") from None
+
+
+def check_unbilled_attempts(rows, sessions: dict[str, str], attempts, reports, who: str, counts: dict) -> None:
+    """Attempts that never became a session (no client saw session.created) bill nothing: their
+    rows (if any) have no responses and no cost, and the simulator sent no response.done on them.
+    `sessions` maps each session's tag to its request id."""
+    ours = set(sessions.values())
+    for row in rows:
+        if row.request_id not in ours:
+            counts["records_without_session"] += 1
+            reasons = counts.setdefault("their_end_reasons", {})
+            reasons[row.end_reason] = reasons.get(row.end_reason, 0) + 1
+            assert row.responses == 0 and row.cost_pico == 0, (
+                f"{who} a session no client had ({row.id}, {row.end_reason}) was billed {row.cost_pico}")
+    for tag in attempts:
+        if tag not in sessions:
+            assert all(not done for done in reports.get(tag, [])), f"{who} failed attempt {tag} had responses"
+
+
+def check_debits(engine, account_id: str, start_balance: int, rows, who: str) -> None:
+    """The balance moved by exactly the records' costs: nothing lost, nothing counted twice."""
+    from meshrt.shared.money import Money
+
+    debit = start_balance - balance(engine, account_id)
+    billed = sum(r.cost_pico for r in rows)
+    assert debit == billed, f"{who} balance debit {Money(debit)} != sum of records {Money(billed)}"

@@ -23,7 +23,7 @@ from websockets.sync.client import connect as ws_connect
 
 from meshrt.shared.money import Money
 
-from conftest import _stop, start_gateway, wait_for
+from conftest import wait_for
 from realtime_client import connect_ws, recv_json, recv_until, run
 
 SCREENSHOT = Path("/tmp/dashboard.png")
@@ -152,13 +152,6 @@ def usd_shown(amount: str) -> str:
     sign, digits = ("-", amount[1:]) if amount.startswith("-") else ("", amount)
     whole, _, frac = digits.partition(".")
     return f"{sign}${int(whole):,}" + (f".{frac}" if frac else "")
-
-
-@pytest.fixture(scope="module")
-def shared_gateway(tmp_path_factory, database_url, sim):
-    gw = start_gateway(tmp_path_factory.mktemp("gw"), database_url, sim.url)
-    yield gw
-    _stop(gw.proc)
 
 
 def test_dashboard_is_one_page_with_strict_headers(shared_gateway):

@@ -54,7 +54,9 @@ from meshrt.shared.money import Money
 from conftest import PG_ENV, _stop, ended_record, session_record, start_sim, wait_for
 from dbfaults import PgFaultProxy, PgTableLock, SqliteLock, fault_schedule, pg_conninfo
 from realtime_client import connect_ws, expect_refusal, recv_json, recv_until
-from simlog import balance, expected_from, records_of, same_usage, sim_reports
+from simlog import (
+    balance, check_debits, check_unbilled_attempts, expected_from, final_records, same_usage, sim_reports,
+)
 
 # default: a seed whose PostgreSQL plan has every kind, and locks the session and ledger tables
 SEED = int(os.environ.get("MESHRT_DB_FAULT_SEED", "5"))
@@ -520,15 +522,7 @@ def check(clients: Clients, sim, engine, tenant, start_balance: int, gateway) ->
                   or "after the refusal" in f[1]]
     assert not handshakes, f"{who} upgrades answered without the error frame: {handshakes}"
 
-    def all_ended():
-        rows = records_of(engine, tenant.account_id)
-        return rows if rows and all(r.state == "ended" for r in rows) else None
-
-    try:
-        rows = wait_for(all_ended, RECORD_WAIT_S, 0.2, "every record")
-    except AssertionError:
-        stuck = [(r.id, r.request_id, r.state) for r in records_of(engine, tenant.account_id) if r.state != "ended"]
-        raise AssertionError(f"{who} rows never ended: {stuck}\n{_log_tail(gateway)}") from None
+    rows = final_records(engine, tenant.account_id, RECORD_WAIT_S, who, lambda: _log_tail(gateway))
     by_request = defaultdict(list)
     for row in rows:
         by_request[row.request_id].append(row)
@@ -557,21 +551,9 @@ def check(clients: Clients, sim, engine, tenant, start_balance: int, gateway) ->
         assert row.cost_pico > 0 or not sent, f"{what}: nothing billed"
         assert row.amended_at is None, f"{what}: amended at {row.amended_at} (no node was lost)"
 
-    # attempts that never became a session: no usage anywhere
-    ours = {c.request_id for c in clients.conns}
-    for row in rows:
-        if row.request_id not in ours:
-            counts["records_without_session"] += 1
-            assert row.responses == 0 and row.cost_pico == 0, (
-                f"{who} a session no client had ({row.id}, {row.end_reason}) was billed {row.cost_pico}")
-    won = {c.tag for c in clients.conns}
-    for tag in clients.attempts:
-        if tag not in won:
-            assert all(not done for done in reports.get(tag, [])), f"{who} failed attempt {tag} had responses"
-
-    debit = start_balance - balance(engine, tenant.account_id)
-    assert debit == sum(r.cost_pico for r in rows), (
-        f"{who} balance debit {Money(debit)} != sum of records {Money(sum(r.cost_pico for r in rows))}")
+    check_unbilled_attempts(rows, {c.tag: c.request_id for c in clients.conns}, clients.attempts, reports, who,
+                            counts)
+    check_debits(engine, tenant.account_id, start_balance, rows, who)
     wait_for(lambda: not spool_files(gateway), 10, 0.1, f"{who} the spool dir to empty: {spool_files(gateway)}")
     assert counts["sessions"] >= SLOTS and counts["responses"] > 0, f"{who} too little traffic: {counts}"
     return counts

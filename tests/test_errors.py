@@ -25,15 +25,6 @@ def assert_error(result, code: str) -> None:
     assert reason == f"{spec.type}.{code}"
 
 
-@pytest.fixture(scope="module")
-def shared_gateway(tmp_path_factory, database_url, sim):
-    from conftest import _stop, start_gateway
-
-    gw = start_gateway(tmp_path_factory.mktemp("gw"), database_url, sim.url)
-    yield gw
-    _stop(gw.proc)
-
-
 def test_missing_api_key(shared_gateway):
     assert_error(run(expect_refusal(shared_gateway.ws_url)), "missing_api_key")
 

@@ -33,12 +33,13 @@ import pytest
 from sqlmodel import Session, select
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from meshrt.shared.money import Money
 from meshrt.storage.db import SessionRecord
 
 from conftest import _stop, start_sim, wait_for
 from realtime_client import connect_ws, recv_json, recv_until
-from simlog import balance, expected_from, records_of, same_usage, sim_reports
+from simlog import (
+    balance, check_debits, check_unbilled_attempts, expected_from, final_records, same_usage, sim_reports,
+)
 
 SEED = int(os.environ.get("MESHRT_FAULT_SEED", "20260611"))
 SLOTS = 10  # concurrent client sessions at any time
@@ -215,15 +216,7 @@ def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed:
     lost = [(c.tag, c.lost) for c in h.conns if c.lost]
     assert not lost, f"{who} connections broke though nothing killed their worker: {lost}"
 
-    def all_ended():
-        rows = records_of(engine, tenant.account_id)
-        return rows if rows and all(r.state == "ended" for r in rows) else None
-
-    try:
-        rows = wait_for(all_ended, RECORD_WAIT_S, 0.1, "every record")
-    except AssertionError:
-        stuck = [(r.id, r.request_id, r.state) for r in records_of(engine, tenant.account_id) if r.state != "ended"]
-        raise AssertionError(f"{who} sessions never finalised: {stuck}") from None
+    rows = final_records(engine, tenant.account_id, RECORD_WAIT_S, who)
     by_request = defaultdict(list)
     for row in rows:
         by_request[row.request_id].append(row)
@@ -265,23 +258,8 @@ def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed:
         if not conn.killed:
             assert row.cost_pico > 0 or not sent, f"{what}: nothing billed"
 
-    # attempts that never became a session: no usage anywhere
-    ours = {c.request_id for c in h.conns}
-    for row in rows:
-        if row.request_id not in ours:
-            counts["records_without_session"] += 1
-            reasons = counts.setdefault("their_end_reasons", {})
-            reasons[row.end_reason] = reasons.get(row.end_reason, 0) + 1
-            assert row.responses == 0 and row.cost_pico == 0, (
-                f"{who} a session no client had ({row.id}, {row.end_reason}) was billed {row.cost_pico}")
-    won = {c.tag for c in h.conns}
-    for tag in h.attempts:
-        if tag not in won:
-            assert all(not done for done in reports.get(tag, [])), f"{who} failed attempt {tag} had responses"
-
-    debit = start_balance - balance(engine, tenant.account_id)
-    assert debit == sum(r.cost_pico for r in rows), (
-        f"{who} balance debit {Money(debit)} != sum of records {Money(sum(r.cost_pico for r in rows))}")
+    check_unbilled_attempts(rows, {c.tag: c.request_id for c in h.conns}, h.attempts, reports, who, counts)
+    check_debits(engine, tenant.account_id, start_balance, rows, who)
     if expect_killed:
         assert counts["killed"] > 0, f"{who} no worker was killed"
     assert counts["sessions"] >= SLOTS and counts["responses"] > 0, f"{who} too little traffic: {counts}"

@@ -242,6 +242,27 @@ def node_id_of(gw) -> str:
     return (gw.state_dir / "node_id").read_text().strip()
 
 
+@dataclass
+class TwoNodes:
+    """Node B started first (so it is the one eligible to judge A), then node A; an account."""
+
+    tenant: object
+    a: object
+    b: object
+    b_started: float  # monotonic: B may judge A a full lease after this
+    node_a: str
+    start_balance: int
+    rid: str
+
+
+def two_nodes(gateway_factory, make_tenant, engine, limit: int, lease: float) -> TwoNodes:
+    tenant = make_tenant(max_concurrent_sessions=limit)
+    b = gateway_factory(MESHRT_NODE_LEASE_S=lease)
+    b_started = time.monotonic()
+    a = gateway_factory(MESHRT_NODE_LEASE_S=lease)
+    return TwoNodes(tenant, a, b, b_started, node_id_of(a), balance(engine, tenant.account_id), new_run_id())
+
+
 # --- the simulator's report -------------------------------------------------------------------
 
 
@@ -407,13 +428,9 @@ def test_a_dead_node_frees_its_sessions_slots_within_about_a_lease(gateway_facto
     lease + renewal period + slack. A's rows end node_lost with exactly the committed usage
     (the simulator's log of each connection: no response was in flight at the kill)."""
     lease, limit = LEASE_S, 2
-    tenant = make_tenant(max_concurrent_sessions=limit)
-    b = gateway_factory(MESHRT_NODE_LEASE_S=lease)
-    b_started = time.monotonic()
-    a = gateway_factory(MESHRT_NODE_LEASE_S=lease)
-    node_a = node_id_of(a)
-    start = balance(engine, tenant.account_id)
-    rid = new_run_id()
+    nodes = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
+    tenant, a, b, b_started, node_a, start, rid = (nodes.tenant, nodes.a, nodes.b, nodes.b_started, nodes.node_a,
+                                                   nodes.start_balance, nodes.rid)
     bound = lease + lease / 4 + 2.5  # expiry + one renewal period + slack (2 CPUs, shared)
 
     async def go():
@@ -478,13 +495,9 @@ def test_a_lost_node_back_amends_the_records_with_its_spools(gateway_factory, ma
     amend those records (amended_at set, end_reason kept), which then equal the simulator's
     logs exactly, and the balance moved by exactly the records' costs (nothing twice)."""
     lease = LEASE_S
-    tenant = make_tenant(max_concurrent_sessions=10)
-    gateway_factory(MESHRT_NODE_LEASE_S=lease)  # node B: reaps A
-    b_started = time.monotonic()
-    a = gateway_factory(MESHRT_NODE_LEASE_S=lease)
-    node_a = node_id_of(a)
-    start = balance(engine, tenant.account_id)
-    rid = new_run_id()
+    nodes = two_nodes(gateway_factory, make_tenant, engine, 10, lease)  # B only reaps A here
+    tenant, a, b_started, node_a, start, rid = (nodes.tenant, nodes.a, nodes.b_started, nodes.node_a,
+                                                nodes.start_balance, nodes.rid)
 
     async def go():
         on_a = [await open_client(a, tenant.key, f"n3-{rid}-A{i}", "A", QUICK) for i in range(2)]
@@ -554,13 +567,9 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
     the clients (sessions open: from session.created to the gateway's error event or the close,
     sampled every 10 ms and at each admission)."""
     lease, limit = LEASE_S, 2
-    tenant = make_tenant(max_concurrent_sessions=limit)
-    b = gateway_factory(MESHRT_NODE_LEASE_S=lease)
-    b_started = time.monotonic()
-    a = gateway_factory(MESHRT_NODE_LEASE_S=lease)
-    node_a = node_id_of(a)
-    start = balance(engine, tenant.account_id)
-    rid = new_run_id()
+    nodes = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
+    tenant, a, b, b_started, node_a, start, rid = (nodes.tenant, nodes.a, nodes.b, nodes.b_started, nodes.node_a,
+                                                   nodes.start_balance, nodes.rid)
     db_samples: list[tuple[float, int]] = []
     sampling = threading.Event()
 
