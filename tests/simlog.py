@@ -106,6 +106,26 @@ def balance(engine, account_id: str) -> int:
         return db.get(Account, account_id).balance_pico
 
 
+def records_by_request(rows) -> dict[str, list[SessionRecord]]:
+    out: dict[str, list[SessionRecord]] = defaultdict(list)
+    for row in rows:
+        out[row.request_id].append(row)
+    return out
+
+
+def session_report(conn, by_request: dict, reports: dict, what: str) -> tuple[SessionRecord, list[bytes]]:
+    """A client session's (tests/faultclients.py `Conn`) one record and the response.done payloads
+    of its one simulator connection; the usage the client received is the simulator's, in order."""
+    assert len(by_request[conn.request_id]) == 1, f"{what}: records {by_request[conn.request_id]}"
+    row = by_request[conn.request_id][0]
+    assert len(reports[conn.tag]) == 1, f"{what}: simulator connections {len(reports[conn.tag])}"
+    sent = reports[conn.tag][0]
+    received = [json.dumps(u, sort_keys=True) for u in conn.usages]
+    relayed = [json.dumps(json.loads(p)["response"]["usage"], sort_keys=True) for p in sent[:len(received)]]
+    assert received == relayed, f"{what}: the client's response.done usage is not the simulator's, in order"
+    return row, sent
+
+
 def final_records(engine, account_id: str, timeout: float, who: str, tail=lambda: "") -> list[SessionRecord]:
     """Every record of the account once all have ended (bounded wait); else fail with the stuck rows."""
     from conftest import wait_for

@@ -37,7 +37,7 @@ import os
 import random
 import sqlite3
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -46,16 +46,18 @@ import httpx
 import psycopg
 import pytest
 from sqlalchemy import text
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed
 
 from meshrt.shared import spool
 from meshrt.shared.money import Money
 
 from conftest import PG_ENV, _stop, ended_record, session_record, start_sim, wait_for
 from dbfaults import PgFaultProxy, PgTableLock, SqliteLock, fault_schedule, pg_conninfo
-from realtime_client import connect_ws, expect_refusal, recv_json, recv_until
+from faultclients import Conn, FaultClients
+from realtime_client import connect_ws, expect_refusal, recv_json, recv_until, run
 from simlog import (
-    balance, check_debits, check_unbilled_attempts, expected_from, final_records, same_usage, sim_reports,
+    balance, check_debits, check_unbilled_attempts, expected_from, final_records, records_by_request, same_usage,
+    session_report, sim_reports,
 )
 
 # default: a seed whose PostgreSQL plan has every kind, and locks the session and ledger tables
@@ -186,32 +188,7 @@ def spool_files(gateway) -> list[str]:
     return sorted(p.name for p in (gateway.state_dir / "spool").iterdir())
 
 
-def _run(coro, timeout: float):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 # --- the clients ------------------------------------------------------------------------------
-
-
-@dataclass
-class Conn:
-    """One client session that got past the handshake (session.created received)."""
-
-    tag: str
-    request_id: str
-    ws: object = field(repr=False)
-    usages: list = field(default_factory=list)  # usage of every response.done the client received
-    done_at: list = field(default_factory=list)  # when each of those arrived
-    close_now: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set when a fault starts
-    told_to_close: bool = False  # it closed because a fault started
-    cut_short: bool = False  # the client closed with a response in flight
-    lost: str | None = None  # the connection broke: a database fault must never do that
-    state: str = "running"  # running -> closing -> done
-    connected_at: float = 0.0
-    ended_at: float = 0.0
 
 
 @dataclass
@@ -227,111 +204,32 @@ class Fault:
         return self.kind in OUTAGES
 
 
-class Clients:
-    """SLOTS client tasks, each running sessions one after another until told to stop: connect
-    (retrying with a fresh tag per attempt while the database refuses), `response.create` → wait
-    for `response.done`, a seeded number of times, then close (sometimes with a response still in
-    flight, or at once when a fault starts)."""
+class Clients(FaultClients):
+    """SLOTS client tasks (tests/faultclients.py): mostly short sessions, some long ones; a few
+    close at once when a fault starts (`Conn.close_now`); a refusal is recorded with its close
+    code, and a frame after its error frame is a failure."""
 
     def __init__(self, url: str, key: str):
-        self.url, self.key = url, key
-        self.conns: list[Conn] = []
-        self.attempts: list[str] = []  # every tag tried, successful or not
-        self.refusals: list[tuple[str, str, int | None]] = []  # (tag, error code, close code), in-band
-        self.failures: list[tuple[str, str]] = []  # (tag, error) of attempts with no session and no error frame
-        self.stopping = False
-        self.deadline = time.monotonic() + LIVE_BUDGET_S
+        super().__init__(lambda: url, key, f"{SEED}-{DB}", slots=SLOTS, budget_s=LIVE_BUDGET_S,
+                         response_ms=RESPONSE_MS, connect_timeout_s=CONNECT_TIMEOUT_S,
+                         connect_retry_s=CONNECT_RETRY_S, closable=True)
 
-    def running(self) -> list[Conn]:
-        return [c for c in self.conns if c.state == "running" and not c.close_now.is_set()]
+    def plan(self, index: int, n: int) -> tuple[random.Random, int, bool]:
+        rng = random.Random(f"{SEED}:{DB}:{index}:{n}")
+        # mostly short sessions (finalised often, some during faults), some long ones that
+        # live through a whole fault with usage flowing
+        responses = rng.randint(12, 25) if rng.random() < LONG_SESSIONS else rng.randint(2, 7)
+        cut_short = rng.random() < 0.3
+        return rng, responses, cut_short
 
-    async def attempt(self, tag: str) -> Conn | None:
-        self.attempts.append(tag)
-        query = f"sim_pace=1&sim_response_ms={RESPONSE_MS}&fault_tag={tag}"
-        try:
-            ws = await asyncio.wait_for(connect_ws(self.url, key=self.key, query=query), CONNECT_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
-            self.failures.append((tag, f"connect: {type(exc).__name__}: {exc}"))
-            return None
-        try:
-            first = await recv_json(ws, 10)
-        except (ConnectionClosed, asyncio.TimeoutError) as exc:
-            self.failures.append((tag, f"first frame: {type(exc).__name__}: {exc}"))
-            await ws.close()
-            return None
-        if first.get("type") != "session.created":
-            try:  # the error frame is followed by the close
-                extra = await asyncio.wait_for(ws.recv(), 5)
-                self.failures.append((tag, f"a frame after the refusal: {extra!r:.200}"))
-            except (ConnectionClosed, asyncio.TimeoutError):
-                pass
-            await ws.close()
-            self.refusals.append((tag, first.get("error", {}).get("code", first.get("type")), ws.close_code))
-            return None
-        conn = Conn(tag, ws.response.headers["x-request-id"], ws, connected_at=time.monotonic())
-        self.conns.append(conn)
-        return conn
-
-    async def connect(self, name: str) -> Conn | None:
-        give_up = time.monotonic() + CONNECT_RETRY_S
-        n = 0
-        while time.monotonic() < give_up and not self.stopping:
-            n += 1
-            conn = await self.attempt(f"{SEED}-{DB}-{name}-a{n}")
-            if conn is not None:
-                return conn
-            await asyncio.sleep(0.1)
-        return None
-
-    async def slot(self, index: int) -> None:
-        n = 0
-        while not self.stopping and time.monotonic() < self.deadline:
-            n += 1
-            rng = random.Random(f"{SEED}:{DB}:{index}:{n}")
-            # mostly short sessions (finalised often, some during faults), some long ones that
-            # live through a whole fault with usage flowing
-            responses = rng.randint(12, 25) if rng.random() < LONG_SESSIONS else rng.randint(2, 7)
-            cut_short = rng.random() < 0.3
-            conn = await self.connect(f"s{index}n{n}")
-            if conn is None:
-                return
-            await self.converse(conn, rng, responses, cut_short)
-
-    async def converse(self, conn: Conn, rng: random.Random, responses: int, cut_short: bool) -> None:
-        ws = conn.ws
-        try:
-            for i in range(responses):
-                await ws.send(json.dumps({"type": "response.create"}))
-                if cut_short and (i == responses - 1 or self.stopping):
-                    await asyncio.sleep(rng.uniform(0, RESPONSE_MS / 1000 * 0.75))
-                    conn.cut_short = True
-                    break
-                done = asyncio.ensure_future(recv_until(ws, "response.done", 20))
-                told = asyncio.ensure_future(conn.close_now.wait())
-                await asyncio.wait({done, told}, return_when=asyncio.FIRST_COMPLETED)
-                told.cancel()
-                if not done.done():  # a fault started: close now, mid-response
-                    done.cancel()
-                    await asyncio.wait({done})
-                    conn.cut_short = conn.told_to_close = True
-                    break
-                conn.usages.append(done.result()[-1]["response"]["usage"])  # raises what broke it
-                conn.done_at.append(time.monotonic())
-                if self.stopping:
-                    break
-                if conn.close_now.is_set():  # a fault started as the response ended
-                    conn.told_to_close = True
-                    break
-            conn.state = "closing"
-            await ws.close()
-        except (ConnectionClosed, OSError, asyncio.TimeoutError) as exc:
-            conn.lost = f"{type(exc).__name__}: {exc}"
-            try:
-                await ws.close()
-            except Exception:  # noqa: BLE001 - already broken
-                pass
-        finally:
-            conn.state, conn.ended_at = "done", time.monotonic()
+    async def refused(self, tag: str, first: dict, ws) -> None:
+        try:  # the error frame is followed by the close
+            extra = await asyncio.wait_for(ws.recv(), 5)
+            self.failures.append((tag, f"a frame after the refusal: {extra!r:.200}"))
+        except (ConnectionClosed, asyncio.TimeoutError):
+            pass
+        await ws.close()
+        self.refusals.append((tag, first.get("error", {}).get("code", first.get("type")), ws.close_code))
 
     async def one_session(self, name: str, responses: int) -> Conn | None:
         """One attempt (no retry), `responses` responses, then close."""
@@ -441,15 +339,7 @@ def run_suite(gateway, sim, engine, tenant, apply, kinds: tuple[str, ...]) -> No
     faults: list[Fault] = []
     began = time.monotonic()
 
-    async def live() -> None:
-        slots = [asyncio.create_task(clients.slot(i)) for i in range(SLOTS)]
-        try:
-            await drive_faults(clients, plan, apply, gateway, faults)
-        finally:
-            clients.stopping = True
-            await asyncio.wait_for(asyncio.gather(*slots), 40)
-
-    _run(live(), LIVE_BUDGET_S + 45)
+    run(clients.run(lambda c: drive_faults(c, plan, apply, gateway, faults)), LIVE_BUDGET_S + 45)
     live_s = time.monotonic() - began
     for fault in faults:
         print(f"{who}   +{fault.started - began:5.1f}..{fault.ended - began:5.1f} s {fault.detail} "
@@ -459,7 +349,7 @@ def run_suite(gateway, sim, engine, tenant, apply, kinds: tuple[str, ...]) -> No
     # healed: ready again, and a new session is admitted at once and billed
     wait_for(lambda: http_status(f"{gateway.http_url}/readyz") == 200, 20, 0.1, f"{who} /readyz 200 after the faults")
     clients.stopping = False
-    after = _run(clients.one_session("after-heal", 2), 40)
+    after = run(clients.one_session("after-heal", 2), 40)
     assert after is not None and not after.lost, (
         f"{who} no session admitted after the faults healed: refusals {clients.refusals[-3:]}, "
         f"failures {clients.failures[-3:]}\n{_log_tail(gateway)}")
@@ -523,22 +413,14 @@ def check(clients: Clients, sim, engine, tenant, start_balance: int, gateway) ->
     assert not handshakes, f"{who} upgrades answered without the error frame: {handshakes}"
 
     rows = final_records(engine, tenant.account_id, RECORD_WAIT_S, who, lambda: _log_tail(gateway))
-    by_request = defaultdict(list)
-    for row in rows:
-        by_request[row.request_id].append(row)
+    by_request = records_by_request(rows)
     reports = sim_reports(sim)
     counts = {"sessions": len(clients.conns), "attempts": len(clients.attempts), "cut_short": 0, "responses": 0,
               "records_without_session": 0, "attempt_failures": len(clients.failures)}
 
     for conn in clients.conns:
         what = f"{who} session {conn.tag} ({conn.request_id})"
-        assert len(by_request[conn.request_id]) == 1, f"{what}: records {by_request[conn.request_id]}"
-        row = by_request[conn.request_id][0]
-        assert len(reports[conn.tag]) == 1, f"{what}: simulator connections {len(reports[conn.tag])}"
-        sent = reports[conn.tag][0]
-        received = [json.dumps(u, sort_keys=True) for u in conn.usages]
-        relayed = [json.dumps(json.loads(p)["response"]["usage"], sort_keys=True) for p in sent[:len(received)]]
-        assert received == relayed, f"{what}: the client's response.done usage is not the simulator's, in order"
+        row, sent = session_report(conn, by_request, reports, what)
         counts["responses"] += row.responses
         counts["cut_short"] += conn.cut_short
         assert (row.end_reason, row.close_code) == ("client_closed", 1000), (
@@ -604,7 +486,7 @@ def test_outage_refuses_upgrades_and_api_with_service_unavailable_then_recovers(
     assert http_status(f"{gateway.http_url}/v1/usage", headers=auth) == 200
     down_tag = f"{SEED}-{DB}-down"
     with outage(database_url, pg_proxy) as what:
-        event, code, reason = _run(expect_refusal(gateway.ws_url, key=tenant.key, query=f"fault_tag={down_tag}"), 30)
+        event, code, reason = run(expect_refusal(gateway.ws_url, key=tenant.key, query=f"fault_tag={down_tag}"), 30)
         assert event["type"] == "error" and event["error"]["code"] == "service_unavailable", f"{who} {what}: {event}"
         assert event["error"]["type"] == "server_error", f"{who} {event}"
         assert (code, reason) == (1013, "server_error.service_unavailable"), f"{who} {what}: close {code} {reason!r}"
@@ -625,7 +507,7 @@ def test_outage_refuses_upgrades_and_api_with_service_unavailable_then_recovers(
     assert session_record(engine, refused_request) is None, f"{who} the refused upgrade left a row"
 
     clients = Clients(gateway.ws_url, tenant.key)
-    conn = _run(clients.one_session("after", 2), 40)
+    conn = run(clients.one_session("after", 2), 40)
     assert conn is not None and not conn.lost, f"{who} not admitted after the outage: {clients.refusals} " \
                                                f"{clients.failures}\n{_log_tail(gateway)}"
     row = ended_record(engine, conn.request_id, RECORD_WAIT_S)

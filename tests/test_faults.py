@@ -8,7 +8,8 @@ frame log of that connection (`--frame-log-dir`, one file per connection, first 
 with its query) is found by the tag. The simulator's report for a connection is the list of
 `response.done` events it sent on it, in order; their usage, summed field by field, and their
 cost under the rates stored on the record (the gateway's meter applied to the simulator's own
-bytes) are what the record must equal (tests/simlog.py, shared with tests/test_db_faults.py).
+bytes) are what the record must equal (tests/simlog.py; the clients are tests/faultclients.py, both
+shared with tests/test_db_faults.py).
 
 Reproducing a failure: every run prints its seed and every assertion message starts with
 `[seed=N role=R]`; run `MESHRT_FAULT_SEED=N pytest tests/test_faults.py -k worker` (or
@@ -20,13 +21,10 @@ session is live at a given instant.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -36,9 +34,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from meshrt.storage.db import SessionRecord
 
 from conftest import _stop, start_sim, wait_for
-from realtime_client import connect_ws, recv_json, recv_until
+from faultclients import Conn, FaultClients
+from realtime_client import connect_ws, run
 from simlog import (
-    balance, check_debits, check_unbilled_attempts, expected_from, final_records, same_usage, sim_reports,
+    balance, check_debits, check_unbilled_attempts, expected_from, final_records, records_by_request, same_usage,
+    session_report, sim_reports,
 )
 
 SEED = int(os.environ.get("MESHRT_FAULT_SEED", "20260611"))
@@ -63,111 +63,29 @@ def fault_sim(tmp_path):
 # --- the clients ------------------------------------------------------------------------------
 
 
-@dataclass
-class Conn:
-    """One client session that got past the handshake (session.created received)."""
-
-    tag: str
-    request_id: str
-    ws: object = field(repr=False)
-    usages: list = field(default_factory=list)  # usage of every response.done the client received
-    pid: int | None = None
-    state: str = "running"  # running -> closing -> done
-    killed: bool = False  # its worker was SIGKILLed by the test
-    cut_short: bool = False  # the client closed with a response in flight
-    lost: str | None = None  # the connection broke without the test having killed its worker
-    connected_at: float = 0.0
-    ended_at: float = 0.0
-
-
-class Harness:
-    """SLOTS client tasks, each running sessions one after another until told to stop: connect
-    (retrying with a fresh tag per attempt), `response.create` → wait for `response.done`, a
-    seeded number of times, then close (sometimes with a response still in flight)."""
+class Harness(FaultClients):
+    """SLOTS client tasks (tests/faultclients.py), sessions of 2-7 responses, plus the killer's
+    seeded choices and its kills; with `find_pid`, each session's worker is looked up once it is
+    live (the worker role's victims)."""
 
     def __init__(self, role: str, url, key: str, engine, *, find_pid: bool = False):
-        self.role, self.url, self.key, self.engine, self.find_pid = role, url, key, engine, find_pid
+        super().__init__(url, key, f"{SEED}-{role}", slots=SLOTS, budget_s=TEST_BUDGET_S, response_ms=RESPONSE_MS,
+                         connect_timeout_s=10, connect_retry_s=CONNECT_RETRY_S)
+        self.role, self.engine, self.find_pid = role, engine, find_pid
         self.rng = random.Random(f"{SEED}:{role}")  # the killer's choices
-        self.conns: list[Conn] = []
-        self.attempts: list[str] = []  # every tag tried, successful or not
-        self.refusals: list[tuple[str, str]] = []  # (tag, error code) of attempts refused in-band
-        self.stopping = False
-        self.deadline = time.monotonic() + TEST_BUDGET_S
         self.kills: list[float] = []  # when each kill happened
 
     def spanning(self) -> int:
         """Sessions that were live across at least one kill."""
         return sum(any(c.connected_at < t < c.ended_at for t in self.kills) for c in self.conns if not c.killed)
 
-    def running(self) -> list[Conn]:
-        return [c for c in self.conns if c.state == "running" and not c.killed]
+    def plan(self, index: int, n: int) -> tuple[random.Random, int, bool]:
+        rng = random.Random(f"{SEED}:{self.role}:{index}:{n}")
+        return rng, rng.randint(2, 7), rng.random() < 0.3
 
-    async def connect(self, name: str) -> Conn | None:
-        give_up = time.monotonic() + CONNECT_RETRY_S
-        attempt = 0
-        while time.monotonic() < give_up and not self.stopping:
-            attempt += 1
-            tag = f"{SEED}-{self.role}-{name}-a{attempt}"
-            self.attempts.append(tag)
-            query = f"sim_pace=1&sim_response_ms={RESPONSE_MS}&fault_tag={tag}"
-            try:
-                ws = await asyncio.wait_for(connect_ws(self.url(), key=self.key, query=query), 10)
-            except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed):
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                first = await recv_json(ws, 10)
-            except (ConnectionClosed, asyncio.TimeoutError):
-                await ws.close()
-                await asyncio.sleep(0.1)
-                continue
-            if first.get("type") != "session.created":
-                self.refusals.append((tag, first.get("error", {}).get("code", first.get("type"))))
-                await ws.close()
-                await asyncio.sleep(0.1)
-                continue
-            conn = Conn(tag, ws.response.headers["x-request-id"], ws, connected_at=time.monotonic())
-            self.conns.append(conn)
-            return conn
-        return None
-
-    async def slot(self, index: int) -> None:
-        n = 0
-        while not self.stopping and time.monotonic() < self.deadline:
-            n += 1
-            rng = random.Random(f"{SEED}:{self.role}:{index}:{n}")
-            responses, cut_short = rng.randint(2, 7), rng.random() < 0.3
-            conn = await self.connect(f"s{index}n{n}")
-            if conn is None:
-                return
-            if self.find_pid:
-                conn.pid = await asyncio.to_thread(_live_pid, self.engine, conn.request_id)
-            await self.converse(conn, rng, responses, cut_short)
-
-    async def converse(self, conn: Conn, rng: random.Random, responses: int, cut_short: bool) -> None:
-        ws = conn.ws
-        try:
-            for i in range(responses):
-                await ws.send(json.dumps({"type": "response.create"}))
-                if cut_short and (i == responses - 1 or self.stopping):
-                    await asyncio.sleep(rng.uniform(0, RESPONSE_MS / 1000 * 0.75))
-                    conn.cut_short = True
-                    break
-                events = await recv_until(ws, "response.done", 20)
-                conn.usages.append(events[-1]["response"]["usage"])
-                if self.stopping:
-                    break
-            conn.state = "closing"  # from here on the killer leaves it alone (no await before)
-            await ws.close()
-        except (ConnectionClosed, OSError, asyncio.TimeoutError) as exc:
-            if not conn.killed:
-                conn.lost = f"{type(exc).__name__}: {exc}"
-            try:
-                await ws.close()
-            except Exception:  # noqa: BLE001 - already broken
-                pass
-        finally:
-            conn.state, conn.ended_at = "done", time.monotonic()
+    async def started(self, conn: Conn) -> None:
+        if self.find_pid:
+            conn.pid = await asyncio.to_thread(_live_pid, self.engine, conn.request_id)
 
     async def burst(self, name: str, n: int) -> None:
         """n connects at once, each closed as soon as it opens (no response): a crowd in the gate."""
@@ -182,14 +100,6 @@ class Harness:
 
         await asyncio.gather(*(one(i) for i in range(n)))
 
-    async def run(self, killer) -> None:
-        slots = [asyncio.create_task(self.slot(i)) for i in range(SLOTS)]
-        try:
-            await killer(self)
-        finally:
-            self.stopping = True
-            await asyncio.wait_for(asyncio.gather(*slots), 40)
-
 
 def _live_pid(engine, request_id: str) -> int:
     def find():
@@ -198,13 +108,6 @@ def _live_pid(engine, request_id: str) -> int:
             return row.pid if row is not None and row.state == "live" and row.pid else None
 
     return wait_for(find, 10, 0.02, f"the live worker of {request_id}")
-
-
-def _run(coro, timeout: float):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 # --- the checks -------------------------------------------------------------------------------
@@ -217,9 +120,7 @@ def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed:
     assert not lost, f"{who} connections broke though nothing killed their worker: {lost}"
 
     rows = final_records(engine, tenant.account_id, RECORD_WAIT_S, who)
-    by_request = defaultdict(list)
-    for row in rows:
-        by_request[row.request_id].append(row)
+    by_request = records_by_request(rows)
     reports = sim_reports(sim)
     counts = {"sessions": len(h.conns), "attempts": len(h.attempts), "spanning_a_kill": h.spanning(),
               "killed": 0, "billed_not_delivered": 0, "sent_not_billed": 0, "cut_short": 0, "responses": 0,
@@ -227,13 +128,7 @@ def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed:
 
     for conn in h.conns:
         what = f"{who} session {conn.tag} ({conn.request_id})"
-        assert len(by_request[conn.request_id]) == 1, f"{what}: records {by_request[conn.request_id]}"
-        row = by_request[conn.request_id][0]
-        assert len(reports[conn.tag]) == 1, f"{what}: simulator connections {len(reports[conn.tag])}"
-        sent = reports[conn.tag][0]
-        received = [json.dumps(u, sort_keys=True) for u in conn.usages]
-        relayed = [json.dumps(json.loads(p)["response"]["usage"], sort_keys=True) for p in sent[:len(received)]]
-        assert received == relayed, f"{what}: the client's response.done usage is not the simulator's, in order"
+        row, sent = session_report(conn, by_request, reports, what)
         counts["responses"] += row.responses
         if conn.killed:
             # bill before deliver: the worker billed every response the client got, plus at most
@@ -308,7 +203,7 @@ def test_workers_killed_at_random_bill_exactly_what_they_spooled(gateway_factory
             kills += 1
         await asyncio.sleep(h.rng.uniform(1.0, 2.0))
 
-    _run(h.run(killer), TEST_BUDGET_S + 45)
+    run(h.run(killer), TEST_BUDGET_S + 45)
     counts = check(h, fault_sim, engine, tenant, start, expect_killed=True)
     assert counts["killed"] == WORKER_KILLS, f"{_tag('worker')} {counts}"
 
@@ -338,7 +233,7 @@ def test_supervisor_killed_at_random_and_restarted_loses_and_doubles_nothing(gat
             gateways.append(await asyncio.to_thread(gateway_factory, fault_sim.url, first.state_dir))
         await asyncio.sleep(h.rng.uniform(2.0, 3.0))
 
-    _run(h.run(killer), TEST_BUDGET_S + 45)
+    run(h.run(killer), TEST_BUDGET_S + 45)
     counts = check(h, fault_sim, engine, tenant, start)
     assert counts["spanning_a_kill"] > 0, f"{_tag('supervisor')} no session outlived a supervisor: {counts}"
     assert "worker re-attached" in gateways[-1].log_text() or any(
@@ -381,7 +276,7 @@ def test_front_door_killed_at_random_is_restarted_and_sessions_go_on(gateway_fac
         await asyncio.sleep(h.rng.uniform(2.0, 3.0))
 
     pids: list[int] = []
-    _run(h.run(killer), TEST_BUDGET_S + 45)
+    run(h.run(killer), TEST_BUDGET_S + 45)
     counts = check(h, fault_sim, engine, tenant, start)
     assert counts["spanning_a_kill"] > 0, f"{_tag('frontdoor')} no session outlived a front door: {counts}"
     after = [c for c in h.conns if c.connected_at > h.kills[-1]]
