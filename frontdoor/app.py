@@ -1,5 +1,6 @@
 """The front door's HTTP API (FastAPI): health, the 426 for plain GETs of /v1/realtime, models,
-usage, account, admin. Every response carries `x-request-id`; every error is SPEC §1's JSON.
+usage, account, admin. Every response carries `x-request-id`; every error is the JSON of
+docs/protocol.md, HTTP errors.
 """
 
 from __future__ import annotations

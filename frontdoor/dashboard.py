@@ -1,4 +1,5 @@
-"""The account dashboard (SPEC §6): `GET /dashboard`, one static page plus its script and style.
+"""The account dashboard (docs/protocol.md, Dashboard): `GET /dashboard`, one static page plus
+its script and style.
 
 The page is plain HTML + CSS + vanilla JS from `static/` (no CDN, no build step). The tenant
 types their `rsk_` key into the page; it lives in the tab's sessionStorage only and is sent only

@@ -1,9 +1,9 @@
 """The upgrade check: decides whether a realtime upgrade becomes a session, and with what grant.
 
-Checks run in the order of SPEC §5's table: TLS, key present, key valid, model present, model
-known, balance, the account's concurrent sessions. The last three and the session row's insert
-are one database transaction (the account row locked), so the per-account limit holds across
-front-door processes and nodes. Raises GatewayError; never logs or returns the key.
+Checks run in the order of docs/errors.md's table (Codes): TLS, key present, key valid, model
+present, model known, balance, the account's concurrent sessions. The last three and the session
+row's insert are one database transaction (the account row locked), so the per-account limit
+holds across front-door processes and nodes. Raises GatewayError; never logs or returns the key.
 """
 
 from __future__ import annotations

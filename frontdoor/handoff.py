@@ -6,8 +6,8 @@ gate, and then either:
 - hand off: send the supervisor the socket (SCM_RIGHTS), the request with the key stripped and
   the grant; after its ack, close our copy of the socket without shutdown() and without ever
   having written to it — the worker answers the client; or
-- refuse: accept the upgrade, send the SPEC §5 error frame and close (browsers cannot read a
-  failed handshake's status, but they can read a frame).
+- refuse: accept the upgrade, send the error frame and close (docs/errors.md; browsers cannot
+  read a failed handshake's status, but they can read a frame).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Usage records as the API shows them (SPEC §6), and the paginated query behind
-`GET /v1/usage`, the admin API and `meshrt usage`. Newest first; `after` is a record id."""
+"""Usage records as the API shows them (docs/protocol.md, Usage records), and the paginated
+query behind `GET /v1/usage`, the admin API and `meshrt usage` (docs/protocol.md, Pagination).
+Newest first; `after` is a record id."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ class GatewayError(Exception):
 
 
 def error_event(code: str, request_id: str, detail: str | None = None) -> bytes:
-    """The terminating error frame's payload (SPEC §5), as UTF-8 JSON bytes."""
+    """The terminating error frame's payload (docs/errors.md, The error frame), as UTF-8 JSON bytes."""
     spec = ERRORS[code]
     message = f"{spec.message} {detail}" if detail else spec.message
     body = {
@@ -140,5 +140,5 @@ def error_event(code: str, request_id: str, detail: str | None = None) -> bytes:
 
 
 def http_error_body(code: str, message: str, type_: str, request_id: str) -> dict:
-    """The JSON body of an HTTP error (SPEC §1)."""
+    """The JSON body of an HTTP error (docs/protocol.md, HTTP errors)."""
     return {"error": {"code": code, "message": message, "type": type_}, "request_id": request_id}

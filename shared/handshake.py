@@ -104,7 +104,7 @@ def _subprotocol_key(token: str) -> str | None:
 
 
 def extract_credentials(upgrade: UpgradeRequest) -> Credentials:
-    """Subprotocol key first, then `Authorization: Bearer`, then `?api_key=` (SPEC §2)."""
+    """Subprotocol key first, then `Authorization: Bearer`, then `?api_key=` (docs/protocol.md, Keys)."""
     for token in upgrade.subprotocols:
         key = _subprotocol_key(token)
         if key is not None:
@@ -153,7 +153,7 @@ def _is_query_key(field: str) -> bool:
 
 
 def upstream_headers(upgrade: UpgradeRequest) -> list[tuple[str, str]]:
-    """Client headers upstream understands (SPEC §3); the key never among them."""
+    """Client headers upstream understands (docs/protocol.md, Upstream); the key never among them."""
     out = [(k, v) for k, v in upgrade.headers.raw_items()
            if k.lower() in _FORWARDED_HEADERS and v.isascii()]  # non-ASCII can't go on the wire upstream
     if upgrade.beta and not any(k.lower() == "openai-beta" for k, _ in out):
@@ -206,7 +206,7 @@ def accept_bytes(protocol: ServerProtocol, request: Request, request_id: str) ->
 
 
 def error_frames(protocol: ServerProtocol, code: str, request_id: str, detail: str | None = None) -> bytes:
-    """An open protocol's bytes for the terminating error frame and its close (SPEC §5)."""
+    """An open protocol's bytes for the terminating error frame and its close (docs/errors.md)."""
     spec = ERRORS[code]
     protocol.send_text(error_event(code, request_id, detail))
     protocol.send_close(spec.close_code, spec.close_reason)

@@ -298,7 +298,7 @@ _CACHED_DETAILS = ("input_token_details", "cached_tokens_details")
 
 
 class UsageTotals:
-    """The sum of a session's increments, shaped for the usage record (SPEC §6).
+    """The sum of a session's increments, shaped for the usage record (docs/protocol.md, Usage records).
 
     Order-independent, and idempotent per ``seq``: adding an increment whose seq was already
     added is a no-op (a spool replay), and a *different* increment under a known seq raises
@@ -363,8 +363,9 @@ class UsageTotals:
         return True
 
     def as_record_usage(self) -> dict[str, Any]:
-        """The record's ``usage`` object: response usage as billed (SPEC §6 shape), unknown
-        integer fields summed beside it, and ``transcription`` when the session had any.
+        """The record's ``usage`` object (docs/protocol.md, Usage records): response usage as
+        billed, unknown integer fields summed beside it, and ``transcription`` when the session
+        had any.
         """
         get = self._response.get
         usage: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""OpenAI Realtime upstream simulator (``meshrt sim``, SPEC §8).
+"""OpenAI Realtime upstream simulator (``meshrt sim``, docs/simulator.md).
 
 A small WebSocket server that speaks the OpenAI Realtime protocol closely enough
 that the official ``openai`` SDK runs a whole conversation against it. It is the

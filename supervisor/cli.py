@@ -1,5 +1,5 @@
-"""`meshrt`: the operator's one command (SPEC §7). Bad arguments and settings end with one
-clear line on stderr and exit code 2."""
+"""`meshrt`: the operator's one command (docs/operations.md, Commands). Bad arguments and
+settings end with one clear line on stderr and exit code 2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The account dashboard (`GET /dashboard`, SPEC §6) on a real gateway, in a real browser.
+"""The account dashboard (`GET /dashboard`, docs/protocol.md, Dashboard) on a real gateway, in
+a real browser.
 
 Headless Chromium is driven over the Chrome DevTools Protocol with the `websockets` package the
 project already depends on (no selenium / chromedriver). No browser is a failure, not a skip:

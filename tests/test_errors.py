@@ -1,5 +1,6 @@
-"""Every SPEC §5 code the session path can produce: the error frame, its close code and reason
-(`<type>.<code>`), on a real gateway. Errors in the worker run on asyncio and trio."""
+"""Every error code of docs/errors.md the session path can produce: the error frame, its close
+code and reason (`<type>.<code>`), on a real gateway. Errors in the worker run on asyncio and
+trio."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Hostile clients against a real gateway, over raw TCP: broken HTTP, smuggling shapes, spoofed
 proxies, slow senders, and malformed WebSocket frames after the handshake.
 
-Every attempt must end in a clean HTTP error or the SPEC §5 error frame + close (or the RFC 6455
-close for bad framing) within a deadline; never a 5xx, never silence. Afterwards the gateway
-still serves, has leaked no worker, wrote no key anywhere, and nothing of it crashed.
+Every attempt must end in a clean HTTP error or the error frame + close of docs/errors.md (or
+the RFC 6455 close for bad framing) within a deadline; never a 5xx, never silence. Afterwards the
+gateway still serves, has leaked no worker, wrote no key anywhere, and nothing of it crashed.
 Random inputs are seeded (`random.Random(seed)`) and bounded.
 """
 
@@ -294,7 +294,7 @@ def broken_handshakes(key: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("case", list(broken_handshakes("rsk_x")))
 def test_broken_websocket_handshake_gets_a_clean_4xx_or_the_error_frame(hostile_gateway, hostile_tenant, case):
     answer = ask(hostile_gateway.port, broken_handshakes(hostile_tenant.key)[case])
-    if answer.status == 101:  # refused after the upgrade, the way browsers can read it (SPEC §5)
+    if answer.status == 101:  # refused after the upgrade, the way browsers can read it (docs/errors.md)
         assert answer.error_event() is not None and answer.close_code == 1008, answer.frames
     else:
         assert_clean_http_error(answer)

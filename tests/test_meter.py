@@ -1,7 +1,7 @@
 """The meter, fed raw upstream frames as bytes: what each frame costs, to the picodollar.
 
 Expected costs are computed here by hand, in Decimal USD per 1M tokens, from OpenAI's published
-rates (SPEC §4) — not with the meter's own code.
+rates (docs/billing.md, The price file) — not with the meter's own code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from meshrt.worker.meter import (
     may_carry_usage,
 )
 
-# USD per 1M tokens, SPEC §4: modality → (input, cached input, output).
+# USD per 1M tokens, docs/billing.md, The price file: modality → (input, cached input, output).
 RATES = {
     "gpt-realtime-2.1": {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"),
                          "image": ("5", "0.50", None)},

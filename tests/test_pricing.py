@@ -18,7 +18,8 @@ from meshrt.shared.pricing import (
     parse_price_table,
 )
 
-# OpenAI's published rates (SPEC §4), USD per 1M tokens: (input, cached input, output).
+# OpenAI's published rates (docs/billing.md, The price file), USD per 1M tokens:
+# (input, cached input, output).
 FLAGSHIP_2 = {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"),
               "image": ("5", "0.50", None)}
 FLAGSHIP_1 = {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"),

@@ -134,7 +134,7 @@ class WorkerSession:
             tg.cancel_scope.cancel()
 
     async def _refuse(self, protocol, request, error: GatewayError) -> None:
-        """Accept the client's upgrade only to deliver the error frame and close (SPEC §5)."""
+        """Accept the client's upgrade only to deliver the error frame and close (docs/errors.md)."""
         response, status = accept_bytes(protocol, request, self.grant.request_id)
         self._answered = True
         data = response + (error_frames(protocol, error.code, self.grant.request_id, error.detail)
