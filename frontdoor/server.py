@@ -2,7 +2,7 @@
 
 Started by the supervisor with the listening socket's fd (so a restart refuses no connection:
 the kernel queues them), the database URL and the admin token — never the upstream key.
-Upgrades of /v1/realtime go through `handoff.HandoffProtocol`; everything else is `api.py`.
+WebSocket upgrades go through `handoff.HandoffProtocol`; everything else is `app.py`'s.
 """
 
 from __future__ import annotations

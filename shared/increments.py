@@ -177,7 +177,7 @@ class _Reader:
 
 
 def response_tokens(usage: Mapping[str, Any]) -> ResponseTokens:
-    """Attribute a ``response.done`` usage object to categories (docs/billing.md, "Responses").
+    """Attribute a ``response.done`` usage object to categories (docs/billing.md, "How a response is charged").
 
     - Per-modality input and output come from ``input_token_details`` / ``output_token_details``;
       tokens in ``input_tokens`` / ``output_tokens`` beyond their sum are text.
