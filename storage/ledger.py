@@ -2,10 +2,11 @@
 task that makes them.
 
 Invariants: an increment is applied at most once — its (session_id, seq) row, the balance
-debit and the ledger entry are one unit; the final session record is computed from the
-increments applied for it, so a record written after a crash (from the spool) equals one
-written live. Writes run in the order they were enqueued, so a session's increments always
-land before its finalisation.
+debit and the ledger entry are one unit; the final session record is written in the same
+transaction as every spooled increment the database lacks, from all the increments applied for
+it, so a record written after a crash or an outage (from the spool) equals one written live.
+Every write here is safe to repeat, so a write that failed (or whose outcome is unknown) is
+simply retried — an increment retried after its session's finalisation is a no-op.
 
 The write functions take an open `Session` and run inside the writer's transaction.
 """
