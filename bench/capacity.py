@@ -34,8 +34,9 @@ def probe(direct: Conn, gateway: Conn, seconds: float, interval_s: float = 0.005
     return times["direct"], times["gateway"]
 
 
-def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: Conn, gateway: Conn,
-                   profiler: Profiler) -> dict:
+def _capacity_step(
+    stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: Conn, gateway: Conn, profiler: Profiler
+) -> dict:
     opened = loadgen.open(n)
     time.sleep(plan.settle_s)
     loadgen.stats(reset=True)
@@ -45,8 +46,10 @@ def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: C
     # profiles (when asked for) of the first step with ≥ 30 sessions: four workers, the supervisor
     profiled = n >= 30 and not profiler.capacity_profiled
     profiler.capacity_profiled |= profiled
-    with profiler.record(f"capacity-{n}-workers", stack.workers()[:4] if profiled else []), \
-            profiler.record(f"capacity-{n}-supervisor", [stack.roles()["supervisor"]] if profiled else []):
+    with (
+        profiler.record(f"capacity-{n}-workers", stack.workers()[:4] if profiled else []),
+        profiler.record(f"capacity-{n}-supervisor", [stack.roles()["supervisor"]] if profiled else []),
+    ):
         cpu0, other0, busy0, t0 = cpu_seconds(gateway_procs), cpu_seconds(others), busy_seconds(), time.monotonic()
         d, g = probe(direct, gateway, plan.hold_s)
         wall = time.monotonic() - t0
@@ -64,16 +67,22 @@ def _capacity_step(stack: Stack, plan: Plan, loadgen: LoadGen, n: int, direct: C
     live = stats["live"]
     rate = stats["appends"] / max(live, 1) / stats["elapsed_s"]
     step = {
-        "sessions": n, "live": live, "dropped": stats["dropped"], "failed_opens": opened["failed"],
+        "sessions": n,
+        "live": live,
+        "dropped": stats["dropped"],
+        "failed_opens": opened["failed"],
         "appends_per_session_s": round(rate, 1),
         "rx_kb_per_session_s": round(stats["rx_bytes"] / max(live, 1) / stats["elapsed_s"] / 1000, 1),
-        "responses": stats["responses"], "loadgen_max_lag_ms": stats["max_lag_ms"],
+        "responses": stats["responses"],
+        "loadgen_max_lag_ms": stats["max_lag_ms"],
         "loadgen_skipped_slots": stats["skipped_slots"],
-        "probe_pairs": len(d), "probe_us": rtt,
+        "probe_pairs": len(d),
+        "probe_us": rtt,
         "gateway_cpu_cores": round(gateway_cpu / wall, 3),
         "cpu_per_session_pct": round(100 * gateway_cpu / wall / max(live, 1), 3),
-        "cpu_per_session_pct_by_role": {role: round(100 * cpu / wall / max(live, 1), 3)
-                                        for role, cpu in sorted(by_role.items())},
+        "cpu_per_session_pct_by_role": {
+            role: round(100 * cpu / wall / max(live, 1), 3) for role, cpu in sorted(by_role.items())
+        },
         "sim_and_loadgen_cpu_cores": round(other_cpu / wall, 3),  # and the probing client
         "foreign_cpu_cores": foreign_cpu_cores(busy0, busy1, gateway_cpu + other_cpu, wall),
     }
@@ -113,17 +122,25 @@ def measure_capacity(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
                     stopped = f"probe failed at {n} sessions: {exc!r}"
                     break
                 steps.append(step)
-                log(f"capacity {n}: live {step['live']}, appends/s {step['appends_per_session_s']}, "
+                log(
+                    f"capacity {n}: live {step['live']}, appends/s {step['appends_per_session_s']}, "
                     f"added p99 {step['probe_us']['added']['p99']} µs, CPU/session "
-                    f"{step['cpu_per_session_pct']} %, {'pass' if step['pass'] else 'FAIL'}")
+                    f"{step['cpu_per_session_pct']} %, {'pass' if step['pass'] else 'FAIL'}"
+                )
                 fails = 0 if step["pass"] else fails + 1
                 if not step["held"]:
                     stopped = f"sessions not held at audio rate at {n}"
                     break
-                if fails >= 2 or step["probe_us"]["added"]["p99"] > 2 * P99_TARGET_US \
-                        or step["probe_us"]["direct"]["p99"] > 2 * P99_TARGET_US:
-                    stopped = (f"p99 past the threshold at {n}" if step["baseline_ok"]
-                               else f"the direct baseline's own p99 past the threshold at {n} (box saturated)")
+                if (
+                    fails >= 2
+                    or step["probe_us"]["added"]["p99"] > 2 * P99_TARGET_US
+                    or step["probe_us"]["direct"]["p99"] > 2 * P99_TARGET_US
+                ):
+                    stopped = (
+                        f"p99 past the threshold at {n}"
+                        if step["baseline_ok"]
+                        else f"the direct baseline's own p99 past the threshold at {n} (box saturated)"
+                    )
                     break
             loadgen.close_all()
     finally:
@@ -134,13 +151,19 @@ def measure_capacity(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     if not steps:
         raise BenchError(f"capacity: no step completed ({stopped})")
     return {
-        "threshold_p99_added_us": P99_TARGET_US, "cap": max(plan.capacity_steps),
-        "append_bytes": len(append_event(pcm_bytes=APPEND_PCM_BYTES)), "appends_per_s": 1 / APPEND_PERIOD_S,
-        "response_every_s": RESPONSE_EVERY_S, "response_ms": RESPONSE_MS, "loadgen_procs": plan.loadgen_procs,
+        "threshold_p99_added_us": P99_TARGET_US,
+        "cap": max(plan.capacity_steps),
+        "append_bytes": len(append_event(pcm_bytes=APPEND_PCM_BYTES)),
+        "appends_per_s": 1 / APPEND_PERIOD_S,
+        "response_every_s": RESPONSE_EVERY_S,
+        "response_ms": RESPONSE_MS,
+        "loadgen_procs": plan.loadgen_procs,
         "max_sessions": best["sessions"] if best else 0,
         "cpu_per_session_pct": best["cpu_per_session_pct"] if best else None,
         # sessions one core could carry at the measured gateway CPU per session
-        "sessions_per_core": (round(100 / best["cpu_per_session_pct"], 1)
-                              if best and best["cpu_per_session_pct"] else None),
-        "stopped": stopped, "steps": steps,
+        "sessions_per_core": (
+            round(100 / best["cpu_per_session_pct"], 1) if best and best["cpu_per_session_pct"] else None
+        ),
+        "stopped": stopped,
+        "steps": steps,
     }

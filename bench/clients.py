@@ -29,8 +29,10 @@ CLOSE_FRAME = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=Tr
 
 def text_event(size: int) -> bytes:
     """A `conversation.item.create` with a text part, padded to exactly `size` bytes."""
-    head = ('{"type":"conversation.item.create","item":{"type":"message","role":"user",'
-            '"content":[{"type":"input_text","text":"')
+    head = (
+        '{"type":"conversation.item.create","item":{"type":"message","role":"user",'
+        '"content":[{"type":"input_text","text":"'
+    )
     tail = '"}]}}'
     return (head + "x" * (size - len(head) - len(tail)) + tail).encode()
 
@@ -42,8 +44,9 @@ def append_event(size: int | None = None, pcm_bytes: int | None = None) -> bytes
     if pcm_bytes is None:
         pcm_bytes = (size - wrapper) // 4 * 3
     pcm = bytes((i * 7) & 0xFF for i in range(pcm_bytes))
-    return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}, separators=(",", ":")
+    ).encode()
 
 
 def server_frame_len(payload_len: int) -> int:
@@ -51,9 +54,11 @@ def server_frame_len(payload_len: int) -> int:
 
 
 def upgrade_request(port: int, query: str, key: str) -> bytes:
-    return (f"GET /v1/realtime?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
+    return (
+        f"GET /v1/realtime?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n"
+    ).encode()
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,8 @@ class Conn:
             length = int.from_bytes(self.buf[2:head], "big")
         while len(self.buf) < head + length:
             self._more()
-        payload = bytes(self.buf[head:head + length])
-        del self.buf[:head + length]
+        payload = bytes(self.buf[head : head + length])
+        del self.buf[: head + length]
         return b0 & 0x0F, payload
 
     def roundtrip_ns(self, frame: bytes, payload_len: int) -> int:
@@ -216,7 +221,7 @@ class AsyncSession(asyncio.Protocol):
                 head = 4 if length == 126 else 10
                 if size - pos < head:
                     break
-                length = int.from_bytes(buf[pos + 2:pos + head], "big")
+                length = int.from_bytes(buf[pos + 2 : pos + head], "big")
             self.opcode = buf[pos] & 0x0F
             pos += head
             self.skip = length

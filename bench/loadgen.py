@@ -124,11 +124,19 @@ class LoadGenChild:
     async def _cmd_stats(self, reset: bool) -> dict:
         live = self._live()
         elapsed = time.monotonic() - self.t_reset
-        stats = {"live": len(live), "dropped": self.dropped, "failed": self.failed, "appends": self.appends,
-                 "responses": self.responses, "rx_bytes": sum(s.rx_bytes for s in self.sessions) - self.rx0,
-                 "late_slots": self.late_slots, "skipped_slots": self.skipped_slots,
-                 "max_lag_ms": round(self.max_lag_s * 1000, 2),
-                 "elapsed_s": elapsed, "cpu_s": time.process_time() - self.cpu0}
+        stats = {
+            "live": len(live),
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "appends": self.appends,
+            "responses": self.responses,
+            "rx_bytes": sum(s.rx_bytes for s in self.sessions) - self.rx0,
+            "late_slots": self.late_slots,
+            "skipped_slots": self.skipped_slots,
+            "max_lag_ms": round(self.max_lag_s * 1000, 2),
+            "elapsed_s": elapsed,
+            "cpu_s": time.process_time() - self.cpu0,
+        }
         if reset:
             self._reset_counters()
         return stats
@@ -186,8 +194,20 @@ class LoadGen:
 
     def stats(self, reset: bool = False) -> dict:
         replies = self._all("stats", [reset] * len(self.pipes))
-        out = {k: sum(r[k] for r in replies) for k in ("live", "dropped", "failed", "appends", "responses",
-                                                       "rx_bytes", "late_slots", "skipped_slots", "cpu_s")}
+        out = {
+            k: sum(r[k] for r in replies)
+            for k in (
+                "live",
+                "dropped",
+                "failed",
+                "appends",
+                "responses",
+                "rx_bytes",
+                "late_slots",
+                "skipped_slots",
+                "cpu_s",
+            )
+        }
         out["elapsed_s"] = max(r["elapsed_s"] for r in replies)
         out["max_lag_ms"] = max(r["max_lag_ms"] for r in replies)
         return out

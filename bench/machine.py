@@ -20,10 +20,13 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {
-        "cpu_model": model, "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "kernel": f"{platform.system()} {platform.release()}", "arch": platform.machine(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "arch": platform.machine(),
         "versions": {name: _version(name) for name in ("websockets", "uvicorn", "anyio", "uvloop", "psutil")},
         "load_generator_loop": _loop_name(),
     }
@@ -33,10 +36,16 @@ def code_version() -> dict:
     """The commit under test, and whether the working tree differs from it."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit or None, "dirty": bool(dirty)}

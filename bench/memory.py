@@ -47,13 +47,19 @@ def measure_memory(stack: Stack, plan: Plan) -> dict:
         loadgen.stop()
     stack.wait_sessions_ended()
     out = {
-        "unit": "MiB", "sessions": plan.memory_sessions, "stream_s": plan.stream_s,
+        "unit": "MiB",
+        "sessions": plan.memory_sessions,
+        "stream_s": plan.stream_s,
         "responses_during_streaming": stats["responses"],
-        "worker_idle": _memory_table(idle), "worker_streaming": _memory_table(list(peak.values())),
-        "warm_workers": len(warm), "warm_worker": _memory_table(warm) if warm else None,
+        "worker_idle": _memory_table(idle),
+        "worker_streaming": _memory_table(list(peak.values())),
+        "warm_workers": len(warm),
+        "warm_worker": _memory_table(warm) if warm else None,
         "processes_idle": {r: {k: round(v, 2) for k, v in m.items()} for r, m in roles_idle.items() if m},
         "processes_streaming": {r: {k: round(v, 2) for k, v in m.items()} for r, m in roles_streaming.items() if m},
     }
-    log(f"memory: worker USS idle p50 {out['worker_idle']['uss']['p50']} MiB, "
-        f"streaming p50 {out['worker_streaming']['uss']['p50']} MiB")
+    log(
+        f"memory: worker USS idle p50 {out['worker_idle']['uss']['p50']} MiB, "
+        f"streaming p50 {out['worker_streaming']['uss']['p50']} MiB"
+    )
     return out

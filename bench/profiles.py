@@ -39,9 +39,14 @@ class Profiler:
             yield
             return
         parts = [self.dir / f"{name}-{p.pid}.txt" for p in procs]
-        spies = [subprocess.Popen([self.spy, "record", "-p", str(p.pid), "-r", "997", "--gil",
-                                   "-f", "raw", "-o", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for p, part in zip(procs, parts)]
+        spies = [
+            subprocess.Popen(
+                [self.spy, "record", "-p", str(p.pid), "-r", "997", "--gil", "-f", "raw", "-o", str(part)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for p, part in zip(procs, parts)
+        ]
         time.sleep(1.0)  # attached
         try:
             yield

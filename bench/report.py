@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 TARGETS = {
-    "rtt_small_added_p50_us": 40, "rtt_small_added_p99_us": 120, "setup_added_p50_ms": 2.0,
-    "worker_idle_uss_mib": 2.0, "worker_streaming_uss_mib": 4.0, "capacity_sessions": 1000,
+    "rtt_small_added_p50_us": 40,
+    "rtt_small_added_p99_us": 120,
+    "setup_added_p50_ms": 2.0,
+    "worker_idle_uss_mib": 2.0,
+    "worker_streaming_uss_mib": 4.0,
+    "capacity_sessions": 1000,
 }
 
 
@@ -34,9 +38,13 @@ def _row(label: str, d: dict, width: int = 44) -> str:
 
 
 def _comparison(label: str, r: dict, unit: str) -> list[str]:
-    return [f"  {label}", _row(f"  direct, {unit}", r["direct"]), _row(f"  gateway, {unit}", r["gateway"]),
-            _row(f"  added, {unit}", r["added"])
-            + f"   (gateway/direct p50 ×{r['ratio']['p50']}, p99 ×{r['ratio']['p99']})"]
+    return [
+        f"  {label}",
+        _row(f"  direct, {unit}", r["direct"]),
+        _row(f"  gateway, {unit}", r["gateway"]),
+        _row(f"  added, {unit}", r["added"])
+        + f"   (gateway/direct p50 ×{r['ratio']['p50']}, p99 ×{r['ratio']['p99']})",
+    ]
 
 
 def _render_rtt(r: dict) -> list[str]:
@@ -46,8 +54,10 @@ def _render_rtt(r: dict) -> list[str]:
         lines += _comparison(f"{label}, {case['pairs']} interleaved pairs", case, "µs")
         if "floor_added" in case:
             lines.append(_row("  floor: byte-copying uvloop relay, added", case["floor_added"]))
-        lines.append(f"     CPU: gateway worker {case['worker_cpu_us_per_roundtrip']} µs per round trip; "
-                     f"simulator {case['sim_cpu_us_per_echo']} µs per echo")
+        lines.append(
+            f"     CPU: gateway worker {case['worker_cpu_us_per_roundtrip']} µs per round trip; "
+            f"simulator {case['sim_cpu_us_per_echo']} µs per echo"
+        )
     return lines
 
 
@@ -55,45 +65,60 @@ def _render_setup(s: dict) -> list[str]:
     lines = [f"2. Set-up, connect → session.created{'':<18}{'p50':>10} {'p90':>10} {'p99':>10}"]
     lines += _comparison(f"sequential, {s['sequential']['connections']} each", s["sequential"], "ms")
     lines += _comparison(f"bursts of {s['burst']['size']} concurrent, {s['burst']['rounds']} each", s["burst"], "ms")
-    lines.append(f"     burst wall time: direct {s['burst']['wall_ms']['direct']} ms, "
-                 f"gateway {s['burst']['wall_ms']['gateway']} ms")
+    lines.append(
+        f"     burst wall time: direct {s['burst']['wall_ms']['direct']} ms, "
+        f"gateway {s['burst']['wall_ms']['gateway']} ms"
+    )
     return lines
 
 
 def _render_memory(mem: dict) -> list[str]:
-    lines = [f"3. Memory, MiB, {mem['sessions']} sessions{'':<24}{'USS p50':>10} {'USS max':>10} "
-             f"{'PSS p50':>10} {'PSS max':>10}"]
-    for key, label in (("worker_idle", "worker, idle"), ("worker_streaming", "worker, streaming (peak)"),
-                       ("warm_worker", f"pre-forked worker without a session ({mem.get('warm_workers', 0)})")):
+    lines = [
+        f"3. Memory, MiB, {mem['sessions']} sessions{'':<24}{'USS p50':>10} {'USS max':>10} "
+        f"{'PSS p50':>10} {'PSS max':>10}"
+    ]
+    for key, label in (
+        ("worker_idle", "worker, idle"),
+        ("worker_streaming", "worker, streaming (peak)"),
+        ("warm_worker", f"pre-forked worker without a session ({mem.get('warm_workers', 0)})"),
+    ):
         w = mem.get(key)
         if not w:
             continue
-        lines.append(f"   {label:<44}{w['uss']['p50']:>10} {w['uss']['max']:>10} "
-                     f"{w['pss']['p50']:>10} {w['pss']['max']:>10}")
+        lines.append(
+            f"   {label:<44}{w['uss']['p50']:>10} {w['uss']['max']:>10} {w['pss']['p50']:>10} {w['pss']['max']:>10}"
+        )
     lines.append(f"   {'':<44}{'USS idle':>10} {'streaming':>10} {'PSS idle':>10} {'streaming':>10}")
     for role, proc in mem["processes_streaming"].items():
         idle = mem["processes_idle"].get(role, proc)
-        lines.append(f"   {role:<44}{idle['uss']:>10.2f} {proc['uss']:>10.2f} "
-                     f"{idle['pss']:>10.2f} {proc['pss']:>10.2f}")
+        lines.append(
+            f"   {role:<44}{idle['uss']:>10.2f} {proc['uss']:>10.2f} {idle['pss']:>10.2f} {proc['pss']:>10.2f}"
+        )
     return lines
 
 
 def _render_capacity(cap: dict) -> list[str]:
-    lines = [f"4. Capacity: sessions at audio rate (50 × {cap['append_bytes']} B appends/s, a paced "
-             f"{cap['response_ms'] / 1000:g} s response every {cap['response_every_s']:g} s); "
-             f"a step passes at probe p99 added < {cap['threshold_p99_added_us'] / 1000:g} ms",
-             "   sessions  appends/s  added p50 µs  added p99 µs  direct p99 µs  gateway cores  CPU/session"
-             "  sim+loadgen cores  other cores"]
+    lines = [
+        f"4. Capacity: sessions at audio rate (50 × {cap['append_bytes']} B appends/s, a paced "
+        f"{cap['response_ms'] / 1000:g} s response every {cap['response_every_s']:g} s); "
+        f"a step passes at probe p99 added < {cap['threshold_p99_added_us'] / 1000:g} ms",
+        "   sessions  appends/s  added p50 µs  added p99 µs  direct p99 µs  gateway cores  CPU/session"
+        "  sim+loadgen cores  other cores",
+    ]
     for st in cap["steps"]:
         probe_us = st["probe_us"]
-        lines.append(f"   {st['live']:>4}/{st['sessions']:<4}{st['appends_per_session_s']:>10} "
-                     f"{probe_us['added']['p50']:>13} {probe_us['added']['p99']:>13} {probe_us['direct']['p99']:>14} "
-                     f"{st['gateway_cpu_cores']:>14} {st['cpu_per_session_pct']:>10} % "
-                     f"{st['sim_and_loadgen_cpu_cores']:>18} "
-                     f"{st['foreign_cpu_cores']:>12}  {'pass' if st['pass'] else 'FAIL'}")
-    lines.append(f"   most sessions held: {cap['max_sessions']} (cap {cap['cap']}; stopped: {cap['stopped']}); "
-                 f"gateway CPU per session {cap['cpu_per_session_pct']} % of a core → "
-                 f"{cap['sessions_per_core']} per core")
+        lines.append(
+            f"   {st['live']:>4}/{st['sessions']:<4}{st['appends_per_session_s']:>10} "
+            f"{probe_us['added']['p50']:>13} {probe_us['added']['p99']:>13} {probe_us['direct']['p99']:>14} "
+            f"{st['gateway_cpu_cores']:>14} {st['cpu_per_session_pct']:>10} % "
+            f"{st['sim_and_loadgen_cpu_cores']:>18} "
+            f"{st['foreign_cpu_cores']:>12}  {'pass' if st['pass'] else 'FAIL'}"
+        )
+    lines.append(
+        f"   most sessions held: {cap['max_sessions']} (cap {cap['cap']}; stopped: {cap['stopped']}); "
+        f"gateway CPU per session {cap['cpu_per_session_pct']} % of a core → "
+        f"{cap['sessions_per_core']} per core"
+    )
     if cap["steps"] and cap["steps"][-1].get("cpu_per_session_pct_by_role"):
         last = cap["steps"][-1]
         shares = ", ".join(f"{role} {pct} %" for role, pct in last["cpu_per_session_pct_by_role"].items())
@@ -102,10 +127,12 @@ def _render_capacity(cap: dict) -> list[str]:
 
 
 def _render_throughput(t: dict) -> list[str]:
-    return [f"5. Throughput, one session, {t['message_bytes']} B messages one way (best of {t['rounds']})",
-            f"   direct {t['direct_mb_s']} MB/s, gateway {t['gateway_mb_s']} MB/s (×{t['ratio']}); CPU per MB: "
-            f"simulator {t['sim_cpu_ms_per_mb']} ms, gateway worker {t['worker_cpu_ms_per_mb']} ms "
-            f"(worker ceiling ≈ {t['worker_ceiling_mb_s']} MB/s)"]
+    return [
+        f"5. Throughput, one session, {t['message_bytes']} B messages one way (best of {t['rounds']})",
+        f"   direct {t['direct_mb_s']} MB/s, gateway {t['gateway_mb_s']} MB/s (×{t['ratio']}); CPU per MB: "
+        f"simulator {t['sim_cpu_ms_per_mb']} ms, gateway worker {t['worker_cpu_ms_per_mb']} ms "
+        f"(worker ceiling ≈ {t['worker_ceiling_mb_s']} MB/s)",
+    ]
 
 
 def render(doc: dict) -> str:
@@ -120,8 +147,13 @@ def render(doc: dict) -> str:
         f"{m.get('loadavg_at_end')}",
         f"worker backend {doc['config']['worker_backend']}; load generator on {m['load_generator_loop']}",
     ]
-    for key, part in (("rtt", _render_rtt), ("setup", _render_setup), ("memory", _render_memory),
-                      ("capacity", _render_capacity), ("throughput", _render_throughput)):
+    for key, part in (
+        ("rtt", _render_rtt),
+        ("setup", _render_setup),
+        ("memory", _render_memory),
+        ("capacity", _render_capacity),
+        ("throughput", _render_throughput),
+    ):
         if key in doc:
             lines += [""] + part(doc[key])
     lines += ["", "Targets"]

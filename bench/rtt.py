@@ -27,8 +27,11 @@ def measure_rtt(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     same rounds: its added time is the floor for any Python relay on this machine."""
     cases = (("small_1k", text_event(1024), plan.rtt_small), ("large_32k", append_event(size=32768), plan.rtt_large))
     out = {}
-    with Conn(stack.direct, "sim_echo=1") as direct, Conn(stack.gateway, "sim_echo=1") as gateway, \
-            Conn(stack.floor, "sim_echo=1") as floor:
+    with (
+        Conn(stack.direct, "sim_echo=1") as direct,
+        Conn(stack.gateway, "sim_echo=1") as gateway,
+        Conn(stack.floor, "sim_echo=1") as floor,
+    ):
         watched = stack.wait_live(1)[:1] + [psutil.Process(stack.sim.pid)]
         for name, payload, pairs in cases:
             frame = client_frame(payload)
@@ -45,13 +48,17 @@ def measure_rtt(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
                     times["floor"].append(floor.roundtrip_ns(frame, len(payload)) / 1000)
                 cpu1 = cpu_seconds(watched)
             worker_pid, sim_pid = (watched[0].pid if len(watched) == 2 else None), stack.sim.pid
-            out[name] = {"bytes": len(payload), "pairs": pairs, "unit": "us",
-                         **compare(times["direct"], times["gateway"]),
-                         "floor_added": compare(times["direct"], times["floor"])["added"],
-                         # CPU behind the numbers: the gateway worker per round trip (two frames
-                         # relayed), the simulator per echo (both paths use it)
-                         "worker_cpu_us_per_roundtrip": _per(cpu1, cpu0, worker_pid, pairs),
-                         "sim_cpu_us_per_echo": _per(cpu1, cpu0, sim_pid, 2 * pairs)}
+            out[name] = {
+                "bytes": len(payload),
+                "pairs": pairs,
+                "unit": "us",
+                **compare(times["direct"], times["gateway"]),
+                "floor_added": compare(times["direct"], times["floor"])["added"],
+                # CPU behind the numbers: the gateway worker per round trip (two frames
+                # relayed), the simulator per echo (both paths use it)
+                "worker_cpu_us_per_roundtrip": _per(cpu1, cpu0, worker_pid, pairs),
+                "sim_cpu_us_per_echo": _per(cpu1, cpu0, sim_pid, 2 * pairs),
+            }
             log(f"rtt {name}: added p50 {out[name]['added']['p50']} µs, p99 {out[name]['added']['p99']} µs")
     stack.wait_sessions_ended()
     return out

@@ -45,17 +45,23 @@ def selected_measurements(known) -> list[str]:
     wanted = {w.strip() for w in raw.split(",") if w.strip()}
     unknown = wanted - set(known)
     if unknown:
-        raise BenchError(f"MESHRT_BENCH_ONLY: unknown measurement(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(known)}")
+        raise BenchError(
+            f"MESHRT_BENCH_ONLY: unknown measurement(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}"
+        )
     return [name for name in known if name in wanted]
 
 
 def run_bench(settings, args) -> int:
     plan = choose_plan(args)
     started = time.monotonic()
-    doc = {"meshrt_bench": 1, "plan": plan.name, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": machine_info(), "code": code_version(),
-           "config": {"worker_backend": settings.worker_backend, "plan": asdict(plan)}}
+    doc = {
+        "meshrt_bench": 1,
+        "plan": plan.name,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "code": code_version(),
+        "config": {"worker_backend": settings.worker_backend, "plan": asdict(plan)},
+    }
     cpu_before, busy_before, ours_before = psutil.cpu_times(), busy_seconds(), tree_cpu_seconds()
     doc["machine"]["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -63,18 +69,21 @@ def run_bench(settings, args) -> int:
             log(f"simulator on :{stack.direct.port}, gateway on :{stack.gateway.port} ({plan.name} plan)")
             profiler = Profiler(os.environ.get("MESHRT_BENCH_PROFILE"))
             doc["profiles"] = str(profiler.dir) if profiler.dir else None
-            measurements = {"rtt": lambda: measure_rtt(stack, plan, profiler),
-                            "setup": lambda: measure_setup(stack, plan, profiler),
-                            "memory": lambda: measure_memory(stack, plan),
-                            "throughput": lambda: measure_throughput(stack, plan),
-                            "capacity": lambda: measure_capacity(stack, plan, profiler)}
+            measurements = {
+                "rtt": lambda: measure_rtt(stack, plan, profiler),
+                "setup": lambda: measure_setup(stack, plan, profiler),
+                "memory": lambda: measure_memory(stack, plan),
+                "throughput": lambda: measure_throughput(stack, plan),
+                "capacity": lambda: measure_capacity(stack, plan, profiler),
+            }
             for name in selected_measurements(measurements):
                 doc[name] = measurements[name]()
             # what the rest of the machine did meanwhile, taken before the stack's processes go
             ours, busy_after, measured_s = tree_cpu_seconds() - ours_before, busy_seconds(), time.monotonic() - started
             doc["machine"]["cpu_steal_pct_during_run"] = cpu_steal_pct(cpu_before, psutil.cpu_times())
-            doc["machine"]["foreign_cpu_cores_during_run"] = foreign_cpu_cores(busy_before, busy_after, ours,
-                                                                               measured_s)
+            doc["machine"]["foreign_cpu_cores_during_run"] = foreign_cpu_cores(
+                busy_before, busy_after, ours, measured_s
+            )
     except (BenchError, OSError) as exc:
         print(f"meshrt bench: {exc}", file=sys.stderr)
         return 1

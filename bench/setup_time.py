@@ -20,8 +20,10 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     time; the gateway's workers are left to exit before the next burst. Milliseconds."""
     seq = {"direct": [], "gateway": []}
     roles = stack.roles()
-    with profiler.record("setup-frontdoor", [roles["frontdoor"]]), \
-            profiler.record("setup-supervisor", [roles["supervisor"]]):
+    with (
+        profiler.record("setup-frontdoor", [roles["frontdoor"]]),
+        profiler.record("setup-supervisor", [roles["supervisor"]]),
+    ):
         for i in range(plan.setup_sequential):
             for target in alternate(i, stack.direct, stack.gateway):
                 conn = Conn(target)
@@ -41,10 +43,15 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     out = {
         "unit": "ms",
         "sequential": {"connections": plan.setup_sequential, **compare(seq["direct"], seq["gateway"], 3)},
-        "burst": {"size": plan.burst_size, "rounds": plan.burst_rounds,
-                  **compare(burst["direct"], burst["gateway"], 3),
-                  "wall_ms": {k: round(sum(v) / len(v), 1) for k, v in walls.items()}},
+        "burst": {
+            "size": plan.burst_size,
+            "rounds": plan.burst_rounds,
+            **compare(burst["direct"], burst["gateway"], 3),
+            "wall_ms": {k: round(sum(v) / len(v), 1) for k, v in walls.items()},
+        },
     }
-    log(f"setup: sequential added p50 {out['sequential']['added']['p50']} ms; "
-        f"burst added p50 {out['burst']['added']['p50']} ms")
+    log(
+        f"setup: sequential added p50 {out['sequential']['added']['p50']} ms; "
+        f"burst added p50 {out['burst']['added']['p50']} ms"
+    )
     return out

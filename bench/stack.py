@@ -58,20 +58,32 @@ class Stack:
     def start(self) -> "Stack":
         self.sim = subprocess.Popen(
             [sys.executable, "-m", "meshrt.simulator", "--port", "0", "--api-key", self.operator_key],
-            stdout=subprocess.PIPE, stderr=open(self.tmp / "sim.err", "ab"), text=True, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE,
+            stderr=open(self.tmp / "sim.err", "ab"),
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         sim_port = int(_read_line(self.sim, r"listening on ws://[^:]+:(\d+)", 20, "the simulator").group(1))
         self.direct = Target("direct", sim_port, self.operator_key)
         self.floor_relay = subprocess.Popen(
             [sys.executable, "-m", "meshrt.bench.floor", "--upstream-port", str(sim_port)],
-            stdout=subprocess.PIPE, stderr=open(self.tmp / "floor.err", "ab"), text=True, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE,
+            stderr=open(self.tmp / "floor.err", "ab"),
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         floor_port = int(_read_line(self.floor_relay, r"listening on (\d+)", 20, "the floor relay").group(1))
         self.floor = Target("floor", floor_port, self.operator_key)
         db_url = f"sqlite:///{self.tmp / 'meshrt.db'}"
         key = self._tenant_key(db_url)
         self.gw = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.supervisor.cli", "serve"], env=self._gateway_env(db_url, sim_port),
-            stdout=subprocess.PIPE, stderr=open(self.tmp / "gateway.err", "ab"), text=True,
-            stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "meshrt.supervisor.cli", "serve"],
+            env=self._gateway_env(db_url, sim_port),
+            stdout=subprocess.PIPE,
+            stderr=open(self.tmp / "gateway.err", "ab"),
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         port = int(_read_line(self.gw, r"listening on http://[^:]+:(\d+)", 30, "the gateway").group(1))
         self.gateway = Target("gateway", port, key)
         self._wait_ready(port)
@@ -84,24 +96,32 @@ class Stack:
         engine = db.make_engine(db_url)
         try:
             db.create_schema(engine)
-            account = accounts.create_account(engine, "bench", Money.from_usd("1000000"),
-                                              max_concurrent_sessions=100_000)
+            account = accounts.create_account(
+                engine, "bench", Money.from_usd("1000000"), max_concurrent_sessions=100_000
+            )
             return accounts.create_key(engine, account.id, "bench").plaintext
         finally:
             engine.dispose()
 
     def _gateway_env(self, db_url: str, sim_port: int) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_") and k != "OPENAI_API_KEY"}
-        env.update({
-            "MESHRT_STATE_DIR": str(self.tmp / "state"), "MESHRT_DATABASE_URL": db_url,
-            "MESHRT_UPSTREAM_URL": f"ws://127.0.0.1:{sim_port}/v1/realtime", "OPENAI_API_KEY": self.operator_key,
-            "MESHRT_ALLOW_PLAIN_WS": "1", "MESHRT_HOST": "127.0.0.1", "MESHRT_PORT": "0",
-            "MESHRT_MAX_SESSIONS": str(max(self.plan.capacity_steps) + 200),
-            "MESHRT_MAX_CONCURRENT_SESSIONS": "100000", "MESHRT_DRAIN_S": "2",
-            "MESHRT_WORKER_BACKEND": self.settings.worker_backend,
-            "MESHRT_WARM_WORKERS": str(self.settings.warm_workers),
-            "MESHRT_LOG_LEVEL": self.settings.log_level,
-        })
+        env.update(
+            {
+                "MESHRT_STATE_DIR": str(self.tmp / "state"),
+                "MESHRT_DATABASE_URL": db_url,
+                "MESHRT_UPSTREAM_URL": f"ws://127.0.0.1:{sim_port}/v1/realtime",
+                "OPENAI_API_KEY": self.operator_key,
+                "MESHRT_ALLOW_PLAIN_WS": "1",
+                "MESHRT_HOST": "127.0.0.1",
+                "MESHRT_PORT": "0",
+                "MESHRT_MAX_SESSIONS": str(max(self.plan.capacity_steps) + 200),
+                "MESHRT_MAX_CONCURRENT_SESSIONS": "100000",
+                "MESHRT_DRAIN_S": "2",
+                "MESHRT_WORKER_BACKEND": self.settings.worker_backend,
+                "MESHRT_WARM_WORKERS": str(self.settings.warm_workers),
+                "MESHRT_LOG_LEVEL": self.settings.log_level,
+            }
+        )
         return env
 
     def _wait_ready(self, port: int, timeout: float = 30) -> None:

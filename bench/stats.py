@@ -15,8 +15,12 @@ def percentile(ordered: list[float], p: float) -> float:
 def summary(values: list[float], digits: int = 1) -> dict:
     ordered = sorted(values)
     out = {f"p{p}": round(percentile(ordered, p), digits) for p in (50, 90, 99)}
-    out.update(mean=round(sum(ordered) / len(ordered), digits), min=round(ordered[0], digits),
-               max=round(ordered[-1], digits), n=len(ordered))
+    out.update(
+        mean=round(sum(ordered) / len(ordered), digits),
+        min=round(ordered[0], digits),
+        max=round(ordered[-1], digits),
+        n=len(ordered),
+    )
     return out
 
 
@@ -24,7 +28,8 @@ def compare(direct: list[float], gateway: list[float], digits: int = 1) -> dict:
     """Direct and gateway distributions, the added cost at each percentile, and the ratio."""
     d, g = summary(direct, digits), summary(gateway, digits)
     return {
-        "direct": d, "gateway": g,
+        "direct": d,
+        "gateway": g,
         "added": {p: round(g[p] - d[p], digits) for p in ("p50", "p90", "p99")},
         "ratio": {p: round(g[p] / d[p], 2) if d[p] > 0 else None for p in ("p50", "p99")},
     }

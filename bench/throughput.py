@@ -49,15 +49,21 @@ def measure_throughput(stack: Stack, plan: Plan) -> dict:
     best = {k: round(max(v), 1) for k, v in rates.items()}
     cpu = {k: [x for x in v if x is not None] for k, v in cpu.items()}
     worker_ms_per_mb = 1000 * min(cpu["gateway"]) if cpu["gateway"] else None
-    out = {"unit": "MB/s", "message_bytes": len(payload), "messages_per_round": count,
-           "rounds": plan.throughput_rounds, "direct_mb_s": best["direct"], "gateway_mb_s": best["gateway"],
-           "direct_rounds": [round(x, 1) for x in rates["direct"]],
-           "gateway_rounds": [round(x, 1) for x in rates["gateway"]],
-           "ratio": round(best["gateway"] / best["direct"], 2) if best["direct"] else None,
-           # what bounds each path: CPU per MB of the simulator (direct) and of the worker (gateway);
-           # 1000 / worker ms per MB is the relay's own ceiling with a CPU to itself
-           "sim_cpu_ms_per_mb": round(1000 * min(cpu["direct"]), 2) if cpu["direct"] else None,
-           "worker_cpu_ms_per_mb": round(worker_ms_per_mb, 2) if worker_ms_per_mb else None,
-           "worker_ceiling_mb_s": round(1000 / worker_ms_per_mb, 1) if worker_ms_per_mb else None}
+    out = {
+        "unit": "MB/s",
+        "message_bytes": len(payload),
+        "messages_per_round": count,
+        "rounds": plan.throughput_rounds,
+        "direct_mb_s": best["direct"],
+        "gateway_mb_s": best["gateway"],
+        "direct_rounds": [round(x, 1) for x in rates["direct"]],
+        "gateway_rounds": [round(x, 1) for x in rates["gateway"]],
+        "ratio": round(best["gateway"] / best["direct"], 2) if best["direct"] else None,
+        # what bounds each path: CPU per MB of the simulator (direct) and of the worker (gateway);
+        # 1000 / worker ms per MB is the relay's own ceiling with a CPU to itself
+        "sim_cpu_ms_per_mb": round(1000 * min(cpu["direct"]), 2) if cpu["direct"] else None,
+        "worker_cpu_ms_per_mb": round(worker_ms_per_mb, 2) if worker_ms_per_mb else None,
+        "worker_ceiling_mb_s": round(1000 / worker_ms_per_mb, 1) if worker_ms_per_mb else None,
+    }
     log(f"throughput: direct {out['direct_mb_s']} MB/s, gateway {out['gateway_mb_s']} MB/s")
     return out

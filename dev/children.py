@@ -52,8 +52,10 @@ class ChildOutput:
                 if self.ended or left <= 0:
                     break
                 self._changed.wait(left)
-        raise ChildStartError(f"{self.what} did not print {pattern!r} within {timeout:g} s "
-                              f"(exit code {self.proc.poll()}); last lines: {self.lines[-5:]!r}")
+        raise ChildStartError(
+            f"{self.what} did not print {pattern!r} within {timeout:g} s "
+            f"(exit code {self.proc.poll()}); last lines: {self.lines[-5:]!r}"
+        )
 
 
 def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float, what: str = "the child") -> re.Match:

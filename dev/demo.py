@@ -12,7 +12,7 @@ from meshrt.shared.money import Money
 
 from .children import ChildStartError, wait_for_line
 
-EXAMPLE = '''\
+EXAMPLE = """\
 Try it with the official OpenAI Python SDK (pip install "openai[realtime]"):
 
     import asyncio
@@ -34,12 +34,13 @@ Try it with the official OpenAI Python SDK (pip install "openai[realtime]"):
     asyncio.run(main())
 
 Then see the usage:  curl -H "Authorization: Bearer {key}" http://127.0.0.1:{port}/v1/usage
-'''
+"""
 
 
 def _start_simulator() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "meshrt.simulator", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshrt.simulator", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
     try:
         return proc, wait_for_line(proc, r"listening on (ws://\S+)", 20, "the simulator").group(1)
     except ChildStartError:
@@ -53,8 +54,12 @@ def run_dev(settings, args) -> int:
     from meshrt.supervisor.supervisor import serve
 
     state = Path(args.state_dir) if args.state_dir else Path(".meshrt-dev")
-    settings = settings.replace(state_dir=state, allow_plain_ws=True, host="127.0.0.1",
-                                port=args.port if args.port is not None else settings.port)
+    settings = settings.replace(
+        state_dir=state,
+        allow_plain_ws=True,
+        host="127.0.0.1",
+        port=args.port if args.port is not None else settings.port,
+    )
     simulator = None
     if os.environ.get("MESHRT_UPSTREAM_URL"):
         upstream = settings.upstream_url
@@ -73,7 +78,8 @@ def run_dev(settings, args) -> int:
     engine.dispose()
     print(f"meshrt dev: upstream {upstream}; state in {state}/", flush=True)
     print("WARNING: dev mode accepts plain ws:// from loopback; production needs TLS at the edge.", flush=True)
-    print(f"demo account {demo.id}, balance ${Money(accounts.get_account(db.make_engine(settings.db_url), demo.id).balance_pico).usd_str()}")
+    balance = Money(accounts.get_account(db.make_engine(settings.db_url), demo.id).balance_pico)
+    print(f"demo account {demo.id}, balance ${balance.usd_str()}")
     print(f"demo key (shown once): {key}\n")
     print(EXAMPLE.format(key=key, port=settings.port), flush=True)
     logs.configure("supervisor", settings.log_level)

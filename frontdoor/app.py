@@ -5,13 +5,11 @@ docs/protocol.md, HTTP errors.
 
 from __future__ import annotations
 
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshrt.shared.errors import ERRORS, http_error_body
 from meshrt.shared.ids import new_id
@@ -22,16 +20,18 @@ def new_request_id() -> str:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, type_: str = "invalid_request_error",
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, type_: str = "invalid_request_error", headers: dict | None = None
+    ):
         self.status, self.code, self.message, self.type = status, code, message, type_
         self.headers = headers or {}
 
 
 def _error(request: Request, status: int, code: str, message: str, type_: str, headers=None) -> JSONResponse:
     rid = request.state.request_id
-    return JSONResponse(http_error_body(code, message, type_, rid), status_code=status,
-                        headers={"x-request-id": rid, **(headers or {})})
+    return JSONResponse(
+        http_error_body(code, message, type_, rid), status_code=status, headers={"x-request-id": rid, **(headers or {})}
+    )
 
 
 def create_app(ctx) -> FastAPI:
@@ -59,13 +59,20 @@ def create_app(ctx) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error(request, 400, "invalid_parameter", f"{where}: {first.get('msg', 'invalid')}",
-                      "invalid_request_error")
+        return _error(
+            request, 400, "invalid_parameter", f"{where}: {first.get('msg', 'invalid')}", "invalid_request_error"
+        )
 
     @app.exception_handler(SQLAlchemyError)
     async def database_error(request: Request, exc: SQLAlchemyError):
-        return _error(request, 503, "service_unavailable", ERRORS["service_unavailable"].message, "server_error",
-                      headers={"Retry-After": "1"})
+        return _error(
+            request,
+            503,
+            "service_unavailable",
+            ERRORS["service_unavailable"].message,
+            "server_error",
+            headers={"Retry-After": "1"},
+        )
 
     @app.get("/healthz")
     async def healthz(request: Request):
@@ -94,9 +101,14 @@ def create_app(ctx) -> FastAPI:
 
     @app.get("/v1/realtime")
     async def realtime_without_upgrade(request: Request):
-        return _error(request, 426, "upgrade_required",
-                      "This endpoint speaks WebSocket: connect with wss:// and an Upgrade: websocket request.",
-                      "invalid_request_error", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+        return _error(
+            request,
+            426,
+            "upgrade_required",
+            "This endpoint speaks WebSocket: connect with wss:// and an Upgrade: websocket request.",
+            "invalid_request_error",
+            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+        )
 
     for register in ctx.routers:
         register(app, ctx)

@@ -28,8 +28,10 @@ class Catalog:
         return models
 
     def models_json(self) -> list[dict]:
-        return [{"id": m, "object": "model", "realtime": r.realtime, "pricing": r.pricing_json()}
-                for m, r in self.listed_models().items()]
+        return [
+            {"id": m, "object": "model", "realtime": r.realtime, "pricing": r.pricing_json()}
+            for m, r in self.listed_models().items()
+        ]
 
 
 def load_catalog(settings) -> Catalog:

@@ -52,8 +52,13 @@ def _load(name: str) -> bytes:
 def dashboard_routes(app: FastAPI, ctx) -> None:
     """Register `GET /dashboard` and its two assets. Files are read once, at registration."""
     for url_path, (name, media_type) in ASSETS.items():
-        app.add_api_route(url_path, _endpoint(_load(name), media_type), methods=["GET"],
-                          include_in_schema=False, name=f"dashboard:{name}")
+        app.add_api_route(
+            url_path,
+            _endpoint(_load(name), media_type),
+            methods=["GET"],
+            include_in_schema=False,
+            name=f"dashboard:{name}",
+        )
 
 
 def _endpoint(body: bytes, media_type: str):

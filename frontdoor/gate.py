@@ -18,12 +18,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from meshrt.shared.control import Grant
 from meshrt.shared.errors import GatewayError
 from meshrt.shared.handshake import UpgradeRequest, extract_credentials, is_secure, is_wellformed_key
-from meshrt.shared.settings import Settings
-
 from meshrt.shared.ids import new_id
+from meshrt.shared.logs import one_line
+from meshrt.shared.settings import Settings
 from meshrt.storage.accounts import usable_key
 from meshrt.storage.db import LIVE_STATES, SessionRecord, SessionState
-
 
 log = logging.getLogger("meshrt.frontdoor")
 
@@ -31,8 +30,11 @@ log = logging.getLogger("meshrt.frontdoor")
 # caches their compiled form) rather than ORM objects: the ORM was ~45 % of the front door's CPU.
 # After the lock, as its own statement: on PostgreSQL each statement sees the rows committed
 # before it started, so this count includes sessions admitted while we waited for the lock.
-_LIVE_SESSIONS = select(func.count()).select_from(SessionRecord).where(
-    SessionRecord.account_id == bindparam("account_id"), SessionRecord.state.in_(LIVE_STATES))
+_LIVE_SESSIONS = (
+    select(func.count())
+    .select_from(SessionRecord)
+    .where(SessionRecord.account_id == bindparam("account_id"), SessionRecord.state.in_(LIVE_STATES))
+)
 _INSERT_SESSION = insert(SessionRecord.__table__)
 
 
@@ -48,24 +50,41 @@ def check_request(settings: Settings, upgrade: UpgradeRequest, peer_ip: str | No
     return credentials.key
 
 
-def admit(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: str | None,
-          request_id: str, node: str) -> Grant:
+def admit(
+    engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: str | None, request_id: str, node: str
+) -> Grant:
     """Admit an upgrade: returns the grant, with its session row inserted (state granted)."""
     key = check_request(settings, upgrade, peer_ip)
     began = time.monotonic()
     try:
         grant = _admit_in_transaction(engine, settings, prices, upgrade, peer_ip, request_id, node, key)
     except SQLAlchemyError as exc:  # refused, dropped, timed out, locked: the client may retry
-        log.warning("admission failed: database unavailable", extra={"request_id": request_id, "fields": {
-            "error": f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0][:200]}"}})
+        log.warning(
+            "admission failed: database unavailable",
+            extra={"request_id": request_id, "fields": {"error": one_line(exc)}},
+        )
         raise GatewayError("service_unavailable") from exc
-    log.info("admitted", extra={"request_id": request_id, "session_id": grant.session_id,
-                                "fields": {"admit_ms": round((time.monotonic() - began) * 1000, 2)}})
+    log.info(
+        "admitted",
+        extra={
+            "request_id": request_id,
+            "session_id": grant.session_id,
+            "fields": {"admit_ms": round((time.monotonic() - began) * 1000, 2)},
+        },
+    )
     return grant
 
 
-def _admit_in_transaction(engine, settings: Settings, prices, upgrade: UpgradeRequest, peer_ip: str | None,
-                          request_id: str, node: str, key: str) -> Grant:
+def _admit_in_transaction(
+    engine,
+    settings: Settings,
+    prices,
+    upgrade: UpgradeRequest,
+    peer_ip: str | None,
+    request_id: str,
+    node: str,
+    key: str,
+) -> Grant:
     with engine.begin() as db:
         found = usable_key(db, key, lock_account=True)
         if found is None:
@@ -85,16 +104,40 @@ def _admit_in_transaction(engine, settings: Settings, prices, upgrade: UpgradeRe
         cap = found.token_cap or found.session_token_cap or settings.session_token_cap
         now = time.time()
         grant = Grant(
-            session_id=new_id("sess"), request_id=request_id, account_id=found.account_id,
-            api_key_id=found.api_key_id, model=model, token_cap=cap, rates=prices.grant_rates(model),
-            beta=upgrade.beta, client_addr=peer_ip or "", started_at=now,
+            session_id=new_id("sess"),
+            request_id=request_id,
+            account_id=found.account_id,
+            api_key_id=found.api_key_id,
+            model=model,
+            token_cap=cap,
+            rates=prices.grant_rates(model),
+            beta=upgrade.beta,
+            client_addr=peer_ip or "",
+            started_at=now,
             balance_pico=found.balance_pico,
         )
-        db.execute(_INSERT_SESSION, {
-            "id": grant.session_id, "request_id": request_id, "account_id": grant.account_id,
-            "api_key_id": grant.api_key_id, "model": model, "node": node, "state": SessionState.GRANTED,
-            "pid": None, "client_addr": grant.client_addr, "started_at": datetime.fromtimestamp(now, timezone.utc),
-            "ended_at": None, "end_reason": None, "close_code": None, "responses": 0, "usage": {},
-            "cost_pico": 0, "by_category": {}, "rates": grant.rates, "amended_at": None,
-        })
+        db.execute(
+            _INSERT_SESSION,
+            {
+                "id": grant.session_id,
+                "request_id": request_id,
+                "account_id": grant.account_id,
+                "api_key_id": grant.api_key_id,
+                "model": model,
+                "node": node,
+                "state": SessionState.GRANTED,
+                "pid": None,
+                "client_addr": grant.client_addr,
+                "started_at": datetime.fromtimestamp(now, timezone.utc),
+                "ended_at": None,
+                "end_reason": None,
+                "close_code": None,
+                "responses": 0,
+                "usage": {},
+                "cost_pico": 0,
+                "by_category": {},
+                "rates": grant.rates,
+                "amended_at": None,
+            },
+        )
     return grant

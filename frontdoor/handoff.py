@@ -24,7 +24,12 @@ from meshrt.shared import control
 from meshrt.shared.control import Handoff, HandoffAck
 from meshrt.shared.errors import GatewayError, http_error_body
 from meshrt.shared.handshake import (
-    accept_bytes, error_frames, new_server_protocol, parse_request_bytes, parse_upgrade, redact,
+    accept_bytes,
+    error_frames,
+    new_server_protocol,
+    parse_request_bytes,
+    parse_upgrade,
+    redact,
     strip_credentials,
 )
 
@@ -37,8 +42,10 @@ REALTIME_PATH = "/v1/realtime"
 
 def http_response(status: int, reason: str, body: dict, request_id: str, extra: str = "") -> bytes:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nx-request-id: {request_id}\r\n{extra}Connection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nx-request-id: {request_id}\r\n{extra}Connection: close\r\n\r\n"
+    )
     return head.encode() + payload
 
 
@@ -179,7 +186,13 @@ class HandoffProtocol(asyncio.Protocol):
 
 def protocol_class(admit, new_request_id, control_socket: str, on_refused) -> type[HandoffProtocol]:
     """A HandoffProtocol bound to this front door's gate (uvicorn wants a class, not an instance)."""
-    return type("BoundHandoffProtocol", (HandoffProtocol,), {
-        "admit": staticmethod(admit), "new_request_id": staticmethod(new_request_id),
-        "control_socket": control_socket, "on_refused": staticmethod(on_refused),
-    })
+    return type(
+        "BoundHandoffProtocol",
+        (HandoffProtocol,),
+        {
+            "admit": staticmethod(admit),
+            "new_request_id": staticmethod(new_request_id),
+            "control_socket": control_socket,
+            "on_refused": staticmethod(on_refused),
+        },
+    )

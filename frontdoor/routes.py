@@ -11,7 +11,6 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
-
 from meshrt.storage import accounts as ops
 from meshrt.storage.db import LIVE_STATES, SessionRecord
 
@@ -51,23 +50,34 @@ def admin(request: Request) -> None:
 
 
 def _model_json(model_id: str, rates) -> dict:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "openai",
-            "realtime": rates.realtime, "kind": str(rates.kind),
-            "pricing": rates.pricing_json(), "effective_date": rates.effective_date}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "openai",
+        "realtime": rates.realtime,
+        "kind": str(rates.kind),
+        "pricing": rates.pricing_json(),
+        "effective_date": rates.effective_date,
+    }
 
 
 def _live_count(engine, account_id: str) -> int:
     with Session(engine) as db:
-        return db.exec(select(func.count()).select_from(SessionRecord).where(
-            SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))).one()
+        return db.exec(
+            select(func.count())
+            .select_from(SessionRecord)
+            .where(SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))
+        ).one()
 
 
 def _usage_page(engine, account_id, start_time, end_time, model, limit, after) -> dict:
     if start_time is not None and end_time is not None and end_time <= start_time:
         raise ApiError(400, "invalid_parameter", "end_time must be after start_time.")
     try:
-        return query_usage(engine, account_id, start_time=start_time, end_time=end_time, model=model,
-                           limit=limit, after=after)
+        return query_usage(
+            engine, account_id, start_time=start_time, end_time=end_time, model=model, limit=limit, after=after
+        )
     except LookupError as exc:
         raise ApiError(400, "invalid_parameter", f"after: {exc.args[0]}") from None
 
@@ -85,17 +95,25 @@ def tenant_routes(app: FastAPI, ctx) -> None:
         return _model_json(model_id, rates)
 
     @app.get("/v1/usage")
-    def usage(key=Depends(tenant_key), start_time: int | None = Query(None, ge=0),
-              end_time: int | None = Query(None, ge=0), model: str | None = None,
-              limit: int = Query(20, ge=1, le=MAX_LIMIT), after: str | None = None):
+    def usage(
+        key=Depends(tenant_key),
+        start_time: int | None = Query(None, ge=0),
+        end_time: int | None = Query(None, ge=0),
+        model: str | None = None,
+        limit: int = Query(20, ge=1, le=MAX_LIMIT),
+        after: str | None = None,
+    ):
         return _usage_page(ctx.engine, key.account_id, start_time, end_time, model, limit, after)
 
     @app.get("/v1/account")
     def account(key=Depends(tenant_key)):
         row = ops.get_account(ctx.engine, key.account_id)
-        return {**ops.account_json(row), "live_sessions": _live_count(ctx.engine, row.id),
-                "max_concurrent_sessions": row.max_concurrent_sessions or ctx.settings.default_max_concurrent_sessions,
-                "api_key_id": key.api_key_id}
+        return {
+            **ops.account_json(row),
+            "live_sessions": _live_count(ctx.engine, row.id),
+            "max_concurrent_sessions": row.max_concurrent_sessions or ctx.settings.default_max_concurrent_sessions,
+            "api_key_id": key.api_key_id,
+        }
 
 
 class NewAccount(BaseModel):
@@ -134,8 +152,9 @@ def admin_routes(app: FastAPI, ctx) -> None:
 
     @app.post("/admin/v1/accounts", dependencies=guard, status_code=201)
     def create_account(body: NewAccount):
-        account = ops.create_account(ctx.engine, body.name, _usd(body.balance, "balance"),
-                                     body.max_concurrent_sessions, body.session_token_cap)
+        account = ops.create_account(
+            ctx.engine, body.name, _usd(body.balance, "balance"), body.max_concurrent_sessions, body.session_token_cap
+        )
         return ops.account_json(account)
 
     @app.get("/admin/v1/accounts", dependencies=guard)
@@ -144,8 +163,10 @@ def admin_routes(app: FastAPI, ctx) -> None:
 
     @app.get("/admin/v1/accounts/{account_id}", dependencies=guard)
     def get_account(account_id: str):
-        return {**ops.account_json(_found(ops.get_account, ctx.engine, account_id)),
-                "live_sessions": _live_count(ctx.engine, account_id)}
+        return {
+            **ops.account_json(_found(ops.get_account, ctx.engine, account_id)),
+            "live_sessions": _live_count(ctx.engine, account_id),
+        }
 
     @app.post("/admin/v1/accounts/{account_id}/topups", dependencies=guard)
     def topup(account_id: str, body: TopUp):
@@ -165,20 +186,38 @@ def admin_routes(app: FastAPI, ctx) -> None:
         return ops.key_json(_found(ops.revoke_key, ctx.engine, key_id))
 
     @app.get("/admin/v1/usage", dependencies=guard)
-    def usage(account_id: str | None = None, start_time: int | None = Query(None, ge=0),
-              end_time: int | None = Query(None, ge=0), model: str | None = None,
-              limit: int = Query(20, ge=1, le=MAX_LIMIT), after: str | None = None):
+    def usage(
+        account_id: str | None = None,
+        start_time: int | None = Query(None, ge=0),
+        end_time: int | None = Query(None, ge=0),
+        model: str | None = None,
+        limit: int = Query(20, ge=1, le=MAX_LIMIT),
+        after: str | None = None,
+    ):
         return _usage_page(ctx.engine, account_id, start_time, end_time, model, limit, after)
 
     @app.get("/admin/v1/sessions", dependencies=guard)
     def live_sessions():
         with Session(ctx.engine) as db:
-            rows = db.exec(select(SessionRecord).where(SessionRecord.state.in_(LIVE_STATES))
-                           .order_by(SessionRecord.started_at)).all()
-            return {"object": "list", "data": [
-                {"id": r.id, "request_id": r.request_id, "account_id": r.account_id, "model": r.model,
-                 "node": r.node, "state": r.state, "pid": r.pid,
-                 "started_at": int(r.started_at.timestamp())} for r in rows]}
+            rows = db.exec(
+                select(SessionRecord).where(SessionRecord.state.in_(LIVE_STATES)).order_by(SessionRecord.started_at)
+            ).all()
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": r.id,
+                        "request_id": r.request_id,
+                        "account_id": r.account_id,
+                        "model": r.model,
+                        "node": r.node,
+                        "state": r.state,
+                        "pid": r.pid,
+                        "started_at": int(r.started_at.timestamp()),
+                    }
+                    for r in rows
+                ],
+            }
 
 
 ROUTERS = [tenant_routes, admin_routes, dashboard_routes]

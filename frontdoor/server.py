@@ -26,7 +26,6 @@ from meshrt.shared import control, logs
 from meshrt.shared.control import Ping, Pong
 from meshrt.shared.errors import http_error_body
 from meshrt.shared.settings import load_settings
-
 from meshrt.storage import db
 
 from . import gate, handoff
@@ -116,8 +115,7 @@ def header_deadline_protocol(timeout_s: float):
         def _head_timed_out(self) -> None:
             self._deadline = None
             if not self.transport.is_closing():
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
-                                     b"Connection: close\r\n\r\n")
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 self.transport.close()
 
         def connection_made(self, transport) -> None:
@@ -134,8 +132,9 @@ def header_deadline_protocol(timeout_s: float):
                 # RFC 6455 needs HTTP/1.1; uvicorn would pass the upgrade on relabelled as 1.1
                 self._refused_upgrade = True
                 request_id = new_request_id()
-                body = http_error_body("invalid_request", "WebSocket upgrades need HTTP/1.1.",
-                                       "invalid_request_error", request_id)
+                body = http_error_body(
+                    "invalid_request", "WebSocket upgrades need HTTP/1.1.", "invalid_request_error", request_id
+                )
                 self.transport.write(handoff.http_response(400, "Bad Request", body, request_id))
                 self.transport.close()
                 return
@@ -197,11 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("frontdoor", settings.log_level)
     app, protocol = build(settings, args.node)
     listener = socket.socket(fileno=args.fd)
-    config = uvicorn.Config(app, ws=protocol, http=header_deadline_protocol(settings.header_timeout_s),
-                            loop="asyncio", log_config=None,
-                            access_log=False, proxy_headers=True,
-                            forwarded_allow_ips=",".join(str(n) for n in settings.forwarded_allow_ips),
-                            ws_max_size=settings.max_message_bytes, timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        ws=protocol,
+        http=header_deadline_protocol(settings.header_timeout_s),
+        loop="asyncio",
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=",".join(str(n) for n in settings.forwarded_allow_ips),
+        ws_max_size=settings.max_message_bytes,
+        timeout_graceful_shutdown=2,
+    )
     uvicorn.Server(config).run(sockets=[listener])
     return 0
 

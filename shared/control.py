@@ -186,8 +186,21 @@ class StopSession:
 
 MESSAGES = {
     cls.kind: cls
-    for cls in (Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, ZygoteReady, WorkerExited, WorkerLive, UsageIncrement,
-                WorkerEnded, StopSession)
+    for cls in (
+        Handoff,
+        HandoffAck,
+        Ping,
+        Pong,
+        Reattach,
+        Spawn,
+        Spawned,
+        ZygoteReady,
+        WorkerExited,
+        WorkerLive,
+        UsageIncrement,
+        WorkerEnded,
+        StopSession,
+    )
 }
 
 

@@ -99,7 +99,7 @@ def _subprotocol_key(token: str) -> str | None:
     lowered = token.lower()
     for prefix in _KEY_TOKEN_PREFIXES:
         if lowered.startswith(prefix):
-            return token[len(prefix):].strip()
+            return token[len(prefix) :].strip()
     return None
 
 
@@ -154,8 +154,9 @@ def _is_query_key(field: str) -> bool:
 
 def upstream_headers(upgrade: UpgradeRequest) -> list[tuple[str, str]]:
     """Client headers upstream understands (docs/protocol.md, Upstream); the key never among them."""
-    out = [(k, v) for k, v in upgrade.headers.raw_items()
-           if k.lower() in _FORWARDED_HEADERS and v.isascii()]  # non-ASCII can't go on the wire upstream
+    out = [
+        (k, v) for k, v in upgrade.headers.raw_items() if k.lower() in _FORWARDED_HEADERS and v.isascii()
+    ]  # non-ASCII can't go on the wire upstream
     if upgrade.beta and not any(k.lower() == "openai-beta" for k, _ in out):
         out.append(("OpenAI-Beta", "realtime=v1"))
     return out
@@ -211,4 +212,3 @@ def error_frames(protocol: ServerProtocol, code: str, request_id: str, detail: s
     protocol.send_text(error_event(code, request_id, detail))
     protocol.send_close(spec.close_code, spec.close_reason)
     return b"".join(protocol.data_to_send())
-

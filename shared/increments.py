@@ -114,7 +114,6 @@ class Increment:
             raise ValueError(f"malformed increment: {exc!r}") from exc
 
 
-
 @dataclass(frozen=True, slots=True)
 class ResponseTokens:
     """A ``response.done`` usage object as billed: every token attributed to a category."""
@@ -148,7 +147,6 @@ class TranscriptionTokens:
     @property
     def input_tokens(self) -> int:
         return self.input_text + self.input_audio
-
 
 
 def _is_count(value: object) -> bool:
@@ -262,7 +260,6 @@ def _decimal_seconds(value: object) -> Decimal | None:
     if seconds and seconds.as_tuple().exponent < -60:
         return None
     return seconds
-
 
 
 _RESPONSE_KNOWN = frozenset(

@@ -63,3 +63,10 @@ class SessionLog(logging.LoggerAdapter):
 
 def session_log(name: str, session_id: str, request_id: str) -> SessionLog:
     return SessionLog(logging.getLogger(name), {"session_id": session_id, "request_id": request_id})
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one log field: a database error's first line (SQLAlchemy's carry the SQL
+    and a help link on more), at most 300 characters."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

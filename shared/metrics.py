@@ -30,9 +30,10 @@ class Metrics:
         self.counters[name][tuple(sorted(labels.items()))] += amount
 
     def snapshot(self) -> dict:
-        return {"counters": {name: [[dict(k), v] for k, v in series.items()]
-                             for name, series in self.counters.items()},
-                "gauges": dict(self.gauges)}
+        return {
+            "counters": {name: [[dict(k), v] for k, v in series.items()] for name, series in self.counters.items()},
+            "gauges": dict(self.gauges),
+        }
 
     def publish(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -43,8 +44,10 @@ class Metrics:
 def _labels(labels: dict) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in sorted(labels.items()))
+    inner = ",".join(
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in sorted(labels.items())
+    )
     return "{" + inner + "}"
 
 

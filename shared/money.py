@@ -77,9 +77,7 @@ class Money:
         elif _is_plain_int(amount):
             value = Decimal(amount)
         else:
-            raise TypeError(
-                f"Money.from_usd() takes a str, Decimal or int, not {type(amount).__name__}"
-            )
+            raise TypeError(f"Money.from_usd() takes a str, Decimal or int, not {type(amount).__name__}")
         return cls(_decimal_to_picodollars(value, amount))
 
     def usd_str(self, min_decimals: int = 6) -> str:

@@ -113,17 +113,11 @@ class ModelRates:
     def pricing_json(self) -> dict[str, Any]:
         """The ``pricing`` object served in ``/v1/models``: USD decimal strings, null if absent."""
         if self.per_minute is not None:
-            return {
-                "currency": CURRENCY,
-                "unit": UNIT_MINUTE,
-                "per_minute": self.per_minute.usd_str(min_decimals=2),
-            }
+            return {"currency": CURRENCY, "unit": UNIT_MINUTE, "per_minute": self.per_minute.usd_str(min_decimals=2)}
         out: dict[str, Any] = {"currency": CURRENCY, "unit": UNIT_TOKENS}
         for modality in MODALITIES:
             rates = self.tokens(modality)
-            out[modality] = {
-                field: _per_1m_str(getattr(rates, field)) for field in RATE_FIELDS
-            }
+            out[modality] = {field: _per_1m_str(getattr(rates, field)) for field in RATE_FIELDS}
         return out
 
     def snapshot(self) -> dict[str, Any]:
@@ -147,10 +141,7 @@ class PriceTable:
     """All models of one price file, by canonical name and by alias (dated snapshots)."""
 
     def __init__(
-        self,
-        effective_date: str,
-        entries: Iterable[tuple[ModelRates, tuple[str, ...]]],
-        source: str = "<memory>",
+        self, effective_date: str, entries: Iterable[tuple[ModelRates, tuple[str, ...]]], source: str = "<memory>"
     ) -> None:
         self.effective_date = effective_date
         self.currency = CURRENCY
@@ -168,8 +159,7 @@ class PriceTable:
 
     @classmethod
     def from_models(
-        cls, models: Iterable[ModelRates], effective_date: str | None = None,
-        source: str = "<models>",
+        cls, models: Iterable[ModelRates], effective_date: str | None = None, source: str = "<models>"
     ) -> PriceTable:
         """A table of already-parsed rates, e.g. the snapshots a session grant carries
         (``ModelRates.from_snapshot``), so a worker can meter without the price file.
@@ -180,10 +170,7 @@ class PriceTable:
         return cls(effective_date, ((rates, ()) for rates in models), source=source)
 
     def __repr__(self) -> str:
-        return (
-            f"PriceTable(effective_date={self.effective_date!r}, "
-            f"models={len(self._models)}, source={self.source!r})"
-        )
+        return f"PriceTable(effective_date={self.effective_date!r}, models={len(self._models)}, source={self.source!r})"
 
     @property
     def models(self) -> tuple[ModelRates, ...]:
@@ -261,9 +248,7 @@ def parse_price_table(data: str | bytes, source: str = "<memory>") -> PriceTable
     models = doc.get("models")
     if not isinstance(models, dict) or not models:
         raise PricingError(f"{source}: models: must be a non-empty object of model name → rates")
-    entries = [
-        _parse_model(name, entry, effective_date, source) for name, entry in models.items()
-    ]
+    entries = [_parse_model(name, entry, effective_date, source) for name, entry in models.items()]
     return PriceTable(effective_date, entries, source=source)
 
 
@@ -280,18 +265,14 @@ def _load_json(data: str | bytes, source: str) -> Any:
         raise PricingError(f"{source}: {name} is not allowed in a price file")
 
     try:
-        return json.loads(
-            data, object_pairs_hook=pairs, parse_float=Decimal, parse_constant=constant
-        )
+        return json.loads(data, object_pairs_hook=pairs, parse_float=Decimal, parse_constant=constant)
     except ValueError as exc:
         if isinstance(exc, PricingError):
             raise
         raise PricingError(f"{source}: not valid JSON: {exc}") from exc
 
 
-def _parse_model(
-    name: object, entry: object, effective_date: str, source: str
-) -> tuple[ModelRates, tuple[str, ...]]:
+def _parse_model(name: object, entry: object, effective_date: str, source: str) -> tuple[ModelRates, tuple[str, ...]]:
     path = f"models.{name}"
     if not isinstance(name, str) or not name.strip():
         raise PricingError(f"{source}: models: model names must be non-empty strings")
@@ -306,12 +287,8 @@ def _parse_model(
         raise PricingError(f"{source}: {path}.aliases: must be a list of model ids")
     has_tokens, has_minute = "token_rates_per_1m" in entry, "per_minute" in entry
     if has_tokens == has_minute:
-        raise PricingError(
-            f"{source}: {path}: give exactly one of token_rates_per_1m or per_minute"
-        )
-    common = dict(
-        model=name, effective_date=effective_date, kind=kind, realtime=realtime, listed=listed
-    )
+        raise PricingError(f"{source}: {path}: give exactly one of token_rates_per_1m or per_minute")
+    common = dict(model=name, effective_date=effective_date, kind=kind, realtime=realtime, listed=listed)
     if has_minute:
         per_minute = _parse_per_minute(entry["per_minute"], f"{path}.per_minute", source)
         return ModelRates(**common, per_minute=per_minute), tuple(aliases)
@@ -321,12 +298,8 @@ def _parse_model(
         raise PricingError(f"{source}: {tpath}: must be an object of text/audio/image rates")
     for modality in table:
         if modality not in MODALITIES:
-            raise PricingError(
-                f"{source}: {tpath}.{modality}: unknown category (allowed: text, audio, image)"
-            )
-    by_modality = {
-        m: _parse_token_rates(table[m], f"{tpath}.{m}", source) for m in MODALITIES if m in table
-    }
+            raise PricingError(f"{source}: {tpath}.{modality}: unknown category (allowed: text, audio, image)")
+    by_modality = {m: _parse_token_rates(table[m], f"{tpath}.{m}", source) for m in MODALITIES if m in table}
     return ModelRates(**common, **by_modality), tuple(aliases)
 
 
@@ -357,9 +330,7 @@ def _parse_snapshot(snapshot: object) -> ModelRates:
     if unit != UNIT_TOKENS:
         raise PricingError(f"{source}: unit: must be {UNIT_TOKENS!r} or {UNIT_MINUTE!r}")
     _check_keys(snapshot, {*_IDENTITY_KEYS, "currency", "unit", *MODALITIES}, "", source)
-    by_modality = {
-        m: _parse_token_rates(snapshot[m], m, source) for m in MODALITIES if m in snapshot
-    }
+    by_modality = {m: _parse_token_rates(snapshot[m], m, source) for m in MODALITIES if m in snapshot}
     return ModelRates(**common, **by_modality)
 
 
@@ -378,9 +349,7 @@ def _parse_token_rates(value: object, path: str, source: str) -> TokenRates:
         per_1m = _parse_usd(raw, f"{path}.{field}", source)
         per_token, rest = divmod(per_1m.picodollars, TOKENS_PER_RATE_UNIT)
         if rest:
-            raise PricingError(
-                f"{source}: {path}.{field}: {raw!r} has more than 6 decimals per 1M tokens"
-            )
+            raise PricingError(f"{source}: {path}.{field}: {raw!r} has more than 6 decimals per 1M tokens")
         rates[field] = Money(per_token)
     return TokenRates(**rates)
 
@@ -392,15 +361,14 @@ def _parse_per_minute(value: object, path: str, source: str) -> Money:
 def _parse_usd(value: object, path: str, source: str) -> Money:
     if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
         raise PricingError(
-            f"{source}: {path}: is the JSON number {value}; write rates as decimal strings, "
-            f'e.g. "{value}"'
+            f'{source}: {path}: is the JSON number {value}; write rates as decimal strings, e.g. "{value}"'
         )
     if not isinstance(value, str):
-        raise PricingError(f"{source}: {path}: must be a decimal string such as \"4.00\"")
+        raise PricingError(f'{source}: {path}: must be a decimal string such as "4.00"')
     if value.startswith("-"):
         raise PricingError(f"{source}: {path}: negative rate {value!r}")
     if not _DECIMAL_TEXT.fullmatch(value):
-        raise PricingError(f"{source}: {path}: {value!r} is not a plain decimal such as \"4.00\"")
+        raise PricingError(f'{source}: {path}: {value!r} is not a plain decimal such as "4.00"')
     try:
         return Money.from_usd(value)
     except ValueError as exc:
@@ -409,14 +377,14 @@ def _parse_usd(value: object, path: str, source: str) -> Money:
 
 def _parse_date(value: object, path: str, source: str) -> str:
     if value is None:
-        raise PricingError(f"{source}: {path}: missing (a date like \"2026-11-01\")")
+        raise PricingError(f'{source}: {path}: missing (a date like "2026-11-01")')
     try:
         if isinstance(value, str) and len(value) == 10:
             date.fromisoformat(value)
             return value
     except ValueError:
         pass
-    raise PricingError(f"{source}: {path}: must be a date like \"2026-11-01\", not {value!r}")
+    raise PricingError(f'{source}: {path}: must be a date like "2026-11-01", not {value!r}')
 
 
 def _parse_bool(value: object, path: str, source: str) -> bool:

@@ -71,7 +71,7 @@ def _ws_url(name: str, raw: str) -> str:
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise SettingsError(f"{name}: expected a ws:// or wss:// URL, got {raw!r}")
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise SettingsError(f"{name}: bad port in {raw!r}") from None
     return raw
@@ -82,7 +82,7 @@ def _database_url(name: str, raw: str) -> str:
     if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
         raise SettingsError(f"{name}: expected a sqlite:/// or postgresql:// URL, got scheme {scheme!r}")
     if scheme in ("postgresql", "postgres"):
-        raw = "postgresql+psycopg" + raw[len(scheme):]
+        raw = "postgresql+psycopg" + raw[len(scheme) :]
     return raw
 
 
@@ -124,8 +124,9 @@ def _text(name: str, raw: str) -> str:
 
 def _node_id(name: str, raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", raw):
-        raise SettingsError(f"{name}: 1-63 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
-                            f"got {raw!r}")
+        raise SettingsError(
+            f"{name}: 1-63 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {raw!r}"
+        )
     return raw
 
 
@@ -262,6 +263,16 @@ def scrubbed_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """An environment with no secret and no MESHRT_* setting: what the zygote starts with."""
     env = os.environ if environ is None else environ
     # SSL_CERT_FILE/SSL_CERT_DIR: which CAs the workers trust for the upstream's TLS (public)
-    keep = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "HOME",
-            "SSL_CERT_FILE", "SSL_CERT_DIR")
+    keep = (
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "PYTHONPATH",
+        "PYTHONHASHSEED",
+        "VIRTUAL_ENV",
+        "HOME",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    )
     return {k: env[k] for k in keep if k in env}

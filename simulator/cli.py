@@ -71,8 +71,9 @@ async def _run(args: argparse.Namespace) -> None:
         scheme = "wss" if args.tls else "ws"
         print(f"meshrt sim listening on {scheme}://{_url_host(args.host)}:{port}/v1/realtime", flush=True)
 
-    server = asyncio.create_task(serve(args.host, args.port, args.api_key, args.frame_log_dir, args.pace,
-                                       ready, args.fault, args.tls))
+    server = asyncio.create_task(
+        serve(args.host, args.port, args.api_key, args.frame_log_dir, args.pace, ready, args.fault, args.tls)
+    )
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
     for task in (server, stopper):

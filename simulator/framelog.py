@@ -20,8 +20,12 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 
 OPCODE_NAMES = {
-    Opcode.CONT: "continuation", Opcode.TEXT: "text", Opcode.BINARY: "binary",
-    Opcode.CLOSE: "close", Opcode.PING: "ping", Opcode.PONG: "pong",
+    Opcode.CONT: "continuation",
+    Opcode.TEXT: "text",
+    Opcode.BINARY: "binary",
+    Opcode.CLOSE: "close",
+    Opcode.PING: "ping",
+    Opcode.PONG: "pong",
 }
 
 
@@ -43,8 +47,14 @@ class FrameLog:
         self.write({"kind": "request", "path": parts.path, "query": parts.query, "headers": headers})
 
     def frame(self, direction: str, frame: Frame) -> None:
-        self.write({"dir": direction, "opcode": OPCODE_NAMES.get(frame.opcode, str(frame.opcode)),
-                    "fin": frame.fin, "payload_b64": base64.b64encode(bytes(frame.data)).decode()})
+        self.write(
+            {
+                "dir": direction,
+                "opcode": OPCODE_NAMES.get(frame.opcode, str(frame.opcode)),
+                "fin": frame.fin,
+                "payload_b64": base64.b64encode(bytes(frame.data)).decode(),
+            }
+        )
 
     def close(self) -> None:
         self._file.close()

@@ -30,9 +30,9 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .framelog import FrameLog
 from meshrt.shared.ids import new_id
 
+from .framelog import FrameLog
 from .session import DEFAULT_MAX_SESSION_S, DEFAULT_MODEL, DEFAULT_RESPONSE_MS, SimSession
 
 DEFAULT_DELAY_MS = 2000
@@ -49,16 +49,29 @@ FAULTS = (
 
 
 class HandshakeError(Exception):
-    def __init__(self, status: int, code: str | None, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.type, self.param = status, code, message, type_, param
 
     def response(self) -> Response:
-        body = json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                     "code": self.code}}).encode()
-        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                           ("Connection", "close"), ("x-request-id", new_id("req"))])
+        body = json.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        ).encode()
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+                ("x-request-id", new_id("req")),
+            ]
+        )
         if self.status == 429:
             headers["Retry-After"] = "1"
         return Response(self.status, HTTPStatus(self.status).phrase, headers, body)
@@ -123,8 +136,9 @@ def _max_session(query: dict) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value < 1e9:
-        raise HandshakeError(400, "invalid_value", "'sim_max_session_s' must be a positive number.",
-                             param="sim_max_session_s")
+        raise HandshakeError(
+            400, "invalid_value", "'sim_max_session_s' must be a positive number.", param="sim_max_session_s"
+        )
     return value
 
 
@@ -132,8 +146,11 @@ def _target(query: dict) -> tuple[str, str]:
     """(model, kind) from exactly one of model / call_id / intent=transcription."""
     given = [name for name in ("model", "call_id", "intent") if name in query]
     if len(given) != 1:
-        raise HandshakeError(400, "invalid_request", "Provide exactly one of the query parameters 'model', "
-                                                     "'call_id' or 'intent=transcription'.")
+        raise HandshakeError(
+            400,
+            "invalid_request",
+            "Provide exactly one of the query parameters 'model', 'call_id' or 'intent=transcription'.",
+        )
     value = _single(query, given[0]) or ""
     if given[0] == "intent" and value != "transcription":
         raise HandshakeError(400, "invalid_value", "'intent' must be 'transcription'.", param="intent")
@@ -170,7 +187,7 @@ def _presented_key(request: Request) -> str | None:
         return auth[7:].strip()
     for proto in _subprotocols(request):
         if proto.startswith("openai-insecure-api-key."):
-            return proto[len("openai-insecure-api-key."):]
+            return proto[len("openai-insecure-api-key.") :]
     return None
 
 
@@ -179,8 +196,11 @@ def check_auth(request: Request, api_key: str | None) -> None:
         return
     key = _presented_key(request)
     if not key:
-        raise HandshakeError(401, "missing_api_key", "You didn't provide an API key. Provide it in the "
-                                                     "Authorization header (Authorization: Bearer YOUR_KEY).")
+        raise HandshakeError(
+            401,
+            "missing_api_key",
+            "You didn't provide an API key. Provide it in the Authorization header (Authorization: Bearer YOUR_KEY).",
+        )
     if not hmac.compare_digest(key.encode(), api_key.encode()):
         raise HandshakeError(401, "invalid_api_key", "Incorrect API key provided.")
 
@@ -193,10 +213,14 @@ def parse_options(request: Request, config: SimConfig) -> ConnOptions:
     query = parse_qs(parts.query, keep_blank_values=True)
     model, kind = _target(query)
     return ConnOptions(
-        model=model, kind=kind, beta=_is_beta(request),
+        model=model,
+        kind=kind,
+        beta=_is_beta(request),
         response_ms=_int_param(query, "sim_response_ms", DEFAULT_RESPONSE_MS, 3_600_000),
-        pace=config.pace or _bool_param(query, "sim_pace"), echo=_bool_param(query, "sim_echo"),
-        fault=_fault(query, config.fault), delay_ms=_int_param(query, "sim_delay_ms", DEFAULT_DELAY_MS, 600_000),
+        pace=config.pace or _bool_param(query, "sim_pace"),
+        echo=_bool_param(query, "sim_echo"),
+        fault=_fault(query, config.fault),
+        delay_ms=_int_param(query, "sim_delay_ms", DEFAULT_DELAY_MS, 600_000),
         max_session_s=_max_session(query),
     )
 

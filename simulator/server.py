@@ -16,10 +16,10 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .framelog import FrameLog
-from .handshake import FAULT_REJECTIONS, FAULTS, ConnOptions, HandshakeError, SimConfig, parse_options
 from meshrt.shared.ids import new_id
 
+from .framelog import FrameLog
+from .handshake import FAULT_REJECTIONS, FAULTS, ConnOptions, HandshakeError, SimConfig, parse_options
 from .session import CHUNK_MS, ResponseRun, SimSession, StartResponse
 
 log = logging.getLogger("meshrt.sim")
@@ -67,8 +67,12 @@ class _Driver:
 
     async def _on_message(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
-            await self.send(self.session.error("unsupported_binary_frame", "Binary frames are not supported; "
-                                               "send client events as JSON text frames."))
+            await self.send(
+                self.session.error(
+                    "unsupported_binary_frame",
+                    "Binary frames are not supported; send client events as JSON text frames.",
+                )
+            )
             return
         for output in self.session.handle(message):
             if isinstance(output, StartResponse):
@@ -210,10 +214,16 @@ def _select_subprotocol(ws: ServerConnection, offered: Any) -> str | None:
     return "realtime" if "realtime" in offered else None
 
 
-async def serve(host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None,
-                frame_log_dir: str | None = None, pace: bool = False,
-                ready: Callable[[int], None] | None = None, fault: str | None = None,
-                tls: ssl.SSLContext | None = None) -> None:
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    api_key: str | None = None,
+    frame_log_dir: str | None = None,
+    pace: bool = False,
+    ready: Callable[[int], None] | None = None,
+    fault: str | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """Run the simulator until cancelled; ``ready(port)`` is called once listening.
     With ``tls`` it serves wss://, like the real API."""
     if fault is not None and fault not in FAULTS:
@@ -221,10 +231,19 @@ async def serve(host: str = "127.0.0.1", port: int = 8765, api_key: str | None =
     if frame_log_dir:
         os.makedirs(frame_log_dir, exist_ok=True)
     sim = Simulator(SimConfig(api_key=api_key, frame_log_dir=frame_log_dir, pace=pace, fault=fault))
-    async with ws_serve(sim.handler, host, port, process_request=sim.process_request,
-                        select_subprotocol=_select_subprotocol, create_connection=SimConnection,
-                        compression=None, max_size=MAX_MESSAGE_BYTES, ping_interval=None,
-                        server_header="meshrt-sim", ssl=tls) as server:
+    async with ws_serve(
+        sim.handler,
+        host,
+        port,
+        process_request=sim.process_request,
+        select_subprotocol=_select_subprotocol,
+        create_connection=SimConnection,
+        compression=None,
+        max_size=MAX_MESSAGE_BYTES,
+        ping_interval=None,
+        server_header="meshrt-sim",
+        ssl=tls,
+    ) as server:
         actual_port = server.sockets[0].getsockname()[1]
         if ready is not None:
             ready(actual_port)

@@ -159,8 +159,14 @@ class SimSession:
     ``response_finish``.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, beta: bool = False, kind: str = "realtime",
-                 response_ms: int = DEFAULT_RESPONSE_MS):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        beta: bool = False,
+        kind: str = "realtime",
+        response_ms: int = DEFAULT_RESPONSE_MS,
+    ):
         self.id = new_id("sess")
         self.conversation_id = new_id("conv")
         self.model, self.beta, self.kind, self.response_ms = model, beta, kind, response_ms
@@ -180,8 +186,14 @@ class SimSession:
     def event(self, type_: str, **fields: Any) -> dict:
         return {"type": type_, "event_id": f"event_{self._event_prefix}{next(self._event_seq)}", **fields}
 
-    def error(self, code: str, message: str, param: str | None = None, client_event_id: Any = None,
-              type_: str = "invalid_request_error") -> dict:
+    def error(
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        client_event_id: Any = None,
+        type_: str = "invalid_request_error",
+    ) -> dict:
         body = {"type": type_, "code": code, "message": message, "param": param, "event_id": client_event_id}
         return self.event("error", error=body)
 
@@ -189,35 +201,62 @@ class SimSession:
         return self.event("session.created", session=self.config)
 
     def expired_event(self, max_session_s: float = DEFAULT_MAX_SESSION_S) -> dict:
-        return self.error("session_expired",
-                          f"Your session hit the maximum duration of {max_session_s / 60:g} minutes.")
+        return self.error(
+            "session_expired", f"Your session hit the maximum duration of {max_session_s / 60:g} minutes."
+        )
 
     def _default_config(self) -> dict:
         expires_at = int(time.time()) + int(DEFAULT_MAX_SESSION_S)
         if self.beta:
             return self._beta_config(expires_at)
-        audio_in = {"format": dict(PCM_FORMAT), "transcription": None, "noise_reduction": None,
-                    "turn_detection": None}
+        audio_in = {"format": dict(PCM_FORMAT), "transcription": None, "noise_reduction": None, "turn_detection": None}
         if self.kind == "transcription":
-            return {"type": "transcription", "object": "realtime.transcription_session", "id": self.id,
-                    "expires_at": expires_at, "include": None, "audio": {"input": audio_in}}
+            return {
+                "type": "transcription",
+                "object": "realtime.transcription_session",
+                "id": self.id,
+                "expires_at": expires_at,
+                "include": None,
+                "audio": {"input": audio_in},
+            }
         return {
-            "type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
-            "output_modalities": ["audio"], "instructions": DEFAULT_INSTRUCTIONS, "tools": [],
-            "tool_choice": "auto", "max_output_tokens": "inf", "tracing": None, "truncation": "auto",
-            "prompt": None, "expires_at": expires_at, "include": None,
-            "audio": {"input": audio_in,
-                      "output": {"format": dict(PCM_FORMAT), "voice": "alloy", "speed": 1.0}},
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": self.id,
+            "model": self.model,
+            "output_modalities": ["audio"],
+            "instructions": DEFAULT_INSTRUCTIONS,
+            "tools": [],
+            "tool_choice": "auto",
+            "max_output_tokens": "inf",
+            "tracing": None,
+            "truncation": "auto",
+            "prompt": None,
+            "expires_at": expires_at,
+            "include": None,
+            "audio": {"input": audio_in, "output": {"format": dict(PCM_FORMAT), "voice": "alloy", "speed": 1.0}},
         }
 
     def _beta_config(self, expires_at: int) -> dict:
         return {
-            "id": self.id, "object": "realtime.session", "model": self.model, "expires_at": expires_at,
-            "modalities": ["text", "audio"], "instructions": DEFAULT_INSTRUCTIONS, "voice": "alloy",
-            "input_audio_format": "pcm16", "output_audio_format": "pcm16",
-            "input_audio_transcription": None, "input_audio_noise_reduction": None,
-            "turn_detection": None, "tools": [], "tool_choice": "auto", "temperature": 0.8,
-            "max_response_output_tokens": "inf", "speed": 1.0, "tracing": None,
+            "id": self.id,
+            "object": "realtime.session",
+            "model": self.model,
+            "expires_at": expires_at,
+            "modalities": ["text", "audio"],
+            "instructions": DEFAULT_INSTRUCTIONS,
+            "voice": "alloy",
+            "input_audio_format": "pcm16",
+            "output_audio_format": "pcm16",
+            "input_audio_transcription": None,
+            "input_audio_noise_reduction": None,
+            "turn_detection": None,
+            "tools": [],
+            "tool_choice": "auto",
+            "temperature": 0.8,
+            "max_response_output_tokens": "inf",
+            "speed": 1.0,
+            "tracing": None,
         }
 
     # dispatch
@@ -241,8 +280,7 @@ class SimSession:
             raise ProtocolError("missing_required_parameter", "Missing required parameter: 'type'.", "type")
         handler = self._handlers().get(type_)
         if handler is None:
-            raise ProtocolError("invalid_value", f"Invalid value: '{type_}'. Unsupported client event type.",
-                                "type")
+            raise ProtocolError("invalid_value", f"Invalid value: '{type_}'. Unsupported client event type.", "type")
         return handler(event)
 
     def _handlers(self) -> dict[str, Callable[[dict], list[Any]]]:
@@ -268,8 +306,7 @@ class SimSession:
             raise ProtocolError("invalid_value", "'session' must be an object.", "session")
         given_type = update.get("type")
         if not self.beta and given_type is not None and given_type != self.config["type"]:
-            raise ProtocolError("invalid_value", f"Cannot change the session type to '{given_type}'.",
-                                "session.type")
+            raise ProtocolError("invalid_value", f"Cannot change the session type to '{given_type}'.", "session.type")
         update = {k: v for k, v in update.items() if k not in ("id", "object", "expires_at")}
         _deep_merge(self.config, update)
         return [self.event("session.updated", session=self.config)]
@@ -298,10 +335,17 @@ class SimSession:
     def _commit(self, event: dict) -> list[Any]:
         n_bytes, self.buffered_bytes = self.buffered_bytes, 0
         if n_bytes == 0:
-            raise ProtocolError("input_audio_buffer_commit_empty",
-                                "Error committing input audio buffer: the buffer is empty.")
-        wire = {"id": new_id("item"), "type": "message", "object": "realtime.item", "status": "completed",
-                "role": "user", "content": [{"type": "input_audio", "transcript": None}]}
+            raise ProtocolError(
+                "input_audio_buffer_commit_empty", "Error committing input audio buffer: the buffer is empty."
+            )
+        wire = {
+            "id": new_id("item"),
+            "type": "message",
+            "object": "realtime.item",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
         item = ConvItem(wire["id"], wire, Tokens(audio=input_audio_tokens(n_bytes)))
         previous = self._insert(item, self.items[-1].id if self.items else None)
         out = [self.event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id)]
@@ -315,8 +359,15 @@ class SimSession:
         transcript = f"Simulated transcript of {n_bytes * 1000 // BYTES_PER_SECOND} ms of audio."
         usage = transcription_usage(config["model"], n_bytes, transcript, config.get("prompt") or "")
         item.wire["content"][0]["transcript"] = transcript
-        return [self.event("conversation.item.input_audio_transcription.completed", item_id=item.id,
-                           content_index=0, transcript=transcript, usage=usage)]
+        return [
+            self.event(
+                "conversation.item.input_audio_transcription.completed",
+                item_id=item.id,
+                content_index=0,
+                transcript=transcript,
+                usage=usage,
+            )
+        ]
 
     # conversation items
 
@@ -342,8 +393,10 @@ class SimSession:
     def _item_added_events(self, item: ConvItem, previous: str | None) -> list[dict]:
         if self.beta:
             return [self.event("conversation.item.created", previous_item_id=previous, item=item.snapshot())]
-        return [self.event("conversation.item.added", previous_item_id=previous, item=item.snapshot()),
-                self.event("conversation.item.done", previous_item_id=previous, item=item.snapshot())]
+        return [
+            self.event("conversation.item.added", previous_item_id=previous, item=item.snapshot()),
+            self.event("conversation.item.done", previous_item_id=previous, item=item.snapshot()),
+        ]
 
     def _item_create(self, event: dict) -> list[Any]:
         given = event.get("item")
@@ -355,8 +408,12 @@ class SimSession:
             tokens = item_tokens(given, self.beta)
         except (binascii.Error, ValueError):
             raise ProtocolError("invalid_value", "An audio content part is not valid base64.", "item") from None
-        wire = {"id": given.get("id") or new_id("item"), "object": "realtime.item", "status": "completed",
-                **{k: v for k, v in given.items() if k not in ("id", "object", "status")}}
+        wire = {
+            "id": given.get("id") or new_id("item"),
+            "object": "realtime.item",
+            "status": "completed",
+            **{k: v for k, v in given.items() if k not in ("id", "object", "status")},
+        }
         if isinstance(wire.get("content"), list):  # like OpenAI, do not echo audio bytes back
             wire["content"] = [_without_audio(part) for part in wire["content"]]
         item = ConvItem(wire["id"], wire, tokens)
@@ -376,12 +433,17 @@ class SimSession:
         item = self.items[self._index(event.get("item_id"), "item_id")]
         end_ms = event.get("audio_end_ms")
         if not isinstance(end_ms, int) or end_ms < 0:
-            raise ProtocolError("invalid_value", "'audio_end_ms' must be a non-negative integer.",
-                                "audio_end_ms")
+            raise ProtocolError("invalid_value", "'audio_end_ms' must be a non-negative integer.", "audio_end_ms")
         if item.wire.get("role") == "assistant" and item.tokens.audio:
             item.tokens = Tokens(audio=min(item.tokens.audio, input_audio_tokens(end_ms * 48)))
-        return [self.event("conversation.item.truncated", item_id=item.id,
-                           content_index=event.get("content_index", 0), audio_end_ms=end_ms)]
+        return [
+            self.event(
+                "conversation.item.truncated",
+                item_id=item.id,
+                content_index=event.get("content_index", 0),
+                audio_end_ms=end_ms,
+            )
+        ]
 
     # responses
 
@@ -408,8 +470,10 @@ class SimSession:
         if self.kind == "transcription":
             raise ProtocolError("response_not_supported", "Responses are not available in transcription sessions.")
         if self.active is not None:
-            raise ProtocolError("conversation_already_has_active_response",
-                                f"Conversation already has an active response in progress: {self.active.id}.")
+            raise ProtocolError(
+                "conversation_already_has_active_response",
+                f"Conversation already has an active response in progress: {self.active.id}.",
+            )
         params = event.get("response") or {}
         if not isinstance(params, dict):
             raise ProtocolError("invalid_value", "'response' must be an object.", "response")
@@ -423,17 +487,32 @@ class SimSession:
 
     def _new_run(self, params: dict, seq: list[tuple[tuple, Tokens]]) -> ResponseRun:
         audio = self._wants_audio(params)
-        part = {"type": self.names["audio_part"], "transcript": ""} if audio else \
-            {"type": self.names["text_part"], "text": ""}
-        wire = {"id": new_id("item"), "type": "message", "object": "realtime.item", "status": "in_progress",
-                "role": "assistant", "content": [part]}
+        part = (
+            {"type": self.names["audio_part"], "transcript": ""}
+            if audio
+            else {"type": self.names["text_part"], "text": ""}
+        )
+        wire = {
+            "id": new_id("item"),
+            "type": "message",
+            "object": "realtime.item",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [part],
+        }
         total_input = Tokens()
         for _, tokens in seq:
             total_input = total_input + tokens
-        return ResponseRun(id=new_id("resp"), item=ConvItem(wire["id"], wire, Tokens()), audio=audio,
-                           total_ms=self.response_ms, input=total_input, cached=self._cached(seq),
-                           in_conversation=params.get("conversation", "auto") != "none",
-                           metadata=params.get("metadata"))
+        return ResponseRun(
+            id=new_id("resp"),
+            item=ConvItem(wire["id"], wire, Tokens()),
+            audio=audio,
+            total_ms=self.response_ms,
+            input=total_input,
+            cached=self._cached(seq),
+            in_conversation=params.get("conversation", "auto") != "none",
+            metadata=params.get("metadata"),
+        )
 
     def _response_cancel(self, event: dict) -> list[Any]:
         if self.active is None:
@@ -444,14 +523,23 @@ class SimSession:
     def _response_object(self, run: ResponseRun, status: str, usage: dict | None) -> dict:
         details = {"type": "cancelled", "reason": "client_cancelled"} if status == "cancelled" else None
         obj: dict[str, Any] = {
-            "object": "realtime.response", "id": run.id, "status": status, "status_details": details,
+            "object": "realtime.response",
+            "id": run.id,
+            "status": status,
+            "status_details": details,
             "output": [run.item.snapshot()] if status != "in_progress" else [],
             "conversation_id": self.conversation_id if run.in_conversation else None,
-            "max_output_tokens": "inf", "usage": usage, "metadata": run.metadata,
+            "max_output_tokens": "inf",
+            "usage": usage,
+            "metadata": run.metadata,
         }
         if self.beta:
-            obj.update(modalities=["text", "audio"] if run.audio else ["text"], voice="alloy",
-                       output_audio_format="pcm16", temperature=0.8)
+            obj.update(
+                modalities=["text", "audio"] if run.audio else ["text"],
+                voice="alloy",
+                output_audio_format="pcm16",
+                temperature=0.8,
+            )
         else:
             obj["output_modalities"] = ["audio"] if run.audio else ["text"]
             if run.audio:
@@ -462,12 +550,19 @@ class SimSession:
         return {"response_id": run.id, "item_id": run.item.id, "output_index": 0, "content_index": 0}
 
     def response_head(self, run: ResponseRun) -> list[dict]:
-        out = [self.event("response.created", response=self._response_object(run, "in_progress", None)),
-               self.event("response.output_item.added", response_id=run.id, output_index=0, item=run.item.snapshot())]
+        out = [
+            self.event("response.created", response=self._response_object(run, "in_progress", None)),
+            self.event("response.output_item.added", response_id=run.id, output_index=0, item=run.item.snapshot()),
+        ]
         if run.in_conversation:
             previous = self._insert(run.item, None)
-            out.append(self.event("conversation.item.created" if self.beta else "conversation.item.added",
-                                  previous_item_id=previous, item=run.item.snapshot()))
+            out.append(
+                self.event(
+                    "conversation.item.created" if self.beta else "conversation.item.added",
+                    previous_item_id=previous,
+                    item=run.item.snapshot(),
+                )
+            )
         part = {"type": "audio", "transcript": ""} if run.audio else {"type": "text", "text": ""}
         out.append(self.event("response.content_part.added", part=part, **self._where(run)))
         return out
@@ -490,11 +585,15 @@ class SimSession:
         self.active = None
         self._finalise_item(run, status)
         out = self._content_done_events(run)
-        out.append(self.event("response.output_item.done", response_id=run.id, output_index=0,
-                              item=run.item.snapshot()))
+        out.append(
+            self.event("response.output_item.done", response_id=run.id, output_index=0, item=run.item.snapshot())
+        )
         if run.in_conversation and not self.beta:
-            out.append(self.event("conversation.item.done", previous_item_id=self._previous_of(run.item),
-                                  item=run.item.snapshot()))
+            out.append(
+                self.event(
+                    "conversation.item.done", previous_item_id=self._previous_of(run.item), item=run.item.snapshot()
+                )
+            )
         output = run.output_tokens()
         usage = (beta_usage if self.beta else ga_usage)(run.input, run.cached, output)
         self.tokens_used += usage["total_tokens"]
@@ -514,8 +613,10 @@ class SimSession:
         where = self._where(run)
         if run.audio:
             part = {"type": "audio", "transcript": run.text_sent}
-            out = [self.event(self.names["audio_done"], **where),
-                   self.event(self.names["transcript_done"], transcript=run.text_sent, **where)]
+            out = [
+                self.event(self.names["audio_done"], **where),
+                self.event(self.names["transcript_done"], transcript=run.text_sent, **where),
+            ]
         else:
             part = {"type": "text", "text": run.text_sent}
             out = [self.event(self.names["text_done"], text=run.text_sent, **where)]
@@ -529,9 +630,7 @@ class SimSession:
 
     def _rate_limits_event(self) -> dict:
         limits = [
-            {"name": "requests", "limit": 5000, "remaining": max(0, 5000 - self.responses),
-             "reset_seconds": 0.012},
-            {"name": "tokens", "limit": 800_000, "remaining": max(0, 800_000 - self.tokens_used),
-             "reset_seconds": 0.0},
+            {"name": "requests", "limit": 5000, "remaining": max(0, 5000 - self.responses), "reset_seconds": 0.012},
+            {"name": "tokens", "limit": 800_000, "remaining": max(0, 800_000 - self.tokens_used), "reset_seconds": 0.0},
         ]
         return self.event("rate_limits.updated", rate_limits=limits)

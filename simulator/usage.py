@@ -107,15 +107,28 @@ def item_tokens(item: dict, beta: bool = False) -> Tokens:
 
 def _usage(inp: Tokens, out: Tokens, input_details: dict) -> dict:
     """A response.done usage object: the totals both protocols share, then their own details."""
-    return {"total_tokens": inp.total + out.total, "input_tokens": inp.total, "output_tokens": out.total,
-            "input_token_details": input_details,
-            "output_token_details": {"text_tokens": out.text, "audio_tokens": out.audio}}
+    return {
+        "total_tokens": inp.total + out.total,
+        "input_tokens": inp.total,
+        "output_tokens": out.total,
+        "input_token_details": input_details,
+        "output_token_details": {"text_tokens": out.text, "audio_tokens": out.audio},
+    }
 
 
 def ga_usage(inp: Tokens, cached: Tokens, out: Tokens) -> dict:
     cached_details = {"text_tokens": cached.text, "audio_tokens": cached.audio, "image_tokens": cached.image}
-    return _usage(inp, out, {"text_tokens": inp.text, "audio_tokens": inp.audio, "image_tokens": inp.image,
-                             "cached_tokens": cached.total, "cached_tokens_details": cached_details})
+    return _usage(
+        inp,
+        out,
+        {
+            "text_tokens": inp.text,
+            "audio_tokens": inp.audio,
+            "image_tokens": inp.image,
+            "cached_tokens": cached.total,
+            "cached_tokens_details": cached_details,
+        },
+    )
 
 
 def beta_usage(inp: Tokens, cached: Tokens, out: Tokens) -> dict:

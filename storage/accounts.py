@@ -13,13 +13,20 @@ from meshrt.shared.money import Money
 
 from .db import Account, ApiKey, LedgerEntry, hash_key, key_display, new_key, utcnow
 
-
 # The key and its account in one statement: the realtime upgrade (which also locks the account
 # row, serialising admissions of one account across nodes) and the HTTP API use the same rule.
 _KEY_AND_ACCOUNT = (
-    select(ApiKey.key_hash, ApiKey.id.label("api_key_id"), ApiKey.token_cap, ApiKey.revoked_at,
-           Account.id.label("account_id"), Account.active, Account.balance_pico,
-           Account.max_concurrent_sessions, Account.session_token_cap)
+    select(
+        ApiKey.key_hash,
+        ApiKey.id.label("api_key_id"),
+        ApiKey.token_cap,
+        ApiKey.revoked_at,
+        Account.id.label("account_id"),
+        Account.active,
+        Account.balance_pico,
+        Account.max_concurrent_sessions,
+        Account.session_token_cap,
+    )
     .join(Account, Account.id == ApiKey.account_id)
     .where(ApiKey.key_hash == bindparam("digest"))
 )
@@ -32,10 +39,15 @@ def usable_key(connection, key: str, *, lock_account: bool = False):
     the account row stays locked until the transaction ends (PostgreSQL; SQLite's BEGIN
     IMMEDIATE already serialises writers)."""
     digest = hash_key(key)
-    found = connection.execute(_KEY_AND_LOCKED_ACCOUNT if lock_account else _KEY_AND_ACCOUNT,
-                               {"digest": digest}).first()
-    if (found is None or not hmac.compare_digest(found.key_hash, digest) or found.revoked_at is not None
-            or not found.active):
+    found = connection.execute(
+        _KEY_AND_LOCKED_ACCOUNT if lock_account else _KEY_AND_ACCOUNT, {"digest": digest}
+    ).first()
+    if (
+        found is None
+        or not hmac.compare_digest(found.key_hash, digest)
+        or found.revoked_at is not None
+        or not found.active
+    ):
         return None
     return found
 
@@ -52,8 +64,11 @@ class CreatedKey:
 
 def account_json(account: Account) -> dict:
     return {
-        "object": "account", "id": account.id, "name": account.name,
-        "balance": Money(account.balance_pico).usd_str(), "active": account.active,
+        "object": "account",
+        "id": account.id,
+        "name": account.name,
+        "balance": Money(account.balance_pico).usd_str(),
+        "active": account.active,
         "max_concurrent_sessions": account.max_concurrent_sessions,
         "session_token_cap": account.session_token_cap,
         "created_at": int(account.created_at.timestamp()),
@@ -62,17 +77,31 @@ def account_json(account: Account) -> dict:
 
 def key_json(key: ApiKey) -> dict:
     return {
-        "object": "api_key", "id": key.id, "account_id": key.account_id, "name": key.name,
-        "display": key.display, "token_cap": key.token_cap,
+        "object": "api_key",
+        "id": key.id,
+        "account_id": key.account_id,
+        "name": key.name,
+        "display": key.display,
+        "token_cap": key.token_cap,
         "created_at": int(key.created_at.timestamp()),
         "revoked_at": int(key.revoked_at.timestamp()) if key.revoked_at else None,
     }
 
 
-def create_account(engine, name: str, balance: Money = Money(0), max_concurrent_sessions: int | None = None,
-                   session_token_cap: int | None = None) -> Account:
-    account = Account(id=new_id("acct"), name=name, balance_pico=0,
-                      max_concurrent_sessions=max_concurrent_sessions, session_token_cap=session_token_cap)
+def create_account(
+    engine,
+    name: str,
+    balance: Money = Money(0),
+    max_concurrent_sessions: int | None = None,
+    session_token_cap: int | None = None,
+) -> Account:
+    account = Account(
+        id=new_id("acct"),
+        name=name,
+        balance_pico=0,
+        max_concurrent_sessions=max_concurrent_sessions,
+        session_token_cap=session_token_cap,
+    )
     with Session(engine, expire_on_commit=False) as db, db.begin():
         db.add(account)
     if balance.picodollars:
@@ -100,20 +129,35 @@ def list_accounts(engine) -> list[Account]:
 def topup(engine, account_id: str, amount: Money, note: str = "") -> Account:
     """Add (or, negative, remove) balance; every change is a ledger entry."""
     with Session(engine, expire_on_commit=False) as db, db.begin():
-        result = db.exec(update(Account).where(Account.id == account_id)
-                         .values(balance_pico=Account.balance_pico + amount.picodollars))
+        result = db.exec(
+            update(Account)
+            .where(Account.id == account_id)
+            .values(balance_pico=Account.balance_pico + amount.picodollars)
+        )
         if result.rowcount != 1:
             raise NotFound(f"no account {account_id!r}")
-        db.add(LedgerEntry(account_id=account_id, amount_pico=amount.picodollars,
-                           kind="topup" if amount.picodollars >= 0 else "adjustment", note=note))
+        db.add(
+            LedgerEntry(
+                account_id=account_id,
+                amount_pico=amount.picodollars,
+                kind="topup" if amount.picodollars >= 0 else "adjustment",
+                note=note,
+            )
+        )
     return get_account(engine, account_id)
 
 
 def create_key(engine, account_id: str, name: str = "", token_cap: int | None = None) -> CreatedKey:
     get_account(engine, account_id)
     plaintext = new_key()
-    key = ApiKey(id=new_id("key"), account_id=account_id, name=name, display=key_display(plaintext),
-                 key_hash=hash_key(plaintext), token_cap=token_cap)
+    key = ApiKey(
+        id=new_id("key"),
+        account_id=account_id,
+        name=name,
+        display=key_display(plaintext),
+        key_hash=hash_key(plaintext),
+        token_cap=token_cap,
+    )
     with Session(engine, expire_on_commit=False) as db, db.begin():
         db.add(key)
     with Session(engine, expire_on_commit=False) as db:

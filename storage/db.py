@@ -9,8 +9,8 @@ SHA-256 hashes plus a short display prefix.
 from __future__ import annotations
 
 import enum
-import math
 import hashlib
+import math
 import secrets
 import string
 from datetime import datetime, timezone
@@ -82,9 +82,16 @@ class SessionRecord(SQLModel, table=True):
     api_key_id: str
     model: str
     node: str = ""
-    state: SessionState = Field(default=SessionState.GRANTED, sa_column=Column(
-        SAEnum(SessionState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]),
-        nullable=False, index=True))
+    state: SessionState = Field(
+        default=SessionState.GRANTED,
+        sa_column=Column(
+            SAEnum(
+                SessionState, native_enum=False, length=16, values_callable=lambda states: [s.value for s in states]
+            ),
+            nullable=False,
+            index=True,
+        ),
+    )
     pid: int | None = None
     client_addr: str = ""
     started_at: datetime = Field(default_factory=utcnow, index=True)
@@ -147,8 +154,12 @@ def make_engine(url: str, timeout_s: float = 10.0, pool_size: int = 5) -> Engine
     """An engine whose every wait is bounded by `timeout_s`: SQLite's busy timeout; PostgreSQL's
     connect, statement and lock timeouts, so a stuck database surfaces as an error to retry."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s},
-                               pool_size=pool_size, max_overflow=2 * pool_size)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": timeout_s},
+            pool_size=pool_size,
+            max_overflow=2 * pool_size,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record):
@@ -167,10 +178,17 @@ def make_engine(url: str, timeout_s: float = 10.0, pool_size: int = 5) -> Engine
 
         return engine
     ms = int(timeout_s * 1000)
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=2 * pool_size,
-                         pool_timeout=timeout_s,
-                         connect_args={"connect_timeout": max(1, math.ceil(timeout_s)),
-                                       "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"})
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=2 * pool_size,
+        pool_timeout=timeout_s,
+        connect_args={
+            "connect_timeout": max(1, math.ceil(timeout_s)),
+            "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+        },
+    )
 
 
 def create_schema(engine: Engine) -> None:

@@ -25,9 +25,10 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select
 
-from .db import Account, AppliedIncrement, LedgerEntry, Node, NodeState, SessionRecord, SessionState, db_now, utcnow
 from meshrt.shared.increments import Increment
+from meshrt.shared.logs import one_line
 
+from .db import Account, AppliedIncrement, LedgerEntry, Node, NodeState, SessionRecord, SessionState, db_now, utcnow
 from .summary import summarize
 
 log = logging.getLogger("meshrt.supervisor")
@@ -37,9 +38,11 @@ MAX_BATCH = 256
 
 _sessions = SessionRecord.__table__
 # One per session set-up, so a Core statement built once rather than an ORM load and flush.
-_MARK_LIVE = (update(_sessions)
-              .where(_sessions.c.id == bindparam("session_id"), _sessions.c.state != SessionState.ENDED)
-              .values(state=SessionState.LIVE, pid=bindparam("live_pid")))
+_MARK_LIVE = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("session_id"), _sessions.c.state != SessionState.ENDED)
+    .values(state=SessionState.LIVE, pid=bindparam("live_pid"))
+)
 
 
 def mark_live(db: Session, session_id: str, pid: int) -> None:
@@ -48,12 +51,20 @@ def mark_live(db: Session, session_id: str, pid: int) -> None:
 
 _applied, _accounts, _entries = AppliedIncrement.__table__, Account.__table__, LedgerEntry.__table__
 # One per billed response, so Core statements built once rather than ORM loads and flushes.
-_DEBIT = (update(_accounts).where(_accounts.c.id == bindparam("debit_account"))
-          .values(balance_pico=_accounts.c.balance_pico - bindparam("cost")).returning(_accounts.c.balance_pico))
+_DEBIT = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("debit_account"))
+    .values(balance_pico=_accounts.c.balance_pico - bindparam("cost"))
+    .returning(_accounts.c.balance_pico)
+)
 # The (session_id, seq) primary key makes a replayed increment a no-op, never a second debit:
 # INSERT … ON CONFLICT DO NOTHING RETURNING, in each dialect's spelling (SQLite's and PostgreSQL's).
-_APPLY = {module.dialect.name: module.insert(_applied).on_conflict_do_nothing(index_elements=["session_id", "seq"])
-          .returning(_applied.c.seq) for module in (postgresql, sqlite)}
+_APPLY = {
+    module.dialect.name: module.insert(_applied)
+    .on_conflict_do_nothing(index_elements=["session_id", "seq"])
+    .returning(_applied.c.seq)
+    for module in (postgresql, sqlite)
+}
 _LEDGER_ENTRY = _entries.insert()
 
 
@@ -63,29 +74,61 @@ def apply_increment(db: Session, session_id: str, account_id: str, increment: In
     connection = db.connection()
     seq, cost = increment.seq, increment.cost.picodollars
     now = utcnow()
-    first = connection.execute(_APPLY[connection.dialect.name], {
-        "session_id": session_id, "seq": seq, "account_id": account_id, "cost_pico": cost,
-        "body": increment.to_json(), "applied_at": now}).first()
+    first = connection.execute(
+        _APPLY[connection.dialect.name],
+        {
+            "session_id": session_id,
+            "seq": seq,
+            "account_id": account_id,
+            "cost_pico": cost,
+            "body": increment.to_json(),
+            "applied_at": now,
+        },
+    ).first()
     if first is None:  # a replay (not rowcount: psycopg did not report 0 for it)
         return None
     balance = connection.execute(_DEBIT, {"debit_account": account_id, "cost": cost}).scalar_one()
-    connection.execute(_LEDGER_ENTRY, {"account_id": account_id, "amount_pico": -cost, "kind": "usage",
-                                       "ref": f"{session_id}:{seq}", "note": "", "created_at": now})
+    connection.execute(
+        _LEDGER_ENTRY,
+        {
+            "account_id": account_id,
+            "amount_pico": -cost,
+            "kind": "usage",
+            "ref": f"{session_id}:{seq}",
+            "note": "",
+            "created_at": now,
+        },
+    )
     return balance
 
 
-_FINALIZE = (update(_sessions)
-             .where(_sessions.c.id == bindparam("final_id"), _sessions.c.state != SessionState.ENDED)
-             .values(state=SessionState.ENDED, ended_at=bindparam("final_ended_at"),
-                     end_reason=bindparam("final_reason"), close_code=bindparam("final_code"),
-                     responses=bindparam("final_responses"), usage=bindparam("final_usage"),
-                     cost_pico=bindparam("final_cost"), by_category=bindparam("final_by_category")))
+_FINALIZE = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("final_id"), _sessions.c.state != SessionState.ENDED)
+    .values(
+        state=SessionState.ENDED,
+        ended_at=bindparam("final_ended_at"),
+        end_reason=bindparam("final_reason"),
+        close_code=bindparam("final_code"),
+        responses=bindparam("final_responses"),
+        usage=bindparam("final_usage"),
+        cost_pico=bindparam("final_cost"),
+        by_category=bindparam("final_by_category"),
+    )
+)
 # A record already final (another node ended it when this one lost its lease) that gets usage
 # from this node's spool later: the totals are recomputed and the amendment dated.
-_AMEND = (update(_sessions).where(_sessions.c.id == bindparam("final_id"))
-          .values(responses=bindparam("final_responses"), usage=bindparam("final_usage"),
-                  cost_pico=bindparam("final_cost"), by_category=bindparam("final_by_category"),
-                  amended_at=bindparam("final_ended_at")))
+_AMEND = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("final_id"))
+    .values(
+        responses=bindparam("final_responses"),
+        usage=bindparam("final_usage"),
+        cost_pico=bindparam("final_cost"),
+        by_category=bindparam("final_by_category"),
+        amended_at=bindparam("final_ended_at"),
+    )
+)
 
 
 class Finalized(str, enum.Enum):
@@ -95,25 +138,41 @@ class Finalized(str, enum.Enum):
     MISSING = "missing"  # no such session row
 
 
-def finalize(db: Session, session_id: str, end_reason: str, close_code: int | None,
-             increments: dict[int, Increment] | None = None, ended_at: datetime | None = None) -> Finalized:
+def finalize(
+    db: Session,
+    session_id: str,
+    end_reason: str,
+    close_code: int | None,
+    increments: dict[int, Increment] | None = None,
+    ended_at: datetime | None = None,
+) -> Finalized:
     """Apply what the session's spool holds (each increment once, whenever it arrives), then
     write the final record from every increment applied for it — one transaction, so a record
     is never final without all of its spool. Safe to repeat."""
     connection = db.connection()
-    exists = connection.execute(select(_sessions.c.state, _sessions.c.account_id)
-                                .where(_sessions.c.id == session_id)).first()
+    exists = connection.execute(
+        select(_sessions.c.state, _sessions.c.account_id).where(_sessions.c.id == session_id)
+    ).first()
     if exists is None:
         return Finalized.MISSING
-    added = sum(apply_increment(db, session_id, exists.account_id, increment) is not None
-                for _, increment in sorted((increments or {}).items()))
+    added = sum(
+        apply_increment(db, session_id, exists.account_id, increment) is not None
+        for _, increment in sorted((increments or {}).items())
+    )
     if exists.state == SessionState.ENDED and not added:
         return Finalized.ALREADY
     bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()
     summary = summarize([Increment.from_json(body) for body in bodies])
-    values = {"final_id": session_id, "final_ended_at": ended_at or utcnow(), "final_reason": end_reason,
-              "final_code": close_code, "final_responses": summary["responses"], "final_usage": summary["usage"],
-              "final_cost": summary["cost_pico"], "final_by_category": summary["by_category"]}
+    values = {
+        "final_id": session_id,
+        "final_ended_at": ended_at or utcnow(),
+        "final_reason": end_reason,
+        "final_code": close_code,
+        "final_responses": summary["responses"],
+        "final_usage": summary["usage"],
+        "final_cost": summary["cost_pico"],
+        "final_by_category": summary["by_category"],
+    }
     if exists.state != SessionState.ENDED:
         connection.execute(_FINALIZE, values)
         return Finalized.WRITTEN
@@ -128,15 +187,19 @@ def committed_seqs(db: Session, session_id: str) -> set[int]:
 
 def balances(db: Session, account_ids: list[str]) -> dict[str, int]:
     """Current balances (top-ups from any node included): the quota estimate's base."""
-    rows = db.connection().execute(select(_accounts.c.id, _accounts.c.balance_pico)
-                                   .where(_accounts.c.id.in_(account_ids)))
+    rows = db.connection().execute(
+        select(_accounts.c.id, _accounts.c.balance_pico).where(_accounts.c.id.in_(account_ids))
+    )
     return {row.id: row.balance_pico for row in rows}
 
 
 def unfinished_sessions(engine, node: str) -> list[SessionRecord]:
     with Session(engine, expire_on_commit=False) as db:
-        return list(db.exec(select(SessionRecord).where(
-            SessionRecord.node == node, SessionRecord.state != SessionState.ENDED)).all())
+        return list(
+            db.exec(
+                select(SessionRecord).where(SessionRecord.node == node, SessionRecord.state != SessionState.ENDED)
+            ).all()
+        )
 
 
 def session_rows(engine, session_ids: list[str]) -> dict[str, SessionRecord]:
@@ -148,8 +211,11 @@ def session_rows(engine, session_ids: list[str]) -> dict[str, SessionRecord]:
 def granted_sessions(engine, node: str) -> list[SessionRecord]:
     """This node's sessions admitted by a front door and not (yet) owned by a worker."""
     with Session(engine, expire_on_commit=False) as db:
-        return list(db.exec(select(SessionRecord).where(
-            SessionRecord.node == node, SessionRecord.state == SessionState.GRANTED)).all())
+        return list(
+            db.exec(
+                select(SessionRecord).where(SessionRecord.node == node, SessionRecord.state == SessionState.GRANTED)
+            ).all()
+        )
 
 
 def end_orphaned_grant(db: Session, session_id: str, end_reason: str) -> bool:
@@ -183,14 +249,31 @@ def join_node(db: Session, node_id: str, hostname: str, ttl: float) -> Lease:
     now = db_now(connection)
     row = connection.execute(select(_nodes).where(_nodes.c.id == node_id).with_for_update()).first()
     if row is None:
-        connection.execute(_nodes.insert().values(id=node_id, hostname=hostname, state=NodeState.UP.value,
-                                                  incarnation=1, lease_expires=now + ttl, renewed_at=now,
-                                                  started_at=utcnow()))
+        connection.execute(
+            _nodes.insert().values(
+                id=node_id,
+                hostname=hostname,
+                state=NodeState.UP.value,
+                incarnation=1,
+                lease_expires=now + ttl,
+                renewed_at=now,
+                started_at=utcnow(),
+            )
+        )
         return Lease(1, now + ttl, now)
     incarnation = row.incarnation + 1
-    connection.execute(update(_nodes).where(_nodes.c.id == node_id).values(
-        hostname=hostname, state=NodeState.UP.value, incarnation=incarnation, lease_expires=now + ttl,
-        renewed_at=now, started_at=utcnow()))
+    connection.execute(
+        update(_nodes)
+        .where(_nodes.c.id == node_id)
+        .values(
+            hostname=hostname,
+            state=NodeState.UP.value,
+            incarnation=incarnation,
+            lease_expires=now + ttl,
+            renewed_at=now,
+            started_at=utcnow(),
+        )
+    )
     return Lease(incarnation, now + ttl, now, was_lost=row.state == NodeState.LOST.value)
 
 
@@ -199,15 +282,20 @@ def renew_lease(db: Session, node_id: str, incarnation: int, ttl: float) -> Leas
     connection = db.connection()
     now = db_now(connection)
     renewed = connection.execute(
-        update(_nodes).where(_nodes.c.id == node_id, _nodes.c.incarnation == incarnation,
-                             _nodes.c.state == NodeState.UP.value)
-        .values(lease_expires=now + ttl, renewed_at=now).returning(_nodes.c.lease_expires)).first()
+        update(_nodes)
+        .where(_nodes.c.id == node_id, _nodes.c.incarnation == incarnation, _nodes.c.state == NodeState.UP.value)
+        .values(lease_expires=now + ttl, renewed_at=now)
+        .returning(_nodes.c.lease_expires)
+    ).first()
     return None if renewed is None else Lease(incarnation, renewed.lease_expires, now)
 
 
 def leave_node(db: Session, node_id: str, incarnation: int) -> None:
-    db.connection().execute(update(_nodes).where(_nodes.c.id == node_id, _nodes.c.incarnation == incarnation)
-                            .values(state=NodeState.LEFT.value))
+    db.connection().execute(
+        update(_nodes)
+        .where(_nodes.c.id == node_id, _nodes.c.incarnation == incarnation)
+        .values(state=NodeState.LEFT.value)
+    )
 
 
 @dataclass(frozen=True)
@@ -224,14 +312,25 @@ def reap_lost_nodes(db: Session, reaper_id: str, held_since: float, ttl: float) 
     now = db_now(connection)
     if now < held_since + ttl:
         return []
-    expired = connection.execute(
-        update(_nodes).where(_nodes.c.state == NodeState.UP.value, _nodes.c.id != reaper_id,
-                             _nodes.c.lease_expires < now)
-        .values(state=NodeState.LOST.value).returning(_nodes.c.id)).scalars().all()
+    expired = (
+        connection.execute(
+            update(_nodes)
+            .where(_nodes.c.state == NodeState.UP.value, _nodes.c.id != reaper_id, _nodes.c.lease_expires < now)
+            .values(state=NodeState.LOST.value)
+            .returning(_nodes.c.id)
+        )
+        .scalars()
+        .all()
+    )
     reaped = []
     for node_id in expired:
-        sessions = connection.execute(select(_sessions.c.id).where(
-            _sessions.c.node == node_id, _sessions.c.state != SessionState.ENDED)).scalars().all()
+        sessions = (
+            connection.execute(
+                select(_sessions.c.id).where(_sessions.c.node == node_id, _sessions.c.state != SessionState.ENDED)
+            )
+            .scalars()
+            .all()
+        )
         for session_id in sessions:
             finalize(db, session_id, "node_lost", None)
         reaped.append(Reaped(node_id, list(sessions)))
@@ -323,8 +422,10 @@ class LedgerWriter:
                 with anyio.move_on_after(self.batch_deadline_s) as deadline:
                     await anyio.to_thread.run_sync(self._run_batch, batch, abandon_on_cancel=True)
             if deadline.cancelled_caught:
-                log.error("ledger batch abandoned: the database did not answer",
-                          extra={"fields": {"jobs": len(batch), "deadline_s": self.batch_deadline_s}})
+                log.error(
+                    "ledger batch abandoned: the database did not answer",
+                    extra={"fields": {"jobs": len(batch), "deadline_s": self.batch_deadline_s}},
+                )
                 for job in batch:
                     job.error = BatchAbandoned(f"no answer from the database in {self.batch_deadline_s} s")
             failed = any(job.error is not None for job in batch)
@@ -350,16 +451,11 @@ class LedgerWriter:
                             job.result = job.call(db, *job.args)
                     except Exception as exc:  # noqa: BLE001 - reported to the job's waiter
                         job.error = exc
-                        log.warning("ledger write failed", extra={"fields": {
-                            "call": job.call.__name__, "error": _one_line(exc)}})
+                        log.warning(
+                            "ledger write failed", extra={"fields": {"call": job.call.__name__, "error": one_line(exc)}}
+                        )
         except Exception as exc:  # noqa: BLE001 - the commit itself failed: every job failed
-            log.warning("ledger batch failed", extra={"fields": {"jobs": len(batch), "error": _one_line(exc)}})
+            log.warning("ledger batch failed", extra={"fields": {"jobs": len(batch), "error": one_line(exc)}})
             for job in batch:
                 job.error = job.error or exc
                 job.result = None
-
-
-def _one_line(exc: BaseException) -> str:
-    """A database error in one line (SQLAlchemy's carry the SQL and a help link on more)."""
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -148,6 +148,7 @@ def _dispatch(args, settings) -> int:
         exit_process(serve(settings))
     if args.command == "dev":
         from meshrt.dev.demo import run_dev
+
         from .supervisor import exit_process
 
         exit_process(run_dev(settings, args))
@@ -167,13 +168,21 @@ def _operate(args, settings) -> int:
         return 0
     if args.command == "accounts":
         if args.accounts_command == "create":
-            account = ops.create_account(engine, args.name, args.balance, args.max_concurrent_sessions,
-                                         args.session_token_cap)
-            _print(args, ops.account_json(account), f"{account.id}\t{account.name}\tbalance ${Money(account.balance_pico).usd_str()}")
+            account = ops.create_account(
+                engine, args.name, args.balance, args.max_concurrent_sessions, args.session_token_cap
+            )
+            _print(
+                args,
+                ops.account_json(account),
+                f"{account.id}\t{account.name}\tbalance ${Money(account.balance_pico).usd_str()}",
+            )
         elif args.accounts_command == "list":
             rows = ops.list_accounts(engine)
-            _print(args, [ops.account_json(a) for a in rows],
-                   "\n".join(f"{a.id}\t{a.name}\t${Money(a.balance_pico).usd_str()}" for a in rows) or "(no accounts)")
+            _print(
+                args,
+                [ops.account_json(a) for a in rows],
+                "\n".join(f"{a.id}\t{a.name}\t${Money(a.balance_pico).usd_str()}" for a in rows) or "(no accounts)",
+            )
         else:
             account = ops.topup(engine, args.account_id, args.amount, args.note)
             _print(args, ops.account_json(account), f"{account.id}\tbalance ${Money(account.balance_pico).usd_str()}")
@@ -185,9 +194,14 @@ def _operate(args, settings) -> int:
             _print(args, payload, f"{created.key.id}\t{created.plaintext}\n(the key is shown once; store it now)")
         elif args.keys_command == "list":
             rows = ops.list_keys(engine, args.account)
-            _print(args, [ops.key_json(k) for k in rows],
-                   "\n".join(f"{k.id}\t{k.account_id}\t{k.display}\t{'revoked' if k.revoked_at else 'active'}"
-                             for k in rows) or "(no keys)")
+            _print(
+                args,
+                [ops.key_json(k) for k in rows],
+                "\n".join(
+                    f"{k.id}\t{k.account_id}\t{k.display}\t{'revoked' if k.revoked_at else 'active'}" for k in rows
+                )
+                or "(no keys)",
+            )
         else:
             key = ops.revoke_key(engine, args.key_id)
             _print(args, ops.key_json(key), f"{key.id}\trevoked")

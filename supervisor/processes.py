@@ -32,8 +32,10 @@ EXIT_CRASHED = 70  # EX_SOFTWARE: a supervisor task failed; a fresh supervisor t
 
 class CrashLoop(Exception):
     def __init__(self, child: str, deaths: int, within_s: float, exit_code: int | None):
-        super().__init__(f"the {child} died {deaths} times in a row within {within_s:g} s of starting "
-                         f"(last exit code {exit_code}); see its error above")
+        super().__init__(
+            f"the {child} died {deaths} times in a row within {within_s:g} s of starting "
+            f"(last exit code {exit_code}); see its error above"
+        )
         self.child = child
 
 
@@ -86,8 +88,9 @@ class Child:
 
 
 async def _start(command: list[str], pass_fds: list[int], env: dict[str, str]) -> Child:
-    proc = await anyio.open_process(command, pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=None, stderr=None)
+    proc = await anyio.open_process(
+        command, pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL, stdout=None, stderr=None
+    )
     return Child(proc)
 
 
@@ -95,9 +98,21 @@ async def start_zygote(settings: Settings) -> tuple[Child, socket.socket]:
     """The zygote, with a scrubbed environment (no secret, no setting) and its channel."""
     ours, theirs = control.seqpacket_pair()
     try:
-        child = await _start([sys.executable, "-m", "meshrt.worker.zygote", "--channel-fd", str(theirs.fileno()),
-                              "--log-level", settings.log_level, "--warm", str(settings.warm_workers)],
-                             [theirs.fileno()], scrubbed_env())
+        child = await _start(
+            [
+                sys.executable,
+                "-m",
+                "meshrt.worker.zygote",
+                "--channel-fd",
+                str(theirs.fileno()),
+                "--log-level",
+                settings.log_level,
+                "--warm",
+                str(settings.warm_workers),
+            ],
+            [theirs.fileno()],
+            scrubbed_env(),
+        )
     finally:
         theirs.close()
     ours.setblocking(False)
@@ -111,8 +126,11 @@ async def start_frontdoor(settings: Settings, listener: socket.socket, node: str
     env.update(settings_env(settings))
     env.pop("OPENAI_API_KEY", None)
     fd = listener.fileno()
-    child = await _start([sys.executable, "-m", "meshrt.frontdoor", "--fd", str(fd), "--node", node,
-                          "--parent-pid", str(os.getpid())], [fd], env)
+    child = await _start(
+        [sys.executable, "-m", "meshrt.frontdoor", "--fd", str(fd), "--node", node, "--parent-pid", str(os.getpid())],
+        [fd],
+        env,
+    )
     log.info("front door started", extra={"pid": child.pid})
     return child
 

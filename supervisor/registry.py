@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import enum
 import socket
+from dataclasses import dataclass, field
 
 import anyio
-from dataclasses import dataclass, field
 
 from meshrt.shared.control import Grant, WorkerEnded
 
@@ -36,6 +36,8 @@ class SessionEvent(enum.Enum):
 
 
 _E = SessionEvent
+# A table reads best one row a line: the formatter leaves it alone.
+# fmt: off
 TRANSITIONS: dict[Stage, dict[SessionEvent, Stage]] = {
     Stage.STARTING: {_E.WORKER_LIVE: Stage.LIVE, _E.STOP: Stage.STOPPING, _E.WORKER_GONE: Stage.ENDED},
     Stage.LIVE: {_E.STOP: Stage.STOPPING, _E.WORKER_GONE: Stage.ENDED},
@@ -44,6 +46,7 @@ TRANSITIONS: dict[Stage, dict[SessionEvent, Stage]] = {
     Stage.ENDED: {_E.STOP: Stage.ENDED, _E.RECORD_COMMITTED: Stage.BILLED},
     Stage.BILLED: {_E.STOP: Stage.BILLED},
 }
+# fmt: on
 
 
 class LifecycleError(RuntimeError):

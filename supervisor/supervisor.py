@@ -27,15 +27,27 @@ import anyio
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from meshrt.shared import control, spool
+from meshrt.shared.control import (
+    Handoff,
+    HandoffAck,
+    Ping,
+    Pong,
+    Reattach,
+    Spawn,
+    Spawned,
+    StopSession,
+    UsageIncrement,
+    WorkerConfig,
+    WorkerEnded,
+    WorkerExited,
+    WorkerLive,
+    ZygoteReady,
+)
 from meshrt.shared.errors import EndReason
 from meshrt.shared.increments import Increment
-from meshrt.shared.control import (
-    Handoff, HandoffAck, Ping, Pong, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
-    WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
-)
-from meshrt.shared.settings import Settings, node_identity
-
+from meshrt.shared.logs import one_line
 from meshrt.shared.metrics import Metrics
+from meshrt.shared.settings import Settings, node_identity
 from meshrt.storage import db, ledger
 from meshrt.storage.ledger import Finalized
 
@@ -57,9 +69,12 @@ DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not
 def _retrying(give_up) -> AsyncRetrying:
     """Backoff for a database write: retried while `give_up()` is false (every ledger write is
     safe to repeat: increments by (session_id, seq), the record by its state)."""
-    return AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
-                         retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not give_up()),
-                         sleep=anyio.sleep, reraise=True)
+    return AsyncRetrying(
+        wait=wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
+        retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not give_up()),
+        sleep=anyio.sleep,
+        reraise=True,
+    )
 
 
 class RunState(enum.Enum):
@@ -90,15 +105,21 @@ class Supervisor:
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
         self.worker_config = WorkerConfig(  # the same for every session: built once
-            upstream_url=settings.upstream_url, upstream_key=settings.openai_api_key,
-            idle_timeout_s=settings.idle_timeout_s, max_session_s=settings.max_session_s,
-            max_message_bytes=settings.max_message_bytes, drain_usage_s=settings.drain_usage_s,
+            upstream_url=settings.upstream_url,
+            upstream_key=settings.openai_api_key,
+            idle_timeout_s=settings.idle_timeout_s,
+            max_session_s=settings.max_session_s,
+            max_message_bytes=settings.max_message_bytes,
+            drain_usage_s=settings.drain_usage_s,
             upstream_connect_timeout_s=settings.upstream_connect_timeout_s,
-            upstream_attempts=settings.upstream_attempts, backend=settings.worker_backend,
-            memory_limit_mb=settings.worker_memory_mb, control_socket=str(settings.control_socket.resolve()),
+            upstream_attempts=settings.upstream_attempts,
+            backend=settings.worker_backend,
+            memory_limit_mb=settings.worker_memory_mb,
+            control_socket=str(settings.control_socket.resolve()),
             # half the lease: the lease may have been renewed last up to a quarter of it before the
             # worker lost its supervisor, and no other node may free the slot of a session still running
-            orphan_limit_s=settings.node_lease_s / 2)
+            orphan_limit_s=settings.node_lease_s / 2,
+        )
         self.engine = None
         self.tg = None
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
@@ -203,8 +224,9 @@ class Supervisor:
                 try:
                     return await call(*args)
                 except Exception as exc:
-                    log.warning(f"could not {what}; retrying", extra={"fields": {
-                        "attempt": attempt, "error": ledger._one_line(exc)}})
+                    log.warning(
+                        f"could not {what}; retrying", extra={"fields": {"attempt": attempt, "error": one_line(exc)}}
+                    )
                     raise
 
     async def _publish_metrics(self) -> None:
@@ -242,7 +264,7 @@ class Supervisor:
         try:
             rows = await anyio.to_thread.run_sync(ledger.granted_sessions, self.engine, self.node)
         except Exception as exc:  # noqa: BLE001 - the database is down: the next restart's recovery ends them
-            log.warning("could not list granted sessions", extra={"fields": {"error": ledger._one_line(exc)}})
+            log.warning("could not list granted sessions", extra={"fields": {"error": one_line(exc)}})
             rows = []
         task_status.started()
         await anyio.sleep(ORPHAN_GRACE_S)
@@ -251,8 +273,10 @@ class Supervisor:
                 continue  # handed over: a worker has it, or its record is being written
             ended, _ = await self._write(ledger.end_orphaned_grant, row.id, "internal_error")
             if ended:
-                log.warning("ended a session its dead front door never handed over",
-                            extra={"session_id": row.id, "request_id": row.request_id})
+                log.warning(
+                    "ended a session its dead front door never handed over",
+                    extra={"session_id": row.id, "request_id": row.request_id},
+                )
 
     # --- handoffs -------------------------------------------------------------------------
 
@@ -308,7 +332,11 @@ class Supervisor:
         if time.monotonic() > self.lease_valid_until:
             problems.append("node lease not renewed (database unreachable?)")
         failed, succeeded = self.writer.last_failure, self.writer.last_success
-        if failed is not None and (succeeded is None or succeeded < failed) and time.monotonic() - failed < DATABASE_STALE_S:
+        if (
+            failed is not None
+            and (succeeded is None or succeeded < failed)
+            and time.monotonic() - failed < DATABASE_STALE_S
+        ):
             problems.append("database writes failing")
         return problems
 
@@ -316,8 +344,10 @@ class Supervisor:
         if self.state is not RunState.SERVING:
             return "server_shutting_down"
         if len(self.registry) >= self.settings.max_sessions:
-            log.warning("node at capacity", extra={"fields": {"live": len(self.registry),
-                                                              "max_sessions": self.settings.max_sessions}})
+            log.warning(
+                "node at capacity",
+                extra={"fields": {"live": len(self.registry), "max_sessions": self.settings.max_sessions}},
+            )
             return "server_at_capacity"
         return None
 
@@ -332,8 +362,11 @@ class Supervisor:
         ours, theirs = control.seqpacket_pair()
         try:
             async with self.zygote_send_lock:
-                await control.asend(self.zygote_channel, Spawn(grant, self.worker_config, handoff.request),
-                                    [client_fd, theirs.fileno(), spool_fd])
+                await control.asend(
+                    self.zygote_channel,
+                    Spawn(grant, self.worker_config, handoff.request),
+                    [client_fd, theirs.fileno(), spool_fd],
+                )
         finally:
             theirs.close()
             os.close(spool_fd)
@@ -357,8 +390,10 @@ class Supervisor:
                 self.zygote.kill()
                 code = await self.zygote.exited()
                 backoff = policy.after_exit(self.zygote.lived_s(), code)
-                log.error("zygote channel lost; restarting the zygote",
-                          extra={"fields": {"exit_code": code, "backoff_s": backoff}})
+                log.error(
+                    "zygote channel lost; restarting the zygote",
+                    extra={"fields": {"exit_code": code, "backoff_s": backoff}},
+                )
                 self.zygote_channel.close()
                 await anyio.sleep(backoff)
                 await self._start_zygote()
@@ -371,8 +406,11 @@ class Supervisor:
                 self.registry.set_pid(message.session_id, message.pid)
             elif isinstance(message, WorkerExited):
                 level = logging.INFO if message.exit_code == 0 else logging.WARNING
-                log.log(level, "worker exited", extra={"pid": message.pid, "fields": {
-                    "exit_code": message.exit_code, "signal": message.signal}})
+                log.log(
+                    level,
+                    "worker exited",
+                    extra={"pid": message.pid, "fields": {"exit_code": message.exit_code, "signal": message.signal}},
+                )
 
     async def _watch_worker(self, live: LiveSession) -> None:
         try:
@@ -384,7 +422,9 @@ class Supervisor:
                 for fd in fds:
                     os.close(fd)
                 if message.session_id != live.grant.session_id:
-                    log.warning("worker spoke for another session; ignored", extra={"session_id": live.grant.session_id})
+                    log.warning(
+                        "worker spoke for another session; ignored", extra={"session_id": live.grant.session_id}
+                    )
                 elif isinstance(message, WorkerLive):
                     live.pid = message.pid
                     live.handle(SessionEvent.WORKER_LIVE)
@@ -432,8 +472,9 @@ class Supervisor:
 
     async def _commit(self, live: LiveSession, increment: Increment) -> None:
         grant = live.grant
-        balance, job = await self._write(ledger.apply_increment, grant.session_id, grant.account_id, increment,
-                                         give_up=lambda: live.billed)
+        balance, job = await self._write(
+            ledger.apply_increment, grant.session_id, grant.account_id, increment, give_up=lambda: live.billed
+        )
         if job is None:
             return  # finalisation took it over (it applies the whole spool)
         estimate = self._estimate(grant.account_id)
@@ -449,8 +490,11 @@ class Supervisor:
         confirmed by a fresh read first (a top-up may have landed since the last refresh); with
         the database unreachable, the estimate decides. Off the caller's path: a worker's
         messages are never held behind the database."""
-        if (self._estimate(account_id).exhausted and account_id not in self.checking_quota
-                and self.registry.of_account(account_id)):
+        if (
+            self._estimate(account_id).exhausted
+            and account_id not in self.checking_quota
+            and self.registry.of_account(account_id)
+        ):
             self.checking_quota.add(account_id)
             self.tg.start_soon(self._confirm_exhausted, account_id)
 
@@ -532,32 +576,45 @@ class Supervisor:
             self.metrics.inc("meshrt_worker_crashes_total")
         outcome, job = await self._write(ledger.finalize, grant.session_id, reason, code, held.increments)
         if job is None:
-            log.warning("session record not written; its spool is kept for the next start",
-                        extra={"session_id": grant.session_id})
+            log.warning(
+                "session record not written; its spool is kept for the next start",
+                extra={"session_id": grant.session_id},
+            )
             return
         live.handle(SessionEvent.RECORD_COMMITTED)
         for seq in set(held.increments) | set(live.reported):
             estimate.acknowledged((grant.session_id, seq), job)
         if outcome is Finalized.MISSING:
-            log.error("spool of a session the database does not know; kept",
-                      extra={"session_id": grant.session_id})
+            log.error("spool of a session the database does not know; kept", extra={"session_id": grant.session_id})
             return
         self._spool_path(grant.session_id).unlink(missing_ok=True)
         if outcome is Finalized.WRITTEN:
             self.metrics.inc("meshrt_sessions_ended_total", end_reason=reason.value)
         if outcome is Finalized.AMENDED:
             log.warning("record amended late with usage from the spool", extra={"session_id": grant.session_id})
-        log.info("session finalised", extra={"session_id": grant.session_id, "request_id": grant.request_id,
-                                              "fields": {"end_reason": reason.value, "close_code": code,
-                                                         "record": outcome.value}})
+        log.info(
+            "session finalised",
+            extra={
+                "session_id": grant.session_id,
+                "request_id": grant.request_id,
+                "fields": {"end_reason": reason.value, "close_code": code, "record": outcome.value},
+            },
+        )
 
     # --- node lease -----------------------------------------------------------------------
 
     async def _join(self) -> None:
         s = self.settings
         began = time.monotonic()
-        lease = await self._until_done("join the node table", anyio.to_thread.run_sync, self._in_transaction,
-                                       ledger.join_node, self.node, socket.gethostname(), s.node_lease_s)
+        lease = await self._until_done(
+            "join the node table",
+            anyio.to_thread.run_sync,
+            self._in_transaction,
+            ledger.join_node,
+            self.node,
+            socket.gethostname(),
+            s.node_lease_s,
+        )
         self._took_lease(lease, began, fresh=True)
         if lease.was_lost:
             log.warning("this node was declared lost while it was away; its spools amend those records")
@@ -584,10 +641,16 @@ class Supervisor:
             sent_at = time.monotonic()
             try:
                 with anyio.fail_after(ttl / 2):
-                    lease = await anyio.to_thread.run_sync(self._in_transaction, ledger.renew_lease, self.node,
-                                                           self.lease.incarnation, ttl, abandon_on_cancel=True)
+                    lease = await anyio.to_thread.run_sync(
+                        self._in_transaction,
+                        ledger.renew_lease,
+                        self.node,
+                        self.lease.incarnation,
+                        ttl,
+                        abandon_on_cancel=True,
+                    )
             except Exception as exc:  # noqa: BLE001 - the database is unreachable: try again soon
-                log.warning("node lease not renewed", extra={"fields": {"error": ledger._one_line(exc)}})
+                log.warning("node lease not renewed", extra={"fields": {"error": one_line(exc)}})
                 continue
             if self.state is RunState.STOPPING:
                 return  # shutting down: the node leaves; a failed renewal now means nothing
@@ -596,14 +659,17 @@ class Supervisor:
                 continue
             self._took_lease(lease, sent_at, fresh=False)
             try:
-                reaped = await anyio.to_thread.run_sync(self._in_transaction, ledger.reap_lost_nodes, self.node,
-                                                        self.held_since, ttl)
+                reaped = await anyio.to_thread.run_sync(
+                    self._in_transaction, ledger.reap_lost_nodes, self.node, self.held_since, ttl
+                )
             except Exception as exc:  # noqa: BLE001 - next round
-                log.warning("could not check other nodes' leases", extra={"fields": {"error": ledger._one_line(exc)}})
+                log.warning("could not check other nodes' leases", extra={"fields": {"error": one_line(exc)}})
                 continue
             for lost in reaped:
-                log.warning("node lost: its lease expired; its sessions were ended", extra={"fields": {
-                    "node": lost.node_id, "sessions": len(lost.sessions)}})
+                log.warning(
+                    "node lost: its lease expired; its sessions were ended",
+                    extra={"fields": {"node": lost.node_id, "sessions": len(lost.sessions)}},
+                )
                 self.metrics.inc("meshrt_nodes_reaped_total")
 
     async def _lost_lease(self) -> None:
@@ -621,16 +687,19 @@ class Supervisor:
         """Sessions this node left unfinished (the previous supervisor died): their workers
         re-attach within the grace period; the others are finalised from their spools. Spools
         of sessions another node ended meanwhile (this node was declared lost) amend them."""
-        rows = await self._until_done("list unfinished sessions", anyio.to_thread.run_sync,
-                                      ledger.unfinished_sessions, self.engine, self.node)
+        rows = await self._until_done(
+            "list unfinished sessions", anyio.to_thread.run_sync, ledger.unfinished_sessions, self.engine, self.node
+        )
         candidates = {row.id for row in rows} | spool.session_ids(self.settings.spool_dir)
         if not candidates:
             return
-        log.warning("unfinished sessions found; waiting for their workers",
-                    extra={"fields": {"sessions": len(candidates)}})
+        log.warning(
+            "unfinished sessions found; waiting for their workers", extra={"fields": {"sessions": len(candidates)}}
+        )
         await anyio.sleep(REATTACH_GRACE_S)
-        known = await self._until_done("read session rows", anyio.to_thread.run_sync,
-                                       ledger.session_rows, self.engine, sorted(candidates))
+        known = await self._until_done(
+            "read session rows", anyio.to_thread.run_sync, ledger.session_rows, self.engine, sorted(candidates)
+        )
         for session_id in sorted(candidates):
             if self.registry.get(session_id) is not None:
                 continue  # re-attached: it will be finalised when it ends
@@ -638,16 +707,24 @@ class Supervisor:
             if row is None:
                 log.error("spool of a session the database does not know; kept", extra={"session_id": session_id})
                 continue
-            grant = control.Grant(session_id=row.id, request_id=row.request_id, account_id=row.account_id,
-                                  api_key_id=row.api_key_id, model=row.model, token_cap=0, rates=row.rates)
+            grant = control.Grant(
+                session_id=row.id,
+                request_id=row.request_id,
+                account_id=row.account_id,
+                api_key_id=row.api_key_id,
+                model=row.model,
+                token_cap=0,
+                rates=row.rates,
+            )
             await self._finalize(LiveSession(grant, None, stage=Stage.LIVE))
             log.warning("finalised a session whose worker did not return", extra={"session_id": row.id})
 
     async def _adopt(self, message: Reattach, conn: socket.socket) -> None:
         """A worker of a previous supervisor offers its live session: take it over. Its account's
         balance is read afresh before any quota decision; its spool is counted once."""
-        live = LiveSession(message.grant, conn, pid=message.pid,
-                           stage=Stage.LIVE if message.upgraded else Stage.STARTING)
+        live = LiveSession(
+            message.grant, conn, pid=message.pid, stage=Stage.LIVE if message.upgraded else Stage.STARTING
+        )
         self.registry.add(live)
         await self._replay_spool(live)
         log.info("worker re-attached", extra={"session_id": message.grant.session_id, "pid": message.pid})
@@ -693,8 +770,9 @@ class Supervisor:
             await self.writer.idle()
         with anyio.move_on_after(2):
             try:
-                await anyio.to_thread.run_sync(self._in_transaction, ledger.leave_node, self.node,
-                                               self.lease.incarnation, abandon_on_cancel=True)
+                await anyio.to_thread.run_sync(
+                    self._in_transaction, ledger.leave_node, self.node, self.lease.incarnation, abandon_on_cancel=True
+                )
             except Exception:  # noqa: BLE001 - the lease then simply expires
                 log.warning("could not mark this node as left")
         self.zygote_channel.close()

@@ -60,6 +60,7 @@ def session_record(engine, request_id: str):
 
 def ended_record(engine, request_id: str, timeout: float = 20):
     """The session's final usage record, waiting (with a deadline) for the supervisor to write it."""
+
     def ended():
         row = session_record(engine, request_id)
         return row if row is not None and row.state == "ended" else None
@@ -101,10 +102,15 @@ class Tenant:
 
 @pytest.fixture
 def make_tenant(engine):
-    def make(balance: str = "100", max_concurrent_sessions: int | None = None, token_cap: int | None = None,
-             session_token_cap: int | None = None) -> Tenant:
-        account = accounts.create_account(engine, f"t-{secrets.token_hex(3)}", Money.from_usd(balance),
-                                          max_concurrent_sessions, session_token_cap)
+    def make(
+        balance: str = "100",
+        max_concurrent_sessions: int | None = None,
+        token_cap: int | None = None,
+        session_token_cap: int | None = None,
+    ) -> Tenant:
+        account = accounts.create_account(
+            engine, f"t-{secrets.token_hex(3)}", Money.from_usd(balance), max_concurrent_sessions, session_token_cap
+        )
         created = accounts.create_key(engine, account.id, "test", token_cap)
         return Tenant(account.id, created.plaintext, created.key.id)
 
@@ -138,9 +144,22 @@ def start_sim(tmp: Path, *extra: str) -> Sim:
     log_dir = tmp / "sim-frames"
     log_dir.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshrt.simulator", "--port", "0", "--api-key", OPERATOR_KEY,
-         "--frame-log-dir", str(log_dir), *extra],
-        stdout=subprocess.PIPE, stderr=open(tmp / "sim.err", "ab"), text=True)
+        [
+            sys.executable,
+            "-m",
+            "meshrt.simulator",
+            "--port",
+            "0",
+            "--api-key",
+            OPERATOR_KEY,
+            "--frame-log-dir",
+            str(log_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp / "sim.err", "ab"),
+        text=True,
+    )
     match = wait_for_line(proc, r"listening on (wss?)://[^:]+:(\d+)", 20, "the simulator")
     return Sim(proc, int(match.group(2)), log_dir, match.group(1))
 
@@ -191,21 +210,35 @@ class Gateway:
         return None
 
 
-def start_gateway(tmp: Path, database_url: str, upstream_url: str, state: Path | None = None,
-                  **env_overrides) -> Gateway:
+def start_gateway(
+    tmp: Path, database_url: str, upstream_url: str, state: Path | None = None, **env_overrides
+) -> Gateway:
     state = state or tmp / f"state-{secrets.token_hex(3)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_") and k != "OPENAI_API_KEY"}
-    env.update({
-        "MESHRT_STATE_DIR": str(state), "MESHRT_DATABASE_URL": database_url,
-        "MESHRT_UPSTREAM_URL": upstream_url, "OPENAI_API_KEY": OPERATOR_KEY,
-        "MESHRT_ALLOW_PLAIN_WS": "1", "MESHRT_PORT": "0", "MESHRT_HOST": "127.0.0.1",
-        "MESHRT_UPSTREAM_ATTEMPTS": "2", "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": "3",
-        "MESHRT_DRAIN_S": "5", "MESHRT_LOG_LEVEL": "info",
-    })
+    env.update(
+        {
+            "MESHRT_STATE_DIR": str(state),
+            "MESHRT_DATABASE_URL": database_url,
+            "MESHRT_UPSTREAM_URL": upstream_url,
+            "OPENAI_API_KEY": OPERATOR_KEY,
+            "MESHRT_ALLOW_PLAIN_WS": "1",
+            "MESHRT_PORT": "0",
+            "MESHRT_HOST": "127.0.0.1",
+            "MESHRT_UPSTREAM_ATTEMPTS": "2",
+            "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": "3",
+            "MESHRT_DRAIN_S": "5",
+            "MESHRT_LOG_LEVEL": "info",
+        }
+    )
     env.update({k: str(v) for k, v in env_overrides.items()})
     stderr_path = tmp / f"gateway-{secrets.token_hex(3)}.err"
-    proc = subprocess.Popen([sys.executable, "-m", "meshrt.supervisor.cli", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=open(stderr_path, "ab"), text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshrt.supervisor.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(stderr_path, "ab"),
+        text=True,
+    )
     port = int(wait_for_line(proc, r"listening on http://[^:]+:(\d+)", 30, "the gateway").group(1))
     gateway = Gateway(proc, port, state, stderr_path, env)
 

@@ -111,8 +111,14 @@ class PgFaultProxy:
         return len(self._pairs)
 
     def stats(self) -> dict:
-        return {"mode": self.mode, "accepted": self.accepted, "active": self.active, "reset": self.reset,
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        return {
+            "mode": self.mode,
+            "accepted": self.accepted,
+            "active": self.active,
+            "reset": self.reset,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+        }
 
     def url(self, database_url: str) -> str:
         """`database_url` (postgresql[+driver]://user:pw@host:port/db?...) pointed at the proxy."""
@@ -532,8 +538,7 @@ class SqliteLock(_LockHolder):
         self.what = f"sqlite {self.mode} lock on {self.path}"
 
     def _open(self, seconds: float):
-        return sqlite3.connect(self.path, timeout=self.acquire_timeout_s, isolation_level=None,
-                               check_same_thread=False)
+        return sqlite3.connect(self.path, timeout=self.acquire_timeout_s, isolation_level=None, check_same_thread=False)
 
     def _acquire(self, conn) -> None:
         conn.execute(f"BEGIN {self.mode}")
@@ -582,9 +587,17 @@ def pg_conninfo(url: str) -> str:
 # --- seeded schedules -----------------------------------------------------------------------
 
 
-def fault_schedule(seed: int | str, duration_s: float, kinds: Sequence[str], max_faults: int, *,
-                   min_len_s: float = 0.5, max_len_s: float = 3.0, min_gap_s: float = 1.0,
-                   busy_fraction: float = 0.5) -> list[tuple[float, str, float]]:
+def fault_schedule(
+    seed: int | str,
+    duration_s: float,
+    kinds: Sequence[str],
+    max_faults: int,
+    *,
+    min_len_s: float = 0.5,
+    max_len_s: float = 3.0,
+    min_gap_s: float = 1.0,
+    busy_fraction: float = 0.5,
+) -> list[tuple[float, str, float]]:
     """[(start offset s, kind, length s)], sorted, the same for the same arguments.
 
     Between 1 and `max_faults` faults (fewer if they do not fit), each `min_len_s`..`max_len_s`

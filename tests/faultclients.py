@@ -20,9 +20,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
-
 from realtime_client import connect_ws, recv_json, recv_until
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 
 @dataclass
@@ -51,8 +50,19 @@ class FaultClients:
     `<prefix>-<name>-a<n>`, n the attempt; sessions ask the simulator for paced responses of
     `response_ms`."""
 
-    def __init__(self, url, key: str, prefix: str, *, slots: int, budget_s: float, response_ms: int,
-                 connect_timeout_s: float, connect_retry_s: float, closable: bool = False):
+    def __init__(
+        self,
+        url,
+        key: str,
+        prefix: str,
+        *,
+        slots: int,
+        budget_s: float,
+        response_ms: int,
+        connect_timeout_s: float,
+        connect_retry_s: float,
+        closable: bool = False,
+    ):
         self.url, self.key, self.prefix, self.slots = url, key, prefix, slots
         self.response_ms, self.closable = response_ms, closable
         self.connect_timeout_s, self.connect_retry_s = connect_timeout_s, connect_retry_s

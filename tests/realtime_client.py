@@ -19,8 +19,17 @@ def run(coro, timeout: float = 30):
     return asyncio.run(bounded())
 
 
-def connect_ws(url: str, *, key: str | None = None, how: str = "authorization", model: str | None = "gpt-realtime",
-               query: str = "", subprotocols: list[str] | None = None, headers: dict | None = None, **kw):
+def connect_ws(
+    url: str,
+    *,
+    key: str | None = None,
+    how: str = "authorization",
+    model: str | None = "gpt-realtime",
+    query: str = "",
+    subprotocols: list[str] | None = None,
+    headers: dict | None = None,
+    **kw,
+):
     params = []
     if model is not None:
         params.append(f"model={model}")
@@ -37,8 +46,16 @@ def connect_ws(url: str, *, key: str | None = None, how: str = "authorization", 
         protocols = ["realtime", f"openai-insecure-api-key.{key}", *protocols]
     elif key is not None and how == "bearer-dot":
         protocols = ["realtime", f"Bearer.{key}", *protocols]
-    return connect(full, additional_headers=extra, subprotocols=protocols or None, compression=None,
-                   max_size=None, open_timeout=15, close_timeout=5, **kw)
+    return connect(
+        full,
+        additional_headers=extra,
+        subprotocols=protocols or None,
+        compression=None,
+        max_size=None,
+        open_timeout=15,
+        close_timeout=5,
+        **kw,
+    )
 
 
 async def recv_json(ws, timeout: float = 10) -> dict:

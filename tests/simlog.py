@@ -22,7 +22,6 @@ from meshrt.storage.db import Account, SessionRecord
 from meshrt.worker.meter import Meter, UsageTotals
 from meshrt.worker.session_meter import GrantPriceTable
 
-
 # --- what the simulator reported --------------------------------------------------------------
 
 
@@ -121,7 +120,7 @@ def session_report(conn, by_request: dict, reports: dict, what: str) -> tuple[Se
     assert len(reports[conn.tag]) == 1, f"{what}: simulator connections {len(reports[conn.tag])}"
     sent = reports[conn.tag][0]
     received = [json.dumps(u, sort_keys=True) for u in conn.usages]
-    relayed = [json.dumps(json.loads(p)["response"]["usage"], sort_keys=True) for p in sent[:len(received)]]
+    relayed = [json.dumps(json.loads(p)["response"]["usage"], sort_keys=True) for p in sent[: len(received)]]
     assert received == relayed, f"{what}: the client's response.done usage is not the simulator's, in order"
     return row, sent
 
@@ -152,7 +151,8 @@ def check_unbilled_attempts(rows, sessions: dict[str, str], attempts, reports, w
             reasons = counts.setdefault("their_end_reasons", {})
             reasons[row.end_reason] = reasons.get(row.end_reason, 0) + 1
             assert row.responses == 0 and row.cost_pico == 0, (
-                f"{who} a session no client had ({row.id}, {row.end_reason}) was billed {row.cost_pico}")
+                f"{who} a session no client had ({row.id}, {row.end_reason}) was billed {row.cost_pico}"
+            )
     for tag in attempts:
         if tag not in sessions:
             assert all(not done for done in reports.get(tag, [])), f"{who} failed attempt {tag} had responses"

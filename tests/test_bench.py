@@ -47,9 +47,14 @@ def test_quick_bench_json_has_every_section(tmp_path):
     env["MESHRT_BENCH_SMOKE"] = "1"
     out = tmp_path / "bench.json"
     try:
-        proc = subprocess.run([sys.executable, "-m", "meshrt.supervisor.cli", "--json", "bench", "--quick",
-                               "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=240)
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshrt.supervisor.cli", "--json", "bench", "--quick", "--out", str(out)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"meshrt bench did not finish in 240 s; stderr: {exc.stderr!r}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,6 +97,12 @@ def test_quick_bench_json_has_every_section(tmp_path):
     throughput = doc["throughput"]
     assert throughput["direct_mb_s"] > 0 and throughput["gateway_mb_s"] > 0
 
-    assert set(doc["targets"]) == {"rtt_small_added_p50_us", "rtt_small_added_p99_us", "setup_added_p50_ms",
-                                   "worker_idle_uss_mib", "worker_streaming_uss_mib", "capacity_sessions"}
+    assert set(doc["targets"]) == {
+        "rtt_small_added_p50_us",
+        "rtt_small_added_p99_us",
+        "setup_added_p50_ms",
+        "worker_idle_uss_mib",
+        "worker_streaming_uss_mib",
+        "capacity_sessions",
+    }
     assert all(isinstance(row["met"], bool) for row in doc["targets"].values())

@@ -10,15 +10,14 @@ import random
 from decimal import ROUND_HALF_UP, Decimal
 
 import httpx
-from websockets.exceptions import ConnectionClosed
 import pytest
+from conftest import ended_record
+from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
 from sqlmodel import Session, select
+from websockets.exceptions import ConnectionClosed
 
 from meshrt.shared.money import Money
 from meshrt.storage.db import Account, LedgerEntry
-
-from conftest import ended_record
-from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
 
 PER_1M = Decimal(1_000_000)
 IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
@@ -50,9 +49,11 @@ def transcription_cost(usage: dict, pricing: dict) -> Decimal:
         exact = Decimal(str(usage["seconds"])) * usd(pricing["per_minute"]) / 60
         return exact.quantize(Decimal("1e-12"), rounding=ROUND_HALF_UP)
     details = usage["input_token_details"]
-    return (details["text_tokens"] * usd(pricing["text"]["input"])
-            + details["audio_tokens"] * usd(pricing["audio"]["input"])
-            + usage["output_tokens"] * usd(pricing["text"]["output"])) / PER_1M
+    return (
+        details["text_tokens"] * usd(pricing["text"]["input"])
+        + details["audio_tokens"] * usd(pricing["audio"]["input"])
+        + usage["output_tokens"] * usd(pricing["text"]["output"])
+    ) / PER_1M
 
 
 def models_served(gateway, key: str) -> dict:
@@ -66,23 +67,41 @@ def balance(engine, account_id: str) -> Money:
         return Money(db.get(Account, account_id).balance_pico)
 
 
-
-
 async def converse(ws, transcription_model: str) -> tuple[list[dict], list[dict]]:
     """Two responses (the second with cached input) with audio, text, an image, transcription."""
     await recv_json(ws)
-    await ws.send(json.dumps({"type": "session.update", "session": {
-        "type": "realtime", "instructions": "You are a meticulous billing test.",
-        "audio": {"input": {"transcription": {"model": transcription_model}}}}}))
+    await ws.send(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "realtime",
+                    "instructions": "You are a meticulous billing test.",
+                    "audio": {"input": {"transcription": {"model": transcription_model}}},
+                },
+            }
+        )
+    )
     responses, transcriptions = [], []
     for turn in range(2):
         for _ in range(7):
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": AUDIO_100MS}))
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-        await ws.send(json.dumps({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [
-                {"type": "input_text", "text": f"Turn {turn}: describe this image."},
-                {"type": "input_image", "image_url": IMAGE}]}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": f"Turn {turn}: describe this image."},
+                            {"type": "input_image", "image_url": IMAGE},
+                        ],
+                    },
+                }
+            )
+        )
         await ws.send(json.dumps({"type": "response.create"}))
         for event in await recv_until(ws, "response.done", 20):
             if event["type"] == "response.done":
@@ -93,14 +112,20 @@ async def converse(ws, transcription_model: str) -> tuple[list[dict], list[dict]
     return responses, transcriptions
 
 
-@pytest.mark.parametrize("model,transcription", [
-    ("gpt-realtime-2.1", "gpt-4o-transcribe"), ("gpt-realtime-2", "gpt-4o-mini-transcribe"),
-    ("gpt-realtime-1.5", "whisper-1"), ("gpt-realtime", "gpt-4o-transcribe"),
-    ("gpt-realtime-2025-08-28", "gpt-realtime-whisper"), ("gpt-realtime-2.1-mini", "gpt-4o-mini-transcribe"),
-    ("gpt-realtime-mini", "whisper-1"), ("gpt-4o-mini-realtime-preview", "gpt-4o-transcribe"),
-])
-def test_record_and_balance_match_served_rates_to_the_picodollar(gateway_factory, tenant, engine, model,
-                                                                   transcription):
+@pytest.mark.parametrize(
+    "model,transcription",
+    [
+        ("gpt-realtime-2.1", "gpt-4o-transcribe"),
+        ("gpt-realtime-2", "gpt-4o-mini-transcribe"),
+        ("gpt-realtime-1.5", "whisper-1"),
+        ("gpt-realtime", "gpt-4o-transcribe"),
+        ("gpt-realtime-2025-08-28", "gpt-realtime-whisper"),
+        ("gpt-realtime-2.1-mini", "gpt-4o-mini-transcribe"),
+        ("gpt-realtime-mini", "whisper-1"),
+        ("gpt-4o-mini-realtime-preview", "gpt-4o-transcribe"),
+    ],
+)
+def test_record_and_balance_match_served_rates_to_the_picodollar(gateway_factory, tenant, engine, model, transcription):
     gw = gateway_factory()
     served = models_served(gw, tenant.key)
     start = balance(engine, tenant.account_id)
@@ -121,7 +146,8 @@ def test_record_and_balance_match_served_rates_to_the_picodollar(gateway_factory
     assert row.responses == 2
     assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in responses)
     assert row.usage["input_token_details"]["cached_tokens"] == sum(
-        u["input_token_details"]["cached_tokens"] for u in responses)
+        u["input_token_details"]["cached_tokens"] for u in responses
+    )
     assert start - balance(engine, tenant.account_id) == Money(row.cost_pico)
     record = httpx.get(f"{gw.http_url}/v1/usage", headers={"Authorization": f"Bearer {tenant.key}"}).json()["data"][0]
     assert record["id"] == row.id and Decimal(record["cost"]["amount"]) == expected.quantize(Decimal("1e-12"))
@@ -147,8 +173,11 @@ def test_client_that_vanishes_mid_response_is_billed_for_the_partial_response(ga
     assert row.responses == 1 and row.cost_pico > 0
     assert 0 < row.usage["output_tokens"] < 60  # 3 s would be 60 audio tokens: it was cut short
     frames = [json.loads(line) for p in sim.logs() if p not in before for line in p.read_text().splitlines()]
-    sent_upstream = [json.loads(base64.b64decode(f["payload_b64"])) for f in frames
-                     if f.get("dir") == "in" and f.get("opcode") == "text"]
+    sent_upstream = [
+        json.loads(base64.b64decode(f["payload_b64"]))
+        for f in frames
+        if f.get("dir") == "in" and f.get("opcode") == "text"
+    ]
     assert {"type": "response.cancel"} in sent_upstream
 
 
@@ -209,8 +238,9 @@ def test_concurrent_sessions_of_one_account_drain_a_small_balance_exactly(gatewa
     final = balance(engine, poor.account_id)
     assert start - final == Money(sum(r.cost_pico for r in rows))
     with Session(engine) as db:
-        debits = db.exec(select(LedgerEntry).where(LedgerEntry.account_id == poor.account_id,
-                                                   LedgerEntry.kind == "usage")).all()
+        debits = db.exec(
+            select(LedgerEntry).where(LedgerEntry.account_id == poor.account_id, LedgerEntry.kind == "usage")
+        ).all()
     assert Money(-sum(e.amount_pico for e in debits)) == start - final
     assert final.picodollars <= 0
     biggest = max(r.cost_pico // max(r.responses, 1) for r in rows if r.responses)
@@ -239,4 +269,6 @@ def test_usage_api_filters_and_paginates(gateway, tenant, engine):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_parameter"
     assert httpx.get(f"{gateway.http_url}/v1/usage").json()["error"]["code"] == "missing_api_key"
     account = httpx.get(f"{gateway.http_url}/v1/account", headers=auth).json()
-    assert account["id"] == tenant.account_id and Money.from_usd(account["balance"]) == balance(engine, tenant.account_id)
+    assert account["id"] == tenant.account_id and Money.from_usd(account["balance"]) == balance(
+        engine, tenant.account_id
+    )

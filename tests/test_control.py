@@ -8,26 +8,70 @@ import os
 import pytest
 
 from meshrt.shared import control
-from meshrt.shared.increments import Increment
 from meshrt.shared.control import (
-    ControlError, Grant, Handoff, HandoffAck, Reattach, Spawn, Spawned, StopSession, UsageIncrement, WorkerEnded,
-    WorkerConfig, WorkerExited, WorkerLive, ZygoteReady,
+    ControlError,
+    Grant,
+    Handoff,
+    HandoffAck,
+    Reattach,
+    Spawn,
+    Spawned,
+    StopSession,
+    UsageIncrement,
+    WorkerConfig,
+    WorkerEnded,
+    WorkerExited,
+    WorkerLive,
+    ZygoteReady,
+)
+from meshrt.shared.increments import Increment
+
+GRANT = Grant(
+    "sess_1",
+    "req_1",
+    "acct_1",
+    "key_1",
+    "gpt-realtime",
+    32000,
+    {"model": {"input": {"text": "4000"}, "nested": [1, {"x": None}]}, "effective_date": "2026-01-01"},
+    beta=True,
+    client_addr="10.0.0.1",
+    started_at=1.5,
+    balance_pico=10**15,
+)
+CONFIG = WorkerConfig(
+    upstream_url="wss://api.openai.com/v1/realtime", upstream_key="sk-x", control_socket="/run/c.sock"
 )
 
-GRANT = Grant("sess_1", "req_1", "acct_1", "key_1", "gpt-realtime", 32000,
-              {"model": {"input": {"text": "4000"}, "nested": [1, {"x": None}]}, "effective_date": "2026-01-01"},
-              beta=True, client_addr="10.0.0.1", started_at=1.5, balance_pico=10**15)
-CONFIG = WorkerConfig(upstream_url="wss://api.openai.com/v1/realtime", upstream_key="sk-x", control_socket="/run/c.sock")
-
 MESSAGES = [
-    Handoff(GRANT, b"GET / HTTP/1.1\r\n\r\n\x00\xff"), HandoffAck("sess_1"), HandoffAck("sess_1", "server_at_capacity"),
-    Reattach(GRANT, 42, True), Spawn(GRANT, CONFIG, b"GET"), Spawned("sess_1", 42), ZygoteReady(7),
-    WorkerExited(42, None, 9), WorkerLive("sess_1", 42),
-    UsageIncrement("sess_1", Increment.from_json({
-        "seq": 3, "kind": "response", "model": "gpt-realtime", "usage": {"total_tokens": 5}, "cost_picodollars": 7,
-        "by_category_picodollars": {"text_input": 7}, "total_tokens": 5, "response_id": "resp_1", "item_id": None,
-        "unpriced": False})),
-    WorkerEnded("sess_1", "client_closed", 1000, True), StopSession("insufficient_quota"),
+    Handoff(GRANT, b"GET / HTTP/1.1\r\n\r\n\x00\xff"),
+    HandoffAck("sess_1"),
+    HandoffAck("sess_1", "server_at_capacity"),
+    Reattach(GRANT, 42, True),
+    Spawn(GRANT, CONFIG, b"GET"),
+    Spawned("sess_1", 42),
+    ZygoteReady(7),
+    WorkerExited(42, None, 9),
+    WorkerLive("sess_1", 42),
+    UsageIncrement(
+        "sess_1",
+        Increment.from_json(
+            {
+                "seq": 3,
+                "kind": "response",
+                "model": "gpt-realtime",
+                "usage": {"total_tokens": 5},
+                "cost_picodollars": 7,
+                "by_category_picodollars": {"text_input": 7},
+                "total_tokens": 5,
+                "response_id": "resp_1",
+                "item_id": None,
+                "unpriced": False,
+            }
+        ),
+    ),
+    WorkerEnded("sess_1", "client_closed", 1000, True),
+    StopSession("insufficient_quota"),
 ]
 
 
@@ -48,8 +92,17 @@ def test_every_message_round_trips_with_an_fd(message, tmp_path):
         theirs.close()
 
 
-@pytest.mark.parametrize("datagram", [b"", b"{", b"[]", b'{"kind":"nope"}', b'{"kind":"spawned","pid":1}',
-                                      b'{"kind":"spawn","grant":{"x":1},"request":{"b64":"AA=="}}'])
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"kind":"nope"}',
+        b'{"kind":"spawned","pid":1}',
+        b'{"kind":"spawn","grant":{"x":1},"request":{"b64":"AA=="}}',
+    ],
+)
 def test_bad_datagrams_raise_control_error(datagram):
     with pytest.raises(ControlError):
         control.decode(datagram)

@@ -20,31 +20,46 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_for
+from realtime_client import connect_ws, recv_json, recv_until, run
 from websockets.sync.client import connect as ws_connect
 
 from meshrt.shared.money import Money
 
-from conftest import wait_for
-from realtime_client import connect_ws, recv_json, recv_until, run
-
 SCREENSHOT = Path("/tmp/dashboard.png")
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,1000",
-    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1280,1000",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
 ]
 
 
 def find_chromium() -> str:
-    for name in (os.environ.get("MESHRT_TEST_CHROMIUM"), "chromium", "chromium-browser", "google-chrome",
-                 "google-chrome-stable"):
+    for name in (
+        os.environ.get("MESHRT_TEST_CHROMIUM"),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ):
         path = name and shutil.which(name)
         if path:
             return path
-    pytest.fail("the dashboard test needs a real browser and found none: install Chromium "
-                "(Debian/Ubuntu: `apt-get install -y chromium`) or set MESHRT_TEST_CHROMIUM=/path/to/chrome",
-                pytrace=False)
+    pytest.fail(
+        "the dashboard test needs a real browser and found none: install Chromium "
+        "(Debian/Ubuntu: `apt-get install -y chromium`) or set MESHRT_TEST_CHROMIUM=/path/to/chrome",
+        pytrace=False,
+    )
 
 
 class Page:
@@ -84,8 +99,10 @@ class Page:
         return self.js(f"[...document.querySelectorAll({json.dumps(selector)})].map(e => e.textContent.trim())")
 
     def visible(self, element_id: str) -> bool:
-        return self.js(f"(e => !!e && !e.closest('[hidden]') && e.getClientRects().length > 0)"
-                       f"(document.getElementById({json.dumps(element_id)}))")
+        return self.js(
+            f"(e => !!e && !e.closest('[hidden]') && e.getClientRects().length > 0)"
+            f"(document.getElementById({json.dumps(element_id)}))"
+        )
 
     def type_into(self, element_id: str, text: str) -> None:
         self.js(f"document.getElementById({json.dumps(element_id)}).focus()")
@@ -115,13 +132,19 @@ class Page:
 class Browser:
     def __init__(self, executable: str, profile: Path, log: Path):
         profile.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+        self.proc = subprocess.Popen(
+            [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "ab"),
+            start_new_session=True,
+        )
         active = profile / "DevToolsActivePort"
 
         def port():
             if self.proc.poll() is not None:
-                raise AssertionError(f"Chromium exited with {self.proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+                raise AssertionError(
+                    f"Chromium exited with {self.proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
+                )
             lines = active.read_text().splitlines() if active.exists() else []
             return int(lines[0]) if len(lines) >= 2 else None
 
@@ -171,8 +194,11 @@ def test_dashboard_is_one_page_with_strict_headers(shared_gateway):
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
         assert response.headers["content-security-policy"] == csp
     # self-contained: nothing fetched from anywhere else
-    for text in (page.text, httpx.get(f"{shared_gateway.http_url}/dashboard/dashboard.js").text,
-                 httpx.get(f"{shared_gateway.http_url}/dashboard/dashboard.css").text):
+    for text in (
+        page.text,
+        httpx.get(f"{shared_gateway.http_url}/dashboard/dashboard.js").text,
+        httpx.get(f"{shared_gateway.http_url}/dashboard/dashboard.css").text,
+    ):
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text
         assert "//cdn" not in text
 
@@ -219,8 +245,7 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
         browser = Browser(chromium, tmp_path / "chromium-profile", tmp_path / "chromium.log")
         page = browser.page()
         page.call("Page.navigate", url=f"{gw.http_url}/dashboard?limit=2")
-        page.wait("document.readyState === 'complete' && document.body.dataset.state === 'login'",
-                  what="the key form")
+        page.wait("document.readyState === 'complete' && document.body.dataset.state === 'login'", what="the key form")
         assert page.visible("login") and not page.visible("dashboard")
 
         page.type_into("key-input", tenant.key)
@@ -241,8 +266,9 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
         assert page.text("#account-name") == account["name"]
 
         # the table: a page of 2, then "load more" through the cursor
-        assert page.js("[...document.querySelectorAll('#usage-rows tr')].map(r => r.dataset.id)") == \
-            [r["id"] for r in usage[:2]]
+        assert page.js("[...document.querySelectorAll('#usage-rows tr')].map(r => r.dataset.id)") == [
+            r["id"] for r in usage[:2]
+        ]
         assert page.texts("#usage-rows td.cost") == [usd_shown(r["cost"]["amount"]) for r in usage[:2]]
         assert page.texts("#usage-rows td.model") == [r["model"] for r in usage[:2]]
         assert page.texts("#usage-rows td.reason") == [r["end_reason"] for r in usage[:2]]
@@ -251,8 +277,9 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
         assert page.visible("load-more")
         page.click("load-more")
         page.wait("document.querySelectorAll('#usage-rows tr').length === 3", what="the second page of rows")
-        assert page.js("[...document.querySelectorAll('#usage-rows tr')].map(r => r.dataset.id)") == \
-            [r["id"] for r in usage]
+        assert page.js("[...document.querySelectorAll('#usage-rows tr')].map(r => r.dataset.id)") == [
+            r["id"] for r in usage
+        ]
         assert page.texts("#usage-rows td.cost") == [usd_shown(r["cost"]["amount"]) for r in usage]
         page.wait("document.getElementById('load-more').hidden", what="no more pages")
 
@@ -265,8 +292,13 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
 
         # the page's money arithmetic is exact (BigInt picodollars), not binary floats
         assert page.js("(m => m.formatPico(m.parsePico('0.1') + m.parsePico('0.2')))(meshrtDashboard)") == "0.300000"
-        assert page.js("(m => m.formatPico(m.parsePico('9007199254740993.000000000001') - m.parsePico('0.5')))"
-                       "(meshrtDashboard)") == "9,007,199,254,740,992.500000000001"
+        assert (
+            page.js(
+                "(m => m.formatPico(m.parsePico('9007199254740993.000000000001') - m.parsePico('0.5')))"
+                "(meshrtDashboard)"
+            )
+            == "9,007,199,254,740,992.500000000001"
+        )
         assert page.js("(m => m.formatPico(m.parsePico('-0.000316') * 3n))(meshrtDashboard)") == "-0.000948"
 
         assert page.problems() == []
@@ -275,8 +307,9 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
 
         # a bad key: the API's own error message, the form again, nothing kept
         bad_key = "rsk_" + "Z" * 40
-        expected = httpx.get(f"{gw.http_url}/v1/account", headers={"Authorization": f"Bearer {bad_key}"},
-                             timeout=10).json()["error"]
+        expected = httpx.get(
+            f"{gw.http_url}/v1/account", headers={"Authorization": f"Bearer {bad_key}"}, timeout=10
+        ).json()["error"]
         page.click("signout")
         page.wait("document.body.dataset.state === 'login'", what="the key form after forgetting the key")
         assert page.js("sessionStorage.getItem('meshrt.dashboard.key')") is None

@@ -45,20 +45,26 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import text
-from websockets.exceptions import ConnectionClosed
-
-from meshrt.shared import spool
-from meshrt.shared.money import Money
-
 from conftest import PG_ENV, _stop, ended_record, session_record, start_sim, wait_for
 from dbfaults import PgFaultProxy, PgTableLock, SqliteLock, fault_schedule, pg_conninfo
 from faultclients import Conn, FaultClients
 from realtime_client import connect_ws, expect_refusal, recv_json, recv_until, run
 from simlog import (
-    balance, check_debits, check_unbilled_attempts, expected_from, final_records, records_by_request, same_usage,
-    session_report, sim_reports,
+    balance,
+    check_debits,
+    check_unbilled_attempts,
+    expected_from,
+    final_records,
+    records_by_request,
+    same_usage,
+    session_report,
+    sim_reports,
 )
+from sqlalchemy import text
+from websockets.exceptions import ConnectionClosed
+
+from meshrt.shared import spool
+from meshrt.shared.money import Money
 
 # default: a seed whose PostgreSQL plan has every kind, and locks the session and ledger tables
 SEED = int(os.environ.get("MESHRT_DB_FAULT_SEED", "5"))
@@ -88,8 +94,11 @@ def _tag(what: str = "") -> str:
 
 def _log_tail(gateway, n: int = 25) -> str:
     """The gateway's last warnings and errors, for assertion messages."""
-    lines = [line for line in gateway.log_text().splitlines()
-             if '"level": "info"' not in line and '"level":"info"' not in line]
+    lines = [
+        line
+        for line in gateway.log_text().splitlines()
+        if '"level": "info"' not in line and '"level":"info"' not in line
+    ]
     return "\n".join(lines[-n:]) + f"\n(full log: {gateway.stderr_path})"
 
 
@@ -126,7 +135,7 @@ def db_gateway(pg_proxy, gateway_factory, db_sim, database_url):
 
 def _sqlite_path(database_url: str) -> str:
     assert database_url.startswith("sqlite:///"), database_url
-    return database_url[len("sqlite:///"):]
+    return database_url[len("sqlite:///") :]
 
 
 @contextmanager
@@ -163,10 +172,17 @@ def row_state_direct(database_url: str, session_id: str) -> tuple[str, int]:
 def ledger_totals(engine, account_id: str) -> tuple[int, int, int, int]:
     """(applied increments, their cost, usage ledger entries, their amount) of an account."""
     with engine.connect() as conn:
-        applied = conn.execute(text("SELECT count(*), coalesce(sum(cost_pico), 0) FROM appliedincrement "
-                                    "WHERE account_id = :a"), {"a": account_id}).one()
-        entries = conn.execute(text("SELECT count(*), coalesce(sum(amount_pico), 0) FROM ledgerentry "
-                                    "WHERE account_id = :a AND kind = 'usage'"), {"a": account_id}).one()
+        applied = conn.execute(
+            text("SELECT count(*), coalesce(sum(cost_pico), 0) FROM appliedincrement WHERE account_id = :a"),
+            {"a": account_id},
+        ).one()
+        entries = conn.execute(
+            text(
+                "SELECT count(*), coalesce(sum(amount_pico), 0) FROM ledgerentry "
+                "WHERE account_id = :a AND kind = 'usage'"
+            ),
+            {"a": account_id},
+        ).one()
         return int(applied[0]), int(applied[1]), int(entries[0]), int(entries[1])
 
 
@@ -210,9 +226,17 @@ class Clients(FaultClients):
     code, and a frame after its error frame is a failure."""
 
     def __init__(self, url: str, key: str):
-        super().__init__(lambda: url, key, f"{SEED}-{DB}", slots=SLOTS, budget_s=LIVE_BUDGET_S,
-                         response_ms=RESPONSE_MS, connect_timeout_s=CONNECT_TIMEOUT_S,
-                         connect_retry_s=CONNECT_RETRY_S, closable=True)
+        super().__init__(
+            lambda: url,
+            key,
+            f"{SEED}-{DB}",
+            slots=SLOTS,
+            budget_s=LIVE_BUDGET_S,
+            response_ms=RESPONSE_MS,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            connect_retry_s=CONNECT_RETRY_S,
+            closable=True,
+        )
 
     def plan(self, index: int, n: int) -> tuple[random.Random, int, bool]:
         rng = random.Random(f"{SEED}:{DB}:{index}:{n}")
@@ -252,8 +276,16 @@ def schedule(kinds: tuple[str, ...]) -> list[tuple[float, str, float]]:
         deck += rng.sample(list(kinds), len(kinds))
     out = []
     for i in range(SEGMENTS):
-        found = fault_schedule(f"{SEED}:{DB}:{i}", SEGMENT_S, kinds, 1, min_len_s=FAULT_MIN_S,
-                               max_len_s=FAULT_MAX_S, min_gap_s=1.0, busy_fraction=0.6)
+        found = fault_schedule(
+            f"{SEED}:{DB}:{i}",
+            SEGMENT_S,
+            kinds,
+            1,
+            min_len_s=FAULT_MIN_S,
+            max_len_s=FAULT_MAX_S,
+            min_gap_s=1.0,
+            busy_fraction=0.6,
+        )
         assert len(found) == 1, found
         offset, _, length = found[0]
         out.append((WARMUP_S + i * SEGMENT_S + offset, deck[i], length))
@@ -277,8 +309,9 @@ async def drive_faults(clients: Clients, plan, apply, gateway, faults: list[Faul
                 fault.closed.append(victim.tag)
             await asyncio.sleep(max(0.0, fault.started + length - time.monotonic()))
         fault.ended = time.monotonic()
-        assert gateway.proc.poll() is None, f"{_tag()} the supervisor exited ({gateway.proc.returncode}) " \
-                                            f"during {kind}\n{_log_tail(gateway)}"
+        assert gateway.proc.poll() is None, (
+            f"{_tag()} the supervisor exited ({gateway.proc.returncode}) during {kind}\n{_log_tail(gateway)}"
+        )
     await asyncio.sleep(max(0.0, began + WARMUP_S + SEGMENTS * SEGMENT_S - time.monotonic()))
 
 
@@ -342,8 +375,10 @@ def run_suite(gateway, sim, engine, tenant, apply, kinds: tuple[str, ...]) -> No
     run(clients.run(lambda c: drive_faults(c, plan, apply, gateway, faults)), LIVE_BUDGET_S + 45)
     live_s = time.monotonic() - began
     for fault in faults:
-        print(f"{who}   +{fault.started - began:5.1f}..{fault.ended - began:5.1f} s {fault.detail} "
-              f"closed {len(fault.closed)}")
+        print(
+            f"{who}   +{fault.started - began:5.1f}..{fault.ended - began:5.1f} s {fault.detail} "
+            f"closed {len(fault.closed)}"
+        )
     assert gateway.proc.poll() is None, f"{who} the supervisor exited ({gateway.proc.returncode})\n{_log_tail(gateway)}"
 
     # healed: ready again, and a new session is admitted at once and billed
@@ -352,28 +387,35 @@ def run_suite(gateway, sim, engine, tenant, apply, kinds: tuple[str, ...]) -> No
     after = run(clients.one_session("after-heal", 2), 40)
     assert after is not None and not after.lost, (
         f"{who} no session admitted after the faults healed: refusals {clients.refusals[-3:]}, "
-        f"failures {clients.failures[-3:]}\n{_log_tail(gateway)}")
+        f"failures {clients.failures[-3:]}\n{_log_tail(gateway)}"
+    )
 
     counts = check(clients, sim, engine, tenant, start, gateway)
     applied_n, applied_cost, entries_n, entries_amount = (
-        now - before for now, before in zip(ledger_totals(engine, tenant.account_id), ledger_before))
+        now - before for now, before in zip(ledger_totals(engine, tenant.account_id), ledger_before)
+    )
     debit = start - balance(engine, tenant.account_id)
     assert applied_cost == debit and entries_amount == -debit and entries_n == applied_n, (
         f"{who} ledger: {applied_n} increments costing {Money(applied_cost)}, {entries_n} entries of "
-        f"{Money(-entries_amount)}, balance moved {Money(debit)}")
+        f"{Money(-entries_amount)}, balance moved {Money(debit)}"
+    )
 
     # what the faults hit
     outages = [f for f in faults if f.outage]
     counts["faults"] = Counter(f.kind for f in faults)
-    counts["ended_during_an_outage"] = sum(any(f.started <= c.ended_at <= f.ended for f in outages)
-                                           for c in clients.conns)
-    counts["spanning_a_fault"] = sum(any(c.connected_at < f.started and c.ended_at > f.ended for f in faults)
-                                     for c in clients.conns)
-    counts["responses_during_an_outage"] = sum(f.started < t < f.ended for c in clients.conns for t in c.done_at
-                                               for f in outages)
+    counts["ended_during_an_outage"] = sum(
+        any(f.started <= c.ended_at <= f.ended for f in outages) for c in clients.conns
+    )
+    counts["spanning_a_fault"] = sum(
+        any(c.connected_at < f.started and c.ended_at > f.ended for f in faults) for c in clients.conns
+    )
+    counts["responses_during_an_outage"] = sum(
+        f.started < t < f.ended for c in clients.conns for t in c.done_at for f in outages
+    )
     log_text = gateway.log_text()
-    counts["ledger_write_failures"] = sum(log_text.count(f'"{m}') for m in (
-        "ledger write failed", "ledger batch failed", "ledger batch abandoned"))
+    counts["ledger_write_failures"] = sum(
+        log_text.count(f'"{m}') for m in ("ledger write failed", "ledger batch failed", "ledger batch abandoned")
+    )
     counts["told_to_close"] = sum(c.told_to_close for c in clients.conns)
     counts["refusals"] = Counter(code for _, code, _ in clients.refusals)
     counts["live_s"] = round(live_s, 1)
@@ -388,7 +430,8 @@ def run_suite(gateway, sim, engine, tenant, apply, kinds: tuple[str, ...]) -> No
         until = faults[i + 1].started if i + 1 < len(faults) else fault.ended + 10
         assert any(fault.ended < c.connected_at < until for c in clients.conns), (
             f"{who} no session admitted between the end of fault {i} ({fault.kind}, {fault.detail}) and "
-            f"{'the next' if i + 1 < len(faults) else 'the end'}\n{_log_tail(gateway)}")
+            f"{'the next' if i + 1 < len(faults) else 'the end'}\n{_log_tail(gateway)}"
+        )
 
     # no wedge: nothing left live in the supervisor, and SIGTERM still ends it cleanly
     wait_for(lambda: live_gauge(gateway) == 0, 10, 0.1, f"{who} the supervisor's live sessions to reach 0")
@@ -408,15 +451,24 @@ def check(clients: Clients, sim, engine, tenant, start_balance: int, gateway) ->
     assert not lost, f"{who} connections broke during database faults: {lost}\n{_log_tail(gateway)}"
     odd = [r for r in clients.refusals if r[1:] != ("service_unavailable", 1013)]
     assert not odd, f"{who} refusals other than service_unavailable/1013: {odd}\n{_log_tail(gateway)}"
-    handshakes = [f for f in clients.failures if "InvalidHandshake" in f[1] or "InvalidStatus" in f[1]
-                  or "after the refusal" in f[1]]
+    handshakes = [
+        f
+        for f in clients.failures
+        if "InvalidHandshake" in f[1] or "InvalidStatus" in f[1] or "after the refusal" in f[1]
+    ]
     assert not handshakes, f"{who} upgrades answered without the error frame: {handshakes}"
 
     rows = final_records(engine, tenant.account_id, RECORD_WAIT_S, who, lambda: _log_tail(gateway))
     by_request = records_by_request(rows)
     reports = sim_reports(sim)
-    counts = {"sessions": len(clients.conns), "attempts": len(clients.attempts), "cut_short": 0, "responses": 0,
-              "records_without_session": 0, "attempt_failures": len(clients.failures)}
+    counts = {
+        "sessions": len(clients.conns),
+        "attempts": len(clients.attempts),
+        "cut_short": 0,
+        "responses": 0,
+        "records_without_session": 0,
+        "attempt_failures": len(clients.failures),
+    }
 
     for conn in clients.conns:
         what = f"{who} session {conn.tag} ({conn.request_id})"
@@ -424,17 +476,18 @@ def check(clients: Clients, sim, engine, tenant, start_balance: int, gateway) ->
         counts["responses"] += row.responses
         counts["cut_short"] += conn.cut_short
         assert (row.end_reason, row.close_code) == ("client_closed", 1000), (
-            f"{what}: end {row.end_reason}/{row.close_code}")
+            f"{what}: end {row.end_reason}/{row.close_code}"
+        )
         usage, cost, responses = expected_from(sent, row.rates)
         assert row.responses == responses == len(sent), (
-            f"{what}: record has {row.responses} responses, the simulator sent {len(sent)}\n{_log_tail(gateway)}")
+            f"{what}: record has {row.responses} responses, the simulator sent {len(sent)}\n{_log_tail(gateway)}"
+        )
         assert same_usage(row.usage, usage), f"{what}: record usage {row.usage} != simulator's {usage}"
         assert row.cost_pico == cost, f"{what}: record cost {row.cost_pico} != simulator's {cost}"
         assert row.cost_pico > 0 or not sent, f"{what}: nothing billed"
         assert row.amended_at is None, f"{what}: amended at {row.amended_at} (no node was lost)"
 
-    check_unbilled_attempts(rows, {c.tag: c.request_id for c in clients.conns}, clients.attempts, reports, who,
-                            counts)
+    check_unbilled_attempts(rows, {c.tag: c.request_id for c in clients.conns}, clients.attempts, reports, who, counts)
     check_debits(engine, tenant.account_id, start_balance, rows, who)
     wait_for(lambda: not spool_files(gateway), 10, 0.1, f"{who} the spool dir to empty: {spool_files(gateway)}")
     assert counts["sessions"] >= SLOTS and counts["responses"] > 0, f"{who} too little traffic: {counts}"
@@ -443,8 +496,9 @@ def check(clients: Clients, sim, engine, tenant, start_balance: int, gateway) ->
 
 @pytest.mark.slow
 @pytest.mark.skipif(ON_PG, reason=f"the database in use is PostgreSQL ({PG_ENV}): its faults are another test")
-def test_sqlite_locked_at_random_bills_exactly_and_nothing_sticks(db_gateway, db_sim, make_tenant, engine,
-                                                                   database_url):
+def test_sqlite_locked_at_random_bills_exactly_and_nothing_sticks(
+    db_gateway, db_sim, make_tenant, engine, database_url
+):
     """SQLite: SEGMENTS times, at a seeded moment, another connection holds SQLite's write lock
     for 1.5–4 s (past the 1 s busy timeout), and a few running sessions close as it is taken.
     Admissions during a lock are refused with service_unavailable (1013) and retried by the
@@ -460,7 +514,8 @@ def test_sqlite_locked_at_random_bills_exactly_and_nothing_sticks(db_gateway, db
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_PG, reason=f"PostgreSQL faults need {PG_ENV} (the SQLite run has its own test)")
 def test_postgresql_refused_dropped_and_locked_at_random_bills_exactly_and_nothing_sticks(
-        db_gateway, db_sim, make_tenant, engine, database_url, pg_proxy):
+    db_gateway, db_sim, make_tenant, engine, database_url, pg_proxy
+):
     """PostgreSQL: SEGMENTS times, at a seeded moment, one of: the proxy refuses new connections
     (`refuse`), resets every open one (`drop`), both (`restart`) for 1.5–4 s, or ACCESS EXCLUSIVE
     locks on a seeded subset of account / appliedincrement / realtime_session / ledgerentry are
@@ -474,7 +529,8 @@ def test_postgresql_refused_dropped_and_locked_at_random_bills_exactly_and_nothi
 
 
 def test_outage_refuses_upgrades_and_api_with_service_unavailable_then_recovers(
-        db_gateway, db_sim, make_tenant, engine, database_url, pg_proxy):
+    db_gateway, db_sim, make_tenant, engine, database_url, pg_proxy
+):
     """With the database out of reach (SQLite: write lock held; PostgreSQL: refused and dropped),
     an upgrade gets the `service_unavailable` error event and close 1013 (and no row, no upstream
     connection), `/v1/usage` 503 JSON `service_unavailable` with Retry-After, `/readyz` 503 naming
@@ -508,8 +564,9 @@ def test_outage_refuses_upgrades_and_api_with_service_unavailable_then_recovers(
 
     clients = Clients(gateway.ws_url, tenant.key)
     conn = run(clients.one_session("after", 2), 40)
-    assert conn is not None and not conn.lost, f"{who} not admitted after the outage: {clients.refusals} " \
-                                               f"{clients.failures}\n{_log_tail(gateway)}"
+    assert conn is not None and not conn.lost, (
+        f"{who} not admitted after the outage: {clients.refusals} {clients.failures}\n{_log_tail(gateway)}"
+    )
     row = ended_record(engine, conn.request_id, RECORD_WAIT_S)
     reports = sim_reports(db_sim)
     assert down_tag not in reports, f"{who} the refused upgrade reached the simulator"
@@ -521,7 +578,8 @@ def test_outage_refuses_upgrades_and_api_with_service_unavailable_then_recovers(
 
 
 def test_session_ending_during_outage_is_billed_once_the_database_returns(
-        db_gateway, db_sim, make_tenant, engine, database_url, pg_proxy):
+    db_gateway, db_sim, make_tenant, engine, database_url, pg_proxy
+):
     """A session whose last responses happen, and whose client closes, while the database is out
     of reach (SQLite: write lock; PostgreSQL: refused and dropped): its spool (under
     `<state_dir>/spool/`) keeps every increment and the end while the outage lasts and its row
@@ -533,8 +591,9 @@ def test_session_ending_during_outage_is_billed_once_the_database_returns(
     tag = f"{SEED}-{DB}-ends-down"
 
     async def before() -> tuple:
-        ws = await connect_ws(gateway.ws_url, key=tenant.key,
-                              query=f"sim_pace=1&sim_response_ms={RESPONSE_MS}&fault_tag={tag}")
+        ws = await connect_ws(
+            gateway.ws_url, key=tenant.key, query=f"sim_pace=1&sim_response_ms={RESPONSE_MS}&fault_tag={tag}"
+        )
         assert (await recv_json(ws))["type"] == "session.created"
         for _ in range(2):
             await ws.send(json.dumps({"type": "response.create"}))
@@ -551,9 +610,17 @@ def test_session_ending_during_outage_is_billed_once_the_database_returns(
     loop = asyncio.new_event_loop()
     try:
         ws, request_id = loop.run_until_complete(asyncio.wait_for(before(), 30))
-        session_id = wait_for(lambda: (r := session_record(engine, request_id)) is not None and r.state == "live"
-                              and row_state_direct(database_url, r.id)[1] == 2 and r.id, 10, 0.05,
-                              f"{who} the first two increments committed")
+        session_id = wait_for(
+            lambda: (
+                (r := session_record(engine, request_id)) is not None
+                and r.state == "live"
+                and row_state_direct(database_url, r.id)[1] == 2
+                and r.id
+            ),
+            10,
+            0.05,
+            f"{who} the first two increments committed",
+        )
         file = spool.path(gateway.state_dir / "spool", session_id)
         with outage(database_url, pg_proxy) as what:
             loop.run_until_complete(asyncio.wait_for(during(ws), 30))
@@ -575,12 +642,14 @@ def test_session_ending_during_outage_is_billed_once_the_database_returns(
     usage, cost, responses = expected_from(sent[0], row.rates)
     assert (row.end_reason, row.close_code) == ("client_closed", 1000), f"{who} end {row.end_reason}/{row.close_code}"
     assert row.responses == responses == len(held.increments), (
-        f"{who} record {row.responses} responses, simulator {responses}, spool {len(held.increments)}")
+        f"{who} record {row.responses} responses, simulator {responses}, spool {len(held.increments)}"
+    )
     assert same_usage(row.usage, usage), f"{who} record usage {row.usage} != simulator's {usage}"
     assert row.cost_pico == cost, f"{who} record cost {row.cost_pico} != simulator's {cost}"
     assert start - balance(engine, tenant.account_id) == cost, f"{who} balance moved by other than the record"
     applied, applied_cost, entries, amount = ledger_totals(engine, tenant.account_id)
     assert (applied, applied_cost, entries, amount) == (responses, cost, responses, -cost), (
-        f"{who} ledger {applied} increments {applied_cost}, {entries} entries {amount}")
+        f"{who} ledger {applied} increments {applied_cost}, {entries} entries {amount}"
+    )
     assert spool_files(gateway) == [], f"{who} spools left: {spool_files(gateway)}"
     wait_for(lambda: http_status(f"{gateway.http_url}/readyz") == 200, 20, 0.1, f"{who} /readyz 200 after the outage")

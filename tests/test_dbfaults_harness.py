@@ -29,10 +29,9 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from psycopg import errors
-
 from conftest import PG_ENV, wait_for
 from dbfaults import PgFaultProxy, PgTableLock, SqliteLock, fault_schedule, pg_conninfo
+from psycopg import errors
 
 PG_URL = pg_conninfo(os.environ.get(PG_ENV) or "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -169,8 +168,10 @@ def test_outage_heals_by_itself_and_an_explicit_mode_cancels_it(proxy, pg_url, c
 def test_url_keeps_user_password_database_and_query():
     p = PgFaultProxy()
     p.port = 4321
-    assert (p.url("postgresql+psycopg://u:pw@db.example:5433/app?sslmode=disable")
-            == "postgresql+psycopg://u:pw@127.0.0.1:4321/app?sslmode=disable")
+    assert (
+        p.url("postgresql+psycopg://u:pw@db.example:5433/app?sslmode=disable")
+        == "postgresql+psycopg://u:pw@127.0.0.1:4321/app?sslmode=disable"
+    )
     assert p.url("postgresql://db/app") == "postgresql://127.0.0.1:4321/app"
     with pytest.raises(ValueError):
         p.url("sqlite:///x.db")

@@ -13,10 +13,9 @@ import sys
 
 import httpx
 import psutil
+from conftest import wait_for
 
 from meshrt.dev.children import ChildOutput
-
-from conftest import wait_for
 
 
 def free_port() -> int:
@@ -28,9 +27,23 @@ def free_port() -> int:
 def test_meshrt_dev_runs_the_printed_sdk_example(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_") and k != "OPENAI_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "meshrt.supervisor.cli", "dev", "--port", str(port),
-                             "--state-dir", str(tmp_path / "state")], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=open(tmp_path / "dev.err", "wb"), text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshrt.supervisor.cli",
+            "dev",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "dev.err", "wb"),
+        text=True,
+    )
     out = ChildOutput(proc, "meshrt dev")
     try:
         key = out.wait_for(r"demo key \(shown once\): (rsk_\S+)", 60).group(1)
@@ -46,8 +59,9 @@ def test_meshrt_dev_runs_the_printed_sdk_example(tmp_path):
         printed_total = int(re.search(r"total_tokens=(\d+)", events[-1]).group(1))  # the usage it prints
 
         def records():
-            page = httpx.get(f"http://127.0.0.1:{port}/v1/usage", headers={"Authorization": f"Bearer {key}"},
-                             timeout=10).json()
+            page = httpx.get(
+                f"http://127.0.0.1:{port}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=10
+            ).json()
             return page["data"] or None
 
         (record,) = wait_for(records, 20, 0.1, "the example's usage record")

@@ -29,6 +29,7 @@ def test_operations_page_documents_every_setting():
 
 # --- citations stay inside the repository ---------------------------------------------------
 
+
 def tracked_files(*suffixes: str) -> list[Path]:
     """The repository's tracked files with these suffixes (every such file when git is absent)."""
     try:
@@ -45,10 +46,12 @@ SPEC_CITATION = re.compile(r"\bSPEC\s*§")  # the starting contract lives outsid
 def test_no_file_cites_the_starting_spec():
     """Facts the code relies on are stated in docs/; a citation of ../shared/SPEC.md points out
     of the repository, at a page a reader of it may not have."""
-    citing = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-              for path in tracked_files(".py", ".md")
-              for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-              if SPEC_CITATION.search(line)]
+    citing = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in tracked_files(".py", ".md")
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if SPEC_CITATION.search(line)
+    ]
     assert not citing, "cite the docs/ page instead:\n" + "\n".join(citing)
 
 
@@ -70,13 +73,16 @@ def test_section_pointers_name_sections_that_exist():
             if match["rest"][:1].islower() or match["rest"].startswith("`"):
                 continue  # a list of pages, not a section
             assert any(match["rest"].startswith(title) for title in headings(page)), (
-                f"{path.relative_to(ROOT)}: docs/{match['page']}.md has no section {match['rest']!r}")
+                f"{path.relative_to(ROOT)}: docs/{match['page']}.md has no section {match['rest']!r}"
+            )
 
 
 # --- ARCHITECTURE.md's "The life of a session" names functions that exist ------------------
 
-PACKAGES = {name.removeprefix("meshrt.") for name in
-            tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]}
+PACKAGES = {
+    name.removeprefix("meshrt.")
+    for name in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+}
 DOTTED = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)`")
 
 
@@ -120,7 +126,9 @@ def test_life_of_a_session_names_only_functions_that_exist():
             resolve(name)
         except (ImportError, AttributeError) as error:
             missing.append(f"{name}: {error}")
-    assert not missing, "ARCHITECTURE.md, The life of a session, names what the code no longer has:\n" + "\n".join(missing)
+    assert not missing, "ARCHITECTURE.md, The life of a session, names what the code no longer has:\n" + "\n".join(
+        missing
+    )
 
 
 def test_every_step_of_the_life_of_a_session_names_its_function():

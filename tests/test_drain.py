@@ -9,13 +9,12 @@ import signal
 import time
 
 import httpx
+from conftest import wait_for
+from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, recv_until, run
 from sqlmodel import Session, select
 
 from meshrt.shared.errors import ERRORS
 from meshrt.storage.db import SessionRecord
-
-from conftest import wait_for
-from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, recv_until, run
 
 
 def test_drain_refuses_new_sessions_then_ends_live_ones_and_exits_cleanly(gateway_factory, tenant, engine):

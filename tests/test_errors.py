@@ -9,11 +9,10 @@ import json
 import socket
 
 import pytest
+from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, run
 
 from meshrt.shared.errors import ERRORS
 from meshrt.storage import accounts
-
-from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, run
 
 
 def assert_error(result, code: str) -> None:
@@ -141,8 +140,7 @@ def test_unreachable_upstream_is_upstream_unavailable_after_bounded_retries(gate
     gw = gateway_factory(f"ws://127.0.0.1:{dead_port}/v1/realtime", MESHRT_WORKER_BACKEND=worker_backend)
     assert_error(run(expect_refusal(gw.ws_url, key=tenant.key)), "upstream_unavailable")
     busy = gateway_factory(MESHRT_WORKER_BACKEND=worker_backend)
-    assert_error(run(expect_refusal(busy.ws_url, key=tenant.key, query="sim_fault=reject_429")),
-                 "upstream_unavailable")
+    assert_error(run(expect_refusal(busy.ws_url, key=tenant.key, query="sim_fault=reject_429")), "upstream_unavailable")
 
 
 def test_message_too_large(gateway_factory, tenant, worker_backend):

@@ -28,18 +28,24 @@ import time
 
 import httpx
 import pytest
-from sqlmodel import Session, select
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
-
-from meshrt.storage.db import SessionRecord
-
 from conftest import _stop, start_sim, wait_for
 from faultclients import Conn, FaultClients
 from realtime_client import connect_ws, run
 from simlog import (
-    balance, check_debits, check_unbilled_attempts, expected_from, final_records, records_by_request, same_usage,
-    session_report, sim_reports,
+    balance,
+    check_debits,
+    check_unbilled_attempts,
+    expected_from,
+    final_records,
+    records_by_request,
+    same_usage,
+    session_report,
+    sim_reports,
 )
+from sqlmodel import Session, select
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from meshrt.storage.db import SessionRecord
 
 SEED = int(os.environ.get("MESHRT_FAULT_SEED", "20260611"))
 SLOTS = 10  # concurrent client sessions at any time
@@ -69,8 +75,16 @@ class Harness(FaultClients):
     live (the worker role's victims)."""
 
     def __init__(self, role: str, url, key: str, engine, *, find_pid: bool = False):
-        super().__init__(url, key, f"{SEED}-{role}", slots=SLOTS, budget_s=TEST_BUDGET_S, response_ms=RESPONSE_MS,
-                         connect_timeout_s=10, connect_retry_s=CONNECT_RETRY_S)
+        super().__init__(
+            url,
+            key,
+            f"{SEED}-{role}",
+            slots=SLOTS,
+            budget_s=TEST_BUDGET_S,
+            response_ms=RESPONSE_MS,
+            connect_timeout_s=10,
+            connect_retry_s=CONNECT_RETRY_S,
+        )
         self.role, self.engine, self.find_pid = role, engine, find_pid
         self.rng = random.Random(f"{SEED}:{role}")  # the killer's choices
         self.kills: list[float] = []  # when each kill happened
@@ -89,6 +103,7 @@ class Harness(FaultClients):
 
     async def burst(self, name: str, n: int) -> None:
         """n connects at once, each closed as soon as it opens (no response): a crowd in the gate."""
+
         async def one(i: int) -> None:
             tag = f"{SEED}-{self.role}-{name}-{i}"
             self.attempts.append(tag)
@@ -122,9 +137,17 @@ def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed:
     rows = final_records(engine, tenant.account_id, RECORD_WAIT_S, who)
     by_request = records_by_request(rows)
     reports = sim_reports(sim)
-    counts = {"sessions": len(h.conns), "attempts": len(h.attempts), "spanning_a_kill": h.spanning(),
-              "killed": 0, "billed_not_delivered": 0, "sent_not_billed": 0, "cut_short": 0, "responses": 0,
-              "records_without_session": 0}
+    counts = {
+        "sessions": len(h.conns),
+        "attempts": len(h.attempts),
+        "spanning_a_kill": h.spanning(),
+        "killed": 0,
+        "billed_not_delivered": 0,
+        "sent_not_billed": 0,
+        "cut_short": 0,
+        "responses": 0,
+        "records_without_session": 0,
+    }
 
     for conn in h.conns:
         what = f"{who} session {conn.tag} ({conn.request_id})"
@@ -137,14 +160,16 @@ def check(h: Harness, sim, engine, tenant, start_balance: int, *, expect_killed:
             assert (row.end_reason, row.close_code) == ("internal_error", 1011), f"{what}: {row.end_reason}"
             k = len(conn.usages)
             assert row.responses in (k, k + 1) and row.responses <= len(sent), (
-                f"{what}: billed {row.responses} responses; client got {k}, simulator sent {len(sent)}")
-            billed = sent[:row.responses]
+                f"{what}: billed {row.responses} responses; client got {k}, simulator sent {len(sent)}"
+            )
+            billed = sent[: row.responses]
             counts["billed_not_delivered"] += row.responses - k
             counts["sent_not_billed"] += len(sent) - row.responses
         else:
             counts["cut_short"] += conn.cut_short
             assert (row.end_reason, row.close_code) == ("client_closed", 1000), (
-                f"{what}: end {row.end_reason}/{row.close_code}")
+                f"{what}: end {row.end_reason}/{row.close_code}"
+            )
             billed = sent
         usage, cost, responses = expected_from(billed, row.rates)
         assert row.responses == responses == len(billed), f"{what}: {row.responses} responses, expected {responses}"
@@ -208,8 +233,9 @@ def test_workers_killed_at_random_bill_exactly_what_they_spooled(gateway_factory
     assert counts["killed"] == WORKER_KILLS, f"{_tag('worker')} {counts}"
 
 
-def test_supervisor_killed_at_random_and_restarted_loses_and_doubles_nothing(gateway_factory, fault_sim,
-                                                                             make_tenant, engine):
+def test_supervisor_killed_at_random_and_restarted_loses_and_doubles_nothing(
+    gateway_factory, fault_sim, make_tenant, engine
+):
     """Supervisor role. SUPERVISOR_CYCLES times: after a random delay, SIGKILL the supervisor
     (its front door and zygote follow), stay down a random while, restart it on the same state
     dir. Clients keep relaying through their workers, and connect anew (retrying) to whichever
@@ -237,11 +263,11 @@ def test_supervisor_killed_at_random_and_restarted_loses_and_doubles_nothing(gat
     counts = check(h, fault_sim, engine, tenant, start)
     assert counts["spanning_a_kill"] > 0, f"{_tag('supervisor')} no session outlived a supervisor: {counts}"
     assert "worker re-attached" in gateways[-1].log_text() or any(
-        "worker re-attached" in g.log_text() for g in gateways[1:]), _tag("supervisor")
+        "worker re-attached" in g.log_text() for g in gateways[1:]
+    ), _tag("supervisor")
 
 
-def test_front_door_killed_at_random_is_restarted_and_sessions_go_on(gateway_factory, fault_sim, make_tenant,
-                                                                      engine):
+def test_front_door_killed_at_random_is_restarted_and_sessions_go_on(gateway_factory, fault_sim, make_tenant, engine):
     """Front-door role. FRONTDOOR_KILLS times: after a random delay, SIGKILL the front door (the
     supervisor restarts it; the listening socket stays open). Live sessions go on, new connects
     (retried for a bounded time) succeed during and after its restarts; every session ends

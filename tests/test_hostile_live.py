@@ -21,14 +21,13 @@ from dataclasses import dataclass
 
 import psutil
 import pytest
+from conftest import Tenant, _stop, ended_record, start_gateway, wait_for
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
 from meshrt.storage import accounts
 from meshrt.storage.db import SessionRecord
 from meshrt.worker.frames import FrameScanner, payload
-
-from conftest import Tenant, _stop, ended_record, start_gateway, wait_for
 
 MAX_MESSAGE = 65536
 DEADLINE_S = 10.0  # generous: the answers come in milliseconds, but CI machines get loaded
@@ -74,8 +73,13 @@ def fuzzed_gateway(request):
 @pytest.fixture(scope="module")
 def tls_gateway(tmp_path_factory, database_url, sim):
     """Plain ws refused, and 127.0.0.1 is not a trusted proxy: its X-Forwarded-Proto is a lie."""
-    gw = start_gateway(tmp_path_factory.mktemp("hostile-tls"), database_url, sim.url,
-                       MESHRT_ALLOW_PLAIN_WS="0", MESHRT_FORWARDED_ALLOW_IPS="10.9.9.9")
+    gw = start_gateway(
+        tmp_path_factory.mktemp("hostile-tls"),
+        database_url,
+        sim.url,
+        MESHRT_ALLOW_PLAIN_WS="0",
+        MESHRT_FORWARDED_ALLOW_IPS="10.9.9.9",
+    )
     yield gw
     _stop(gw.proc)
 
@@ -90,10 +94,20 @@ def hostile_tenant(engine) -> Tenant:
 # --- a raw client -------------------------------------------------------------------------
 
 
-def upgrade_request(key: str | None = None, target: bytes = b"/v1/realtime?model=gpt-realtime",
-                    extra: list[bytes] | tuple = (), version: bytes = b"13") -> bytes:
-    lines = [b"GET " + target + b" HTTP/1.1", b"Host: 127.0.0.1", b"Upgrade: websocket", b"Connection: Upgrade",
-             b"Sec-WebSocket-Key: " + WS_KEY, b"Sec-WebSocket-Version: " + version]
+def upgrade_request(
+    key: str | None = None,
+    target: bytes = b"/v1/realtime?model=gpt-realtime",
+    extra: list[bytes] | tuple = (),
+    version: bytes = b"13",
+) -> bytes:
+    lines = [
+        b"GET " + target + b" HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + WS_KEY,
+        b"Sec-WebSocket-Version: " + version,
+    ]
     if key is not None:
         lines.append(b"Authorization: Bearer " + key.encode())
     lines += list(extra)
@@ -225,8 +239,9 @@ def assert_clean_http_error(answer: Answer, statuses=range(400, 500)) -> None:
         assert body["error"]["code"] and body["request_id"].startswith("req_")
 
 
-def client_frame(opcode: int, data: bytes, fin: bool = True, rsv: int = 0, masked: bool = True,
-                 declared: int | None = None) -> bytes:
+def client_frame(
+    opcode: int, data: bytes, fin: bool = True, rsv: int = 0, masked: bool = True, declared: int | None = None
+) -> bytes:
     """Any frame a hostile client could write; `declared` lies about the payload length."""
     n = len(data) if declared is None else declared
     head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
@@ -246,8 +261,6 @@ def client_frame(opcode: int, data: bytes, fin: bool = True, rsv: int = 0, maske
 def records_of(engine, account_id: str) -> list[SessionRecord]:
     with Session(engine) as db:
         return list(db.exec(select(SessionRecord).where(SessionRecord.account_id == account_id)).all())
-
-
 
 
 # --- the request line and headers ---------------------------------------------------------
@@ -368,8 +381,10 @@ def test_bytes_after_the_upgrade_request_never_reach_upstream(hostile_gateway, h
 
 def test_percent_encoded_query_key_is_accepted_and_never_logged(hostile_gateway, hostile_tenant):
     body = hostile_tenant.key[4:].encode()
-    for target in (b"/v1/realtime?model=gpt-realtime&api%5Fkey=rsk%5F" + body,
-                   b"/v1/realtime?model=gpt-realtime&api%255Fkey=rsk%255F" + body + b"&api_key=" + hostile_tenant.key.encode()):
+    for target in (
+        b"/v1/realtime?model=gpt-realtime&api%5Fkey=rsk%5F" + body,
+        b"/v1/realtime?model=gpt-realtime&api%255Fkey=rsk%255F" + body + b"&api_key=" + hostile_tenant.key.encode(),
+    ):
         answer = ask(hostile_gateway.port, upgrade_request(target=target), until_close=False)
         assert answer.status == 101 and json.loads(answer.frames[-1][1])["type"] == "session.created"
     assert body.decode() not in hostile_gateway.log_text()
@@ -438,7 +453,7 @@ def test_request_sent_a_byte_at_a_time_is_still_answered(hostile_gateway, hostil
     with RawClient(hostile_gateway.port) as client:
         step = 1.5 / len(raw)
         for i in range(len(raw)):
-            client.send(raw[i:i + 1])
+            client.send(raw[i : i + 1])
             time.sleep(step)
         answer = client.read_answer(until_close=False)
     assert answer.status == 101
@@ -446,8 +461,12 @@ def test_request_sent_a_byte_at_a_time_is_still_answered(hostile_gateway, hostil
 
 
 def test_partial_requests_held_open_do_not_block_other_clients(hostile_gateway, hostile_tenant):
-    partials = [b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"GET /v1/realt",
-                b"\r\n\r\n", upgrade_request(hostile_tenant.key)[:-2]]
+    partials = [
+        b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        b"GET /v1/realt",
+        b"\r\n\r\n",
+        upgrade_request(hostile_tenant.key)[:-2],
+    ]
     held = []
     try:
         for i in range(40):
@@ -483,7 +502,7 @@ def mutate_head(rng: random.Random, raw: bytes) -> bytes:
         if kind == 0:
             head[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
         elif kind == 1:
-            del head[at:at + rng.randint(1, 10)]
+            del head[at : at + rng.randint(1, 10)]
         elif kind == 2 and at < len(head):
             head[at] = rng.randrange(256)
         elif kind == 3:
@@ -493,9 +512,16 @@ def mutate_head(rng: random.Random, raw: bytes) -> bytes:
             lines.insert(rng.randint(1, len(lines)), rng.choice(lines[1:]))
             head = bytearray(b"\r\n".join(lines))
         else:
-            head[at:at] = rng.choice([b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
-                                      b"X-Forwarded-Proto: https\r\n", b"Sec-WebSocket-Protocol: realtime\r\n",
-                                      b"Authorization: Basic x\r\n", b"Expect: 100-continue\r\n"])
+            head[at:at] = rng.choice(
+                [
+                    b"Content-Length: 3\r\n",
+                    b"Transfer-Encoding: chunked\r\n",
+                    b"X-Forwarded-Proto: https\r\n",
+                    b"Sec-WebSocket-Protocol: realtime\r\n",
+                    b"Authorization: Basic x\r\n",
+                    b"Expect: 100-continue\r\n",
+                ]
+            )
     return bytes(head).replace(b"\r\n\r\n", b"\r\n") + b"\r\n\r\n"
 
 
@@ -519,9 +545,18 @@ def test_fuzzed_upgrade_requests_are_all_answered_without_a_5xx(hostile_gateway,
 # --- malformed frames after the handshake -------------------------------------------------
 
 
-FRAMING_ERRORS = ["unmasked", "reserved-bits", "bad-opcode", "oversized-control", "fragmented-control",
-                  "continuation-without-start", "data-inside-a-message", "length-msb-set", "message-too-large",
-                  "fragments-too-large"]
+FRAMING_ERRORS = [
+    "unmasked",
+    "reserved-bits",
+    "bad-opcode",
+    "oversized-control",
+    "fragmented-control",
+    "continuation-without-start",
+    "data-inside-a-message",
+    "length-msb-set",
+    "message-too-large",
+    "fragments-too-large",
+]
 BAD_CLOSE_FRAMES = ["close-one-byte", "close-bad-code", "close-bad-utf8"]
 
 
@@ -663,6 +698,7 @@ def holds_a_connection(process: psutil.Process) -> bool:
 
 def test_after_the_fuzz_no_session_worker_is_left_running(fuzzed_gateway):
     """At rest the zygote's children are only its idle warm workers: none holds a socket."""
+
     def at_rest():
         workers = zygote_children(fuzzed_gateway)
         return len(workers) <= WARM_WORKERS and not any(holds_a_connection(w) for w in workers)
@@ -671,8 +707,12 @@ def test_after_the_fuzz_no_session_worker_is_left_running(fuzzed_gateway):
 
 
 def test_after_the_fuzz_every_session_record_is_ended(hostile_tenant, engine):
-    wait_for(lambda: all(r.state == "ended" for r in records_of(engine, hostile_tenant.account_id)), 20, 0.1,
-             "every session record to end")
+    wait_for(
+        lambda: all(r.state == "ended" for r in records_of(engine, hostile_tenant.account_id)),
+        20,
+        0.1,
+        "every session record to end",
+    )
 
 
 def test_after_the_fuzz_no_key_is_in_the_log_or_the_records(fuzzed_gateway, hostile_tenant, engine):

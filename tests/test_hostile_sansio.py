@@ -18,8 +18,15 @@ from websockets.frames import Close, Frame, Opcode
 
 from meshrt.shared.errors import ERRORS
 from meshrt.shared.handshake import (
-    accept_bytes, extract_credentials, is_secure, is_wellformed_key, parse_request_bytes, parse_upgrade,
-    redact, strip_credentials, upstream_headers,
+    accept_bytes,
+    extract_credentials,
+    is_secure,
+    is_wellformed_key,
+    parse_request_bytes,
+    parse_upgrade,
+    redact,
+    strip_credentials,
+    upstream_headers,
 )
 from meshrt.worker.frames import FrameScanner, ProtocolViolation
 from meshrt.worker.relay import Relay, Target
@@ -55,8 +62,7 @@ def hand_built_frame(opcode: int, payload: bytes, fin: bool, rsv: int, masked: b
 
 
 payloads = st.one_of(
-    st.binary(max_size=200),
-    st.integers(126, 400).map(lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256)),
+    st.binary(max_size=200), st.integers(126, 400).map(lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256))
 )
 big_payloads = st.integers(65536, 66000).map(lambda n: b"\xa5" * n)  # the 8-byte length form
 control_payloads = st.binary(max_size=125)
@@ -81,8 +87,9 @@ def message_frames(draw, masked: bool, usage_texts: bool = False, big: bool = Tr
 
 
 @st.composite
-def valid_stream(draw, masked: bool, usage_texts: bool = False, with_close: bool = True,
-                 big: bool = True) -> tuple[bytes, list]:
+def valid_stream(
+    draw, masked: bool, usage_texts: bool = False, with_close: bool = True, big: bool = True
+) -> tuple[bytes, list]:
     """A well-formed frame stream and its frames; optionally ending in a close frame."""
     frames: list[tuple[int, bytes, bool]] = []
     for _ in range(draw(st.integers(0, 5))):
@@ -107,10 +114,16 @@ def hostile_stream(draw) -> bytes:
         elif kind == 1:
             pieces.append(draw(valid_stream(masked=draw(st.booleans()), big=False))[0])
         else:
-            pieces.append(hand_built_frame(
-                draw(st.integers(0, 15)), draw(st.one_of(st.binary(max_size=140), payloads)),
-                draw(st.booleans()), draw(st.integers(0, 7)) if kind == 2 else 0,
-                draw(st.booleans()), draw(st.binary(min_size=4, max_size=4))))
+            pieces.append(
+                hand_built_frame(
+                    draw(st.integers(0, 15)),
+                    draw(st.one_of(st.binary(max_size=140), payloads)),
+                    draw(st.booleans()),
+                    draw(st.integers(0, 7)) if kind == 2 else 0,
+                    draw(st.booleans()),
+                    draw(st.binary(min_size=4, max_size=4)),
+                )
+            )
     return b"".join(pieces)
 
 
@@ -131,12 +144,12 @@ def scan(pieces: list[bytes], expect_masked: bool, max_message: int | None = Non
             chunk, frames = scanner.feed(piece)
         except ProtocolViolation as violation:
             return seen, violation.close_code
-        seen += [(f.opcode, f.fin, f.mask, f.message_start, chunk[f.start:f.end]) for f in frames]
+        seen += [(f.opcode, f.fin, f.mask, f.message_start, chunk[f.start : f.end]) for f in frames]
     return seen, None
 
 
 def bytewise(data: bytes) -> list[bytes]:
-    return [data[i:i + 1] for i in range(len(data))]
+    return [data[i : i + 1] for i in range(len(data))]
 
 
 # --- the frame scanner --------------------------------------------------------------------
@@ -174,7 +187,7 @@ def test_scanner_reaches_the_same_verdict_however_hostile_bytes_are_split(stream
     eager_frames, eager_code = scan(bytewise(stream), masked, max_message)
     frames, code = scan(split_at(stream, cuts), masked, max_message)
     assert code == eager_code
-    assert frames == eager_frames[:len(frames)]
+    assert frames == eager_frames[: len(frames)]
     if code is None:
         assert frames == eager_frames
 
@@ -208,8 +221,7 @@ def carries_usage(payload) -> bool:
 
 
 def new_relay(meter=None) -> Relay:
-    return Relay("req_hostile", token_cap=10**12, max_message_bytes=1 << 20, meter=meter,
-                 may_carry_usage=carries_usage)
+    return Relay("req_hostile", token_cap=10**12, max_message_bytes=1 << 20, meter=meter, may_carry_usage=carries_usage)
 
 
 def forwarded(actions, target: Target) -> bytes:
@@ -291,17 +303,21 @@ def leg_input(masked: bool):
         valid_stream(masked=masked).map(lambda s: s[0]),
         valid_stream(masked=not masked).map(lambda s: s[0]),
         st.sampled_from([1000, 1001, 1005, 999, 4000]).map(
-            lambda code: serialize(OP_CLOSE, struct.pack("!H", code), True, masked)),
+            lambda code: serialize(OP_CLOSE, struct.pack("!H", code), True, masked)
+        ),
         st.just(serialize(OP_TEXT, b'{"type":"response.created"}', True, masked)),
     )
 
 
-relay_operations = st.lists(st.one_of(
-    st.tuples(st.just("from_client"), leg_input(masked=True)),
-    st.tuples(st.just("from_upstream"), leg_input(masked=False)),
-    st.tuples(st.sampled_from(["client_vanished", "upstream_vanished", "drain_expired"]), st.none()),
-    st.tuples(st.just("end"), st.sampled_from(sorted(ERRORS))),
-), max_size=12)
+relay_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("from_client"), leg_input(masked=True)),
+        st.tuples(st.just("from_upstream"), leg_input(masked=False)),
+        st.tuples(st.sampled_from(["client_vanished", "upstream_vanished", "drain_expired"]), st.none()),
+        st.tuples(st.just("end"), st.sampled_from(sorted(ERRORS))),
+    ),
+    max_size=12,
+)
 
 
 def run_operations(operations) -> tuple[Relay, list]:
@@ -341,12 +357,32 @@ def test_relay_writes_only_well_formed_masked_frames_upstream(operations):
 
 
 keys = st.text(ALNUM, min_size=32, max_size=48).map(lambda body: "rsk_" + body)
-SUBPROTOCOL_KEY_PREFIXES = ["openai-insecure-api-key.", "OpenAI-Insecure-API-Key.", "Bearer.", "bearer.",
-                            "BEARER.", "Bearer ", "bearer  "]
-DECOY_SUBPROTOCOLS = ["realtime", "openai-beta.realtime-v1", "openai-agents-sdk.0.2.1", "openai-organization.org_1",
-                      "openai-project.proj_1", "chat", "bearer", "Bearerx"]
-DECOY_HEADERS = [("User-Agent", "hostile/1.0"), ("OpenAI-Beta", "realtime=v1"), ("X-Request", "a, b"),
-                 ("Origin", "https://example.test"), ("OpenAI-Safety-Identifier", "user-1")]
+SUBPROTOCOL_KEY_PREFIXES = [
+    "openai-insecure-api-key.",
+    "OpenAI-Insecure-API-Key.",
+    "Bearer.",
+    "bearer.",
+    "BEARER.",
+    "Bearer ",
+    "bearer  ",
+]
+DECOY_SUBPROTOCOLS = [
+    "realtime",
+    "openai-beta.realtime-v1",
+    "openai-agents-sdk.0.2.1",
+    "openai-organization.org_1",
+    "openai-project.proj_1",
+    "chat",
+    "bearer",
+    "Bearerx",
+]
+DECOY_HEADERS = [
+    ("User-Agent", "hostile/1.0"),
+    ("OpenAI-Beta", "realtime=v1"),
+    ("X-Request", "a, b"),
+    ("Origin", "https://example.test"),
+    ("OpenAI-Safety-Identifier", "user-1"),
+]
 
 
 @st.composite
@@ -357,8 +393,9 @@ def credential_request(draw) -> tuple[bytes, dict]:
     tokens = draw(st.lists(st.sampled_from(DECOY_SUBPROTOCOLS), max_size=4))
     if draw(st.booleans()):
         where["subprotocol"] = draw(keys)
-        tokens.insert(draw(st.integers(0, len(tokens))), draw(st.sampled_from(SUBPROTOCOL_KEY_PREFIXES))
-                      + where["subprotocol"])
+        tokens.insert(
+            draw(st.integers(0, len(tokens))), draw(st.sampled_from(SUBPROTOCOL_KEY_PREFIXES)) + where["subprotocol"]
+        )
     headers = list(draw(st.lists(st.sampled_from(DECOY_HEADERS), max_size=3)))
     if tokens:
         groups = draw(st.integers(1, min(3, len(tokens))))
@@ -369,8 +406,9 @@ def credential_request(draw) -> tuple[bytes, dict]:
         where["authorization"] = draw(keys)
         scheme = draw(st.sampled_from(["Bearer", "bearer", "BEARER"]))
         headers.append(("Authorization", scheme + draw(st.sampled_from([" ", "  "])) + where["authorization"]))
-    params = [("model", "gpt-realtime")] + draw(st.lists(st.sampled_from([("foo", "bar"), ("x", ""), ("voice", "a b")]),
-                                                         max_size=2))
+    params = [("model", "gpt-realtime")] + draw(
+        st.lists(st.sampled_from([("foo", "bar"), ("x", ""), ("voice", "a b")]), max_size=2)
+    )
     query_keys = draw(st.lists(keys, max_size=2))
     for key in query_keys:
         params.insert(draw(st.integers(0, len(params))), ("api_key", key))
@@ -379,8 +417,14 @@ def credential_request(draw) -> tuple[bytes, dict]:
     draw(st.randoms()).shuffle(headers)
     encoding = draw(st.sampled_from(["plain", "encoded-name", "encoded-value", "all-encoded"]))
     query = "&".join(encode_param(name, value, encoding) for name, value in params)
-    lines = [f"GET /v1/realtime?{query} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    lines = [
+        f"GET /v1/realtime?{query} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
     lines += [f"{name}: {value}" for name, value in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode(), where
 
@@ -445,18 +489,36 @@ def test_redact_removes_every_key_from_the_request_as_logged(request):
 
 
 def test_two_authorization_headers_are_an_invalid_key_not_a_crash():
-    raw = BASE_REQUEST.replace(b"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.rsk_" + b"s" * 40,
-                               b"Authorization: Bearer rsk_" + b"b" * 40)
+    raw = BASE_REQUEST.replace(
+        b"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.rsk_" + b"s" * 40,
+        b"Authorization: Bearer rsk_" + b"b" * 40,
+    )
     _, request = parse_request_bytes(raw)
     credentials = extract_credentials(parse_upgrade(request))
     assert credentials.source == "authorization" and not is_wellformed_key(credentials.key)
 
 
-key_contexts = st.sampled_from([
-    "{k}", "api_key={k}", "API_KEY={k}", "?model=m&api_key={k}&x=1", "rsk_{k}", "rsk_x{k}", "{k}{k}",
-    "Bearer {k}", '"{k}"', "'{k}'", "api_key={k}\n", "/v1/realtime?api%5Fkey=rsk%5F{b}",
-    "api%255Fkey=rsk%255F{b}", "api_key=rsk%5F{b}&model=m", "x=%72sk_{b}", "{k}%20tail", "<{k}>",
-])
+key_contexts = st.sampled_from(
+    [
+        "{k}",
+        "api_key={k}",
+        "API_KEY={k}",
+        "?model=m&api_key={k}&x=1",
+        "rsk_{k}",
+        "rsk_x{k}",
+        "{k}{k}",
+        "Bearer {k}",
+        '"{k}"',
+        "'{k}'",
+        "api_key={k}\n",
+        "/v1/realtime?api%5Fkey=rsk%5F{b}",
+        "api%255Fkey=rsk%255F{b}",
+        "api_key=rsk%5F{b}&model=m",
+        "x=%72sk_{b}",
+        "{k}%20tail",
+        "<{k}>",
+    ]
+)
 
 
 @BOUNDED
@@ -476,6 +538,7 @@ def test_redact_leaves_text_without_keys_alone(text):
 
 def mutated_request(raw: bytes):
     """A valid upgrade with bytes inserted, deleted or replaced, or header lines duplicated."""
+
     @st.composite
     def mutate(draw):
         data = bytearray(raw)
@@ -485,7 +548,7 @@ def mutated_request(raw: bytes):
             if kind == 0:
                 data[at:at] = draw(st.binary(min_size=1, max_size=8))
             elif kind == 1:
-                del data[at:at + draw(st.integers(1, 8))]
+                del data[at : at + draw(st.integers(1, 8))]
             elif kind == 2 and at < len(data):
                 data[at] = draw(st.integers(0, 255))
             else:
@@ -495,14 +558,17 @@ def mutated_request(raw: bytes):
                     lines.insert(i, lines[draw(st.integers(1, len(lines) - 1))])
                     data = bytearray(b"\r\n".join(lines))
         return bytes(data)
+
     return mutate()
 
 
-BASE_REQUEST = (b"GET /v1/realtime?model=gpt-realtime&api_key=rsk_" + b"q" * 40 + b" HTTP/1.1\r\n"
-                b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                b"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.rsk_" + b"s" * 40 + b"\r\n"
-                b"Authorization: Bearer rsk_" + b"a" * 40 + b"\r\nUser-Agent: x\r\nX-Forwarded-Proto: https\r\n\r\n")
+BASE_REQUEST = (
+    b"GET /v1/realtime?model=gpt-realtime&api_key=rsk_" + b"q" * 40 + b" HTTP/1.1\r\n"
+    b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.rsk_" + b"s" * 40 + b"\r\n"
+    b"Authorization: Bearer rsk_" + b"a" * 40 + b"\r\nUser-Agent: x\r\nX-Forwarded-Proto: https\r\n\r\n"
+)
 
 
 @BOUNDED
@@ -531,10 +597,16 @@ def test_every_request_the_parser_accepts_goes_through_the_gate_functions(raw, p
 
 
 @BOUNDED
-@given(st.lists(st.tuples(st.sampled_from(["X-Forwarded-Proto", "x-forwarded-proto", "Forwarded", "X-Forwarded-For"]),
-                          st.sampled_from(["https", "wss", "HTTPS", " https ", "http", "https, http", ""])),
-                max_size=3),
-       st.sampled_from(["127.0.0.1", "::1", "10.1.2.3", "192.168.0.9", None, "garbage"]))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["X-Forwarded-Proto", "x-forwarded-proto", "Forwarded", "X-Forwarded-For"]),
+            st.sampled_from(["https", "wss", "HTTPS", " https ", "http", "https, http", ""]),
+        ),
+        max_size=3,
+    ),
+    st.sampled_from(["127.0.0.1", "::1", "10.1.2.3", "192.168.0.9", None, "garbage"]),
+)
 def test_forwarded_proto_from_an_untrusted_peer_is_never_secure(headers, peer):
     import ipaddress
 
@@ -547,9 +619,11 @@ def test_forwarded_proto_from_an_untrusted_peer_is_never_secure(headers, peer):
 def test_stripped_request_parses_wherever_the_request_did(tokens, slashes, sep, key):
     """Stripping never lengthens a line past the worker's parser limit (8 KiB a line)."""
     protocols = sep.join(["realtime", f"openai-insecure-api-key.{key}"] + ["x"] * tokens)
-    raw = (f"GET /v1/realtime?model=gpt-realtime&path={'/' * slashes}&api_key={key} HTTP/1.1\r\n"
-           f"Host: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-           f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocols}\r\n\r\n").encode()
+    raw = (
+        f"GET /v1/realtime?model=gpt-realtime&path={'/' * slashes}&api_key={key} HTTP/1.1\r\n"
+        f"Host: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocols}\r\n\r\n"
+    ).encode()
     try:
         _, request = parse_request_bytes(raw)
     except ValueError:

@@ -47,8 +47,11 @@ def layout() -> dict[str, tuple[str, list[str]]]:
 
 def modules(directory: Path) -> set[str]:
     """Every module in a package directory (`__init__` aside), dotted below it."""
-    return {".".join(path.relative_to(directory).with_suffix("").parts)
-            for path in directory.rglob("*.py") if path.name != "__init__.py"}
+    return {
+        ".".join(path.relative_to(directory).with_suffix("").parts)
+        for path in directory.rglob("*.py")
+        if path.name != "__init__.py"
+    }
 
 
 def test_every_package_has_one_layout_line_naming_its_directory():

@@ -15,11 +15,20 @@ from meshrt.storage.db import Account, LedgerEntry, SessionRecord
 
 
 def increment(seq: int, cost: int, tokens: int) -> Increment:
-    return Increment.from_json({"seq": seq, "kind": "response", "model": "gpt-realtime",
-                                "usage": {"total_tokens": tokens, "input_tokens": tokens, "output_tokens": 0},
-                                "cost_picodollars": cost, "by_category_picodollars": {"text_in": cost},
-                                "total_tokens": tokens, "response_id": f"resp_{seq}", "item_id": None,
-                                "unpriced": False})
+    return Increment.from_json(
+        {
+            "seq": seq,
+            "kind": "response",
+            "model": "gpt-realtime",
+            "usage": {"total_tokens": tokens, "input_tokens": tokens, "output_tokens": 0},
+            "cost_picodollars": cost,
+            "by_category_picodollars": {"text_in": cost},
+            "total_tokens": tokens,
+            "response_id": f"resp_{seq}",
+            "item_id": None,
+            "unpriced": False,
+        }
+    )
 
 
 def write(engine, call, *args):
@@ -34,8 +43,17 @@ def write(engine, call, *args):
 def test_an_increment_debits_once_and_the_record_is_final_once(engine, tenant):
     session_id = f"sess_{secrets.token_hex(6)}"
     with Session(engine) as db:
-        db.add(SessionRecord(id=session_id, request_id="req_l", account_id=tenant.account_id, api_key_id=tenant.key_id,
-                             model="gpt-realtime", node="n", state="live"))
+        db.add(
+            SessionRecord(
+                id=session_id,
+                request_id="req_l",
+                account_id=tenant.account_id,
+                api_key_id=tenant.key_id,
+                model="gpt-realtime",
+                node="n",
+                state="live",
+            )
+        )
         db.commit()
         start = db.get(Account, tenant.account_id).balance_pico
 
@@ -64,8 +82,17 @@ def test_an_increment_debits_once_and_the_record_is_final_once(engine, tenant):
 def new_session(engine, tenant, node: str = "n", state: str = "live") -> str:
     session_id = f"sess_{secrets.token_hex(6)}"
     with Session(engine) as db:
-        db.add(SessionRecord(id=session_id, request_id=f"req_{session_id}", account_id=tenant.account_id,
-                             api_key_id=tenant.key_id, model="gpt-realtime", node=node, state=state))
+        db.add(
+            SessionRecord(
+                id=session_id,
+                request_id=f"req_{session_id}",
+                account_id=tenant.account_id,
+                api_key_id=tenant.key_id,
+                model="gpt-realtime",
+                node=node,
+                state=state,
+            )
+        )
         db.commit()
     return session_id
 
@@ -112,6 +139,7 @@ def test_a_lease_is_renewed_by_its_holder_only_and_an_expired_node_is_reaped(eng
     # b has not held its lease a full ttl: it judges nobody yet (after an outage all leases look expired)
     assert write(engine, ledger.reap_lost_nodes, b, lease_b.now, 30) == []
     import time
+
     time.sleep(0.3)
     reaped = write(engine, ledger.reap_lost_nodes, b, lease_b.now - 60, 30)
     assert [(r.node_id, sorted(r.sessions)) for r in reaped] == [(a, sorted([live, granted]))]

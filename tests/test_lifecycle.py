@@ -7,8 +7,9 @@ from meshrt.supervisor.registry import TRANSITIONS, LifecycleError, LiveSession,
 
 
 def session() -> LiveSession:
-    grant = Grant(session_id="sess_x", request_id="req_x", account_id="acct", api_key_id="key", model="m",
-                  token_cap=1, rates={})
+    grant = Grant(
+        session_id="sess_x", request_id="req_x", account_id="acct", api_key_id="key", model="m", token_cap=1, rates={}
+    )
     return LiveSession(grant, None)
 
 
@@ -18,9 +19,10 @@ def test_the_table_covers_every_stage():
 
 def test_a_session_goes_live_is_stopped_ends_and_is_billed():
     live = session()
-    assert [live.handle(e) for e in (SessionEvent.WORKER_LIVE, SessionEvent.STOP, SessionEvent.WORKER_GONE,
-                                     SessionEvent.RECORD_COMMITTED)] == [
-        Stage.LIVE, Stage.STOPPING, Stage.ENDED, Stage.BILLED]
+    assert [
+        live.handle(e)
+        for e in (SessionEvent.WORKER_LIVE, SessionEvent.STOP, SessionEvent.WORKER_GONE, SessionEvent.RECORD_COMMITTED)
+    ] == [Stage.LIVE, Stage.STOPPING, Stage.ENDED, Stage.BILLED]
     assert live.billed
 
 

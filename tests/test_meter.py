@@ -17,32 +17,26 @@ from hypothesis import strategies as st
 
 from meshrt.shared.money import Money
 from meshrt.shared.pricing import ModelRates, PriceTable, load_price_table
-from meshrt.worker.meter import (
-    Increment,
-    IncrementKind,
-    Meter,
-    UsageTotals,
-    may_carry_usage,
-)
+from meshrt.worker.meter import Increment, IncrementKind, Meter, UsageTotals, may_carry_usage
 
 # USD per 1M tokens, docs/billing.md, The price file: modality → (input, cached input, output).
 RATES = {
-    "gpt-realtime-2.1": {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"),
-                         "image": ("5", "0.50", None)},
-    "gpt-realtime-2": {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"),
-                       "image": ("5", "0.50", None)},
-    "gpt-realtime-1.5": {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"),
-                         "image": ("5", "0.50", None)},
-    "gpt-realtime": {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"),
-                     "image": ("5", "0.50", None)},
-    "gpt-realtime-2.1-mini": {"text": ("0.60", "0.06", "2.40"), "audio": ("10", "0.30", "20"),
-                              "image": ("0.80", "0.08", None)},
-    "gpt-realtime-mini": {"text": ("0.60", "0.06", "2.40"), "audio": ("10", "0.30", "20"),
-                          "image": ("0.80", "0.08", None)},
-    "gpt-4o-mini-realtime-preview": {"text": ("0.60", "0.30", "2.40"),
-                                     "audio": ("10", "0.30", "20"), "image": None},
-    "gpt-4o-realtime-preview": {"text": ("5", "2.50", "20"), "audio": ("40", "2.50", "80"),
-                                "image": None},
+    "gpt-realtime-2.1": {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"), "image": ("5", "0.50", None)},
+    "gpt-realtime-2": {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"), "image": ("5", "0.50", None)},
+    "gpt-realtime-1.5": {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"), "image": ("5", "0.50", None)},
+    "gpt-realtime": {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"), "image": ("5", "0.50", None)},
+    "gpt-realtime-2.1-mini": {
+        "text": ("0.60", "0.06", "2.40"),
+        "audio": ("10", "0.30", "20"),
+        "image": ("0.80", "0.08", None),
+    },
+    "gpt-realtime-mini": {
+        "text": ("0.60", "0.06", "2.40"),
+        "audio": ("10", "0.30", "20"),
+        "image": ("0.80", "0.08", None),
+    },
+    "gpt-4o-mini-realtime-preview": {"text": ("0.60", "0.30", "2.40"), "audio": ("10", "0.30", "20"), "image": None},
+    "gpt-4o-realtime-preview": {"text": ("5", "2.50", "20"), "audio": ("40", "2.50", "80"), "image": None},
 }
 MILLION = Decimal(1_000_000)
 
@@ -71,9 +65,7 @@ def ga_usage(text=0, audio=0, image=0, cached=(0, 0, 0), text_out=0, audio_out=0
             "audio_tokens": audio,
             "image_tokens": image,
             "cached_tokens": sum(cached),
-            "cached_tokens_details": {
-                "text_tokens": cached[0], "audio_tokens": cached[1], "image_tokens": cached[2],
-            },
+            "cached_tokens_details": {"text_tokens": cached[0], "audio_tokens": cached[1], "image_tokens": cached[2]},
         },
         "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
     }
@@ -86,8 +78,13 @@ def response_done(usage, status="completed", response_id="resp_1", compact=True)
         {
             "type": "response.done",
             "event_id": "event_1",
-            "response": {"object": "realtime.response", "id": response_id, "status": status,
-                         "output": [], "usage": usage},
+            "response": {
+                "object": "realtime.response",
+                "id": response_id,
+                "status": status,
+                "output": [],
+                "usage": usage,
+            },
         },
         compact,
     )
@@ -114,8 +111,7 @@ def ga_session_updated(transcription) -> bytes:
             "session": {
                 "type": "realtime",
                 "model": "gpt-realtime",
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
-                                    "transcription": transcription}},
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "transcription": transcription}},
             },
         }
     )
@@ -154,8 +150,15 @@ def test_may_carry_usage_selects_usage_and_session_events(event_type, compact):
 
 @pytest.mark.parametrize(
     "event_type",
-    ["response.output_audio.delta", "response.created", "rate_limits.updated", "error",
-     "response.done.extra", "session.update", "input_audio_buffer.committed"],
+    [
+        "response.output_audio.delta",
+        "response.created",
+        "rate_limits.updated",
+        "error",
+        "response.done.extra",
+        "session.update",
+        "input_audio_buffer.committed",
+    ],
 )
 @pytest.mark.parametrize("compact", [True, False])
 def test_may_carry_usage_skips_other_events(event_type, compact):
@@ -167,8 +170,14 @@ def test_may_carry_usage_finds_type_after_event_id():
 
 
 def test_may_carry_usage_finds_type_after_a_long_transcript():
-    payload = frame({"event_id": "e", "transcript": "x" * 5000, "usage": {},
-                     "type": "conversation.item.input_audio_transcription.completed"})
+    payload = frame(
+        {
+            "event_id": "e",
+            "transcript": "x" * 5000,
+            "usage": {},
+            "type": "conversation.item.input_audio_transcription.completed",
+        }
+    )
     assert may_carry_usage(payload)
 
 
@@ -191,12 +200,21 @@ def test_response_cost_is_exact_for_every_shipped_model(table, model):
     rates = RATES[model]
     (ti, tc, to), (ai, ac, ao) = rates["text"], rates["audio"]
     image = rates["image"] is not None
-    usage = ga_usage(text=1000, audio=5000, image=300 if image else 0,
-                     cached=(200, 1000, 100 if image else 0), text_out=250, audio_out=2000)
+    usage = ga_usage(
+        text=1000,
+        audio=5000,
+        image=300 if image else 0,
+        cached=(200, 1000, 100 if image else 0),
+        text_out=250,
+        audio_out=2000,
+    )
     per_1m = (
-        800 * Decimal(ti) + 200 * Decimal(tc)
-        + 4000 * Decimal(ai) + 1000 * Decimal(ac)
-        + 250 * Decimal(to) + 2000 * Decimal(ao)
+        800 * Decimal(ti)
+        + 200 * Decimal(tc)
+        + 4000 * Decimal(ai)
+        + 1000 * Decimal(ac)
+        + 250 * Decimal(to)
+        + 2000 * Decimal(ao)
     )
     if image:
         ii, ic, _ = rates["image"]
@@ -213,8 +231,7 @@ def test_response_cost_is_exact_for_every_shipped_model(table, model):
 def test_gpt_realtime_response_worked_example(table):
     # text: 800×4 + 200×0.40 = 3280; audio: 4000×32 + 1000×0.40 = 128400;
     # image: 200×5 + 100×0.50 = 1050; output: 250×16 + 2000×64 = 132000 → 264730 / 1M USD
-    usage = ga_usage(text=1000, audio=5000, image=300, cached=(200, 1000, 100),
-                     text_out=250, audio_out=2000)
+    usage = ga_usage(text=1000, audio=5000, image=300, cached=(200, 1000, 100), text_out=250, audio_out=2000)
     increment = meter_for(table).observe(response_done(usage))
     assert increment.cost == Money.from_usd("0.264730")
     assert increment.by_category == {
@@ -252,22 +269,28 @@ def test_ga_cached_tokens_follow_their_per_modality_split(table):
     # gpt-realtime-mini: text cached 0.06, audio cached 0.30 — the split matters.
     usage = ga_usage(text=500, audio=1000, cached=(100, 600, 0))
     increment = meter_for(table, "gpt-realtime-mini").observe(response_done(usage))
-    expected = (400 * Decimal("0.60") + 100 * Decimal("0.06")
-                + 400 * Decimal("10") + 600 * Decimal("0.30"))
+    expected = 400 * Decimal("0.60") + 100 * Decimal("0.06") + 400 * Decimal("10") + 600 * Decimal("0.30")
     assert increment.cost == usd(expected / MILLION)
 
 
 def test_beta_cached_tokens_go_to_text_first_then_audio(table):
     # Beta usage: one cached_tokens figure, no split. 800 cached: 500 text (all of it), 300 audio.
     usage = {
-        "total_tokens": 1800, "input_tokens": 1500, "output_tokens": 300,
+        "total_tokens": 1800,
+        "input_tokens": 1500,
+        "output_tokens": 300,
         "input_token_details": {"text_tokens": 500, "audio_tokens": 1000, "cached_tokens": 800},
         "output_token_details": {"text_tokens": 100, "audio_tokens": 200},
     }
     increment = meter_for(table, "gpt-realtime-mini").observe(response_done(usage))
-    expected = (0 * Decimal("0.60") + 500 * Decimal("0.06")
-                + 700 * Decimal("10") + 300 * Decimal("0.30")
-                + 100 * Decimal("2.40") + 200 * Decimal("20"))
+    expected = (
+        0 * Decimal("0.60")
+        + 500 * Decimal("0.06")
+        + 700 * Decimal("10")
+        + 300 * Decimal("0.30")
+        + 100 * Decimal("2.40")
+        + 200 * Decimal("20")
+    )
     assert expected == Decimal(11360)
     assert increment.cost == Money.from_usd("0.01136")
     assert increment.by_category["text_cached_input"] == usd(500 * Decimal("0.06") / MILLION)
@@ -277,12 +300,10 @@ def test_beta_cached_tokens_go_to_text_first_then_audio(table):
 def test_beta_cached_tokens_spill_to_image_last(table):
     usage = {
         "input_tokens": 130,
-        "input_token_details": {"text_tokens": 50, "audio_tokens": 30, "image_tokens": 50,
-                                "cached_tokens": 100},
+        "input_token_details": {"text_tokens": 50, "audio_tokens": 30, "image_tokens": 50, "cached_tokens": 100},
     }
     increment = meter_for(table).observe(response_done(usage))
-    expected = (50 * Decimal("0.40") + 30 * Decimal("0.40")
-                + 20 * Decimal("0.50") + 30 * Decimal("5"))
+    expected = 50 * Decimal("0.40") + 30 * Decimal("0.40") + 20 * Decimal("0.50") + 30 * Decimal("5")
     assert increment.cost == usd(expected / MILLION)
 
 
@@ -291,8 +312,7 @@ def test_cached_tokens_beyond_the_ga_split_follow_the_beta_rule(table):
     usage = ga_usage(text=500, audio=1000, cached=(100, 500, 0))
     usage["input_token_details"]["cached_tokens"] = 800
     increment = meter_for(table, "gpt-realtime-mini").observe(response_done(usage))
-    expected = (200 * Decimal("0.60") + 300 * Decimal("0.06")
-                + 500 * Decimal("10") + 500 * Decimal("0.30"))
+    expected = 200 * Decimal("0.60") + 300 * Decimal("0.06") + 500 * Decimal("10") + 500 * Decimal("0.30")
     assert increment.cost == usd(expected / MILLION)
 
 
@@ -378,12 +398,9 @@ GARBAGE = [
     b'{"type":"response.done","response":' + b"[" * 100_000,
     b'{"type":"response.done","response":{"usage":{"input_tokens":1' + b"0" * 5000 + b"}}}",
     b'{"type":"conversation.item.input_audio_transcription.completed","usage":7}',
-    b'{"type":"conversation.item.input_audio_transcription.completed",'
-    b'"usage":{"type":"duration","seconds":"soon"}}',
-    b'{"type":"conversation.item.input_audio_transcription.completed",'
-    b'"usage":{"type":"duration","seconds":-3}}',
-    b'{"type":"conversation.item.input_audio_transcription.completed",'
-    b'"usage":{"type":"duration","seconds":NaN}}',
+    b'{"type":"conversation.item.input_audio_transcription.completed","usage":{"type":"duration","seconds":"soon"}}',
+    b'{"type":"conversation.item.input_audio_transcription.completed","usage":{"type":"duration","seconds":-3}}',
+    b'{"type":"conversation.item.input_audio_transcription.completed","usage":{"type":"duration","seconds":NaN}}',
     b'{"type":"session.updated","session":null}',
     b'{"type":"response.done","response":{"usage":{}}}\xff',
 ]
@@ -428,8 +445,13 @@ def test_garbage_is_logged_without_the_frame_content(table, caplog):
 
 @settings(max_examples=300, deadline=None)
 @given(
-    prefix=st.sampled_from([b'{"type":"response.done"', b'{"type":"session.updated"',
-                            b'{"type":"conversation.item.input_audio_transcription.completed"']),
+    prefix=st.sampled_from(
+        [
+            b'{"type":"response.done"',
+            b'{"type":"session.updated"',
+            b'{"type":"conversation.item.input_audio_transcription.completed"',
+        ]
+    ),
     tail=st.binary(max_size=200),
 )
 def test_observe_never_raises_on_random_bytes(prefix, tail):
@@ -439,17 +461,37 @@ def test_observe_never_raises_on_random_bytes(prefix, tail):
 
 
 @settings(max_examples=200, deadline=None)
-@given(usage=st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=5)
-    | st.decimals(allow_nan=False, places=3, min_value=-10, max_value=10),
-    lambda children: st.dictionaries(
-        st.sampled_from(["input_tokens", "output_tokens", "total_tokens", "text_tokens",
-                         "audio_tokens", "image_tokens", "cached_tokens", "input_token_details",
-                         "cached_tokens_details", "output_token_details", "type", "seconds",
-                         "new_tokens"]),
-        children, max_size=6),
-    max_leaves=20,
-))
+@given(
+    usage=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-5, 10**6)
+        | st.text(max_size=5)
+        | st.decimals(allow_nan=False, places=3, min_value=-10, max_value=10),
+        lambda children: st.dictionaries(
+            st.sampled_from(
+                [
+                    "input_tokens",
+                    "output_tokens",
+                    "total_tokens",
+                    "text_tokens",
+                    "audio_tokens",
+                    "image_tokens",
+                    "cached_tokens",
+                    "input_token_details",
+                    "cached_tokens_details",
+                    "output_token_details",
+                    "type",
+                    "seconds",
+                    "new_tokens",
+                ]
+            ),
+            children,
+            max_size=6,
+        ),
+        max_leaves=20,
+    )
+)
 def test_arbitrary_usage_shapes_never_crash_meter_or_totals(usage):
     table = load_price_table()
     meter = Meter(table.get("gpt-realtime-mini"), table)
@@ -457,8 +499,7 @@ def test_arbitrary_usage_shapes_never_crash_meter_or_totals(usage):
     totals = UsageTotals()
     for payload in (
         b'{"type":"response.done","response":{"usage":' + body.encode() + b"}}",
-        b'{"type":"conversation.item.input_audio_transcription.completed","usage":'
-        + body.encode() + b"}",
+        b'{"type":"conversation.item.input_audio_transcription.completed","usage":' + body.encode() + b"}",
     ):
         increment = meter.observe(payload)
         if increment is not None:
@@ -469,8 +510,13 @@ def test_arbitrary_usage_shapes_never_crash_meter_or_totals(usage):
 
 # --- transcription -----------------------------------------------------------------------------
 
-TOKENS_USAGE = {"type": "tokens", "input_tokens": 120, "output_tokens": 30, "total_tokens": 150,
-                "input_token_details": {"text_tokens": 20, "audio_tokens": 100}}
+TOKENS_USAGE = {
+    "type": "tokens",
+    "input_tokens": 120,
+    "output_tokens": 30,
+    "total_tokens": 150,
+    "input_token_details": {"text_tokens": 20, "audio_tokens": 100},
+}
 
 
 def test_transcription_tokens_default_to_gpt_4o_transcribe(table):
@@ -499,9 +545,7 @@ def test_transcription_model_is_learned_from_a_ga_session_update(table):
 
 
 def test_transcription_duration_defaults_to_whisper_1(table):
-    increment = meter_for(table).observe(
-        transcription_done({"type": "duration", "seconds": 2.5})
-    )
+    increment = meter_for(table).observe(transcription_done({"type": "duration", "seconds": 2.5}))
     # 0.006 USD/min × 2.5 s / 60
     assert increment.cost == usd(Decimal("0.006") * Decimal("2.5") / 60)
     assert increment.model == "whisper-1"
@@ -522,8 +566,7 @@ def test_transcription_model_is_learned_from_a_beta_session_update(table):
 
 def test_beta_transcription_session_update_is_learned_too(table):
     meter = meter_for(table)
-    meter.observe(beta_session_updated({"model": "gpt-4o-mini-transcribe"},
-                                       "transcription_session.updated"))
+    meter.observe(beta_session_updated({"model": "gpt-4o-mini-transcribe"}, "transcription_session.updated"))
     assert meter.transcription_model == "gpt-4o-mini-transcribe"
 
 
@@ -569,8 +612,9 @@ def test_usage_priced_differently_from_its_model_is_unpriced(table):
 
 def test_a_transcription_without_usage_bills_nothing(table):
     meter = meter_for(table)
-    payload = frame({"type": "conversation.item.input_audio_transcription.completed",
-                     "item_id": "i", "transcript": "hi"})
+    payload = frame(
+        {"type": "conversation.item.input_audio_transcription.completed", "item_id": "i", "transcript": "hi"}
+    )
     assert meter.observe(payload) is None
     assert meter.stats.garbage == 0
 
@@ -631,16 +675,31 @@ def session_increments(table) -> list[Increment]:
     frames = [
         ga_session_updated({"model": "gpt-4o-mini-transcribe"}),
         transcription_done(TOKENS_USAGE),
-        response_done(ga_usage(text=500, audio=1000, cached=(100, 600, 0), text_out=40,
-                               audio_out=300, reasoning_tokens=3), "completed", "resp_1"),
-        response_done({"input_tokens": 1500, "output_tokens": 300, "total_tokens": 1800,
-                       "input_token_details": {"text_tokens": 500, "audio_tokens": 1000,
-                                               "cached_tokens": 800},
-                       "output_token_details": {"text_tokens": 100, "audio_tokens": 200}},
-                      "cancelled", "resp_2"),
-        transcription_done({"type": "tokens", "input_tokens": 10, "output_tokens": 2,
-                            "total_tokens": 12,
-                            "input_token_details": {"text_tokens": 0, "audio_tokens": 10}}),
+        response_done(
+            ga_usage(text=500, audio=1000, cached=(100, 600, 0), text_out=40, audio_out=300, reasoning_tokens=3),
+            "completed",
+            "resp_1",
+        ),
+        response_done(
+            {
+                "input_tokens": 1500,
+                "output_tokens": 300,
+                "total_tokens": 1800,
+                "input_token_details": {"text_tokens": 500, "audio_tokens": 1000, "cached_tokens": 800},
+                "output_token_details": {"text_tokens": 100, "audio_tokens": 200},
+            },
+            "cancelled",
+            "resp_2",
+        ),
+        transcription_done(
+            {
+                "type": "tokens",
+                "input_tokens": 10,
+                "output_tokens": 2,
+                "total_tokens": 12,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": 10},
+            }
+        ),
     ]
     return [inc for inc in map(meter.observe, frames) if inc is not None]
 
@@ -657,8 +716,7 @@ def test_totals_give_the_record_usage_shape(table):
             "image_tokens": 0,
             "cached_tokens": 700 + 800,
             # second response is beta: 800 cached attributed 500 text, 300 audio
-            "cached_tokens_details": {"text_tokens": 600, "audio_tokens": 900,
-                                      "image_tokens": 0},
+            "cached_tokens_details": {"text_tokens": 600, "audio_tokens": 900, "image_tokens": 0},
         },
         "output_token_details": {"text_tokens": 140, "audio_tokens": 500},
         "reasoning_tokens": 3,
@@ -677,12 +735,24 @@ def test_totals_give_the_record_usage_shape(table):
 
 def test_totals_cost_is_the_sum_of_hand_computed_costs(table):
     totals = UsageTotals.from_increments(session_increments(table))
-    transcription = (20 * Decimal("1.25") + 100 * Decimal("3.00") + 30 * Decimal("5.00")
-                     + 10 * Decimal("3.00") + 2 * Decimal("5.00"))
-    ga = (400 * Decimal("0.60") + 100 * Decimal("0.06") + 400 * Decimal("10")
-          + 600 * Decimal("0.30") + 40 * Decimal("2.40") + 300 * Decimal("20"))
-    beta = (500 * Decimal("0.06") + 700 * Decimal("10") + 300 * Decimal("0.30")
-            + 100 * Decimal("2.40") + 200 * Decimal("20"))
+    transcription = (
+        20 * Decimal("1.25") + 100 * Decimal("3.00") + 30 * Decimal("5.00") + 10 * Decimal("3.00") + 2 * Decimal("5.00")
+    )
+    ga = (
+        400 * Decimal("0.60")
+        + 100 * Decimal("0.06")
+        + 400 * Decimal("10")
+        + 600 * Decimal("0.30")
+        + 40 * Decimal("2.40")
+        + 300 * Decimal("20")
+    )
+    beta = (
+        500 * Decimal("0.06")
+        + 700 * Decimal("10")
+        + 300 * Decimal("0.30")
+        + 100 * Decimal("2.40")
+        + 200 * Decimal("20")
+    )
     assert totals.cost == usd((transcription + ga + beta) / MILLION)
     assert sum(totals.by_category.values()) == totals.cost
     cost = totals.as_record_cost()
@@ -696,8 +766,7 @@ def test_totals_count_each_seq_once(table):
     totals = UsageTotals.from_increments(increments)
     before = (totals.cost, totals.as_record_usage(), totals.total_tokens, totals.responses)
     assert [totals.add(inc) for inc in increments] == [False] * len(increments)
-    assert (totals.cost, totals.as_record_usage(), totals.total_tokens,
-            totals.responses) == before
+    assert (totals.cost, totals.as_record_usage(), totals.total_tokens, totals.responses) == before
     assert len(totals) == len(increments) and totals.max_seq == len(increments)
 
 
@@ -706,8 +775,14 @@ def test_totals_do_not_depend_on_order(table):
     results = set()
     for order in itertools.permutations(increments):
         totals = UsageTotals.from_increments(order)
-        results.add((totals.cost, json.dumps(totals.as_record_usage()),
-                     json.dumps(totals.as_record_cost()), totals.total_tokens))
+        results.add(
+            (
+                totals.cost,
+                json.dumps(totals.as_record_usage()),
+                json.dumps(totals.as_record_cost()),
+                totals.total_tokens,
+            )
+        )
     assert len(results) == 1
 
 
@@ -741,10 +816,12 @@ def test_empty_totals_still_have_the_record_shape():
     usage = UsageTotals().as_record_usage()
     assert usage["total_tokens"] == 0
     assert usage["input_token_details"]["cached_tokens_details"] == {
-        "text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}
+        "text_tokens": 0,
+        "audio_tokens": 0,
+        "image_tokens": 0,
+    }
     assert "transcription" not in usage
-    assert UsageTotals().as_record_cost() == {"currency": "usd", "amount": "0.000000",
-                                              "by_category": {}}
+    assert UsageTotals().as_record_cost() == {"currency": "usd", "amount": "0.000000", "by_category": {}}
 
 
 def test_a_meter_works_from_the_rate_snapshots_a_grant_carries(table):

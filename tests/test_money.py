@@ -115,8 +115,7 @@ def test_from_usd_refuses_floats_and_other_types(bad):
 
 
 @pytest.mark.parametrize(
-    "bad", ["0.0000000000001", "1e-13", "abc", "", "NaN", "Infinity", "-inf", "1E+999999999",
-            "1E-999999999", "1,5"]
+    "bad", ["0.0000000000001", "1e-13", "abc", "", "NaN", "Infinity", "-inf", "1E+999999999", "1E-999999999", "1,5"]
 )
 def test_from_usd_refuses_values_that_are_not_whole_picodollars(bad):
     with pytest.raises(ValueError):
@@ -161,9 +160,7 @@ def test_per_minute_cost_is_exact_when_it_can_be():
     # $0.006 per minute for 90 s = $0.009
     assert per_minute_cost(Money.from_usd("0.006"), Decimal("90")) == Money.from_usd("0.009")
     # whisper-1, 2.345 s: 0.006 * 2.345 / 60 = 0.0002345 exactly
-    assert per_minute_cost(Money.from_usd("0.006"), Decimal("2.345")) == Money.from_usd(
-        "0.0002345"
-    )
+    assert per_minute_cost(Money.from_usd("0.006"), Decimal("2.345")) == Money.from_usd("0.0002345")
 
 
 def test_per_minute_cost_rounds_half_up_to_the_picodollar():
@@ -191,8 +188,9 @@ def test_per_minute_cost_refuses_float_seconds(seconds):
         per_minute_cost(Money(1), seconds)
 
 
-@pytest.mark.parametrize("seconds", [Decimal("-1"), Decimal("NaN"), Decimal("Infinity"),
-                                     Decimal("1E+20"), Decimal("1E-999")])
+@pytest.mark.parametrize(
+    "seconds", [Decimal("-1"), Decimal("NaN"), Decimal("Infinity"), Decimal("1E+20"), Decimal("1E-999")]
+)
 def test_per_minute_cost_refuses_negative_or_absurd_seconds(seconds):
     with pytest.raises(ValueError):
         per_minute_cost(Money(1), seconds)

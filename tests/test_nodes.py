@@ -27,6 +27,9 @@ from datetime import datetime, timezone
 
 import psutil
 import pytest
+from conftest import session_record, wait_for
+from realtime_client import connect_ws, recv_json, run
+from simlog import balance, expected_from, same_usage, sim_reports
 from sqlalchemy import create_engine, func
 from sqlmodel import Session, select
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -36,10 +39,6 @@ from meshrt.shared.errors import ERRORS
 from meshrt.shared.money import Money
 from meshrt.storage import accounts
 from meshrt.storage.db import LIVE_STATES, AppliedIncrement, Node, SessionRecord
-
-from conftest import session_record, wait_for
-from realtime_client import connect_ws, recv_json, run
-from simlog import balance, expected_from, same_usage, sim_reports
 
 LEASE_S = 2.0  # node lease for the tests where a node is lost
 RESTART_LEASE_S = 16  # workers wait half of it for their supervisor: a restart under load takes up to ~4 s
@@ -203,8 +202,9 @@ def row_of(engine, c: Client) -> SessionRecord:
 
 def applied(engine, session_id: str) -> int:
     with Session(engine) as db:
-        return db.exec(select(func.count()).select_from(AppliedIncrement)
-                       .where(AppliedIncrement.session_id == session_id)).one()
+        return db.exec(
+            select(func.count()).select_from(AppliedIncrement).where(AppliedIncrement.session_id == session_id)
+        ).one()
 
 
 def node_row(engine, node_id: str) -> Node:
@@ -218,16 +218,23 @@ def node_row(engine, node_id: str) -> Node:
 def open_rows(engine, account_id: str) -> int:
     """The account's sessions that count against its limit (granted/live, any node)."""
     with Session(engine) as db:
-        return db.exec(select(func.count()).select_from(SessionRecord).where(
-            SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))).one()
+        return db.exec(
+            select(func.count())
+            .select_from(SessionRecord)
+            .where(SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))
+        ).one()
 
 
 def wait_committed(engine, clients: list[Client], timeout: float = 15) -> None:
     """Every response each client received has its increment committed in the database."""
     for c in clients:
         session_id = row_of(engine, c).id
-        wait_for(lambda: applied(engine, session_id) >= len(c.usages), timeout, 0.05,
-                 f"{c.tag}: {len(c.usages)} increments committed")
+        wait_for(
+            lambda session_id=session_id, c=c: applied(engine, session_id) >= len(c.usages),
+            timeout,
+            0.05,
+            f"{c.tag}: {len(c.usages)} increments committed",
+        )
 
 
 def wait_ended(engine, clients: list[Client], timeout: float = 30) -> dict[str, SessionRecord]:
@@ -284,11 +291,11 @@ def assert_exact(sim, row: SessionRecord, c: Client, *, committed_only: bool = F
     """The record equals what the simulator sent on c's connection (or, committed_only, the first
     row.responses of it), and the client got the simulator's usage, in order."""
     sent = sent_by_sim(sim, c.tag)
-    relayed = [json.loads(p)["response"]["usage"] for p in sent[:len(c.usages)]]
+    relayed = [json.loads(p)["response"]["usage"] for p in sent[: len(c.usages)]]
     assert c.usages == relayed, f"{c.tag}: the client's response.done usage is not the simulator's, in order"
     if committed_only:
         assert row.responses <= len(sent), f"{c.tag}: billed {row.responses}, the simulator sent {len(sent)}"
-        sent = sent[:row.responses]
+        sent = sent[: row.responses]
     assert_record_is(row, sent, c.tag)
     return sent
 
@@ -347,7 +354,8 @@ def wait_eligible_to_judge(gw_started_at: float, lease: float) -> None:
 
 
 def test_supervisor_killed_and_back_within_the_lease_loses_nothing_and_keeps_its_node(
-        gateway_factory, make_tenant, engine, reads, sim):
+    gateway_factory, make_tenant, engine, reads, sim
+):
     """SIGKILL A's supervisor while A and B have live sessions with usage flowing; restart A on
     its state dir at once (well within the lease). A's workers re-attach and their sessions go
     on, B's sessions never notice; no row is ended node_lost; every record equals the
@@ -365,8 +373,11 @@ def test_supervisor_killed_and_back_within_the_lease_loses_nothing_and_keeps_its
     timings = {}
 
     async def go():
-        clients = [await open_client(gw, tenant.key, f"n1-{rid}-{name}{i}", name)
-                   for gw, name in ((a, "A"), (b, "B")) for i in range(2)]
+        clients = [
+            await open_client(gw, tenant.key, f"n1-{rid}-{name}{i}", name)
+            for gw, name in ((a, "A"), (b, "B"))
+            for i in range(2)
+        ]
         stop = asyncio.Event()
         drivers = [asyncio.create_task(drive(c, stop)) for c in clients]
         await until(lambda: all(len(c.usages) >= 2 for c in clients), 20, "usage on every session")
@@ -384,10 +395,13 @@ def test_supervisor_killed_and_back_within_the_lease_loses_nothing_and_keeps_its
         return clients, a2
 
     clients, a2 = run(go(), 55)
-    reattached = {e.get("session_id"): log_time(e) - timings["killed_wall"]
-                  for e in log_events(a2, "worker re-attached")}
-    print(f"A's supervisor back and ready {timings['ready_s']} s after the SIGKILL; its workers re-attached after "
-          f"{sorted(round(t, 2) for t in reattached.values())} s (lease {lease} s)")
+    reattached = {
+        e.get("session_id"): log_time(e) - timings["killed_wall"] for e in log_events(a2, "worker re-attached")
+    }
+    print(
+        f"A's supervisor back and ready {timings['ready_s']} s after the SIGKILL; its workers re-attached after "
+        f"{sorted(round(t, 2) for t in reattached.values())} s (lease {lease} s)"
+    )
     for c in clients:
         assert c.closed_by_us and not c.errors, f"{c.tag}: ended by the gateway: {c.errors} {c.close_code}"
     rows = wait_ended(reads, clients)
@@ -395,7 +409,8 @@ def test_supervisor_killed_and_back_within_the_lease_loses_nothing_and_keeps_its
     for c in clients:
         row = rows[c.tag]
         assert (row.end_reason, row.close_code, row.amended_at) == ("client_closed", 1000, None), (
-            f"{c.tag}: {row.end_reason}/{row.close_code} amended {row.amended_at}")
+            f"{c.tag}: {row.end_reason}/{row.close_code} amended {row.amended_at}"
+        )
         assert row.node == {"A": node_a, "B": node_b}[c.node], f"{c.tag}: node {row.node}"
         assert_exact(sim, row, c)
         total += row.cost_pico
@@ -412,8 +427,9 @@ def test_supervisor_killed_and_back_within_the_lease_loses_nothing_and_keeps_its
     unsupervised = {c.tag: sum(timings["killed_at"] < t < back for t in c.done_at) for c in clients if c.node == "A"}
     print(f"responses completed on A while it had no supervisor: {unsupervised}")
     assert sum(unsupervised.values()) > 0, "no usage flowed on A while its supervisor was down"
-    judged = [e for e in log_events(b, "node lost: its lease expired; its sessions were ended")
-              if e.get("node") == node_a]
+    judged = [
+        e for e in log_events(b, "node lost: its lease expired; its sessions were ended") if e.get("node") == node_a
+    ]
     assert not judged, f"B judged A lost: {judged}"
 
 
@@ -429,8 +445,15 @@ def test_a_dead_node_frees_its_sessions_slots_within_about_a_lease(gateway_facto
     (the simulator's log of each connection: no response was in flight at the kill)."""
     lease, limit = LEASE_S, 2
     nodes = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
-    tenant, a, b, b_started, node_a, start, rid = (nodes.tenant, nodes.a, nodes.b, nodes.b_started, nodes.node_a,
-                                                   nodes.start_balance, nodes.rid)
+    tenant, a, b, b_started, node_a, start, rid = (
+        nodes.tenant,
+        nodes.a,
+        nodes.b,
+        nodes.b_started,
+        nodes.node_a,
+        nodes.start_balance,
+        nodes.rid,
+    )
     bound = lease + lease / 4 + 2.5  # expiry + one renewal period + slack (2 CPUs, shared)
 
     async def go():
@@ -465,23 +488,27 @@ def test_a_dead_node_frees_its_sessions_slots_within_about_a_lease(gateway_facto
         return on_a, c, lockout, refusals
 
     on_a, on_b, lockout, refusals = run(go(), 55)
-    print(f"account locked out {lockout:.2f} s after node A died (lease {lease} s, bound {bound} s); "
-          f"{len(refusals)} refusals")
+    print(
+        f"account locked out {lockout:.2f} s after node A died (lease {lease} s, bound {bound} s); "
+        f"{len(refusals)} refusals"
+    )
     assert refusals and set(refusals) == {"too_many_sessions"}, refusals
     assert lockout <= bound, f"locked out {lockout:.2f} s > {bound} s"
     rows = wait_ended(reads, [*on_a, on_b])
     for c in on_a:
         row = rows[c.tag]
         assert (row.end_reason, row.node, row.amended_at) == ("node_lost", node_a, None), (
-            f"{c.tag}: {row.end_reason} on {row.node}, amended {row.amended_at}")
+            f"{c.tag}: {row.end_reason} on {row.node}, amended {row.amended_at}"
+        )
         assert row.responses == 2
         assert_exact(sim, row, c)
     assert (rows[on_b.tag].end_reason, rows[on_b.tag].close_code) == ("client_closed", 1000)
     assert_exact(sim, rows[on_b.tag], on_b)
     assert node_row(engine, node_a).state == "lost"
     assert start - balance(engine, tenant.account_id) == sum(r.cost_pico for r in rows.values())
-    lost = [e for e in log_events(b, "node lost: its lease expired; its sessions were ended")
-            if e.get("node") == node_a]
+    lost = [
+        e for e in log_events(b, "node lost: its lease expired; its sessions were ended") if e.get("node") == node_a
+    ]
     assert [e.get("sessions") for e in lost] == [limit], lost
 
 
@@ -496,8 +523,14 @@ def test_a_lost_node_back_amends_the_records_with_its_spools(gateway_factory, ma
     logs exactly, and the balance moved by exactly the records' costs (nothing twice)."""
     lease = LEASE_S
     nodes = two_nodes(gateway_factory, make_tenant, engine, 10, lease)  # B only reaps A here
-    tenant, a, b_started, node_a, start, rid = (nodes.tenant, nodes.a, nodes.b_started, nodes.node_a,
-                                                nodes.start_balance, nodes.rid)
+    tenant, a, b_started, node_a, start, rid = (
+        nodes.tenant,
+        nodes.a,
+        nodes.b_started,
+        nodes.node_a,
+        nodes.start_balance,
+        nodes.rid,
+    )
 
     async def go():
         on_a = [await open_client(a, tenant.key, f"n3-{rid}-A{i}", "A", QUICK) for i in range(2)]
@@ -528,7 +561,8 @@ def test_a_lost_node_back_amends_the_records_with_its_spools(gateway_factory, ma
     for c in on_a:
         row = lost[c.tag]
         assert (row.end_reason, row.amended_at, row.responses) == ("node_lost", None, 1), (
-            f"{c.tag}: {row.end_reason} amended {row.amended_at}, {row.responses} responses")
+            f"{c.tag}: {row.end_reason} amended {row.amended_at}, {row.responses} responses"
+        )
         assert_record_is(row, sent_by_sim(sim, c.tag)[:1], c.tag)
     assert node_row(engine, node_a).state == "lost"
     debit_when_lost = start - balance(engine, tenant.account_id)
@@ -557,7 +591,8 @@ def test_a_lost_node_back_amends_the_records_with_its_spools(gateway_factory, ma
 
 @pytest.mark.slow
 def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_holds(
-        gateway_factory, make_tenant, engine, reads, sim):
+    gateway_factory, make_tenant, engine, reads, sim
+):
     """An account at its limit (2), both sessions on A with usage flowing; two clients keep
     trying to get in through B (refused too_many_sessions). A's supervisor is SIGKILLed and not
     restarted; its workers keep relaying, then end their sessions with node_lost (error event,
@@ -568,8 +603,15 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
     sampled every 10 ms and at each admission)."""
     lease, limit = LEASE_S, 2
     nodes = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
-    tenant, a, b, b_started, node_a, start, rid = (nodes.tenant, nodes.a, nodes.b, nodes.b_started, nodes.node_a,
-                                                   nodes.start_balance, nodes.rid)
+    tenant, a, b, b_started, node_a, start, rid = (
+        nodes.tenant,
+        nodes.a,
+        nodes.b,
+        nodes.b_started,
+        nodes.node_a,
+        nodes.start_balance,
+        nodes.rid,
+    )
     db_samples: list[tuple[float, int]] = []
     sampling = threading.Event()
 
@@ -630,7 +672,7 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
         await until(lambda: not any(c.connected for c in on_a), lease + 8, "A's sessions ended")
         await until(lambda: len(admitted) == limit, lease + 8, "B admitting the account's sessions")
         for c in admitted:  # some usage through B too
-            await until(lambda: len(c.usages) >= 1, 10, f"usage on {c.tag}")
+            await until(lambda c=c: len(c.usages) >= 1, 10, f"usage on {c.tag}")
         stop.set()
         await asyncio.wait_for(asyncio.gather(*drivers, *contenders, sampling_task), 25)
         for c in on_a:  # the close (bounded: a worker with no supervisor may hold the socket a while)
@@ -653,13 +695,18 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
     closed_after = {c.tag: after(c.closed_at) for c in on_a}
     admitted_after = {c.tag: after(c.opened_at) for c in admitted}
     lost_a = node_row(engine, node_a)  # its last renewal and lease expiry, on the database's clock
-    print(f"A's supervisor SIGKILLed at 0; A's last lease renewal {lost_a.renewed_at - killed_wall:+.2f} s, "
-          f"its expiry {lost_a.lease_expires - killed_wall:+.2f} s (lease {lease} s); B admitted {admitted_after}; "
-          f"A's clients got node_lost at {error_after} and the close at {closed_after}")
+    print(
+        f"A's supervisor SIGKILLed at 0; A's last lease renewal {lost_a.renewed_at - killed_wall:+.2f} s, "
+        f"its expiry {lost_a.lease_expires - killed_wall:+.2f} s (lease {lease} s); B admitted {admitted_after}; "
+        f"A's clients got node_lost at {error_after} and the close at {closed_after}"
+    )
     for c in on_a:
         assert [e["error"]["code"] for e in c.errors] == ["node_lost"], f"{c.tag}: {c.errors}"
-        assert (c.close_code, c.close_reason) == (spec.close_code, "server_error.node_lost") == (
-            1012, "server_error.node_lost"), f"{c.tag}: close {c.close_code} {c.close_reason}"
+        assert (
+            (c.close_code, c.close_reason)
+            == (spec.close_code, "server_error.node_lost")
+            == (1012, "server_error.node_lost")
+        ), f"{c.tag}: close {c.close_code} {c.close_reason}"
     assert set(refusals) == {"too_many_sessions"}, refusals
     rows = wait_ended(reads, [*on_a, *admitted])
     for c in on_a:
@@ -675,15 +722,19 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
 
     over_db = [(round(t - killed_at, 2), n) for t, n in db_samples if n > limit]
     over_clients = [(round(t - killed_at, 2), n, tags) for t, n, tags in client_samples if n > limit]
-    print(f"{len(db_samples)} database samples (max {max(n for _, n in db_samples)}), "
-          f"{len(client_samples)} client samples (max {max(n for _, n, _ in client_samples)})")
+    print(
+        f"{len(db_samples)} database samples (max {max(n for _, n in db_samples)}), "
+        f"{len(client_samples)} client samples (max {max(n for _, n, _ in client_samples)})"
+    )
     problems = []
     if over_db:
         problems.append(f"granted/live rows over the limit {limit} at (s, count): {over_db[:5]}")
     if over_clients:
-        problems.append(f"sessions open over the limit {limit} from {over_clients[0][0]} to {over_clients[-1][0]} s "
-                        f"(B admitted at {admitted_after}, A's sessions ended at {error_after}); "
-                        f"first samples (s, count, who): {over_clients[:2]}")
+        problems.append(
+            f"sessions open over the limit {limit} from {over_clients[0][0]} to {over_clients[-1][0]} s "
+            f"(B admitted at {admitted_after}, A's sessions ended at {error_after}); "
+            f"first samples (s, count, who): {over_clients[:2]}"
+        )
     late_error = {tag: t for tag, t in error_after.items() if t is None or t > lease + 1.5}
     if late_error:
         problems.append(f"node_lost error events later than lease + 1.5 s: {late_error}")
@@ -691,23 +742,26 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
     # worker has its close reply (at most MESHRT_DRAIN_USAGE_S, 2 s, for a cancelled response)
     late_close = {tag: t for tag, t in closed_after.items() if t is None or t > lease + 3.5}
     if late_close:
-        problems.append(f"closes (TCP closed) later than lease + 3.5 s: {late_close}; their last events "
-                        f"(s): {[c.history(killed_at) for c in on_a if c.tag in late_close]}")
+        problems.append(
+            f"closes (TCP closed) later than lease + 3.5 s: {late_close}; their last events "
+            f"(s): {[c.history(killed_at) for c in on_a if c.tag in late_close]}"
+        )
     assert not problems, "; ".join(problems)
 
 
 # --- 5. a top-up seen before a quota stop, across a supervisor restart -------------------------
 
 
-def test_a_top_up_prevents_a_quota_stop_also_after_a_supervisor_restart(gateway_factory, make_tenant, engine, reads,
-                                                                         sim):
+def test_a_top_up_prevents_a_quota_stop_also_after_a_supervisor_restart(
+    gateway_factory, make_tenant, engine, reads, sim
+):
     """An account with $0.0001 (less than one response costs) is admitted and topped up to
-    $10 at once; responses follow (the supervisor's estimate starts from the admission-time
-    balance, and must re-read before stopping anything). Its supervisor is SIGKILLed, a response
-    is made unsupervised (spool only), the supervisor is restarted on the same state dir (the
-    spool is replayed), more responses: the sessions are never stopped for insufficient_quota,
-    records are exact, and the balance moved by exactly the records' costs. A control account with
-the same $0.0001, not topped up, is stopped (insufficient_quota) at its first response."""
+        $10 at once; responses follow (the supervisor's estimate starts from the admission-time
+        balance, and must re-read before stopping anything). Its supervisor is SIGKILLed, a response
+        is made unsupervised (spool only), the supervisor is restarted on the same state dir (the
+        spool is replayed), more responses: the sessions are never stopped for insufficient_quota,
+        records are exact, and the balance moved by exactly the records' costs. A control account with
+    the same $0.0001, not topped up, is stopped (insufficient_quota) at its first response."""
     lease = RESTART_LEASE_S
     tiny, topup = Money.from_usd("0.0001"), Money.from_usd("10")
     tenant = make_tenant(balance="0.0001", max_concurrent_sessions=10)
@@ -760,6 +814,9 @@ the same $0.0001, not topped up, is stopped (insufficient_quota) at its first re
         assert first_cost > tiny.picodollars, f"{c.tag}: one response should cost more than the initial balance"
     cost = sum(r.cost_pico for r in rows.values())
     assert balance(engine, tenant.account_id) == tiny.picodollars + topup.picodollars - cost
-    stops = [line for line in gw.log_text().splitlines() + gw2.log_text().splitlines()
-             if "insufficient_quota" in line and stopped.request_id not in line and control_row.id not in line]
+    stops = [
+        line
+        for line in gw.log_text().splitlines() + gw2.log_text().splitlines()
+        if "insufficient_quota" in line and stopped.request_id not in line and control_row.id not in line
+    ]
     assert not stops, stops[:5]

@@ -17,8 +17,9 @@ ADMIN = "admin-" + "t" * 30
 def meshrt(database_url: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_")}
     env.update(MESHRT_DATABASE_URL=database_url, MESHRT_STATE_DIR=str(tmp_path / "cli-state"))
-    return subprocess.run([sys.executable, "-m", "meshrt.supervisor.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "meshrt.supervisor.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_accounts_keys_topups_and_revocation(database_url, tmp_path):
@@ -28,7 +29,9 @@ def test_cli_accounts_keys_topups_and_revocation(database_url, tmp_path):
     assert account["balance"] == "12.500000"
     topped = json.loads(meshrt(database_url, tmp_path, "--json", "accounts", "topup", account["id"], "0.25").stdout)
     assert Money.from_usd(topped["balance"]) == Money.from_usd("12.75")
-    key = json.loads(meshrt(database_url, tmp_path, "--json", "keys", "create", account["id"], "--token-cap", "5000").stdout)
+    key = json.loads(
+        meshrt(database_url, tmp_path, "--json", "keys", "create", account["id"], "--token-cap", "5000").stdout
+    )
     assert key["key"].startswith("rsk_") and key["token_cap"] == 5000
     listed = meshrt(database_url, tmp_path, "keys", "list", "--account", account["id"])
     assert key["id"] in listed.stdout and key["key"] not in listed.stdout  # shown once, never again
@@ -46,11 +49,13 @@ def test_cli_refuses_bad_arguments_and_settings_with_one_clear_line(database_url
     assert unknown.returncode == 1 and "no account" in unknown.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_")}
     env.update(MESHRT_IDLE_TIMEOUT_S="soon", MESHRT_STATE_DIR=str(tmp_path / "s"))
-    bad_setting = subprocess.run([sys.executable, "-m", "meshrt.supervisor.cli", "serve"], env=env,
-                                 capture_output=True, text=True, timeout=60)
+    bad_setting = subprocess.run(
+        [sys.executable, "-m", "meshrt.supervisor.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert bad_setting.returncode == 2
     assert bad_setting.stderr.strip().splitlines() == [
-        "meshrt: bad setting: MESHRT_IDLE_TIMEOUT_S: expected a number of seconds, got 'soon'"]
+        "meshrt: bad setting: MESHRT_IDLE_TIMEOUT_S: expected a number of seconds, got 'soon'"
+    ]
 
 
 def test_admin_api_runs_the_same_operations_behind_its_token(gateway_factory, engine):
@@ -70,7 +75,9 @@ def test_admin_api_runs_the_same_operations_behind_its_token(gateway_factory, en
     me = httpx.get(f"{gw.http_url}/v1/account", headers={"Authorization": f"Bearer {key.json()['key']}"}).json()
     assert me["id"] == account["id"] and me["balance"] == "4.500000"
     assert admin.post(f"/keys/{key.json()['id']}/revoke").json()["revoked_at"] is not None
-    assert httpx.get(f"{gw.http_url}/v1/account",
-                     headers={"Authorization": f"Bearer {key.json()['key']}"}).status_code == 401
+    assert (
+        httpx.get(f"{gw.http_url}/v1/account", headers={"Authorization": f"Bearer {key.json()['key']}"}).status_code
+        == 401
+    )
     assert admin.get("/accounts/acct_missing").status_code == 404
     assert admin.get("/sessions").json()["object"] == "list"

@@ -9,31 +9,17 @@ from decimal import Decimal
 import pytest
 
 from meshrt.shared.money import Money
-from meshrt.shared.pricing import (
-    ModelKind,
-    ModelRates,
-    PriceTable,
-    PricingError,
-    load_price_table,
-    parse_price_table,
-)
+from meshrt.shared.pricing import ModelKind, ModelRates, PriceTable, PricingError, load_price_table, parse_price_table
 
 # OpenAI's published rates (docs/billing.md, The price file), USD per 1M tokens:
 # (input, cached input, output).
-FLAGSHIP_2 = {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"),
-              "image": ("5", "0.50", None)}
-FLAGSHIP_1 = {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"),
-              "image": ("5", "0.50", None)}
-MINI = {"text": ("0.60", "0.06", "2.40"), "audio": ("10", "0.30", "20"),
-        "image": ("0.80", "0.08", None)}
-MINI_PREVIEW = {"text": ("0.60", "0.30", "2.40"), "audio": ("10", "0.30", "20"),
-                "image": (None, None, None)}
-PREVIEW = {"text": ("5", "2.50", "20"), "audio": ("40", "2.50", "80"),
-           "image": (None, None, None)}
-TRANSCRIBE = {"text": ("2.50", None, "10"), "audio": ("6.00", None, None),
-              "image": (None, None, None)}
-MINI_TRANSCRIBE = {"text": ("1.25", None, "5.00"), "audio": ("3.00", None, None),
-                   "image": (None, None, None)}
+FLAGSHIP_2 = {"text": ("4", "0.40", "24"), "audio": ("32", "0.40", "64"), "image": ("5", "0.50", None)}
+FLAGSHIP_1 = {"text": ("4", "0.40", "16"), "audio": ("32", "0.40", "64"), "image": ("5", "0.50", None)}
+MINI = {"text": ("0.60", "0.06", "2.40"), "audio": ("10", "0.30", "20"), "image": ("0.80", "0.08", None)}
+MINI_PREVIEW = {"text": ("0.60", "0.30", "2.40"), "audio": ("10", "0.30", "20"), "image": (None, None, None)}
+PREVIEW = {"text": ("5", "2.50", "20"), "audio": ("40", "2.50", "80"), "image": (None, None, None)}
+TRANSCRIBE = {"text": ("2.50", None, "10"), "audio": ("6.00", None, None), "image": (None, None, None)}
+MINI_TRANSCRIBE = {"text": ("1.25", None, "5.00"), "audio": ("3.00", None, None), "image": (None, None, None)}
 
 SHIPPED_TOKEN_RATES = {
     "gpt-realtime-2.1": FLAGSHIP_2,
@@ -113,9 +99,9 @@ def test_shipped_token_rates_are_openais_rates_per_token(table, model):
     rates = table.get(model)
     for modality, (inp, cached, out) in SHIPPED_TOKEN_RATES[model].items():
         got = rates.tokens(modality)
-        assert (got.input, got.cached_input, got.output) == (
-            per_token(inp), per_token(cached), per_token(out)
-        ), modality
+        assert (got.input, got.cached_input, got.output) == (per_token(inp), per_token(cached), per_token(out)), (
+            modality
+        )
     assert rates.per_minute is None
     assert rates.effective_date == "2026-11-01"
 
@@ -292,42 +278,47 @@ def _text(doc):
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        (_bad(lambda d: _text(d).__setitem__("input", 4.0)),
-         r"models\.model-a\.token_rates_per_1m\.text\.input: is the JSON number 4\.0"),
-        (_bad(lambda d: _text(d).__setitem__("output", 2)),
-         r"models\.model-a\.token_rates_per_1m\.text\.output: is the JSON number 2"),
-        (_bad(lambda d: d["models"]["minute-model"].__setitem__("per_minute", 0.01)),
-         r"models\.minute-model\.per_minute: is the JSON number"),
-        (_bad(lambda d: _text(d).__setitem__("input", "-1.00")),
-         r"text\.input: negative rate"),
-        (_bad(lambda d: _text(d).pop("cached_input")),
-         r"text\.cached_input: missing"),
-        (_bad(lambda d: _text(d).__setitem__("cached_inptu", "1")),
-         r"text\.cached_inptu: unknown field"),
-        (_bad(lambda d: d["models"]["model-a"]["token_rates_per_1m"].__setitem__("video", {})),
-         r"token_rates_per_1m\.video: unknown category"),
-        (_bad(lambda d: _text(d).__setitem__("input", "0.0000001")),
-         r"text\.input: '0\.0000001' has more than 6 decimals"),
-        (_bad(lambda d: _text(d).__setitem__("input", "1e3")),
-         r"text\.input: '1e3' is not a plain decimal"),
-        (_bad(lambda d: _text(d).__setitem__("input", "NaN")),
-         r"text\.input: 'NaN' is not a plain decimal"),
+        (
+            _bad(lambda d: _text(d).__setitem__("input", 4.0)),
+            r"models\.model-a\.token_rates_per_1m\.text\.input: is the JSON number 4\.0",
+        ),
+        (
+            _bad(lambda d: _text(d).__setitem__("output", 2)),
+            r"models\.model-a\.token_rates_per_1m\.text\.output: is the JSON number 2",
+        ),
+        (
+            _bad(lambda d: d["models"]["minute-model"].__setitem__("per_minute", 0.01)),
+            r"models\.minute-model\.per_minute: is the JSON number",
+        ),
+        (_bad(lambda d: _text(d).__setitem__("input", "-1.00")), r"text\.input: negative rate"),
+        (_bad(lambda d: _text(d).pop("cached_input")), r"text\.cached_input: missing"),
+        (_bad(lambda d: _text(d).__setitem__("cached_inptu", "1")), r"text\.cached_inptu: unknown field"),
+        (
+            _bad(lambda d: d["models"]["model-a"]["token_rates_per_1m"].__setitem__("video", {})),
+            r"token_rates_per_1m\.video: unknown category",
+        ),
+        (
+            _bad(lambda d: _text(d).__setitem__("input", "0.0000001")),
+            r"text\.input: '0\.0000001' has more than 6 decimals",
+        ),
+        (_bad(lambda d: _text(d).__setitem__("input", "1e3")), r"text\.input: '1e3' is not a plain decimal"),
+        (_bad(lambda d: _text(d).__setitem__("input", "NaN")), r"text\.input: 'NaN' is not a plain decimal"),
         (_bad(lambda d: d.pop("effective_date")), r"effective_date: missing"),
         (_bad(lambda d: d.__setitem__("effective_date", "2026-13-01")), r"effective_date"),
         (_bad(lambda d: d.__setitem__("currency", "eur")), r"currency"),
         (_bad(lambda d: d.__setitem__("models", {})), r"models"),
-        (_bad(lambda d: d["models"]["model-a"].__setitem__("per_minute", "1")),
-         r"models\.model-a: give exactly one"),
-        (_bad(lambda d: d["models"]["minute-model"].pop("per_minute")),
-         r"models\.minute-model: give exactly one"),
-        (_bad(lambda d: d["models"]["model-a"].__setitem__("kind", "chat")),
-         r"models\.model-a\.kind"),
-        (_bad(lambda d: d["models"]["model-a"].__setitem__("realtime", "yes")),
-         r"models\.model-a\.realtime"),
-        (_bad(lambda d: d["models"]["model-a"].__setitem__("aliases", ["minute-model"])),
-         r"'minute-model' is defined twice"),
-        (_bad(lambda d: d["models"]["model-a"].__setitem__("colour", "red")),
-         r"models\.model-a\.colour: unknown field"),
+        (_bad(lambda d: d["models"]["model-a"].__setitem__("per_minute", "1")), r"models\.model-a: give exactly one"),
+        (_bad(lambda d: d["models"]["minute-model"].pop("per_minute")), r"models\.minute-model: give exactly one"),
+        (_bad(lambda d: d["models"]["model-a"].__setitem__("kind", "chat")), r"models\.model-a\.kind"),
+        (_bad(lambda d: d["models"]["model-a"].__setitem__("realtime", "yes")), r"models\.model-a\.realtime"),
+        (
+            _bad(lambda d: d["models"]["model-a"].__setitem__("aliases", ["minute-model"])),
+            r"'minute-model' is defined twice",
+        ),
+        (
+            _bad(lambda d: d["models"]["model-a"].__setitem__("colour", "red")),
+            r"models\.model-a\.colour: unknown field",
+        ),
     ],
 )
 def test_a_bad_price_file_names_the_field(tmp_path, doc, message):

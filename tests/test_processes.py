@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import OPERATOR_KEY
 
 from meshrt.supervisor.processes import EXIT_CHILD_CRASH_LOOP, CrashLoop, RestartPolicy
-
-from conftest import OPERATOR_KEY
 
 
 def test_backoff_grows_while_a_child_dies_young_and_resets_after_a_long_life():
@@ -28,12 +27,23 @@ def test_a_front_door_that_cannot_start_ends_the_supervisor_with_exit_3(tmp_path
     prices = tmp_path / "prices.json"
     prices.write_text("{}")  # no models: the front door refuses to start with it
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_") and k != "OPENAI_API_KEY"}
-    env.update({"MESHRT_STATE_DIR": str(tmp_path / "state"), "MESHRT_DATABASE_URL": database_url,
-                "MESHRT_UPSTREAM_URL": sim.url, "OPENAI_API_KEY": OPERATOR_KEY, "MESHRT_PORT": "0",
-                "MESHRT_PRICING_FILE": str(prices)})
+    env.update(
+        {
+            "MESHRT_STATE_DIR": str(tmp_path / "state"),
+            "MESHRT_DATABASE_URL": database_url,
+            "MESHRT_UPSTREAM_URL": sim.url,
+            "OPENAI_API_KEY": OPERATOR_KEY,
+            "MESHRT_PORT": "0",
+            "MESHRT_PRICING_FILE": str(prices),
+        }
+    )
     err = tmp_path / "serve.err"
-    proc = subprocess.Popen([sys.executable, "-m", "meshrt.supervisor.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshrt.supervisor.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(err, "wb"),
+    )
     try:
         code = proc.wait(60)
     finally:

@@ -7,15 +7,12 @@ import json
 import os
 import signal
 
+from conftest import ended_record, wait_for
+from realtime_client import connect_ws, expect_closed, recv_json, recv_until, run
 from sqlmodel import Session, select
 
 from meshrt.shared.money import Money
 from meshrt.storage.db import Account, SessionRecord
-
-from conftest import ended_record, wait_for
-from realtime_client import connect_ws, expect_closed, recv_json, recv_until, run
-
-
 
 
 def live_pid(engine, request_id: str) -> int:
@@ -62,8 +59,9 @@ def test_supervisor_killed_and_restarted_loses_and_doubles_nothing(gateway_facto
     start = balance(engine, tenant.account_id)
 
     async def go():
-        conns = [await connect_ws(first.ws_url, key=tenant.key, query="sim_response_ms=150").__aenter__()
-                 for _ in range(3)]
+        conns = [
+            await connect_ws(first.ws_url, key=tenant.key, query="sim_response_ms=150").__aenter__() for _ in range(3)
+        ]
         seen = {}
         for ws in conns:
             await recv_json(ws)

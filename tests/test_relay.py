@@ -25,7 +25,7 @@ def unmasked_payload(frame: bytes) -> bytes:
         length, start = int.from_bytes(frame[2:4], "big"), 4
     elif length == 127:
         length, start = int.from_bytes(frame[2:10], "big"), 10
-    return frame[start:start + length]
+    return frame[start : start + length]
 
 
 def event(type_: str, **fields) -> bytes:
@@ -54,8 +54,14 @@ class FakeMeter:
 
 def relay(**kw) -> Relay:
     meter = kw.pop("meter", FakeMeter())
-    return Relay("req_test", kw.pop("token_cap", 10_000), kw.pop("max_message_bytes", 1 << 20),
-                 meter=meter, may_carry_usage=lambda p: b"response.done" in p[:80], **kw)
+    return Relay(
+        "req_test",
+        kw.pop("token_cap", 10_000),
+        kw.pop("max_message_bytes", 1 << 20),
+        meter=meter,
+        may_carry_usage=lambda p: b"response.done" in p[:80],
+        **kw,
+    )
 
 
 def joined(actions, target) -> bytes:
@@ -68,12 +74,16 @@ def done(tokens: int) -> bytes:
 
 def test_frames_are_forwarded_byte_for_byte_however_the_stream_is_split():
     r = relay()
-    stream = (client_frame(Opcode.TEXT, event("session.update")) + client_frame(Opcode.BINARY, b"\x00\xff" * 300)
-              + client_frame(Opcode.PING, b"p") + client_frame(Opcode.TEXT, b"frag-", fin=False)
-              + client_frame(Opcode.CONT, b"ment"))
+    stream = (
+        client_frame(Opcode.TEXT, event("session.update"))
+        + client_frame(Opcode.BINARY, b"\x00\xff" * 300)
+        + client_frame(Opcode.PING, b"p")
+        + client_frame(Opcode.TEXT, b"frag-", fin=False)
+        + client_frame(Opcode.CONT, b"ment")
+    )
     out = b""
     for i in range(0, len(stream), 7):
-        out += joined(r.from_client(stream[i:i + 7]), Target.UPSTREAM)
+        out += joined(r.from_client(stream[i : i + 7]), Target.UPSTREAM)
     assert out == stream
 
 

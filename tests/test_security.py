@@ -9,13 +9,12 @@ import os
 import stat
 
 import psutil
+from conftest import OPERATOR_KEY, ended_record, wait_for
+from realtime_client import connect_ws, recv_json, run
 from sqlalchemy import text
 from sqlmodel import Session, select
 
 from meshrt.storage.db import SessionRecord
-
-from conftest import OPERATOR_KEY, ended_record, wait_for
-from realtime_client import connect_ws, recv_json, run
 
 SECRET_VARS = ("OPENAI_API_KEY", "MESHRT_DATABASE_URL", "MESHRT_ADMIN_TOKEN")
 
@@ -49,10 +48,16 @@ def test_zygote_and_workers_hold_no_secret_and_no_database(gateway_factory, tena
             pid = wait_for(lambda: _session_pid(engine, request_id), 10, 0.05, "the session's worker")
             procs = _processes(gw, pid)
             checks = {}
-            for role, proc in (("zygote", procs["zygote"]), ("worker", procs["worker"]),
-                               ("frontdoor", procs["frontdoor"])):
-                checks[role] = (proc.environ(), [f.path for f in proc.open_files()],
-                                [c.raddr for c in proc.net_connections(kind="inet") if c.raddr])
+            for role, proc in (
+                ("zygote", procs["zygote"]),
+                ("worker", procs["worker"]),
+                ("frontdoor", procs["frontdoor"]),
+            ):
+                checks[role] = (
+                    proc.environ(),
+                    [f.path for f in proc.open_files()],
+                    [c.raddr for c in proc.net_connections(kind="inet") if c.raddr],
+                )
             worker = procs["worker"]
             limits = worker.rlimit(psutil.RLIMIT_NOFILE), worker.rlimit(psutil.RLIMIT_AS)
             return checks, limits

@@ -11,13 +11,12 @@ import signal
 
 import httpx
 import pytest
+from conftest import OPERATOR_KEY, ended_record, wait_for
 from openai import AsyncOpenAI
+from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
 from sqlmodel import Session
 
 from meshrt.storage.db import SessionRecord
-
-from conftest import OPERATOR_KEY, ended_record, wait_for
-from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
 
 
 def sim_log(sim, after: set) -> list[dict]:
@@ -32,11 +31,12 @@ def record(engine, session_id: str | None = None, request_id: str | None = None)
         from sqlmodel import select
 
         query = select(SessionRecord)
-        query = query.where(SessionRecord.id == session_id) if session_id else query.where(
-            SessionRecord.request_id == request_id)
+        query = (
+            query.where(SessionRecord.id == session_id)
+            if session_id
+            else query.where(SessionRecord.request_id == request_id)
+        )
         return db.exec(query).first()
-
-
 
 
 def test_sdk_conversation_is_relayed_byte_for_byte(gateway, sim, tenant, engine):
@@ -54,8 +54,9 @@ def test_sdk_conversation_is_relayed_byte_for_byte(gateway, sim, tenant, engine)
 
             conn._connection.send = recording_send
             received = [await conn.recv_bytes()]  # session.created
-            await conn.session.update(session={"type": "realtime", "instructions": "Be brief.",
-                                               "output_modalities": ["audio"]})
+            await conn.session.update(
+                session={"type": "realtime", "instructions": "Be brief.", "output_modalities": ["audio"]}
+            )
             for _ in range(5):
                 await conn.input_audio_buffer.append(audio=AUDIO_100MS)
             await conn.input_audio_buffer.commit()
@@ -74,7 +75,9 @@ def test_sdk_conversation_is_relayed_byte_for_byte(gateway, sim, tenant, engine)
     assert "session.updated" in types and "response.output_audio.delta" in types
     assert "response.output_audio_transcript.delta" in types
     frames = sim_log(sim, before)
-    upstream_out = [base64.b64decode(f["payload_b64"]) for f in frames if f.get("dir") == "out" and f["opcode"] == "text"]
+    upstream_out = [
+        base64.b64decode(f["payload_b64"]) for f in frames if f.get("dir") == "out" and f["opcode"] == "text"
+    ]
     upstream_in = [base64.b64decode(f["payload_b64"]) for f in frames if f.get("dir") == "in" and f["opcode"] == "text"]
     assert upstream_out[: len(received)] == received  # every server event, same bytes, same order
     assert upstream_in == sent  # every client event, same bytes, same order
@@ -88,12 +91,14 @@ def test_a_reader_that_stalls_gets_every_message_in_order(gateway, tenant):
     """Upstream's echoes outrun a client that stops reading: the worker's write buffer to the
     client fills, backpressure reaches upstream, and once the client reads again every message
     arrives whole and in order (both worker backends)."""
-    messages = [json.dumps({"type": "conversation.item.create", "n": n, "pad": chr(97 + n) * 2_000_000})
-                for n in range(8)]
+    messages = [
+        json.dumps({"type": "conversation.item.create", "n": n, "pad": chr(97 + n) * 2_000_000}) for n in range(8)
+    ]
 
     async def go():
         async with connect_ws(gateway.ws_url, key=tenant.key, query="sim_echo=1") as ws:
             await recv_json(ws)
+
             async def send_all():
                 for m in messages:
                     await ws.send(m)
@@ -192,14 +197,17 @@ def test_pings_binary_and_fragments_pass_through(gateway, sim, tenant):
     assert ("in", "binary") in opcodes and ("in", "continuation") in opcodes
 
 
-def test_concurrent_sessions_run_in_distinct_processes_and_a_killed_worker_hurts_no_other(
-        gateway, tenant, engine):
+def test_concurrent_sessions_run_in_distinct_processes_and_a_killed_worker_hurts_no_other(gateway, tenant, engine):
     async def go():
         conns = [await connect_ws(gateway.ws_url, key=tenant.key).__aenter__() for _ in range(3)]
         for ws in conns:
             await recv_json(ws)
-        rows = [wait_for(lambda ws=ws: (r := record(engine, request_id=ws.response.headers["x-request-id"]))
-                         and r.pid and r, 10) for ws in conns]
+        rows = [
+            wait_for(
+                lambda ws=ws: (r := record(engine, request_id=ws.response.headers["x-request-id"])) and r.pid and r, 10
+            )
+            for ws in conns
+        ]
         pids = [row.pid for row in rows]
         assert len(set(pids)) == 3 and os.getpid() not in pids
         os.kill(pids[0], signal.SIGKILL)

@@ -54,15 +54,18 @@ def in_audio_tok(n_bytes: int) -> int:
     return ceil_div(n_bytes * 10, 48_000)
 
 
-def ga_usage(text: int, audio: int, image: int, cached: tuple[int, int, int], out_text: int,
-             out_audio: int) -> dict:
+def ga_usage(text: int, audio: int, image: int, cached: tuple[int, int, int], out_text: int, out_audio: int) -> dict:
     inp, out = text + audio + image, out_text + out_audio
     return {
-        "total_tokens": inp + out, "input_tokens": inp, "output_tokens": out,
+        "total_tokens": inp + out,
+        "input_tokens": inp,
+        "output_tokens": out,
         "input_token_details": {
-            "text_tokens": text, "audio_tokens": audio, "image_tokens": image, "cached_tokens": sum(cached),
-            "cached_tokens_details": {"text_tokens": cached[0], "audio_tokens": cached[1],
-                                      "image_tokens": cached[2]},
+            "text_tokens": text,
+            "audio_tokens": audio,
+            "image_tokens": image,
+            "cached_tokens": sum(cached),
+            "cached_tokens_details": {"text_tokens": cached[0], "audio_tokens": cached[1], "image_tokens": cached[2]},
         },
         "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio},
     }
@@ -110,12 +113,17 @@ class Sim:
 @contextmanager
 def running_sim(*args: str, stop_signal: int = signal.SIGTERM) -> Iterator[Sim]:
     with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "meshrt.simulator", "--port", "0", *args],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshrt.simulator", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
         try:
             # the listening line, whole and exact: it is the simulator's documented interface
-            match = wait_for_line(proc, r"^meshrt sim listening on ws://127\.0\.0\.1:(\d+)/v1/realtime$", 15,
-                                  "the simulator")
+            match = wait_for_line(
+                proc, r"^meshrt sim listening on ws://127\.0\.0\.1:(\d+)/v1/realtime$", 15, "the simulator"
+            )
             yield Sim(proc, int(match.group(1)))
         finally:
             if proc.poll() is None:
@@ -162,8 +170,14 @@ async def ws_until(ws: ClientConnection, event_type: str, beta: bool = False) ->
 
 
 def ws_connect(url: str, headers: dict | None = None, **kwargs: Any) -> Any:
-    return connect(url, additional_headers=headers or {"Authorization": "Bearer sk-test"}, compression=None,
-                   ping_interval=None, open_timeout=10, **kwargs)
+    return connect(
+        url,
+        additional_headers=headers or {"Authorization": "Bearer sk-test"},
+        compression=None,
+        ping_interval=None,
+        open_timeout=10,
+        **kwargs,
+    )
 
 
 def of_type(events: list[dict], event_type: str) -> list[dict]:
@@ -179,15 +193,19 @@ def test_sdk_conversation_usage_matches_formula(sim: Sim) -> None:
             created = (await sdk_until(conn, "session.created"))[-1]["session"]
             assert created["id"].startswith("sess_") and created["model"] == "gpt-realtime"
             assert created["audio"]["input"]["transcription"] is None
-            await conn.session.update(session={"type": "realtime", "instructions": INSTRUCTIONS,
-                                               "output_modalities": ["audio"]})
+            await conn.session.update(
+                session={"type": "realtime", "instructions": INSTRUCTIONS, "output_modalities": ["audio"]}
+            )
             updated = (await sdk_until(conn, "session.updated"))[-1]["session"]
             assert updated["instructions"] == INSTRUCTIONS and updated["id"] == created["id"]
             await conn.input_audio_buffer.append(audio=b64(ONE_SECOND))
             await conn.input_audio_buffer.commit()
             committed = await sdk_until(conn, "conversation.item.done")
             assert [e["type"] for e in committed] == [
-                "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+                "input_audio_buffer.committed",
+                "conversation.item.added",
+                "conversation.item.done",
+            ]
             await conn.response.create()
             events = await sdk_until(conn, "response.done")
             rate_limits = (await sdk_until(conn, "rate_limits.updated"))[-1]
@@ -199,11 +217,20 @@ def test_sdk_conversation_usage_matches_formula(sim: Sim) -> None:
 
 def _check_audio_response(events: list[dict]) -> None:
     types = [e["type"] for e in events]
-    assert types[:4] == ["response.created", "response.output_item.added", "conversation.item.added",
-                         "response.content_part.added"]
-    assert types[-6:] == ["response.output_audio.done", "response.output_audio_transcript.done",
-                          "response.content_part.done", "response.output_item.done", "conversation.item.done",
-                          "response.done"]
+    assert types[:4] == [
+        "response.created",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+    ]
+    assert types[-6:] == [
+        "response.output_audio.done",
+        "response.output_audio_transcript.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "conversation.item.done",
+        "response.done",
+    ]
     audio = of_type(events, "response.output_audio.delta")
     assert len(audio) == 20  # 1.0 s in 50 ms chunks
     assert sum(len(base64.b64decode(e["delta"])) for e in audio) == 48_000
@@ -212,8 +239,9 @@ def _check_audio_response(events: list[dict]) -> None:
     done = events[-1]["response"]
     assert done["status"] == "completed"
     assert done["output"][0]["content"][0] == {"type": "output_audio", "transcript": transcript}
-    assert done["usage"] == ga_usage(text=text_tok(INSTRUCTIONS), audio=10, image=0, cached=(0, 0, 0),
-                                     out_text=text_tok(transcript), out_audio=20)
+    assert done["usage"] == ga_usage(
+        text=text_tok(INSTRUCTIONS), audio=10, image=0, cached=(0, 0, 0), out_text=text_tok(transcript), out_audio=20
+    )
 
 
 # --- (2) later responses report cached tokens --------------------------------------------
@@ -228,12 +256,20 @@ def test_second_response_reports_cached_tokens_by_modality(sim: Sim) -> None:
         done = []
         async with sim.client().realtime.connect(model="gpt-realtime-mini") as conn:
             await conn.session.update(session={"type": "realtime", "instructions": INSTRUCTIONS})
-            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
-                {"type": "input_text", "text": QUESTION}, {"type": "input_image", "image_url": IMAGE}]})
+            await conn.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": QUESTION}, {"type": "input_image", "image_url": IMAGE}],
+                }
+            )
             added = of_type(await sdk_until(conn, "conversation.item.done"), "conversation.item.added")
             assert added[0]["item"]["content"][1]["type"] == "input_image"
-            for audio, response in ((ONE_SECOND, None), (ONE_SECOND[:24_000], None),
-                                    (b"", {"output_modalities": ["text"]})):
+            for audio, response in (
+                (ONE_SECOND, None),
+                (ONE_SECOND[:24_000], None),
+                (b"", {"output_modalities": ["text"]}),
+            ):
                 if audio:
                     await conn.input_audio_buffer.append(audio=b64(audio))
                     await conn.input_audio_buffer.commit()
@@ -263,16 +299,16 @@ def test_second_response_reports_cached_tokens_by_modality(sim: Sim) -> None:
 PROMPT = "Expect fruit names."
 
 
-@pytest.mark.parametrize("model", ["gpt-4o-transcribe", "gpt-4o-mini-transcribe", "whisper-1",
-                                   "gpt-realtime-whisper"])
+@pytest.mark.parametrize("model", ["gpt-4o-transcribe", "gpt-4o-mini-transcribe", "whisper-1", "gpt-realtime-whisper"])
 def test_transcription_usage(sim: Sim, model: str) -> None:
     audio = ONE_SECOND + ONE_SECOND[:24_000]  # 1.5 s
 
     async def body() -> dict:
         async with sim.client().realtime.connect(model="gpt-realtime") as conn:
             transcription = {"model": model, **({"prompt": PROMPT} if "transcribe" in model else {})}
-            await conn.session.update(session={"type": "realtime",
-                                               "audio": {"input": {"transcription": transcription}}})
+            await conn.session.update(
+                session={"type": "realtime", "audio": {"input": {"transcription": transcription}}}
+            )
             updated = (await sdk_until(conn, "session.updated"))[-1]["session"]
             assert updated["audio"]["input"]["transcription"]["model"] == model
             await conn.input_audio_buffer.append(audio=b64(audio))
@@ -284,9 +320,13 @@ def test_transcription_usage(sim: Sim, model: str) -> None:
         assert event["usage"] == {"type": "duration", "seconds": 1.5}
     else:
         out = text_tok(event["transcript"])
-        assert event["usage"] == {"type": "tokens", "input_tokens": 15 + text_tok(PROMPT), "output_tokens": out,
-                                  "total_tokens": 15 + text_tok(PROMPT) + out,
-                                  "input_token_details": {"text_tokens": text_tok(PROMPT), "audio_tokens": 15}}
+        assert event["usage"] == {
+            "type": "tokens",
+            "input_tokens": 15 + text_tok(PROMPT),
+            "output_tokens": out,
+            "total_tokens": 15 + text_tok(PROMPT) + out,
+            "input_token_details": {"text_tokens": text_tok(PROMPT), "audio_tokens": 15},
+        }
 
 
 def test_transcription_intent_session(sim: Sim) -> None:
@@ -294,8 +334,17 @@ def test_transcription_intent_session(sim: Sim) -> None:
         async with ws_connect(sim.url("intent=transcription")) as ws:
             created = validated(await ws.recv())
             assert created["session"]["type"] == "transcription"
-            await ws.send(json.dumps({"type": "session.update", "session": {
-                "type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "type": "transcription",
+                            "audio": {"input": {"transcription": {"model": "whisper-1"}}},
+                        },
+                    }
+                )
+            )
             await ws_until(ws, "session.updated")
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(ONE_SECOND)}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
@@ -346,9 +395,15 @@ def test_cancel_reports_partial_usage(sim: Sim) -> None:
 
 
 def test_in_band_errors_keep_the_socket_open(sim: Sim) -> None:
-    bad = ["{not json", json.dumps({"event_id": "evt_1"}), json.dumps({"type": "bogus.event", "event_id": "e2"}),
-           b"\x00\x01", json.dumps({"type": "input_audio_buffer.commit"}),
-           json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), json.dumps([1, 2])]
+    bad = [
+        "{not json",
+        json.dumps({"event_id": "evt_1"}),
+        json.dumps({"type": "bogus.event", "event_id": "e2"}),
+        b"\x00\x01",
+        json.dumps({"type": "input_audio_buffer.commit"}),
+        json.dumps({"type": "input_audio_buffer.append", "audio": "***"}),
+        json.dumps([1, 2]),
+    ]
 
     async def body() -> list[dict]:
         errors = []
@@ -363,9 +418,15 @@ def test_in_band_errors_keep_the_socket_open(sim: Sim) -> None:
 
     errors = run(body())
     assert all(e["type"] == "invalid_request_error" for e in errors)
-    assert [e["code"] for e in errors] == ["invalid_json", "missing_required_parameter", "invalid_value",
-                                           "unsupported_binary_frame", "input_audio_buffer_commit_empty",
-                                           "invalid_value", "invalid_json"]
+    assert [e["code"] for e in errors] == [
+        "invalid_json",
+        "missing_required_parameter",
+        "invalid_value",
+        "unsupported_binary_frame",
+        "input_audio_buffer_commit_empty",
+        "invalid_value",
+        "invalid_json",
+    ]
     assert errors[2]["event_id"] == "e2" and errors[2]["param"] == "type"
 
 
@@ -407,14 +468,17 @@ def test_api_key_is_checked_before_upgrade() -> None:
         run(body(keyed))
 
 
-@pytest.mark.parametrize(("path", "query", "status"), [
-    ("/v1/realtime", "", 400),
-    ("/v1/realtime", "model=a&call_id=b", 400),
-    ("/v1/realtime", "intent=translation", 400),
-    ("/v1/realtime", "model=gpt-realtime&sim_fault=bogus", 400),
-    ("/v1/realtime", "model=gpt-realtime&sim_response_ms=-5", 400),
-    ("/v2/realtime", "model=gpt-realtime", 404),
-])
+@pytest.mark.parametrize(
+    ("path", "query", "status"),
+    [
+        ("/v1/realtime", "", 400),
+        ("/v1/realtime", "model=a&call_id=b", 400),
+        ("/v1/realtime", "intent=translation", 400),
+        ("/v1/realtime", "model=gpt-realtime&sim_fault=bogus", 400),
+        ("/v1/realtime", "model=gpt-realtime&sim_response_ms=-5", 400),
+        ("/v2/realtime", "model=gpt-realtime", 404),
+    ],
+)
 def test_bad_handshakes_get_json_errors(sim: Sim, path: str, query: str, status: int) -> None:
     async def body() -> None:
         with pytest.raises(InvalidStatus) as caught:
@@ -544,9 +608,15 @@ def test_frame_log_records_exact_bytes(tmp_path: Any) -> None:
     frames = [(f["dir"], f["opcode"], base64.b64decode(f["payload_b64"])) for f in lines[1:]]
     close = b"\x03\xe8"  # 1000, no reason
     assert frames == [
-        ("out", "text", received[0]), ("in", "text", odd_text), ("out", "text", received[1]),
-        ("in", "ping", b"ping!"), ("out", "pong", b"ping!"), ("in", "binary", binary),
-        ("out", "text", received[2]), ("in", "close", close), ("out", "close", close),
+        ("out", "text", received[0]),
+        ("in", "text", odd_text),
+        ("out", "text", received[1]),
+        ("in", "ping", b"ping!"),
+        ("out", "pong", b"ping!"),
+        ("in", "binary", binary),
+        ("out", "text", received[2]),
+        ("in", "close", close),
+        ("out", "close", close),
     ]
 
 
@@ -566,12 +636,19 @@ def _wait_for_log(path: Any) -> list[dict]:
 
 def test_beta_protocol_names_and_usage_shape(sim: Sim) -> None:
     async def body() -> tuple[list[dict], list[dict], list[dict]]:
-        async with ws_connect(sim.url(), headers={"Authorization": "Bearer sk-test",
-                                                  "OpenAI-Beta": "realtime=v1"}) as ws:
+        async with ws_connect(
+            sim.url(), headers={"Authorization": "Bearer sk-test", "OpenAI-Beta": "realtime=v1"}
+        ) as ws:
             created = (await ws_until(ws, "session.created", beta=True))[-1]["session"]
             assert "modalities" in created and "type" not in created
-            await ws.send(json.dumps({"type": "session.update", "session": {
-                "instructions": INSTRUCTIONS, "input_audio_transcription": {"model": "whisper-1"}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"instructions": INSTRUCTIONS, "input_audio_transcription": {"model": "whisper-1"}},
+                    }
+                )
+            )
             await ws_until(ws, "session.updated", beta=True)
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(ONE_SECOND)}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
@@ -583,24 +660,36 @@ def test_beta_protocol_names_and_usage_shape(sim: Sim) -> None:
         return commit, first, second
 
     commit, first, second = run(body())
-    assert [e["type"] for e in commit] == ["input_audio_buffer.committed", "conversation.item.created",
-                                          "conversation.item.input_audio_transcription.completed"]
+    assert [e["type"] for e in commit] == [
+        "input_audio_buffer.committed",
+        "conversation.item.created",
+        "conversation.item.input_audio_transcription.completed",
+    ]
     assert commit[-1]["usage"] == {"type": "duration", "seconds": 1.0}
     types = {e["type"] for e in first}
-    assert {"response.audio.delta", "response.audio_transcript.delta", "response.audio.done",
-            "conversation.item.created"} <= types
+    assert {
+        "response.audio.delta",
+        "response.audio_transcript.delta",
+        "response.audio.done",
+        "conversation.item.created",
+    } <= types
     assert not any(t.startswith(("response.output_audio", "conversation.item.added")) for t in types)
     transcript = "".join(e["delta"] for e in of_type(first, "response.audio_transcript.delta"))
     usage = first[-1]["response"]["usage"]
-    assert usage == {"total_tokens": text_tok(INSTRUCTIONS) + 10 + text_tok(transcript) + 20,
-                     "input_tokens": text_tok(INSTRUCTIONS) + 10, "output_tokens": text_tok(transcript) + 20,
-                     "input_token_details": {"cached_tokens": 0, "text_tokens": text_tok(INSTRUCTIONS),
-                                             "audio_tokens": 10},
-                     "output_token_details": {"text_tokens": text_tok(transcript), "audio_tokens": 20}}
+    assert usage == {
+        "total_tokens": text_tok(INSTRUCTIONS) + 10 + text_tok(transcript) + 20,
+        "input_tokens": text_tok(INSTRUCTIONS) + 10,
+        "output_tokens": text_tok(transcript) + 20,
+        "input_token_details": {"cached_tokens": 0, "text_tokens": text_tok(INSTRUCTIONS), "audio_tokens": 10},
+        "output_token_details": {"text_tokens": text_tok(transcript), "audio_tokens": 20},
+    }
     assert of_type(second, "response.text.delta") and not of_type(second, "response.audio.delta")
     details = second[-1]["response"]["usage"]["input_token_details"]
-    assert details == {"cached_tokens": text_tok(INSTRUCTIONS) + 10, "text_tokens": text_tok(INSTRUCTIONS),
-                       "audio_tokens": 20}
+    assert details == {
+        "cached_tokens": text_tok(INSTRUCTIONS) + 10,
+        "text_tokens": text_tok(INSTRUCTIONS),
+        "audio_tokens": 20,
+    }
 
 
 def test_beta_selected_by_subprotocol(sim: Sim) -> None:
@@ -619,8 +708,12 @@ def test_echo_mode_returns_every_frame_verbatim(sim: Sim) -> None:
     async def body() -> None:
         async with ws_connect(sim.url("model=gpt-realtime&sim_echo=1")) as ws:
             await ws_until(ws, "session.created")
-            for message in ('{"type": "response.create"}', "not json at all \u2713", b"\x00\xffbinary",
-                            json.dumps({"type": "input_audio_buffer.append", "audio": b64(ONE_SECOND)})):
+            for message in (
+                '{"type": "response.create"}',
+                "not json at all \u2713",
+                b"\x00\xffbinary",
+                json.dumps({"type": "input_audio_buffer.append", "audio": b64(ONE_SECOND)}),
+            ):
                 await ws.send(message)
                 echoed = await ws.recv()
                 assert echoed == message and type(echoed) is type(message)
@@ -652,7 +745,10 @@ def test_session_model_without_sockets() -> None:
     session = simulator.SimSession("gpt-realtime", response_ms=120)
     assert session.handle(json.dumps({"type": "input_audio_buffer.append", "audio": b64(ONE_SECOND)})) == []
     assert [e["type"] for e in session.handle('{"type": "input_audio_buffer.commit"}')] == [
-        "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
     (start,) = session.handle('{"type": "response.create"}')
     run_ = start.run
     session.response_head(run_)
@@ -663,9 +759,14 @@ def test_session_model_without_sockets() -> None:
 
 
 def test_cli_rejects_bad_arguments() -> None:
-    for args, needle in ((["--port", "70000"], "--port"), (["--fault", "nope"], "--fault"),
-                         (["--host", ""], "--host"), (["--tls-cert", "c.pem"], "go together"),
-                         (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert")):
-        proc = subprocess.run([sys.executable, "-m", "meshrt.simulator", *args], capture_output=True,
-                              text=True, timeout=20)
+    for args, needle in (
+        (["--port", "70000"], "--port"),
+        (["--fault", "nope"], "--fault"),
+        (["--host", ""], "--host"),
+        (["--tls-cert", "c.pem"], "go together"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshrt.simulator", *args], capture_output=True, text=True, timeout=20
+        )
         assert proc.returncode == 2 and needle in proc.stderr

@@ -9,13 +9,12 @@ import json
 import random
 
 import psutil
+from conftest import wait_for
+from realtime_client import connect_ws, recv_json, run
 from sqlalchemy import func
 from sqlmodel import Session, select
 
 from meshrt.storage.db import SessionRecord
-
-from conftest import wait_for
-from realtime_client import connect_ws, recv_json, run
 
 SESSIONS = 1200
 CONCURRENCY = 24
@@ -25,8 +24,10 @@ def snapshot(gateway) -> dict:
     supervisor = psutil.Process(gateway.proc.pid)
     frontdoor = psutil.Process(gateway.frontdoor_pid())
     return {
-        "supervisor_fds": supervisor.num_fds(), "frontdoor_fds": frontdoor.num_fds(),
-        "supervisor_rss": supervisor.memory_info().rss, "frontdoor_rss": frontdoor.memory_info().rss,
+        "supervisor_fds": supervisor.num_fds(),
+        "frontdoor_fds": frontdoor.num_fds(),
+        "supervisor_rss": supervisor.memory_info().rss,
+        "frontdoor_rss": frontdoor.memory_info().rss,
         "descendants": len(gateway.children()),
     }
 
@@ -60,8 +61,14 @@ async def soak(url: str, key: str, count: int, seed: int) -> list[str]:
 
 def settled(engine, account_id: str) -> bool:
     with Session(engine) as db:
-        return db.exec(select(func.count()).select_from(SessionRecord).where(
-            SessionRecord.account_id == account_id, SessionRecord.state != "ended")).one() == 0
+        return (
+            db.exec(
+                select(func.count())
+                .select_from(SessionRecord)
+                .where(SessionRecord.account_id == account_id, SessionRecord.state != "ended")
+            ).one()
+            == 0
+        )
 
 
 def test_soak_returns_to_baseline_with_one_record_per_session(gateway_factory, make_tenant, engine):
@@ -77,13 +84,24 @@ def test_soak_returns_to_baseline_with_one_record_per_session(gateway_factory, m
     assert len(ids) == SESSIONS
     wait_for(lambda: settled(engine, tenant.account_id), 60, 0.1, "every session to be finalised")
     wait_for(lambda: snapshot(gw)["descendants"] == idle, 30, 0.1, "every session's worker to exit")
-    after = wait_for(lambda: (s := snapshot(gw))["supervisor_fds"] <= baseline["supervisor_fds"]
-                     and s["frontdoor_fds"] <= baseline["frontdoor_fds"] and s, 20, 0.1, "fds back to baseline")
+    after = wait_for(
+        lambda: (
+            (s := snapshot(gw))["supervisor_fds"] <= baseline["supervisor_fds"]
+            and s["frontdoor_fds"] <= baseline["frontdoor_fds"]
+            and s
+        ),
+        20,
+        0.1,
+        "fds back to baseline",
+    )
     assert after["supervisor_rss"] - baseline["supervisor_rss"] < 24 * 2**20, (baseline, after)
     assert after["frontdoor_rss"] - baseline["frontdoor_rss"] < 24 * 2**20, (baseline, after)
     with Session(engine) as db:
-        rows = db.exec(select(SessionRecord.request_id, SessionRecord.end_reason)
-                       .where(SessionRecord.account_id == tenant.account_id)).all()
+        rows = db.exec(
+            select(SessionRecord.request_id, SessionRecord.end_reason).where(
+                SessionRecord.account_id == tenant.account_id
+            )
+        ).all()
     by_request = {}
     for request_id, end_reason in rows:
         by_request.setdefault(request_id, []).append(end_reason)

@@ -8,9 +8,20 @@ from meshrt.shared.increments import Increment
 
 
 def increment(seq: int, cost: int) -> Increment:
-    return Increment.from_json({"seq": seq, "kind": "response", "model": "gpt-realtime", "usage": {"total_tokens": 1},
-                                "cost_picodollars": cost, "by_category_picodollars": {"text_input": cost},
-                                "total_tokens": 1, "response_id": None, "item_id": None, "unpriced": False})
+    return Increment.from_json(
+        {
+            "seq": seq,
+            "kind": "response",
+            "model": "gpt-realtime",
+            "usage": {"total_tokens": 1},
+            "cost_picodollars": cost,
+            "by_category_picodollars": {"text_input": cost},
+            "total_tokens": 1,
+            "response_id": None,
+            "item_id": None,
+            "unpriced": False,
+        }
+    )
 
 
 def test_increments_and_end_round_trip(tmp_path):

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import psutil
-
 from conftest import start_gateway, wait_for
 
 
@@ -48,8 +47,11 @@ def test_front_door_reports_a_stalled_supervisor_within_a_second(gateway_factory
     assert health.status_code == 503 and "supervisor not answering" in health.json()["error"]["message"]
     assert took < 1.5, took
     assert ready.status_code == 503 and "supervisor not answering" in ready.json()["error"]["message"]
-    wait_for(lambda: httpx.get(f"{gateway.http_url}/readyz", timeout=5).status_code == 200, 10,
-             what="readiness after the supervisor resumed")
+    wait_for(
+        lambda: httpx.get(f"{gateway.http_url}/readyz", timeout=5).status_code == 200,
+        10,
+        what="readiness after the supervisor resumed",
+    )
     assert httpx.get(f"{gateway.http_url}/healthz", timeout=5).status_code == 200
 
 

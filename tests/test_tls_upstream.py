@@ -8,20 +8,40 @@ import json
 import subprocess
 
 import pytest
-
-from meshrt.shared.errors import ERRORS
-
 from conftest import _stop, ended_record, start_gateway, start_sim
 from realtime_client import connect_ws, expect_refusal, recv_json, recv_until, run
+
+from meshrt.shared.errors import ERRORS
 
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tls")
     cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -35,12 +55,18 @@ def tls_sim(tmp_path_factory, tls_files):
 
 
 @pytest.mark.parametrize("backend", ["uvloop", "trio"])
-def test_session_over_a_tls_upstream_relays_and_bills(tmp_path, database_url, tls_sim, tls_files, tenant,
-                                                      engine, backend):
-    gw = start_gateway(tmp_path, database_url, tls_sim.url, SSL_CERT_FILE=str(tls_files[0]),
-                       MESHRT_WORKER_BACKEND=backend)
-    big = json.dumps({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "x" * 3_000_000}]}})
+def test_session_over_a_tls_upstream_relays_and_bills(
+    tmp_path, database_url, tls_sim, tls_files, tenant, engine, backend
+):
+    gw = start_gateway(
+        tmp_path, database_url, tls_sim.url, SSL_CERT_FILE=str(tls_files[0]), MESHRT_WORKER_BACKEND=backend
+    )
+    big = json.dumps(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x" * 3_000_000}]},
+        }
+    )
 
     async def go():
         async with connect_ws(gw.ws_url, key=tenant.key, query="sim_echo=1") as ws:

@@ -19,9 +19,12 @@ from meshrt.shared import control
 from meshrt.shared.control import Grant, WorkerConfig, WorkerEnded
 from meshrt.worker import session as worker_session
 
-REQUEST = (b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Key: " + base64.b64encode(os.urandom(16))
-           + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+REQUEST = (
+    b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: "
+    + base64.b64encode(os.urandom(16))
+    + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 def read_answer(sock: socket.socket) -> tuple[bytes, list[Frame]]:

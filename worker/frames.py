@@ -93,12 +93,12 @@ class FrameScanner:
         if length == 126:
             if size - head < 2:
                 return None
-            length = int.from_bytes(chunk[head:head + 2], "big")
+            length = int.from_bytes(chunk[head : head + 2], "big")
             head += 2
         elif length == 127:
             if size - head < 8:
                 return None
-            length = int.from_bytes(chunk[head:head + 8], "big")
+            length = int.from_bytes(chunk[head : head + 8], "big")
             if length >> 63:
                 raise ProtocolViolation(1002, "payload length out of range")
             head += 8
@@ -110,7 +110,7 @@ class FrameScanner:
             if size - head < 4:
                 self._untrack(opcode, fin, length, message_start)
                 return None
-            mask = chunk[head:head + 4]
+            mask = chunk[head : head + 4]
             head += 4
         if size - head < length:
             self._untrack(opcode, fin, length, message_start)
@@ -144,7 +144,7 @@ class FrameScanner:
 
 
 def payload(chunk: bytes, frame: RawFrame) -> bytes:
-    data = chunk[frame.payload_start:frame.end]
+    data = chunk[frame.payload_start : frame.end]
     if frame.mask is None:
         return data
     from websockets.frames import apply_mask

@@ -121,7 +121,7 @@ class TlsLeg(Leg):
             except ssl.SSLWantReadError:
                 await self._flush_records()
                 if not await self._read_records():
-                    raise ConnectionResetError("connection closed during the TLS handshake")
+                    raise ConnectionResetError("connection closed during the TLS handshake") from None
         await self._flush_records()
 
     async def receive(self) -> bytes:
@@ -181,7 +181,8 @@ class TransportLeg(asyncio.Protocol):
     @classmethod
     async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None) -> "TransportLeg":
         _, leg = await asyncio.get_running_loop().create_connection(
-            cls, host, port, ssl=tls, server_hostname=host if tls else None)
+            cls, host, port, ssl=tls, server_hostname=host if tls else None
+        )
         return leg
 
     @classmethod

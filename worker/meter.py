@@ -36,7 +36,12 @@ from decimal import Decimal
 from typing import Any
 
 from meshrt.shared.increments import (
-    Increment, IncrementKind, ResponseTokens, TranscriptionTokens, UsageTotals, response_tokens,
+    Increment,
+    IncrementKind,
+    ResponseTokens,
+    TranscriptionTokens,
+    UsageTotals,
+    response_tokens,
     transcription_tokens,
 )
 from meshrt.shared.money import Money, per_minute_cost
@@ -315,10 +320,7 @@ class Meter:
             return rates.model, rates
         if self.rates.kind is ModelKind.TRANSCRIPTION and self.rates.by_duration == by_duration:
             return self.rates.model, self.rates
-        default = (
-            DEFAULT_DURATION_TRANSCRIPTION_MODEL if by_duration
-            else DEFAULT_TOKEN_TRANSCRIPTION_MODEL
-        )
+        default = DEFAULT_DURATION_TRANSCRIPTION_MODEL if by_duration else DEFAULT_TOKEN_TRANSCRIPTION_MODEL
         rates = self.price_table.transcription(default)
         return (rates.model if rates else default), rates
 
@@ -345,8 +347,7 @@ class Meter:
         if bill.unpriced:
             self.stats.unpriced += 1
             self._log.warning(
-                "meter: %s increment %d for model %s has tokens without a rate; billed 0",
-                kind.value, self._seq, model,
+                "meter: %s increment %d for model %s has tokens without a rate; billed 0", kind.value, self._seq, model
             )
         return Increment(
             seq=self._seq,

@@ -59,6 +59,8 @@ class LegEvent(enum.Enum):
 
 
 _O, _R, _S, _C, _G = LegState.OPEN, LegState.CLOSE_RECEIVED, LegState.CLOSE_SENT, LegState.CLOSED, LegState.GONE
+# A table reads best one row a line: the formatter leaves it alone.
+# fmt: off
 LEG_TRANSITIONS: dict[LegState, dict[LegEvent, LegState]] = {
     # a second close from a peer is ignored (RFC 6455 allows one); a gone leg stays gone
     _O: {LegEvent.RECEIVED_CLOSE: _R, LegEvent.SENT_CLOSE: _S, LegEvent.VANISHED: _G},
@@ -67,6 +69,7 @@ LEG_TRANSITIONS: dict[LegState, dict[LegEvent, LegState]] = {
     _C: {LegEvent.RECEIVED_CLOSE: _C, LegEvent.VANISHED: _G},
     _G: {LegEvent.RECEIVED_CLOSE: _G, LegEvent.VANISHED: _G},
 }
+# fmt: on
 
 
 class RelayStateError(RuntimeError):
@@ -172,7 +175,7 @@ class Relay:
             if frame.opcode == wsf.OP_CLOSE:
                 _flush(actions, Target.UPSTREAM, chunk, span)
                 span = None
-                actions += self._client_close(chunk[frame.start:frame.end], wsf.payload(chunk, frame))
+                actions += self._client_close(chunk[frame.start : frame.end], wsf.payload(chunk, frame))
                 continue
             if frame.opcode <= wsf.OP_BINARY:
                 self._client_active = True
@@ -270,7 +273,7 @@ class Relay:
             if frame.opcode == wsf.OP_CLOSE:
                 _flush(actions, Target.CLIENT, chunk, span)
                 span = None
-                actions += self._upstream_close(chunk[frame.start:frame.end], chunk[frame.payload_start:frame.end])
+                actions += self._upstream_close(chunk[frame.start : frame.end], chunk[frame.payload_start : frame.end])
                 deliver = False
                 continue
             if frame.opcode != wsf.OP_BINARY:
@@ -292,12 +295,12 @@ class Relay:
     def _meter_frame(self, chunk: bytes, frame: RawFrame):
         """Track responses in flight and meter usage; returns an increment to bill, or None."""
         if frame.opcode == wsf.OP_TEXT and frame.fin:
-            body = chunk[frame.payload_start:frame.end]
+            body = chunk[frame.payload_start : frame.end]
         elif frame.opcode == wsf.OP_TEXT:  # a fragmented text message: rare, so always reassemble
-            self._usage_fragments = [chunk[frame.payload_start:frame.end]]  # (its first fragment
+            self._usage_fragments = [chunk[frame.payload_start : frame.end]]  # (its first fragment
             return None  # may be too short to tell what it is); billed before the last fragment
         elif frame.opcode == wsf.OP_CONT and self._usage_fragments is not None:
-            self._usage_fragments.append(chunk[frame.payload_start:frame.end])
+            self._usage_fragments.append(chunk[frame.payload_start : frame.end])
             if not frame.fin:
                 return None
             body, self._usage_fragments = b"".join(self._usage_fragments), None

@@ -29,7 +29,12 @@ from meshrt.shared import control, spool
 from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerConfig, WorkerEnded, WorkerLive
 from meshrt.shared.errors import ERRORS, GatewayError
 from meshrt.shared.handshake import (
-    accept_bytes, error_frames, parse_request_bytes, parse_upgrade, upstream_headers, upstream_query,
+    accept_bytes,
+    error_frames,
+    parse_request_bytes,
+    parse_upgrade,
+    upstream_headers,
+    upstream_query,
 )
 from meshrt.shared.logs import session_log
 
@@ -43,8 +48,17 @@ REPORT_END_WAIT_S = 10.0
 
 
 class WorkerSession:
-    def __init__(self, grant: Grant, config: WorkerConfig, request: bytes, client: socket.socket,
-                 channel: socket.socket, spool_fd: int, meter=None, may_carry_usage=None):
+    def __init__(
+        self,
+        grant: Grant,
+        config: WorkerConfig,
+        request: bytes,
+        client: socket.socket,
+        channel: socket.socket,
+        spool_fd: int,
+        meter=None,
+        may_carry_usage=None,
+    ):
         self.grant = grant
         self.config = config
         self.request = request
@@ -52,8 +66,13 @@ class WorkerSession:
         self.channel = channel
         self.spool_fd = spool_fd
         self.log = session_log("meshrt.worker", grant.session_id, grant.request_id)
-        self.relay = Relay(grant.request_id, grant.token_cap, config.max_message_bytes, meter=meter,
-                           **({"may_carry_usage": may_carry_usage} if may_carry_usage else {}))
+        self.relay = Relay(
+            grant.request_id,
+            grant.token_cap,
+            config.max_message_bytes,
+            meter=meter,
+            **({"may_carry_usage": may_carry_usage} if may_carry_usage else {}),
+        )
         self.upgraded = False
         self._handshake = None  # (protocol, request) once parsed: what a refusal answers
         self._answered = False  # the client has had its HTTP response
@@ -95,9 +114,13 @@ class WorkerSession:
         url = upstream_url(self.config.upstream_url, upstream_query(upgrade))
         began = time.monotonic()
         try:
-            upstream = await connect_upstream(url, upstream_headers(upgrade), self.config.upstream_key,
-                                              self.config.upstream_connect_timeout_s,
-                                              self.config.upstream_attempts)
+            upstream = await connect_upstream(
+                url,
+                upstream_headers(upgrade),
+                self.config.upstream_key,
+                self.config.upstream_connect_timeout_s,
+                self.config.upstream_attempts,
+            )
         except GatewayError as error:
             self.log.warning("upstream connect failed", fields={"code": error.code, "cause": repr(error.__cause__)})
             await self._refuse(protocol, request, error)
@@ -137,8 +160,9 @@ class WorkerSession:
         """Accept the client's upgrade only to deliver the error frame and close (docs/errors.md)."""
         response, status = accept_bytes(protocol, request, self.grant.request_id)
         self._answered = True
-        data = response + (error_frames(protocol, error.code, self.grant.request_id, error.detail)
-                           if status == 101 else b"")
+        data = response + (
+            error_frames(protocol, error.code, self.grant.request_id, error.detail) if status == 101 else b""
+        )
         spec = ERRORS[error.code]
         self.relay.settle_outcome(error.code, spec.close_code)
         try:
@@ -178,6 +202,7 @@ class WorkerSession:
 
     def _guarded(self, handler):
         """A failure inside a loop callback ends the session as internal_error, not silently."""
+
         def call(*args):
             try:
                 handler(*args)
@@ -185,6 +210,7 @@ class WorkerSession:
                 self.log.exception("worker failed")
                 self._execute(self.relay.end("internal_error"))
                 self._finished.set()
+
         return call
 
     async def _relay_with_pumps(self, tg, leftover: bytes) -> None:
@@ -231,8 +257,11 @@ class WorkerSession:
             if target is Target.BILL:
                 self._bill(payload)
                 continue
-            leg, lost = ((self._client, self.relay.client_vanished) if target is Target.CLIENT
-                         else (self._upstream, self.relay.upstream_vanished))
+            leg, lost = (
+                (self._client, self.relay.client_vanished)
+                if target is Target.CLIENT
+                else (self._upstream, self.relay.upstream_vanished)
+            )
             try:
                 if not leg.write(payload) and leg not in self._draining:
                     self._draining.add(leg)  # a full socket buffer: flush in the background
@@ -347,8 +376,9 @@ class WorkerSession:
     def _spool_end(self) -> WorkerEnded:
         """Record the end in the spool: durable even if no supervisor is listening."""
         outcome = self.relay.outcome
-        message = WorkerEnded(self.grant.session_id, outcome.end_reason or "internal_error",
-                              outcome.close_code, self.upgraded)
+        message = WorkerEnded(
+            self.grant.session_id, outcome.end_reason or "internal_error", outcome.close_code, self.upgraded
+        )
         spool.append_end(self.spool_fd, message.end_reason, message.close_code)
         return message
 

@@ -158,8 +158,9 @@ async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> Up
         raise
 
 
-async def connect_upstream(url: str, headers: list[tuple[str, str]], api_key: str,
-                           timeout_s: float, attempts: int) -> UpstreamConnection:
+async def connect_upstream(
+    url: str, headers: list[tuple[str, str]], api_key: str, timeout_s: float, attempts: int
+) -> UpstreamConnection:
     """Connect and complete the upstream handshake. Raises GatewayError on failure."""
     retrying = AsyncRetrying(
         stop=stop_after_attempt(attempts),

@@ -12,9 +12,11 @@ import json
 
 import anyio
 
-REQUEST = (b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: warmup\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-           b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: realtime\r\n\r\n")
+REQUEST = (
+    b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: warmup\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: realtime\r\n\r\n"
+)
 
 
 def _handshakes() -> None:
@@ -22,7 +24,12 @@ def _handshakes() -> None:
     from websockets.uri import parse_uri
 
     from meshrt.shared.handshake import (
-        accept_bytes, error_frames, parse_request_bytes, parse_upgrade, strip_credentials, upstream_headers,
+        accept_bytes,
+        error_frames,
+        parse_request_bytes,
+        parse_upgrade,
+        strip_credentials,
+        upstream_headers,
         upstream_query,
     )
 
@@ -48,9 +55,9 @@ _sample_rates: dict | None = None  # a grant's rate snapshot, for the pool worke
 def _relay_and_meter() -> None:
     from meshrt.shared.pricing import load_price_table
     from meshrt.worker import frames
-    from meshrt.worker.session_meter import GrantPriceTable, SessionMeter
     from meshrt.worker.meter import Meter, may_carry_usage
     from meshrt.worker.relay import Relay
+    from meshrt.worker.session_meter import GrantPriceTable, SessionMeter
 
     global _sample_rates
     if _sample_rates is None:  # built once, in the zygote: a pool worker reads no file
@@ -61,10 +68,19 @@ def _relay_and_meter() -> None:
     grant_table.transcription("gpt-4o-transcribe")
     meter = SessionMeter(Meter(grant_table.model, grant_table))
     relay = Relay("req_warmup", 1_000_000, 1 << 20, meter=meter, may_carry_usage=may_carry_usage)
-    usage = {"total_tokens": 2, "input_tokens": 1, "output_tokens": 1,
-             "input_token_details": {"text_tokens": 1, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 0,
-                                     "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}},
-             "output_token_details": {"text_tokens": 1, "audio_tokens": 0}}
+    usage = {
+        "total_tokens": 2,
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "input_token_details": {
+            "text_tokens": 1,
+            "audio_tokens": 0,
+            "image_tokens": 0,
+            "cached_tokens": 0,
+            "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": 1, "audio_tokens": 0},
+    }
     done = json.dumps({"type": "response.done", "response": {"id": "resp_w", "status": "completed", "usage": usage}})
     relay.from_upstream(frames.server_text_frame(json.dumps({"type": "response.created"}).encode()))
     for _, payload in relay.from_upstream(frames.server_text_frame(done.encode())):

@@ -35,7 +35,7 @@ def _preimport() -> None:
     import anyio._backends._trio  # noqa: F401
     import trio  # noqa: F401
 
-    from meshrt.worker import session_meter, session, upstream, warmup  # noqa: F401
+    from meshrt.worker import session, session_meter, upstream, warmup  # noqa: F401
 
     upstream.tls_context()
     warmup.warm_up()
@@ -167,8 +167,9 @@ class Zygote:
             if idle is not None:
                 idle.close()
             exit_code = os.waitstatus_to_exitcode(status)
-            message = control.WorkerExited(pid, exit_code if exit_code >= 0 else None,
-                                           -exit_code if exit_code < 0 else None)
+            message = control.WorkerExited(
+                pid, exit_code if exit_code >= 0 else None, -exit_code if exit_code < 0 else None
+            )
             try:
                 control.send(self.channel, message)
             except OSError:
