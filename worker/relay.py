@@ -76,32 +76,27 @@ class RelayStateError(RuntimeError):
     """A transition the table does not allow: a bug in the relay, never the peers' doing."""
 
 
-@dataclass
 class LegClose:
-    state: LegState = LegState.OPEN
+    """One leg's close state. Read on every relayed frame, changed a few times a session: the
+    answers are plain attributes, recomputed at each transition."""
+
+    __slots__ = ("state", "can_send", "close_received", "gone", "done")
+
+    def __init__(self) -> None:
+        self._enter(LegState.OPEN)
 
     def handle(self, event: LegEvent) -> None:
         try:
-            self.state = LEG_TRANSITIONS[self.state][event]
+            self._enter(LEG_TRANSITIONS[self.state][event])
         except KeyError:
             raise RelayStateError(f"{event.value} in state {self.state.value}") from None
 
-    @property
-    def can_send(self) -> bool:
-        """Frames (a close included) may still be written to this leg."""
-        return self.state in (LegState.OPEN, LegState.CLOSE_RECEIVED)
-
-    @property
-    def close_received(self) -> bool:
-        return self.state in (LegState.CLOSE_RECEIVED, LegState.CLOSED)
-
-    @property
-    def gone(self) -> bool:
-        return self.state is LegState.GONE
-
-    @property
-    def done(self) -> bool:
-        return self.state in (LegState.CLOSED, LegState.GONE)
+    def _enter(self, state: LegState) -> None:
+        self.state = state
+        self.can_send = state in (LegState.OPEN, LegState.CLOSE_RECEIVED)  # frames may still be written to it
+        self.close_received = state in (LegState.CLOSE_RECEIVED, LegState.CLOSED)
+        self.gone = state is LegState.GONE
+        self.done = state in (LegState.CLOSED, LegState.GONE)
 
 
 _CANCEL = json.dumps({"type": "response.cancel"}, separators=(",", ":")).encode()
