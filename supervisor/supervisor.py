@@ -52,6 +52,7 @@ from meshrt.storage import db, ledger
 from meshrt.storage.ledger import Finalized
 
 from . import processes
+from .lease import NodeLease
 from .quota import QuotaEstimate
 from .registry import LiveSession, Registry, SessionEvent, Stage, Tally
 
@@ -92,9 +93,7 @@ class Supervisor:
         self.metrics = Metrics()
         self.finalizing = Tally()  # sessions whose record is being written
         self.quota: dict[str, QuotaEstimate] = {}  # account -> what it can still spend
-        self.lease: ledger.Lease | None = None
-        self.lease_valid_until = 0.0  # monotonic: the lease is ours until then, as far as we know
-        self.held_since = 0.0  # the database's clock: since when we have held the lease unbroken
+        self.lease: NodeLease | None = None
         self.state = RunState.STARTING
         self.run_dir = settings.state_dir / "run"
         self.frontdoor: processes.Child | None = None
@@ -183,21 +182,20 @@ class Supervisor:
     async def _run(self) -> int:
         s = self.settings
         self.engine = db.make_engine(s.db_url, s.db_timeout_s)
-        # the lease on a connection of its own: never queued behind the ledger's writes
-        self.lease_engine = db.make_engine(s.db_url, s.db_timeout_s, pool_size=1)
+        self.lease = NodeLease(s.db_url, s.db_timeout_s, self.node, s.node_lease_s, self.metrics)
         await self._until_done("create the schema", anyio.to_thread.run_sync, db.create_schema, self.engine)
-        await self._join()
+        await self.lease.join(self._until_done)
         self.writer = ledger.LedgerWriter(self.engine, batch_deadline_s=3 * s.db_timeout_s)
         listener, handoffs = await self._bind()
         await self._start_frontdoor(listener)
         print(f"meshrt listening on http://{s.host}:{listener.getsockname()[1]}", flush=True)
-        log.info("node up", extra={"fields": {"node": self.node, "incarnation": self.lease.incarnation}})
+        log.info("node up", extra={"fields": {"node": self.node, "incarnation": self.lease.lease.incarnation}})
         self.state = RunState.SERVING
         async with anyio.create_task_group() as tg:
             self.tg = tg
             tg.start_soon(self.writer.run)
             tg.start_soon(self._recover)
-            tg.start_soon(self._hold_lease)
+            tg.start_soon(self.lease.hold, self._lost_lease, self._until_done)
             tg.start_soon(self._refresh_balances)
             tg.start_soon(self._publish_metrics)
             tg.start_soon(self._accept_handoffs, handoffs)
@@ -329,7 +327,7 @@ class Supervisor:
             problems.append(self.state.value)
         if not self.zygote_ready:
             problems.append("zygote not ready")
-        if time.monotonic() > self.lease_valid_until:
+        if not self.lease.valid:
             problems.append("node lease not renewed (database unreachable?)")
         failed, succeeded = self.writer.last_failure, self.writer.last_success
         if (
@@ -601,85 +599,12 @@ class Supervisor:
             },
         )
 
-    # --- node lease -----------------------------------------------------------------------
-
-    async def _join(self) -> None:
-        s = self.settings
-        began = time.monotonic()
-        lease = await self._until_done(
-            "join the node table",
-            anyio.to_thread.run_sync,
-            self._in_transaction,
-            ledger.join_node,
-            self.node,
-            socket.gethostname(),
-            s.node_lease_s,
-        )
-        self._took_lease(lease, began, fresh=True)
-        if lease.was_lost:
-            log.warning("this node was declared lost while it was away; its spools amend those records")
-
-    def _took_lease(self, lease: ledger.Lease, sent_at: float, fresh: bool) -> None:
-        if fresh or sent_at > self.lease_valid_until:
-            self.held_since = lease.now  # the chain of renewals (re)starts here
-        self.lease = lease
-        self.lease_valid_until = sent_at + self.settings.node_lease_s
-
-    def _in_transaction(self, call, *args):
-        """A lease transaction, on the lease's own connection."""
-        from sqlmodel import Session
-
-        with Session(self.lease_engine, expire_on_commit=False) as session, session.begin():
-            return call(session, *args)
-
-    async def _hold_lease(self) -> None:
-        """Renew this node's lease a few times per period; judge the other nodes' leases.
-        Renewal runs on its own connection, not behind the ledger writer's queue."""
-        ttl = self.settings.node_lease_s
-        while self.state is not RunState.STOPPING:
-            await anyio.sleep(ttl / 4)
-            sent_at = time.monotonic()
-            try:
-                with anyio.fail_after(ttl / 2):
-                    lease = await anyio.to_thread.run_sync(
-                        self._in_transaction,
-                        ledger.renew_lease,
-                        self.node,
-                        self.lease.incarnation,
-                        ttl,
-                        abandon_on_cancel=True,
-                    )
-            except Exception as exc:  # noqa: BLE001 - the database is unreachable: try again soon
-                log.warning("node lease not renewed", extra={"fields": {"error": one_line(exc)}})
-                continue
-            if self.state is RunState.STOPPING:
-                return  # shutting down: the node leaves; a failed renewal now means nothing
-            if lease is None:
-                await self._lost_lease()
-                continue
-            self._took_lease(lease, sent_at, fresh=False)
-            try:
-                reaped = await anyio.to_thread.run_sync(
-                    self._in_transaction, ledger.reap_lost_nodes, self.node, self.held_since, ttl
-                )
-            except Exception as exc:  # noqa: BLE001 - next round
-                log.warning("could not check other nodes' leases", extra={"fields": {"error": one_line(exc)}})
-                continue
-            for lost in reaped:
-                log.warning(
-                    "node lost: its lease expired; its sessions were ended",
-                    extra={"fields": {"node": lost.node_id, "sessions": len(lost.sessions)}},
-                )
-                self.metrics.inc("meshrt_nodes_reaped_total")
-
     async def _lost_lease(self) -> None:
         """Another node declared this one lost (its lease expired while the database was out of
         reach) and ended its sessions' records, freeing their slots: those sessions stop now;
-        their usage still reaches the records (amended late). Then the node joins anew."""
-        log.error("this node's lease was taken: it had been declared lost; ending its sessions")
+        their usage still reaches the records (amended late)."""
         for live in self.registry.sessions():
             await self._stop(live, "node_lost")
-        await self._join()
 
     # --- recovery and drain ---------------------------------------------------------------
 
@@ -754,6 +679,7 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self.state = RunState.STOPPING
+        self.lease.stopping = True
         if self.frontdoor is not None and self.frontdoor.running():
             self.frontdoor.terminate()
             await self.frontdoor.exited()
@@ -768,13 +694,7 @@ class Supervisor:
         with anyio.move_on_after(10):  # records of the last sessions, then exit
             await self.finalizing.wait_zero()
             await self.writer.idle()
-        with anyio.move_on_after(2):
-            try:
-                await anyio.to_thread.run_sync(
-                    self._in_transaction, ledger.leave_node, self.node, self.lease.incarnation, abandon_on_cancel=True
-                )
-            except Exception:  # noqa: BLE001 - the lease then simply expires
-                log.warning("could not mark this node as left")
+        await self.lease.leave()
         self.zygote_channel.close()
         await self.zygote.exited()
         self.settings.control_socket.unlink(missing_ok=True)
