@@ -6,12 +6,24 @@ import time
 
 import psutil
 
-from .clients import Conn, append_event, client_frame, text_event
-from .loadgen import APPEND_PCM_BYTES, APPEND_PERIOD_S, RESPONSE_EVERY_S, RESPONSE_MS, LoadGen
-from .machine import busy_seconds, foreign_cpu_cores
-from .plans import BenchError, Plan, log
+from .clients import Conn
+from .clients import append_event
+from .clients import client_frame
+from .clients import text_event
+from .loadgen import APPEND_PCM_BYTES
+from .loadgen import APPEND_PERIOD_S
+from .loadgen import RESPONSE_EVERY_S
+from .loadgen import RESPONSE_MS
+from .loadgen import LoadGen
+from .machine import busy_seconds
+from .machine import foreign_cpu_cores
+from .plans import BenchError
+from .plans import Plan
+from .plans import log
 from .profiles import Profiler
-from .stack import Stack, alternate, cpu_seconds
+from .stack import Stack
+from .stack import alternate
+from .stack import cpu_seconds
 from .stats import compare
 
 P99_TARGET_US = 5000.0  # capacity: a step holds while the probes' p99 added latency is below this

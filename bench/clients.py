@@ -12,7 +12,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close
+from websockets.frames import Frame
+from websockets.frames import Opcode
 
 from .plans import BenchError
 

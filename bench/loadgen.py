@@ -8,7 +8,12 @@ import random
 import signal
 import time
 
-from .clients import AsyncSession, Target, append_event, client_frame, close_sessions, run_async
+from .clients import AsyncSession
+from .clients import Target
+from .clients import append_event
+from .clients import client_frame
+from .clients import close_sessions
+from .clients import run_async
 from .plans import BenchError
 
 APPEND_PCM_BYTES = 960  # 20 ms of PCM16 mono at 24 kHz

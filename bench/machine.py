@@ -83,7 +83,8 @@ def cpu_steal_pct(before, after) -> float | None:
 
 
 def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version
 
     try:
         return version(name)

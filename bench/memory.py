@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 
 from .loadgen import LoadGen
-from .plans import BenchError, Plan, log
-from .stack import Stack, memory_mib
+from .plans import BenchError
+from .plans import Plan
+from .plans import log
+from .stack import Stack
+from .stack import memory_mib
 from .stats import summary
 
 

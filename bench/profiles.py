@@ -13,7 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from .plans import BenchError, log
+from .plans import BenchError
+from .plans import log
 
 
 class Profiler:

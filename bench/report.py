@@ -72,28 +72,29 @@ def _render_setup(s: dict) -> list[str]:
     return lines
 
 
+def _cells(*cells) -> str:
+    return " ".join(f"{cell:>10}" for cell in cells)
+
+
+def _memory_row(label: str, *cells) -> str:
+    """A table row of the text report: a 44-wide label, then 10-wide cells."""
+    return f"   {label:<44}" + _cells(*cells)
+
+
 def _render_memory(mem: dict) -> list[str]:
-    lines = [
-        f"3. Memory, MiB, {mem['sessions']} sessions{'':<24}{'USS p50':>10} {'USS max':>10} "
-        f"{'PSS p50':>10} {'PSS max':>10}"
-    ]
-    for key, label in (
+    lines = [f"3. Memory, MiB, {mem['sessions']} sessions{'':<24}" + _cells("USS p50", "USS max", "PSS p50", "PSS max")]
+    workers = (
         ("worker_idle", "worker, idle"),
         ("worker_streaming", "worker, streaming (peak)"),
         ("warm_worker", f"pre-forked worker without a session ({mem.get('warm_workers', 0)})"),
-    ):
-        w = mem.get(key)
-        if not w:
-            continue
-        lines.append(
-            f"   {label:<44}{w['uss']['p50']:>10} {w['uss']['max']:>10} {w['pss']['p50']:>10} {w['pss']['max']:>10}"
-        )
-    lines.append(f"   {'':<44}{'USS idle':>10} {'streaming':>10} {'PSS idle':>10} {'streaming':>10}")
+    )
+    for key, label in workers:
+        if w := mem.get(key):
+            lines.append(_memory_row(label, w["uss"]["p50"], w["uss"]["max"], w["pss"]["p50"], w["pss"]["max"]))
+    lines.append(_memory_row("", "USS idle", "streaming", "PSS idle", "streaming"))
     for role, proc in mem["processes_streaming"].items():
         idle = mem["processes_idle"].get(role, proc)
-        lines.append(
-            f"   {role:<44}{idle['uss']:>10.2f} {proc['uss']:>10.2f} {idle['pss']:>10.2f} {proc['pss']:>10.2f}"
-        )
+        lines.append(_memory_row(role, *(f"{v:.2f}" for v in (idle["uss"], proc["uss"], idle["pss"], proc["pss"]))))
     return lines
 
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import psutil
 
-from .clients import Conn, append_event, client_frame, text_event
-from .plans import Plan, log
+from .clients import Conn
+from .clients import append_event
+from .clients import client_frame
+from .clients import text_event
+from .plans import Plan
+from .plans import log
 from .profiles import Profiler
-from .stack import Stack, alternate, cpu_seconds
+from .stack import Stack
+from .stack import alternate
+from .stack import cpu_seconds
 from .stats import compare
 
 

@@ -13,11 +13,20 @@ from pathlib import Path
 import psutil
 
 from .capacity import measure_capacity
-from .machine import busy_seconds, code_version, cpu_steal_pct, foreign_cpu_cores, machine_info, tree_cpu_seconds
+from .machine import busy_seconds
+from .machine import code_version
+from .machine import cpu_steal_pct
+from .machine import foreign_cpu_cores
+from .machine import machine_info
+from .machine import tree_cpu_seconds
 from .memory import measure_memory
-from .plans import BenchError, Plan, choose_plan, log
+from .plans import BenchError
+from .plans import Plan
+from .plans import choose_plan
+from .plans import log
 from .profiles import Profiler
-from .report import render, targets_report
+from .report import render
+from .report import targets_report
 from .rtt import measure_rtt
 from .setup_time import measure_setup
 from .stack import Stack

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 
-from .clients import Conn, open_burst, run_async
-from .plans import Plan, log
+from .clients import Conn
+from .clients import open_burst
+from .clients import run_async
+from .plans import Plan
+from .plans import log
 from .profiles import Profiler
-from .stack import Stack, alternate
+from .stack import Stack
+from .stack import alternate
 from .stats import compare
 
 

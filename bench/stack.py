@@ -20,10 +20,12 @@ from pathlib import Path
 
 import psutil
 
-from meshrt.dev.children import ChildStartError, wait_for_line
+from meshrt.dev.children import ChildStartError
+from meshrt.dev.children import wait_for_line
 
 from .clients import Target
-from .plans import BenchError, Plan
+from .plans import BenchError
+from .plans import Plan
 
 
 def _read_line(proc: subprocess.Popen, pattern: str, timeout: float, what: str) -> re.Match:
@@ -55,23 +57,22 @@ class Stack:
         self.sim = self.gw = self.floor_relay = None
         self.direct = self.gateway = self.floor = None
 
-    def start(self) -> "Stack":
-        self.sim = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.simulator", "--port", "0", "--api-key", self.operator_key],
+    def _start_helper(self, name: str, module: str, *args: str) -> subprocess.Popen:
+        """A helper process (`python -m module`): its stdout read for its listening line, its
+        stderr kept in the run's temporary directory."""
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
-            stderr=open(self.tmp / "sim.err", "ab"),
+            stderr=open(self.tmp / f"{name}.err", "ab"),
             text=True,
             stdin=subprocess.DEVNULL,
         )
+
+    def start(self) -> "Stack":
+        self.sim = self._start_helper("sim", "meshrt.simulator", "--port", "0", "--api-key", self.operator_key)
         sim_port = int(_read_line(self.sim, r"listening on ws://[^:]+:(\d+)", 20, "the simulator").group(1))
         self.direct = Target("direct", sim_port, self.operator_key)
-        self.floor_relay = subprocess.Popen(
-            [sys.executable, "-m", "meshrt.bench.floor", "--upstream-port", str(sim_port)],
-            stdout=subprocess.PIPE,
-            stderr=open(self.tmp / "floor.err", "ab"),
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+        self.floor_relay = self._start_helper("floor", "meshrt.bench.floor", "--upstream-port", str(sim_port))
         floor_port = int(_read_line(self.floor_relay, r"listening on (\d+)", 20, "the floor relay").group(1))
         self.floor = Target("floor", floor_port, self.operator_key)
         db_url = f"sqlite:///{self.tmp / 'meshrt.db'}"
@@ -91,7 +92,8 @@ class Stack:
 
     def _tenant_key(self, db_url: str) -> str:
         from meshrt.shared.money import Money
-        from meshrt.storage import accounts, db
+        from meshrt.storage import accounts
+        from meshrt.storage import db
 
         engine = db.make_engine(db_url)
         try:

@@ -6,9 +6,15 @@ import time
 
 import psutil
 
-from .clients import Conn, Target, append_event, client_frame
-from .plans import Plan, log
-from .stack import Stack, alternate, cpu_seconds
+from .clients import Conn
+from .clients import Target
+from .clients import append_event
+from .clients import client_frame
+from .plans import Plan
+from .plans import log
+from .stack import Stack
+from .stack import alternate
+from .stack import cpu_seconds
 
 
 def _one_way(stack: Stack, target: Target, frame: bytes, payload_len: int, count: int) -> tuple[float, float]:

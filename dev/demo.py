@@ -10,7 +10,8 @@ from pathlib import Path
 
 from meshrt.shared.money import Money
 
-from .children import ChildStartError, wait_for_line
+from .children import ChildStartError
+from .children import wait_for_line
 
 EXAMPLE = """\
 Try it with the official OpenAI Python SDK (pip install "openai[realtime]"):
@@ -50,7 +51,8 @@ def _start_simulator() -> tuple[subprocess.Popen, str]:
 
 def run_dev(settings, args) -> int:
     from meshrt.shared import logs
-    from meshrt.storage import accounts, db
+    from meshrt.storage import accounts
+    from meshrt.storage import db
     from meshrt.supervisor.supervisor import serve
 
     state = Path(args.state_dir) if args.state_dir else Path(".meshrt-dev")

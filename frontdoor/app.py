@@ -5,13 +5,15 @@ docs/protocol.md, HTTP errors.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meshrt.shared.errors import ERRORS, http_error_body
+from meshrt.shared.errors import ERRORS
+from meshrt.shared.errors import http_error_body
 from meshrt.shared.ids import new_id
 
 

@@ -4,7 +4,8 @@ so the worker needs no file and a later price change never rewrites a session's 
 
 from __future__ import annotations
 
-from meshrt.shared.pricing import PriceTable, load_price_table
+from meshrt.shared.pricing import PriceTable
+from meshrt.shared.pricing import load_price_table
 
 
 class Catalog:

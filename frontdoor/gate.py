@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime
+from datetime import timezone
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import bindparam
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from meshrt.shared.control import Grant
 from meshrt.shared.errors import GatewayError
-from meshrt.shared.handshake import UpgradeRequest, extract_credentials, is_secure, is_wellformed_key
+from meshrt.shared.handshake import UpgradeRequest
+from meshrt.shared.handshake import extract_credentials
+from meshrt.shared.handshake import is_secure
+from meshrt.shared.handshake import is_wellformed_key
 from meshrt.shared.ids import new_id
 from meshrt.shared.logs import one_line
 from meshrt.shared.settings import Settings
 from meshrt.storage.accounts import usable_key
-from meshrt.storage.db import LIVE_STATES, SessionRecord, SessionState
+from meshrt.storage.db import LIVE_STATES
+from meshrt.storage.db import SessionRecord
+from meshrt.storage.db import SessionState
 
 log = logging.getLogger("meshrt.frontdoor")
 

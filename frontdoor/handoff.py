@@ -16,22 +16,23 @@ import asyncio
 import json
 import logging
 import socket
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import anyio
 
 from meshrt.shared import control
-from meshrt.shared.control import Handoff, HandoffAck
-from meshrt.shared.errors import GatewayError, http_error_body
-from meshrt.shared.handshake import (
-    accept_bytes,
-    error_frames,
-    new_server_protocol,
-    parse_request_bytes,
-    parse_upgrade,
-    redact,
-    strip_credentials,
-)
+from meshrt.shared.control import Handoff
+from meshrt.shared.control import HandoffAck
+from meshrt.shared.errors import GatewayError
+from meshrt.shared.errors import http_error_body
+from meshrt.shared.handshake import accept_bytes
+from meshrt.shared.handshake import error_frames
+from meshrt.shared.handshake import new_server_protocol
+from meshrt.shared.handshake import parse_request_bytes
+from meshrt.shared.handshake import parse_upgrade
+from meshrt.shared.handshake import redact
+from meshrt.shared.handshake import strip_credentials
 
 log = logging.getLogger("meshrt.frontdoor")
 

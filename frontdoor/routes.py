@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, FastAPI, Query, Request
-from pydantic import BaseModel, Field
-from sqlalchemy import func
-from sqlmodel import Session, select
+from fastapi import Depends
+from fastapi import FastAPI
+from fastapi import Query
+from fastapi import Request
+from pydantic import BaseModel
+from pydantic import Field
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.money import Money
 from meshrt.storage import accounts as ops
-from meshrt.storage.db import LIVE_STATES, SessionRecord
+from meshrt.storage.db import LIVE_STATES
+from meshrt.storage.db import SessionRecord
 
 from .app import ApiError
 from .dashboard import dashboard_routes
-from .usage import MAX_LIMIT, query_usage
+from .usage import MAX_LIMIT
+from .usage import query_usage
 
 
 def _bearer(request: Request) -> str | None:
@@ -62,15 +68,6 @@ def _model_json(model_id: str, rates) -> dict:
     }
 
 
-def _live_count(engine, account_id: str) -> int:
-    with Session(engine) as db:
-        return db.exec(
-            select(func.count())
-            .select_from(SessionRecord)
-            .where(SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))
-        ).one()
-
-
 def _usage_page(engine, account_id, start_time, end_time, model, limit, after) -> dict:
     if start_time is not None and end_time is not None and end_time <= start_time:
         raise ApiError(400, "invalid_parameter", "end_time must be after start_time.")
@@ -110,7 +107,7 @@ def tenant_routes(app: FastAPI, ctx) -> None:
         row = ops.get_account(ctx.engine, key.account_id)
         return {
             **ops.account_json(row),
-            "live_sessions": _live_count(ctx.engine, row.id),
+            "live_sessions": ops.open_sessions(ctx.engine, row.id),
             "max_concurrent_sessions": row.max_concurrent_sessions or ctx.settings.default_max_concurrent_sessions,
             "api_key_id": key.api_key_id,
         }
@@ -165,7 +162,7 @@ def admin_routes(app: FastAPI, ctx) -> None:
     def get_account(account_id: str):
         return {
             **ops.account_json(_found(ops.get_account, ctx.engine, account_id)),
-            "live_sessions": _live_count(ctx.engine, account_id),
+            "live_sessions": ops.open_sessions(ctx.engine, account_id),
         }
 
     @app.post("/admin/v1/accounts/{account_id}/topups", dependencies=guard)

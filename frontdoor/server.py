@@ -22,14 +22,18 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from meshrt.shared import control, logs
-from meshrt.shared.control import Ping, Pong
+from meshrt.shared import control
+from meshrt.shared import logs
+from meshrt.shared.control import Ping
+from meshrt.shared.control import Pong
 from meshrt.shared.errors import http_error_body
 from meshrt.shared.settings import load_settings
 from meshrt.storage import db
 
-from . import gate, handoff
-from .app import create_app, new_request_id
+from . import gate
+from . import handoff
+from .app import create_app
+from .app import new_request_id
 from .catalog import load_catalog
 from .routes import ROUTERS
 

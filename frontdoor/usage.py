@@ -5,13 +5,17 @@ Newest first; `after` is a record id."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
+from datetime import timezone
 
-from sqlalchemy import and_, or_
-from sqlmodel import Session, select
+from sqlalchemy import and_
+from sqlalchemy import or_
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.money import Money
-from meshrt.storage.db import SessionRecord, SessionState
+from meshrt.storage.db import SessionRecord
+from meshrt.storage.db import SessionState
 
 MAX_LIMIT = 100
 

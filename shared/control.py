@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import ClassVar
 
 import anyio

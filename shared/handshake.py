@@ -11,13 +11,17 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
+from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
+from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from .errors import ERRORS, error_event
+from .errors import ERRORS
+from .errors import error_event
 
 KEY_PATTERN = re.compile(r"rsk_[A-Za-z0-9]{32,}")
 _KEYLIKE = re.compile(r"rsk_[A-Za-z0-9_]*")  # "_" too: in "rsk_xrsk_<key>" the key's body must not survive

@@ -16,9 +16,12 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from decimal import Context, Decimal
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from decimal import Context
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 

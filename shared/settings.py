@@ -12,7 +12,8 @@ import ipaddress
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from urllib.parse import urlsplit
 

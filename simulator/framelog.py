@@ -16,7 +16,8 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
+from websockets.frames import Opcode
 from websockets.http11 import Request
 
 OPCODE_NAMES = {

@@ -23,17 +23,23 @@ from __future__ import annotations
 
 import hmac
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from http import HTTPStatus
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
+from websockets.http11 import Response
 
 from meshrt.shared.ids import new_id
 
 from .framelog import FrameLog
-from .session import DEFAULT_MAX_SESSION_S, DEFAULT_MODEL, DEFAULT_RESPONSE_MS, SimSession
+from .session import DEFAULT_MAX_SESSION_S
+from .session import DEFAULT_MODEL
+from .session import DEFAULT_RESPONSE_MS
+from .session import SimSession
 
 DEFAULT_DELAY_MS = 2000
 FAULTS = (

@@ -9,18 +9,28 @@ import json
 import logging
 import os
 import ssl
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
+from websockets.http11 import Response
 
 from meshrt.shared.ids import new_id
 
 from .framelog import FrameLog
-from .handshake import FAULT_REJECTIONS, FAULTS, ConnOptions, HandshakeError, SimConfig, parse_options
-from .session import CHUNK_MS, ResponseRun, SimSession, StartResponse
+from .handshake import FAULT_REJECTIONS
+from .handshake import FAULTS
+from .handshake import ConnOptions
+from .handshake import HandshakeError
+from .handshake import SimConfig
+from .handshake import parse_options
+from .session import CHUNK_MS
+from .session import ResponseRun
+from .session import SimSession
+from .session import StartResponse
 
 log = logging.getLogger("meshrt.sim")
 

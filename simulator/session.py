@@ -19,21 +19,20 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 from meshrt.shared.ids import new_id
 
-from .usage import (
-    BYTES_PER_SECOND,
-    Tokens,
-    beta_usage,
-    ga_usage,
-    input_audio_tokens,
-    item_tokens,
-    output_audio_tokens,
-    text_tokens,
-    transcription_usage,
-)
+from .usage import BYTES_PER_SECOND
+from .usage import Tokens
+from .usage import beta_usage
+from .usage import ga_usage
+from .usage import input_audio_tokens
+from .usage import item_tokens
+from .usage import output_audio_tokens
+from .usage import text_tokens
+from .usage import transcription_usage
 
 CHUNK_MS = 50
 WORD_EVERY_TICKS = 4

@@ -5,13 +5,24 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, update
-from sqlmodel import Session, select
+from sqlalchemy import bindparam
+from sqlalchemy import func
+from sqlalchemy import update
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.ids import new_id
 from meshrt.shared.money import Money
 
-from .db import Account, ApiKey, LedgerEntry, hash_key, key_display, new_key, utcnow
+from .db import LIVE_STATES
+from .db import Account
+from .db import ApiKey
+from .db import LedgerEntry
+from .db import SessionRecord
+from .db import hash_key
+from .db import key_display
+from .db import new_key
+from .db import utcnow
 
 # The key and its account in one statement: the realtime upgrade (which also locks the account
 # row, serialising admissions of one account across nodes) and the HTTP API use the same rule.
@@ -50,6 +61,16 @@ def usable_key(connection, key: str, *, lock_account: bool = False):
     ):
         return None
     return found
+
+
+def open_sessions(engine, account_id: str) -> int:
+    """The account's sessions that count against its limit: granted or live, on any node."""
+    with Session(engine) as db:
+        return db.exec(
+            select(func.count())
+            .select_from(SessionRecord)
+            .where(SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))
+        ).one()
 
 
 class NotFound(LookupError):

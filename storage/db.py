@@ -13,12 +13,21 @@ import hashlib
 import math
 import secrets
 import string
-from datetime import datetime, timezone
+from datetime import datetime
+from datetime import timezone
 
-from sqlalchemy import BigInteger, Column, Index, event, inspect, text
+from sqlalchemy import BigInteger
+from sqlalchemy import Column
 from sqlalchemy import Enum as SAEnum
+from sqlalchemy import Index
+from sqlalchemy import event
+from sqlalchemy import inspect
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import JSON, Field, SQLModel, create_engine
+from sqlmodel import JSON
+from sqlmodel import Field
+from sqlmodel import SQLModel
+from sqlmodel import create_engine
 
 
 def utcnow() -> datetime:

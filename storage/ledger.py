@@ -17,18 +17,30 @@ import enum
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from datetime import datetime
 
 import anyio
-from sqlalchemy import bindparam, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, select
+from sqlalchemy import bindparam
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 
-from .db import Account, AppliedIncrement, LedgerEntry, Node, NodeState, SessionRecord, SessionState, db_now, utcnow
+from .db import Account
+from .db import AppliedIncrement
+from .db import LedgerEntry
+from .db import Node
+from .db import NodeState
+from .db import SessionRecord
+from .db import SessionState
+from .db import db_now
+from .db import utcnow
 from .summary import summarize
 
 log = logging.getLogger("meshrt.supervisor")

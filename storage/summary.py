@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from meshrt.shared.increments import Increment, UsageTotals
+from meshrt.shared.increments import Increment
+from meshrt.shared.increments import UsageTotals
 
 
 def summarize(increments: list[Increment]) -> dict:

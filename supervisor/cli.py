@@ -8,7 +8,9 @@ import json
 import sys
 
 from meshrt.shared.money import Money
-from meshrt.shared.settings import SettingsError, load_settings, parse_port
+from meshrt.shared.settings import SettingsError
+from meshrt.shared.settings import load_settings
+from meshrt.shared.settings import parse_port
 
 
 def _money(raw: str) -> Money:
@@ -142,7 +144,8 @@ def _dispatch(args, settings) -> int:
         argv += ["--tls-key", args.tls_key] if args.tls_key else []
         return simulator.main(argv)
     if args.command == "serve":
-        from .supervisor import exit_process, serve
+        from .supervisor import exit_process
+        from .supervisor import serve
 
         logs.configure("supervisor", settings.log_level)
         exit_process(serve(settings))

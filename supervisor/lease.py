@@ -16,7 +16,8 @@ import anyio
 from sqlmodel import Session
 
 from meshrt.shared.logs import one_line
-from meshrt.storage import db, ledger
+from meshrt.storage import db
+from meshrt.storage import ledger
 
 log = logging.getLogger("meshrt.supervisor")
 

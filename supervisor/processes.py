@@ -15,13 +15,16 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import anyio
 from anyio.abc import Process
 
 from meshrt.shared import control
-from meshrt.shared.settings import Settings, scrubbed_env, settings_env
+from meshrt.shared.settings import Settings
+from meshrt.shared.settings import scrubbed_env
+from meshrt.shared.settings import settings_env
 
 log = logging.getLogger("meshrt.supervisor")
 

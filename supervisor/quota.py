@@ -10,7 +10,8 @@ a replayed increment the database already had is no exception.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 Key = tuple[str, int]  # (session_id, seq)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import enum
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import anyio
 
-from meshrt.shared.control import Grant, WorkerEnded
+from meshrt.shared.control import Grant
+from meshrt.shared.control import WorkerEnded
 
 
 class Stage(enum.Enum):

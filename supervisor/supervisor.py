@@ -24,37 +24,44 @@ import time
 from pathlib import Path
 
 import anyio
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
+from tenacity import AsyncRetrying
+from tenacity import retry_if_exception
+from tenacity import wait_exponential
 
-from meshrt.shared import control, spool
-from meshrt.shared.control import (
-    Handoff,
-    HandoffAck,
-    Ping,
-    Pong,
-    Reattach,
-    Spawn,
-    Spawned,
-    StopSession,
-    UsageIncrement,
-    WorkerConfig,
-    WorkerEnded,
-    WorkerExited,
-    WorkerLive,
-    ZygoteReady,
-)
+from meshrt.shared import control
+from meshrt.shared import spool
+from meshrt.shared.control import Handoff
+from meshrt.shared.control import HandoffAck
+from meshrt.shared.control import Ping
+from meshrt.shared.control import Pong
+from meshrt.shared.control import Reattach
+from meshrt.shared.control import Spawn
+from meshrt.shared.control import Spawned
+from meshrt.shared.control import StopSession
+from meshrt.shared.control import UsageIncrement
+from meshrt.shared.control import WorkerConfig
+from meshrt.shared.control import WorkerEnded
+from meshrt.shared.control import WorkerExited
+from meshrt.shared.control import WorkerLive
+from meshrt.shared.control import ZygoteReady
 from meshrt.shared.errors import EndReason
 from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 from meshrt.shared.metrics import Metrics
-from meshrt.shared.settings import Settings, node_identity
-from meshrt.storage import db, ledger
+from meshrt.shared.settings import Settings
+from meshrt.shared.settings import node_identity
+from meshrt.storage import db
+from meshrt.storage import ledger
 from meshrt.storage.ledger import Finalized
 
 from . import processes
 from .lease import NodeLease
 from .quota import QuotaEstimate
-from .registry import LiveSession, Registry, SessionEvent, Stage, Tally
+from .registry import LiveSession
+from .registry import Registry
+from .registry import SessionEvent
+from .registry import Stage
+from .registry import Tally
 
 log = logging.getLogger("meshrt.supervisor")
 

@@ -10,16 +10,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
+from sqlalchemy import text
 
 from meshrt.dev.children import wait_for_line
 from meshrt.shared.money import Money
-from meshrt.storage import accounts, db
+from meshrt.storage import accounts
+from meshrt.storage import db
 
 OPERATOR_KEY = "sk-operator-" + "x" * 24
 PG_ENV = "MESHRT_TEST_DATABASE_URL"
@@ -50,7 +53,8 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> in
 
 
 def session_record(engine, request_id: str):
-    from sqlmodel import Session, select
+    from sqlmodel import Session
+    from sqlmodel import select
 
     from meshrt.storage.db import SessionRecord
 

@@ -26,8 +26,10 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Callable
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
 
 MAX_OUTAGE_S = 120.0  # no fault lasts longer than this: a forgotten one cannot hang a run
 _CALL_TIMEOUT_S = 5.0  # how long a mode switch waits for the proxy thread to apply it

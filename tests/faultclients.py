@@ -18,10 +18,14 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
-from realtime_client import connect_ws, recv_json, recv_until
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from realtime_client import connect_ws
+from realtime_client import recv_json
+from realtime_client import recv_until
+from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidHandshake
 
 
 @dataclass

@@ -16,10 +16,13 @@ import json
 from collections import defaultdict
 from urllib.parse import parse_qs
 
-from sqlmodel import Session, select
+from sqlmodel import Session
+from sqlmodel import select
 
-from meshrt.storage.db import Account, SessionRecord
-from meshrt.worker.meter import Meter, UsageTotals
+from meshrt.storage.db import Account
+from meshrt.storage.db import SessionRecord
+from meshrt.worker.meter import Meter
+from meshrt.worker.meter import UsageTotals
 from meshrt.worker.session_meter import GrantPriceTable
 
 # --- what the simulator reported --------------------------------------------------------------

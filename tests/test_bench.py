@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from meshrt.bench.profiles import summarize_folded
-from meshrt.bench.stats import percentile, summary
+from meshrt.bench.stats import percentile
+from meshrt.bench.stats import summary
 
 
 def _sane(dist: dict, what: str) -> None:

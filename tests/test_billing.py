@@ -7,17 +7,25 @@ import asyncio
 import base64
 import json
 import random
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP
+from decimal import Decimal
 
 import httpx
 import pytest
 from conftest import ended_record
-from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
-from sqlmodel import Session, select
+from realtime_client import AUDIO_100MS
+from realtime_client import connect_ws
+from realtime_client import expect_closed
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
+from sqlmodel import Session
+from sqlmodel import select
 from websockets.exceptions import ConnectionClosed
 
 from meshrt.shared.money import Money
-from meshrt.storage.db import Account, LedgerEntry
+from meshrt.storage.db import Account
+from meshrt.storage.db import LedgerEntry
 
 PER_1M = Decimal(1_000_000)
 IMAGE = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()

@@ -8,22 +8,20 @@ import os
 import pytest
 
 from meshrt.shared import control
-from meshrt.shared.control import (
-    ControlError,
-    Grant,
-    Handoff,
-    HandoffAck,
-    Reattach,
-    Spawn,
-    Spawned,
-    StopSession,
-    UsageIncrement,
-    WorkerConfig,
-    WorkerEnded,
-    WorkerExited,
-    WorkerLive,
-    ZygoteReady,
-)
+from meshrt.shared.control import ControlError
+from meshrt.shared.control import Grant
+from meshrt.shared.control import Handoff
+from meshrt.shared.control import HandoffAck
+from meshrt.shared.control import Reattach
+from meshrt.shared.control import Spawn
+from meshrt.shared.control import Spawned
+from meshrt.shared.control import StopSession
+from meshrt.shared.control import UsageIncrement
+from meshrt.shared.control import WorkerConfig
+from meshrt.shared.control import WorkerEnded
+from meshrt.shared.control import WorkerExited
+from meshrt.shared.control import WorkerLive
+from meshrt.shared.control import ZygoteReady
 from meshrt.shared.increments import Increment
 
 GRANT = Grant(

@@ -21,7 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import wait_for
-from realtime_client import connect_ws, recv_json, recv_until, run
+from realtime_client import connect_ws
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
 from websockets.sync.client import connect as ws_connect
 
 from meshrt.shared.money import Money

@@ -38,28 +38,42 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from contextlib import closing
+from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field
 from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import pytest
-from conftest import PG_ENV, _stop, ended_record, session_record, start_sim, wait_for
-from dbfaults import PgFaultProxy, PgTableLock, SqliteLock, fault_schedule, pg_conninfo
-from faultclients import Conn, FaultClients
-from realtime_client import connect_ws, expect_refusal, recv_json, recv_until, run
-from simlog import (
-    balance,
-    check_debits,
-    check_unbilled_attempts,
-    expected_from,
-    final_records,
-    records_by_request,
-    same_usage,
-    session_report,
-    sim_reports,
-)
+from conftest import PG_ENV
+from conftest import _stop
+from conftest import ended_record
+from conftest import session_record
+from conftest import start_sim
+from conftest import wait_for
+from dbfaults import PgFaultProxy
+from dbfaults import PgTableLock
+from dbfaults import SqliteLock
+from dbfaults import fault_schedule
+from dbfaults import pg_conninfo
+from faultclients import Conn
+from faultclients import FaultClients
+from realtime_client import connect_ws
+from realtime_client import expect_refusal
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
+from simlog import balance
+from simlog import check_debits
+from simlog import check_unbilled_attempts
+from simlog import expected_from
+from simlog import final_records
+from simlog import records_by_request
+from simlog import same_usage
+from simlog import session_report
+from simlog import sim_reports
 from sqlalchemy import text
 from websockets.exceptions import ConnectionClosed
 

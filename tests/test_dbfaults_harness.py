@@ -29,8 +29,13 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import PG_ENV, wait_for
-from dbfaults import PgFaultProxy, PgTableLock, SqliteLock, fault_schedule, pg_conninfo
+from conftest import PG_ENV
+from conftest import wait_for
+from dbfaults import PgFaultProxy
+from dbfaults import PgTableLock
+from dbfaults import SqliteLock
+from dbfaults import fault_schedule
+from dbfaults import pg_conninfo
 from psycopg import errors
 
 PG_URL = pg_conninfo(os.environ.get(PG_ENV) or "postgresql://postgres@127.0.0.1:5432/test")

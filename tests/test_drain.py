@@ -10,8 +10,14 @@ import time
 
 import httpx
 from conftest import wait_for
-from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, recv_until, run
-from sqlmodel import Session, select
+from realtime_client import connect_ws
+from realtime_client import expect_closed
+from realtime_client import expect_refusal
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.errors import ERRORS
 from meshrt.storage.db import SessionRecord

@@ -9,7 +9,11 @@ import json
 import socket
 
 import pytest
-from realtime_client import connect_ws, expect_closed, expect_refusal, recv_json, run
+from realtime_client import connect_ws
+from realtime_client import expect_closed
+from realtime_client import expect_refusal
+from realtime_client import recv_json
+from realtime_client import run
 
 from meshrt.shared.errors import ERRORS
 from meshrt.storage import accounts

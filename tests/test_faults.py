@@ -28,22 +28,26 @@ import time
 
 import httpx
 import pytest
-from conftest import _stop, start_sim, wait_for
-from faultclients import Conn, FaultClients
-from realtime_client import connect_ws, run
-from simlog import (
-    balance,
-    check_debits,
-    check_unbilled_attempts,
-    expected_from,
-    final_records,
-    records_by_request,
-    same_usage,
-    session_report,
-    sim_reports,
-)
-from sqlmodel import Session, select
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from conftest import _stop
+from conftest import start_sim
+from conftest import wait_for
+from faultclients import Conn
+from faultclients import FaultClients
+from realtime_client import connect_ws
+from realtime_client import run
+from simlog import balance
+from simlog import check_debits
+from simlog import check_unbilled_attempts
+from simlog import expected_from
+from simlog import final_records
+from simlog import records_by_request
+from simlog import same_usage
+from simlog import session_report
+from simlog import sim_reports
+from sqlmodel import Session
+from sqlmodel import select
+from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidHandshake
 
 from meshrt.storage.db import SessionRecord
 

@@ -21,13 +21,19 @@ from dataclasses import dataclass
 
 import psutil
 import pytest
-from conftest import Tenant, _stop, ended_record, start_gateway, wait_for
-from sqlmodel import Session, select
+from conftest import Tenant
+from conftest import _stop
+from conftest import ended_record
+from conftest import start_gateway
+from conftest import wait_for
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.money import Money
 from meshrt.storage import accounts
 from meshrt.storage.db import SessionRecord
-from meshrt.worker.frames import FrameScanner, payload
+from meshrt.worker.frames import FrameScanner
+from meshrt.worker.frames import payload
 
 MAX_MESSAGE = 65536
 DEADLINE_S = 10.0  # generous: the answers come in milliseconds, but CI machines get loaded

@@ -9,27 +9,32 @@ from __future__ import annotations
 import re
 import string
 import struct
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote
+from urllib.parse import unquote_plus
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from websockets.datastructures import Headers
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close
+from websockets.frames import Frame
+from websockets.frames import Opcode
 
 from meshrt.shared.errors import ERRORS
-from meshrt.shared.handshake import (
-    accept_bytes,
-    extract_credentials,
-    is_secure,
-    is_wellformed_key,
-    parse_request_bytes,
-    parse_upgrade,
-    redact,
-    strip_credentials,
-    upstream_headers,
-)
-from meshrt.worker.frames import FrameScanner, ProtocolViolation
-from meshrt.worker.relay import Relay, Target
+from meshrt.shared.handshake import accept_bytes
+from meshrt.shared.handshake import extract_credentials
+from meshrt.shared.handshake import is_secure
+from meshrt.shared.handshake import is_wellformed_key
+from meshrt.shared.handshake import parse_request_bytes
+from meshrt.shared.handshake import parse_upgrade
+from meshrt.shared.handshake import redact
+from meshrt.shared.handshake import strip_credentials
+from meshrt.shared.handshake import upstream_headers
+from meshrt.worker.frames import FrameScanner
+from meshrt.worker.frames import ProtocolViolation
+from meshrt.worker.relay import Relay
+from meshrt.worker.relay import Target
 
 BOUNDED = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

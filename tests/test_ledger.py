@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import secrets
 
-from sqlmodel import Session, select
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.increments import Increment
 from meshrt.shared.money import Money
 from meshrt.storage import ledger
-from meshrt.storage.db import Account, LedgerEntry, SessionRecord
+from meshrt.storage.db import Account
+from meshrt.storage.db import LedgerEntry
+from meshrt.storage.db import SessionRecord
 
 
 def increment(seq: int, cost: int, tokens: int) -> Increment:

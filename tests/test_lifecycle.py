@@ -3,7 +3,11 @@
 import pytest
 
 from meshrt.shared.control import Grant
-from meshrt.supervisor.registry import TRANSITIONS, LifecycleError, LiveSession, SessionEvent, Stage
+from meshrt.supervisor.registry import TRANSITIONS
+from meshrt.supervisor.registry import LifecycleError
+from meshrt.supervisor.registry import LiveSession
+from meshrt.supervisor.registry import SessionEvent
+from meshrt.supervisor.registry import Stage
 
 
 def session() -> LiveSession:

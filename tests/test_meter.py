@@ -12,12 +12,19 @@ import logging
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from meshrt.shared.money import Money
-from meshrt.shared.pricing import ModelRates, PriceTable, load_price_table
-from meshrt.worker.meter import Increment, IncrementKind, Meter, UsageTotals, may_carry_usage
+from meshrt.shared.pricing import ModelRates
+from meshrt.shared.pricing import PriceTable
+from meshrt.shared.pricing import load_price_table
+from meshrt.worker.meter import Increment
+from meshrt.worker.meter import IncrementKind
+from meshrt.worker.meter import Meter
+from meshrt.worker.meter import UsageTotals
+from meshrt.worker.meter import may_carry_usage
 
 # USD per 1M tokens, docs/billing.md, The price file: modality → (input, cached input, output).
 RATES = {

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshrt.shared.money import PICODOLLARS_PER_USD, Money, per_minute_cost
+from meshrt.shared.money import PICODOLLARS_PER_USD
+from meshrt.shared.money import Money
+from meshrt.shared.money import per_minute_cost
 
 
 def test_money_wraps_an_integer_count_of_picodollars():

@@ -22,23 +22,37 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import datetime
+from datetime import timezone
+from typing import NamedTuple
 
 import psutil
 import pytest
-from conftest import session_record, wait_for
-from realtime_client import connect_ws, recv_json, run
-from simlog import balance, expected_from, same_usage, sim_reports
-from sqlalchemy import create_engine, func
-from sqlmodel import Session, select
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from conftest import session_record
+from conftest import wait_for
+from realtime_client import connect_ws
+from realtime_client import recv_json
+from realtime_client import run
+from simlog import balance
+from simlog import expected_from
+from simlog import same_usage
+from simlog import sim_reports
+from sqlalchemy import create_engine
+from sqlalchemy import func
+from sqlmodel import Session
+from sqlmodel import select
+from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidHandshake
 
 from meshrt.shared import spool
 from meshrt.shared.errors import ERRORS
 from meshrt.shared.money import Money
 from meshrt.storage import accounts
-from meshrt.storage.db import LIVE_STATES, AppliedIncrement, Node, SessionRecord
+from meshrt.storage.db import AppliedIncrement
+from meshrt.storage.db import Node
+from meshrt.storage.db import SessionRecord
 
 LEASE_S = 2.0  # node lease for the tests where a node is lost
 RESTART_LEASE_S = 16  # workers wait half of it for their supervisor: a restart under load takes up to ~4 s
@@ -217,12 +231,7 @@ def node_row(engine, node_id: str) -> Node:
 
 def open_rows(engine, account_id: str) -> int:
     """The account's sessions that count against its limit (granted/live, any node)."""
-    with Session(engine) as db:
-        return db.exec(
-            select(func.count())
-            .select_from(SessionRecord)
-            .where(SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))
-        ).one()
+    return accounts.open_sessions(engine, account_id)
 
 
 def wait_committed(engine, clients: list[Client], timeout: float = 15) -> None:
@@ -249,8 +258,7 @@ def node_id_of(gw) -> str:
     return (gw.state_dir / "node_id").read_text().strip()
 
 
-@dataclass
-class TwoNodes:
+class TwoNodes(NamedTuple):
     """Node B started first (so it is the one eligible to judge A), then node A; an account."""
 
     tenant: object
@@ -444,16 +452,7 @@ def test_a_dead_node_frees_its_sessions_slots_within_about_a_lease(gateway_facto
     lease + renewal period + slack. A's rows end node_lost with exactly the committed usage
     (the simulator's log of each connection: no response was in flight at the kill)."""
     lease, limit = LEASE_S, 2
-    nodes = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
-    tenant, a, b, b_started, node_a, start, rid = (
-        nodes.tenant,
-        nodes.a,
-        nodes.b,
-        nodes.b_started,
-        nodes.node_a,
-        nodes.start_balance,
-        nodes.rid,
-    )
+    tenant, a, b, b_started, node_a, start, rid = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
     bound = lease + lease / 4 + 2.5  # expiry + one renewal period + slack (2 CPUs, shared)
 
     async def go():
@@ -522,15 +521,9 @@ def test_a_lost_node_back_amends_the_records_with_its_spools(gateway_factory, ma
     amend those records (amended_at set, end_reason kept), which then equal the simulator's
     logs exactly, and the balance moved by exactly the records' costs (nothing twice)."""
     lease = LEASE_S
-    nodes = two_nodes(gateway_factory, make_tenant, engine, 10, lease)  # B only reaps A here
-    tenant, a, b_started, node_a, start, rid = (
-        nodes.tenant,
-        nodes.a,
-        nodes.b_started,
-        nodes.node_a,
-        nodes.start_balance,
-        nodes.rid,
-    )
+    tenant, a, _b, b_started, node_a, start, rid = two_nodes(
+        gateway_factory, make_tenant, engine, 10, lease
+    )  # B reaps A
 
     async def go():
         on_a = [await open_client(a, tenant.key, f"n3-{rid}-A{i}", "A", QUICK) for i in range(2)]
@@ -602,16 +595,7 @@ def test_workers_without_a_supervisor_stop_by_the_lease_and_the_limit_always_hol
     the clients (sessions open: from session.created to the gateway's error event or the close,
     sampled every 10 ms and at each admission)."""
     lease, limit = LEASE_S, 2
-    nodes = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
-    tenant, a, b, b_started, node_a, start, rid = (
-        nodes.tenant,
-        nodes.a,
-        nodes.b,
-        nodes.b_started,
-        nodes.node_a,
-        nodes.start_balance,
-        nodes.rid,
-    )
+    tenant, a, b, b_started, node_a, start, rid = two_nodes(gateway_factory, make_tenant, engine, limit, lease)
     db_samples: list[tuple[float, int]] = []
     sampling = threading.Event()
 

@@ -9,7 +9,12 @@ from decimal import Decimal
 import pytest
 
 from meshrt.shared.money import Money
-from meshrt.shared.pricing import ModelKind, ModelRates, PriceTable, PricingError, load_price_table, parse_price_table
+from meshrt.shared.pricing import ModelKind
+from meshrt.shared.pricing import ModelRates
+from meshrt.shared.pricing import PriceTable
+from meshrt.shared.pricing import PricingError
+from meshrt.shared.pricing import load_price_table
+from meshrt.shared.pricing import parse_price_table
 
 # OpenAI's published rates (docs/billing.md, The price file), USD per 1M tokens:
 # (input, cached input, output).

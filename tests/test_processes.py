@@ -10,7 +10,9 @@ import sys
 import pytest
 from conftest import OPERATOR_KEY
 
-from meshrt.supervisor.processes import EXIT_CHILD_CRASH_LOOP, CrashLoop, RestartPolicy
+from meshrt.supervisor.processes import EXIT_CHILD_CRASH_LOOP
+from meshrt.supervisor.processes import CrashLoop
+from meshrt.supervisor.processes import RestartPolicy
 
 
 def test_backoff_grows_while_a_child_dies_young_and_resets_after_a_long_life():

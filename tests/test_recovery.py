@@ -7,12 +7,19 @@ import json
 import os
 import signal
 
-from conftest import ended_record, wait_for
-from realtime_client import connect_ws, expect_closed, recv_json, recv_until, run
-from sqlmodel import Session, select
+from conftest import ended_record
+from conftest import wait_for
+from realtime_client import connect_ws
+from realtime_client import expect_closed
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.shared.money import Money
-from meshrt.storage.db import Account, SessionRecord
+from meshrt.storage.db import Account
+from meshrt.storage.db import SessionRecord
 
 
 def live_pid(engine, request_id: str) -> int:

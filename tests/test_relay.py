@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import json
 
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close
+from websockets.frames import Frame
+from websockets.frames import Opcode
 
-from meshrt.worker.relay import LEG_TRANSITIONS, LegClose, LegEvent, LegState, Phase, Relay, RelayStateError, Target
+from meshrt.worker.relay import LEG_TRANSITIONS
+from meshrt.worker.relay import LegClose
+from meshrt.worker.relay import LegEvent
+from meshrt.worker.relay import LegState
+from meshrt.worker.relay import Phase
+from meshrt.worker.relay import Relay
+from meshrt.worker.relay import RelayStateError
+from meshrt.worker.relay import Target
 
 
 def client_frame(opcode, data: bytes, fin: bool = True) -> bytes:

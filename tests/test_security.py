@@ -9,10 +9,15 @@ import os
 import stat
 
 import psutil
-from conftest import OPERATOR_KEY, ended_record, wait_for
-from realtime_client import connect_ws, recv_json, run
+from conftest import OPERATOR_KEY
+from conftest import ended_record
+from conftest import wait_for
+from realtime_client import connect_ws
+from realtime_client import recv_json
+from realtime_client import run
 from sqlalchemy import text
-from sqlmodel import Session, select
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.storage.db import SessionRecord
 

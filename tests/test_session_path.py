@@ -11,9 +11,16 @@ import signal
 
 import httpx
 import pytest
-from conftest import OPERATOR_KEY, ended_record, wait_for
+from conftest import OPERATOR_KEY
+from conftest import ended_record
+from conftest import wait_for
 from openai import AsyncOpenAI
-from realtime_client import AUDIO_100MS, connect_ws, expect_closed, recv_json, recv_until, run
+from realtime_client import AUDIO_100MS
+from realtime_client import connect_ws
+from realtime_client import expect_closed
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
 from sqlmodel import Session
 
 from meshrt.storage.db import SessionRecord

@@ -20,14 +20,20 @@ import time
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import pytest
 from openai import AsyncOpenAI
 from openai.types.beta.realtime import RealtimeServerEvent as BetaServerEvent
 from openai.types.realtime import RealtimeServerEvent as GAServerEvent
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidMessage, InvalidStatus
+from test_meter import ga_usage  # the meter's tests build the same GA usage object
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import InvalidMessage
+from websockets.exceptions import InvalidStatus
 
 from meshrt import simulator
 from meshrt.dev.children import wait_for_line
@@ -52,23 +58,6 @@ def text_tok(text: str) -> int:
 
 def in_audio_tok(n_bytes: int) -> int:
     return ceil_div(n_bytes * 10, 48_000)
-
-
-def ga_usage(text: int, audio: int, image: int, cached: tuple[int, int, int], out_text: int, out_audio: int) -> dict:
-    inp, out = text + audio + image, out_text + out_audio
-    return {
-        "total_tokens": inp + out,
-        "input_tokens": inp,
-        "output_tokens": out,
-        "input_token_details": {
-            "text_tokens": text,
-            "audio_tokens": audio,
-            "image_tokens": image,
-            "cached_tokens": sum(cached),
-            "cached_tokens_details": {"text_tokens": cached[0], "audio_tokens": cached[1], "image_tokens": cached[2]},
-        },
-        "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio},
-    }
 
 
 # --- event validation against the SDK's models ---------------------------------
@@ -240,7 +229,7 @@ def _check_audio_response(events: list[dict]) -> None:
     assert done["status"] == "completed"
     assert done["output"][0]["content"][0] == {"type": "output_audio", "transcript": transcript}
     assert done["usage"] == ga_usage(
-        text=text_tok(INSTRUCTIONS), audio=10, image=0, cached=(0, 0, 0), out_text=text_tok(transcript), out_audio=20
+        text=text_tok(INSTRUCTIONS), audio=10, image=0, cached=(0, 0, 0), text_out=text_tok(transcript), audio_out=20
     )
 
 

@@ -10,9 +10,12 @@ import random
 
 import psutil
 from conftest import wait_for
-from realtime_client import connect_ws, recv_json, run
+from realtime_client import connect_ws
+from realtime_client import recv_json
+from realtime_client import run
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session
+from sqlmodel import select
 
 from meshrt.storage.db import SessionRecord
 

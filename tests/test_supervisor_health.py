@@ -10,7 +10,8 @@ import time
 
 import httpx
 import psutil
-from conftest import start_gateway, wait_for
+from conftest import start_gateway
+from conftest import wait_for
 
 
 def test_a_failing_supervisor_task_exits_nonzero_and_takes_its_front_door_down(tmp_path, database_url, sim):

@@ -8,8 +8,15 @@ import json
 import subprocess
 
 import pytest
-from conftest import _stop, ended_record, start_gateway, start_sim
-from realtime_client import connect_ws, expect_refusal, recv_json, recv_until, run
+from conftest import _stop
+from conftest import ended_record
+from conftest import start_gateway
+from conftest import start_sim
+from realtime_client import connect_ws
+from realtime_client import expect_refusal
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
 
 from meshrt.shared.errors import ERRORS
 

@@ -12,11 +12,14 @@ import time
 
 import anyio
 import pytest
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame
+from websockets.frames import Opcode
 from websockets.streams import StreamReader
 
 from meshrt.shared import control
-from meshrt.shared.control import Grant, WorkerConfig, WorkerEnded
+from meshrt.shared.control import Grant
+from meshrt.shared.control import WorkerConfig
+from meshrt.shared.control import WorkerEnded
 from meshrt.worker import session as worker_session
 
 REQUEST = (

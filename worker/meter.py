@@ -35,17 +35,19 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from meshrt.shared.increments import (
-    Increment,
-    IncrementKind,
-    ResponseTokens,
-    TranscriptionTokens,
-    UsageTotals,
-    response_tokens,
-    transcription_tokens,
-)
-from meshrt.shared.money import Money, per_minute_cost
-from meshrt.shared.pricing import MODALITIES, ModelKind, ModelRates, PriceTable
+from meshrt.shared.increments import Increment
+from meshrt.shared.increments import IncrementKind
+from meshrt.shared.increments import ResponseTokens
+from meshrt.shared.increments import TranscriptionTokens
+from meshrt.shared.increments import UsageTotals
+from meshrt.shared.increments import response_tokens
+from meshrt.shared.increments import transcription_tokens
+from meshrt.shared.money import Money
+from meshrt.shared.money import per_minute_cost
+from meshrt.shared.pricing import MODALITIES
+from meshrt.shared.pricing import ModelKind
+from meshrt.shared.pricing import ModelRates
+from meshrt.shared.pricing import PriceTable
 
 __all__ = [
     "DEFAULT_DURATION_TRANSCRIPTION_MODEL",

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import Callable
 
-from meshrt.shared.errors import ERRORS, error_event
+from meshrt.shared.errors import ERRORS
+from meshrt.shared.errors import error_event
 
 from . import frames as wsf
-from .frames import FrameScanner, ProtocolViolation, RawFrame
+from .frames import FrameScanner
+from .frames import ProtocolViolation
+from .frames import RawFrame
 
 
 class Target(enum.Enum):

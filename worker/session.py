@@ -25,22 +25,32 @@ from collections import deque
 
 import anyio
 
-from meshrt.shared import control, spool
-from meshrt.shared.control import Grant, Reattach, StopSession, UsageIncrement, WorkerConfig, WorkerEnded, WorkerLive
-from meshrt.shared.errors import ERRORS, GatewayError
-from meshrt.shared.handshake import (
-    accept_bytes,
-    error_frames,
-    parse_request_bytes,
-    parse_upgrade,
-    upstream_headers,
-    upstream_query,
-)
+from meshrt.shared import control
+from meshrt.shared import spool
+from meshrt.shared.control import Grant
+from meshrt.shared.control import Reattach
+from meshrt.shared.control import StopSession
+from meshrt.shared.control import UsageIncrement
+from meshrt.shared.control import WorkerConfig
+from meshrt.shared.control import WorkerEnded
+from meshrt.shared.control import WorkerLive
+from meshrt.shared.errors import ERRORS
+from meshrt.shared.errors import GatewayError
+from meshrt.shared.handshake import accept_bytes
+from meshrt.shared.handshake import error_frames
+from meshrt.shared.handshake import parse_request_bytes
+from meshrt.shared.handshake import parse_upgrade
+from meshrt.shared.handshake import upstream_headers
+from meshrt.shared.handshake import upstream_query
 from meshrt.shared.logs import session_log
 
-from .legs import Leg, TransportLeg
-from .relay import Phase, Relay, Target
-from .upstream import connect_upstream, upstream_url
+from .legs import Leg
+from .legs import TransportLeg
+from .relay import Phase
+from .relay import Relay
+from .relay import Target
+from .upstream import connect_upstream
+from .upstream import upstream_url
 
 CLOSE_TIMEOUT_S = 2.0
 REATTACH_INTERVAL_S = 0.2

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from meshrt.shared.pricing import ModelRates
 
-from .meter import Increment, Meter, UsageTotals, may_carry_usage
+from .meter import Increment
+from .meter import Meter
+from .meter import UsageTotals
+from .meter import may_carry_usage
 
 
 class SessionMeter:

@@ -20,14 +20,19 @@ from urllib.parse import urlsplit
 
 import anyio
 import sniffio
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying
+from tenacity import retry_if_exception_type
+from tenacity import stop_after_attempt
+from tenacity import wait_exponential
 from websockets.client import ClientProtocol
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from meshrt.shared.errors import GatewayError
 
-from .legs import Leg, TlsLeg, TransportLeg
+from .legs import Leg
+from .legs import TlsLeg
+from .legs import TransportLeg
 
 MAX_RESPONSE_HEAD = 64 * 1024
 

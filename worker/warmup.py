@@ -23,15 +23,13 @@ def _handshakes() -> None:
     from websockets.client import ClientProtocol
     from websockets.uri import parse_uri
 
-    from meshrt.shared.handshake import (
-        accept_bytes,
-        error_frames,
-        parse_request_bytes,
-        parse_upgrade,
-        strip_credentials,
-        upstream_headers,
-        upstream_query,
-    )
+    from meshrt.shared.handshake import accept_bytes
+    from meshrt.shared.handshake import error_frames
+    from meshrt.shared.handshake import parse_request_bytes
+    from meshrt.shared.handshake import parse_upgrade
+    from meshrt.shared.handshake import strip_credentials
+    from meshrt.shared.handshake import upstream_headers
+    from meshrt.shared.handshake import upstream_query
 
     protocol, request = parse_request_bytes(REQUEST)
     upgrade = parse_upgrade(request)
@@ -55,9 +53,11 @@ _sample_rates: dict | None = None  # a grant's rate snapshot, for the pool worke
 def _relay_and_meter() -> None:
     from meshrt.shared.pricing import load_price_table
     from meshrt.worker import frames
-    from meshrt.worker.meter import Meter, may_carry_usage
+    from meshrt.worker.meter import Meter
+    from meshrt.worker.meter import may_carry_usage
     from meshrt.worker.relay import Relay
-    from meshrt.worker.session_meter import GrantPriceTable, SessionMeter
+    from meshrt.worker.session_meter import GrantPriceTable
+    from meshrt.worker.session_meter import SessionMeter
 
     global _sample_rates
     if _sample_rates is None:  # built once, in the zygote: a pool worker reads no file
@@ -91,7 +91,8 @@ def _relay_and_meter() -> None:
 
 
 async def _loop_smoke() -> None:
-    from tenacity import AsyncRetrying, stop_after_attempt
+    from tenacity import AsyncRetrying
+    from tenacity import stop_after_attempt
 
     async for attempt in AsyncRetrying(stop=stop_after_attempt(1), sleep=anyio.sleep):
         with attempt:

@@ -35,7 +35,10 @@ def _preimport() -> None:
     import anyio._backends._trio  # noqa: F401
     import trio  # noqa: F401
 
-    from meshrt.worker import session, session_meter, upstream, warmup  # noqa: F401
+    from meshrt.worker import session  # noqa: F401
+    from meshrt.worker import session_meter  # noqa: F401
+    from meshrt.worker import upstream  # noqa: F401
+    from meshrt.worker import warmup  # noqa: F401
 
     upstream.tls_context()
     warmup.warm_up()
