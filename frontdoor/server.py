@@ -97,44 +97,93 @@ class FrontDoorContext:
             log.warning("could not end a refused session's row", extra={"session_id": session_id})
 
 
-def header_deadline_protocol(timeout_s: float):
-    """uvicorn's httptools protocol with a deadline on each request head: uvicorn has none, so a
-    client trickling a partial request (slowloris) would hold its connection for ever. It also
-    refuses HTTP/1.0 upgrades, which uvicorn would hand on as HTTP/1.1."""
+MAX_HEAD_BYTES = 32 * 1024  # a request head (request line and headers) larger than this: 431
+MAX_HEADERS = 100  # more header lines than this: 431
+MAX_BODY_BYTES = 1024 * 1024  # the API's JSON bodies are small; a larger one: 413
+
+
+def _refusal(status: int, reason: str) -> bytes:
+    return f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+
+
+def bounded_protocol(timeout_s: float):
+    """uvicorn's httptools protocol with the bounds uvicorn lacks, so that a client cannot hold
+    or grow the front door: a deadline on each request head and on each request body (a client
+    trickling either — slowloris — would hold its connection for ever: 408), a limit on the head's
+    size and header count (431), and on the body's size (413, from Content-Length before a byte
+    of it is read, or as chunks arrive). It also refuses HTTP/1.0 upgrades, which uvicorn would
+    hand on as HTTP/1.1."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class HeaderDeadlineProtocol(HttpToolsProtocol):
+    class BoundedProtocol(HttpToolsProtocol):
         _deadline = None
-        _refused_upgrade = False
+        _refused = False
+        _in_head = True  # between a message's start and its headers' end
+        _head_bytes = 0  # bytes read while in the head (a read may carry some of the body too)
+        _head_size = 0  # the head's own bytes, as parsed
+        _headers = 0
+        _body_bytes = 0
 
-        def _arm(self) -> None:
+        def _arm(self, expired) -> None:
             self._disarm()
-            self._deadline = self.loop.call_later(timeout_s, self._head_timed_out)
+            self._deadline = self.loop.call_later(timeout_s, expired)
 
         def _disarm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
 
-        def _head_timed_out(self) -> None:
+        def _refuse(self, status: int, reason: str) -> None:
             self._deadline = None
+            self._disarm()
+            self._refused = True
             if not self.transport.is_closing():
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                self.transport.write(_refusal(status, reason))
                 self.transport.close()
+
+        def _timed_out(self) -> None:
+            self._deadline = None
+            self._refuse(408, "Request Timeout")
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._arm()
+            self._arm(self._timed_out)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            # still in the head after this read (one read is at most the transport's buffer):
+            # a head that did not end within the limit is refused without reading more of it
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self._refused:
+                self._refuse(431, "Request Header Fields Too Large")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm()
+            self._in_head, self._head_bytes, self._head_size, self._headers, self._body_bytes = True, 0, 0, 0, 0
+            self._arm(self._timed_out)
+
+        def on_url(self, url: bytes) -> None:
+            self._head_size += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._headers += 1
+            self._head_size += len(name) + len(value) + 4
+            if self._headers > MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
+                return self._refuse(431, "Request Header Fields Too Large")
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            self._in_head = False
             self._disarm()
+            if self._refused:
+                return
             if self.parser.should_upgrade() and self.parser.get_http_version() != "1.1":
                 # RFC 6455 needs HTTP/1.1; uvicorn would pass the upgrade on relabelled as 1.1
-                self._refused_upgrade = True
+                self._refused = True
                 request_id = new_request_id()
                 body = http_error_body(
                     "invalid_request", "WebSocket upgrades need HTTP/1.1.", "invalid_request_error", request_id
@@ -142,17 +191,36 @@ def header_deadline_protocol(timeout_s: float):
                 self.transport.write(handoff.http_response(400, "Bad Request", body, request_id))
                 self.transport.close()
                 return
+            length = dict(self.headers).get(b"content-length") if not self.parser.should_upgrade() else None
+            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return self._refuse(413, "Content Too Large")
             super().on_headers_complete()
+            if not self.parser.should_upgrade():
+                self._arm(self._timed_out)  # the body's deadline, until the message completes
+
+        def on_body(self, body: bytes) -> None:
+            if self._refused:
+                return
+            self._body_bytes += len(body)
+            if self._body_bytes > MAX_BODY_BYTES:
+                return self._refuse(413, "Content Too Large")
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            self._in_head = True
+            if not self._refused:
+                super().on_message_complete()
 
         def handle_websocket_upgrade(self) -> None:
-            if not self._refused_upgrade:
+            if not self._refused:
                 super().handle_websocket_upgrade()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
-    return HeaderDeadlineProtocol
+    return BoundedProtocol
 
 
 def build(settings, node: str):
@@ -203,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app,
         ws=protocol,
-        http=header_deadline_protocol(settings.header_timeout_s),
+        http=bounded_protocol(settings.header_timeout_s),
         loop="asyncio",
         log_config=None,
         access_log=False,
