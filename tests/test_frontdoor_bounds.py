@@ -108,3 +108,28 @@ def test_ordinary_requests_still_pass(bounded_gateway):
         timeout=10,
     )
     assert created.status_code in (200, 201), created.text
+
+
+def test_a_header_that_never_ends_cannot_grow_the_front_door(bounded_gateway):
+    """The attack that grew the front door from 71 to 300 MiB: connections streaming one header
+    without end. Each is cut after its first 32 KiB-plus read; the front door stays flat."""
+    import psutil
+
+    frontdoor = psutil.Process(bounded_gateway.frontdoor_pid())
+    before = frontdoor.memory_info().rss
+    sent = []
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", bounded_gateway.port), timeout=5) as sock:
+            total = 0
+            try:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+                while total < 20 * 1024 * 1024:  # bounded: 20 MiB a connection at most
+                    sock.sendall(b"a" * 65536)
+                    total += 65536
+            except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                pass
+            sent.append(total)
+    grown = frontdoor.memory_info().rss - before
+    assert all(n < 4 * 1024 * 1024 for n in sent), sent  # cut early, not after 20 MiB
+    assert grown < 8 * 1024 * 1024, grown
+    assert still_serves(bounded_gateway)
