@@ -13,10 +13,7 @@ import time
 from datetime import datetime
 from datetime import timezone
 
-from sqlalchemy import bindparam
-from sqlalchemy import func
 from sqlalchemy import insert
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from meshrt.shared.control import Grant
@@ -28,8 +25,8 @@ from meshrt.shared.handshake import is_wellformed_key
 from meshrt.shared.ids import new_id
 from meshrt.shared.logs import one_line
 from meshrt.shared.settings import Settings
+from meshrt.storage.accounts import OPEN_SESSIONS
 from meshrt.storage.accounts import usable_key
-from meshrt.storage.db import LIVE_STATES
 from meshrt.storage.db import SessionRecord
 from meshrt.storage.db import SessionState
 
@@ -37,13 +34,6 @@ log = logging.getLogger("meshrt.frontdoor")
 
 # Admission is on every session's set-up path, so it uses Core statements built once (SQLAlchemy
 # caches their compiled form) rather than ORM objects: the ORM was ~45 % of the front door's CPU.
-# After the lock, as its own statement: on PostgreSQL each statement sees the rows committed
-# before it started, so this count includes sessions admitted while we waited for the lock.
-_LIVE_SESSIONS = (
-    select(func.count())
-    .select_from(SessionRecord)
-    .where(SessionRecord.account_id == bindparam("account_id"), SessionRecord.state.in_(LIVE_STATES))
-)
 _INSERT_SESSION = insert(SessionRecord.__table__)
 
 
@@ -107,7 +97,9 @@ def _admit_in_transaction(
         if found.balance_pico <= 0:
             raise GatewayError("insufficient_quota")
         limit = found.max_concurrent_sessions or settings.default_max_concurrent_sessions
-        live = db.execute(_LIVE_SESSIONS, {"account_id": found.account_id}).scalar_one()
+        # after the lock, as its own statement: on PostgreSQL each statement sees the rows committed
+        # before it started, so this count includes sessions admitted while we waited for the lock
+        live = db.execute(OPEN_SESSIONS, {"account_id": found.account_id}).scalar_one()
         if live >= limit:
             raise GatewayError("too_many_sessions")
         cap = found.token_cap or found.session_token_cap or settings.session_token_cap

@@ -29,6 +29,7 @@ from meshrt.shared.control import Pong
 from meshrt.shared.errors import http_error_body
 from meshrt.shared.settings import load_settings
 from meshrt.storage import db
+from meshrt.storage import ledger
 
 from . import gate
 from . import handoff
@@ -88,11 +89,7 @@ class FrontDoorContext:
         database is out of reach, the supervisor's orphaned-grant sweep or recovery ends it."""
         try:
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
-                row = s.get(db.SessionRecord, session_id)
-                if row is not None and row.state == db.SessionState.GRANTED:
-                    row.state, row.end_reason = db.SessionState.ENDED, code
-                    row.close_code = None
-                    row.ended_at = db.utcnow()
+                ledger.end_orphaned_grant(s, session_id, code)
         except SQLAlchemyError:
             log.warning("could not end a refused session's row", extra={"session_id": session_id})
 

@@ -63,14 +63,18 @@ def usable_key(connection, key: str, *, lock_account: bool = False):
     return found
 
 
+# The account's sessions that count against its limit: granted or live, on any node. Admission
+# runs it inside its transaction, after the account row's lock.
+OPEN_SESSIONS = (
+    select(func.count())
+    .select_from(SessionRecord)
+    .where(SessionRecord.account_id == bindparam("account_id"), SessionRecord.state.in_(LIVE_STATES))
+)
+
+
 def open_sessions(engine, account_id: str) -> int:
-    """The account's sessions that count against its limit: granted or live, on any node."""
-    with Session(engine) as db:
-        return db.exec(
-            select(func.count())
-            .select_from(SessionRecord)
-            .where(SessionRecord.account_id == account_id, SessionRecord.state.in_(LIVE_STATES))
-        ).one()
+    with engine.connect() as connection:
+        return connection.execute(OPEN_SESSIONS, {"account_id": account_id}).scalar_one()
 
 
 class NotFound(LookupError):

@@ -37,6 +37,11 @@ class QuotaEstimate:
             self._prune()
 
     @property
+    def settled(self) -> bool:
+        """Every increment of this node's is acknowledged: nothing is lost by forgetting it."""
+        return all(job is not None for _, job in self._unsettled.values())
+
+    @property
     def pending(self) -> int:
         return sum(cost for cost, job in self._unsettled.values() if job is None or job > self.as_of)
 

@@ -488,24 +488,25 @@ class Supervisor:
             self.metrics.inc("meshrt_usage_cost_picodollars_total", increment.cost.picodollars)
             estimate.observe_balance(balance, job)
         estimate.acknowledged((grant.session_id, increment.seq), job)
-        self._check_quota_soon(grant.account_id)
+        self._check_quota_soon(grant.account_id, just_read=balance is not None)
 
-    def _check_quota_soon(self, account_id: str) -> None:
+    def _check_quota_soon(self, account_id: str, just_read: bool = False) -> None:
         """Stop the account's sessions when it cannot pay for more. An estimate at zero is
-        confirmed by a fresh read first (a top-up may have landed since the last refresh); with
-        the database unreachable, the estimate decides. Off the caller's path: a worker's
-        messages are never held behind the database."""
+        confirmed by a fresh read first (a top-up may have landed since the last refresh) unless
+        its balance was `just_read`; with the database unreachable, the estimate decides. Off the
+        caller's path: a worker's messages are never held behind the database."""
         if (
             self._estimate(account_id).exhausted
             and account_id not in self.checking_quota
             and self.registry.of_account(account_id)
         ):
             self.checking_quota.add(account_id)
-            self.tg.start_soon(self._confirm_exhausted, account_id)
+            self.tg.start_soon(self._confirm_exhausted, account_id, just_read)
 
-    async def _confirm_exhausted(self, account_id: str) -> None:
+    async def _confirm_exhausted(self, account_id: str, just_read: bool) -> None:
         try:
-            await self._read_balances([account_id])
+            if not just_read:
+                await self._read_balances([account_id])
             if self._estimate(account_id).exhausted:
                 await self._stop_account(account_id, "insufficient_quota")
         finally:
@@ -526,12 +527,12 @@ class Supervisor:
             await anyio.sleep(BALANCE_REFRESH_S)
             accounts = sorted({live.grant.account_id for live in self.registry.sessions()})
             for gone in set(self.quota) - set(accounts):
-                if not any(job is None for _, job in self.quota[gone]._unsettled.values()):
+                if self.quota[gone].settled:
                     del self.quota[gone]
             if accounts:
                 await self._read_balances(accounts)
                 for account_id in accounts:
-                    self._check_quota_soon(account_id)
+                    self._check_quota_soon(account_id, just_read=True)
 
     async def _stop_account(self, account_id: str, code: str) -> None:
         for other in self.registry.of_account(account_id):
@@ -547,12 +548,11 @@ class Supervisor:
         except OSError:
             pass
 
-    async def _replay_spool(self, live: LiveSession) -> spool.SpoolEnd | None:
+    async def _replay_spool(self, live: LiveSession) -> None:
         """Count what the spool holds that the channel did not deliver (an adopted session's)."""
         held = spool.read(self._spool_path(live.grant.session_id))
         for _, increment in sorted(held.increments.items()):
             await self._apply(live, increment, check=False)
-        return held.end
 
     async def _finalize(self, live: LiveSession) -> None:
         """The worker is gone: write the record from its spool. Node capacity frees at once; the

@@ -52,3 +52,12 @@ def test_a_top_up_seen_by_a_refresh_lifts_the_stop():
     estimate.observe_balance(10_000_000 - 150, as_of=9)  # topped up; the debit landed at job 4
     estimate.acknowledged(("s", 1), 4)
     assert estimate.available == 10_000_000 - 150 and not estimate.exhausted
+
+
+def test_an_estimate_is_settled_once_every_increment_is_acknowledged():
+    estimate = QuotaEstimate()
+    estimate.observe_balance(1000, as_of=1)
+    estimate.add(("s", 1), 100)
+    assert not estimate.settled
+    estimate.acknowledged(("s", 1), 5)  # acknowledged, not yet inside a balance read
+    assert estimate.settled and estimate.pending == 100
