@@ -117,19 +117,21 @@ def test_a_header_that_never_ends_cannot_grow_the_front_door(bounded_gateway):
 
     frontdoor = psutil.Process(bounded_gateway.frontdoor_pid())
     before = frontdoor.memory_info().rss
-    sent = []
+    cut = []
     for _ in range(4):
         with socket.create_connection(("127.0.0.1", bounded_gateway.port), timeout=5) as sock:
             total = 0
             try:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
-                while total < 20 * 1024 * 1024:  # bounded: 20 MiB a connection at most
+                while total < 64 * 1024 * 1024:  # bounded: 64 MiB a connection at most
                     sock.sendall(b"a" * 65536)
                     total += 65536
             except (BrokenPipeError, ConnectionResetError, socket.timeout):
-                pass
-            sent.append(total)
+                cut.append(total)
     grown = frontdoor.memory_info().rss - before
-    assert all(n < 4 * 1024 * 1024 for n in sent), sent  # cut early, not after 20 MiB
+    # Every connection is cut. How many bytes the client got off before it saw the reset depends
+    # on the kernel's socket buffers (up to tens of MiB with autotuning), so the bound that matters
+    # is the front door's memory, not the count sent.
+    assert len(cut) == 4, cut
     assert grown < 8 * 1024 * 1024, grown
     assert still_serves(bounded_gateway)
