@@ -66,6 +66,8 @@ class WorkerConfig:
     memory_limit_mb: int = 0
     control_socket: str = ""  # where a worker re-attaches if its supervisor restarts
     orphan_limit_s: float = 15.0  # the node's lease: how long a worker relays with no supervisor
+    preauth: bool = True  # responses start only once their cost is reserved (docs/billing.md)
+    response_output_cap: int = 4096  # the output tokens a response is reserved for at most
 
 
 # --- front door <-> supervisor -------------------------------------------------------------
@@ -159,11 +161,41 @@ class WorkerLive:
 
 @dataclass(frozen=True)
 class UsageIncrement:
-    """Worker → supervisor: one billed usage event, already in the spool. Idempotent by seq."""
+    """Worker → supervisor: one billed usage event, already in the spool. Idempotent by seq.
+    `settle_version` > 0: the session's reservation becomes `settle_pico` in the same write (the
+    response this pays for no longer needs its reservation)."""
 
     kind: ClassVar[str] = "usage_increment"
     session_id: str
     increment: Increment
+    settle_version: int = 0
+    settle_pico: int = 0
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Worker → supervisor: hold up to `want` picodollars of the account's balance for this
+    session's responses, and at least `least`, or nothing more (docs/billing.md)."""
+
+    kind: ClassVar[str] = "reserve"
+    session_id: str
+    version: int
+    want: int
+    least: int
+    held: int  # what the worker holds as far as it knows (a provisional grant starts from it)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Supervisor → worker: what the session holds after its `Reserve` of this version."""
+
+    kind: ClassVar[str] = "reserved"
+    session_id: str
+    version: int
+    held: int
+    granted: bool
+    available: int  # the account's balance not held by any session, after this change
+    reason: str = ""  # when not granted: "insufficient_quota" or "service_unavailable"
 
 
 @dataclass(frozen=True)
@@ -199,6 +231,8 @@ MESSAGES = {
         WorkerExited,
         WorkerLive,
         UsageIncrement,
+        Reserve,
+        Reserved,
         WorkerEnded,
         StopSession,
     )

@@ -142,6 +142,28 @@ def error_event(code: str, request_id: str, detail: str | None = None) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+# In-band refusals: a client event the gateway does not forward, answered with an `error` event
+# while the session stays open (docs/errors.md, Refused events). Codes are ERRORS' own.
+REFUSALS = {
+    "insufficient_quota": "The balance cannot cover the response this event would start. Top up the "
+    "account; this session stays open.",
+    "service_unavailable": "The gateway cannot reserve the cost of the response this event would start "
+    "right now (its database did not answer). Try again shortly; this session stays open.",
+}
+
+
+def refusal_event(code: str, request_id: str, client_event_id: str | None, detail: str | None = None) -> bytes:
+    """An OpenAI-shaped `error` event for a refused client event; `error.event_id` names it."""
+    spec = ERRORS[code]
+    message = f"{REFUSALS[code]} {detail}" if detail else REFUSALS[code]
+    body = {
+        "type": "error",
+        "error": {"type": spec.type, "code": spec.code, "message": message, "param": None, "event_id": client_event_id},
+        "request_id": request_id,
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def http_error_body(code: str, message: str, type_: str, request_id: str) -> dict:
     """The JSON body of an HTTP error (docs/protocol.md, HTTP errors)."""
     return {"error": {"code": code, "message": message, "type": type_}, "request_id": request_id}

@@ -15,6 +15,10 @@ HELP = {
     "meshrt_sessions_ended_total": ("counter", "Sessions finalised, by end reason."),
     "meshrt_handoffs_refused_total": ("counter", "Upgrades the supervisor refused, by error code."),
     "meshrt_usage_increments_total": ("counter", "Usage increments applied to balances."),
+    "meshrt_reservations_total": (
+        "counter",
+        "Reservations for responses, by outcome: granted, insufficient_quota, service_unavailable.",
+    ),
     "meshrt_usage_cost_usd_total": ("counter", "USD debited for usage (exact decimal)."),
     "meshrt_worker_crashes_total": ("counter", "Workers that exited without reporting their end."),
     "meshrt_nodes_reaped_total": ("counter", "Other nodes this one declared lost (their lease expired)."),

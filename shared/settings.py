@@ -161,6 +161,8 @@ class Settings:
     node_id: str = ""  # default: one made up once per state dir (see `node_identity`)
     node_lease_s: float = 15.0  # a node not heard from for this long is lost; its sessions end
     db_timeout_s: float = 10.0  # connect, statement and lock waits; SQLite's busy timeout
+    preauth: bool = True  # a response starts only once its most cost is reserved (docs/billing.md)
+    max_response_output_tokens: int = 4096  # what a response with no smaller limit is reserved for
 
     @property
     def db_url(self) -> str:
@@ -208,6 +210,8 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_NODE_ID": ("node_id", _node_id),
     "MESHRT_NODE_LEASE_S": ("node_lease_s", _positive_float),
     "MESHRT_DB_TIMEOUT_S": ("db_timeout_s", _positive_float),
+    "MESHRT_PREAUTH": ("preauth", _bool),
+    "MESHRT_MAX_RESPONSE_OUTPUT_TOKENS": ("max_response_output_tokens", _positive_int),
 }
 
 SECRET_VARIABLES = ("OPENAI_API_KEY", "MESHRT_ADMIN_TOKEN", "MESHRT_DATABASE_URL")

@@ -99,7 +99,7 @@ class _Driver:
         try:
             if not await self._ticks(run):
                 return
-            status = "cancelled" if run.cancel_requested else "completed"
+            status = "cancelled" if run.cancel_requested else "incomplete" if run.limit_reached else "completed"
             for event in self.session.response_finish(run, status):
                 await self.send(event)
         except ConnectionClosed:
@@ -116,6 +116,8 @@ class _Driver:
                 break
             for event in self.session.response_tick(run, tick):
                 await self.send(event)
+            if run.limit_reached:
+                break
             if tick == min(FAULT_AFTER_TICKS, run.ticks) - 1 and await self._mid_response_fault():
                 return False
             delay = start + (tick + 1) * CHUNK_MS / 1000 - loop.time() if self.opts.pace else 0

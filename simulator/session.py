@@ -4,7 +4,10 @@ events it produces, responses streamed tick by tick; usage from ``usage``.
 Responses: ``sim_response_ms`` (default 1000) of output, one tick per 50 ms
 (the last tick may be shorter). Each tick sends one audio delta (audio modality);
 every 4th tick (0, 4, 8, ...) first sends one word of a fixed text as a transcript
-(or text) delta. ``--pace`` / ``sim_pace=1`` sends one tick per 50 ms of wall time.
+(or text) delta. ``--pace`` / ``sim_pace=1`` sends one tick per 50 ms of wall time. As
+OpenAI's, a response stops before its output tokens would pass ``max_output_tokens`` (the
+response's, else the session's; beta: ``max_response_output_tokens``) with status
+``incomplete``, reason ``max_output_tokens``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class ResponseRun:
     ms_sent: int = 0
     text_sent: str = ""
     cancel_requested: bool = False
+    max_output: int | None = None  # max_output_tokens; None: "inf"
+    limit_reached: bool = False  # the next delta would have passed max_output: status incomplete
 
     @property
     def ticks(self) -> int:
@@ -511,7 +516,18 @@ class SimSession:
             cached=self._cached(seq),
             in_conversation=params.get("conversation", "auto") != "none",
             metadata=params.get("metadata"),
+            max_output=self._max_output(params),
         )
+
+    def _max_output(self, params: dict) -> int | None:
+        """The response's output limit, else the session's; "inf" (the default) is None."""
+        key = "max_response_output_tokens" if self.beta else "max_output_tokens"
+        value = params.get(key, self.config.get(key, "inf"))
+        if value == "inf":
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+            raise ProtocolError("invalid_value", f"'{key}' must be an integer from 1 to 4096 or \"inf\".", key)
+        return value
 
     def _response_cancel(self, event: dict) -> list[Any]:
         if self.active is None:
@@ -520,7 +536,10 @@ class SimSession:
         return []
 
     def _response_object(self, run: ResponseRun, status: str, usage: dict | None) -> dict:
-        details = {"type": "cancelled", "reason": "client_cancelled"} if status == "cancelled" else None
+        details = {
+            "cancelled": {"type": "cancelled", "reason": "client_cancelled"},
+            "incomplete": {"type": "incomplete", "reason": "max_output_tokens"},
+        }.get(status)
         obj: dict[str, Any] = {
             "object": "realtime.response",
             "id": run.id,
@@ -528,7 +547,7 @@ class SimSession:
             "status_details": details,
             "output": [run.item.snapshot()] if status != "in_progress" else [],
             "conversation_id": self.conversation_id if run.in_conversation else None,
-            "max_output_tokens": "inf",
+            "max_output_tokens": "inf" if run.max_output is None else run.max_output,
             "usage": usage,
             "metadata": run.metadata,
         }
@@ -568,12 +587,17 @@ class SimSession:
 
     def response_tick(self, run: ResponseRun, tick: int) -> list[dict]:
         out = []
-        if tick % WORD_EVERY_TICKS == 0:
-            word = _word(tick // WORD_EVERY_TICKS)
+        word = _word(tick // WORD_EVERY_TICKS) if tick % WORD_EVERY_TICKS == 0 else ""
+        ms = min(CHUNK_MS, run.total_ms - tick * CHUNK_MS)
+        if run.max_output is not None:  # as OpenAI: output stops before it passes the limit
+            after = text_tokens(run.text_sent + word) + output_audio_tokens(run.ms_sent + (ms if run.audio else 0))
+            if after > run.max_output:
+                run.limit_reached = True
+                return out
+        if word:
             run.text_sent += word
             name = self.names["transcript_delta"] if run.audio else self.names["text_delta"]
             out.append(self.event(name, delta=word, **self._where(run)))
-        ms = min(CHUNK_MS, run.total_ms - tick * CHUNK_MS)
         if run.audio:
             out.append(self.event(self.names["audio_delta"], delta=_chunk_b64(ms), **self._where(run)))
             run.ms_sent += ms

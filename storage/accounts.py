@@ -93,6 +93,9 @@ def account_json(account: Account) -> dict:
         "id": account.id,
         "name": account.name,
         "balance": Money(account.balance_pico).usd_str(),
+        # held for responses in flight (docs/billing.md, Pre-authorised responses)
+        "reserved": Money(account.reserved_pico).usd_str(),
+        "available": Money(account.balance_pico - account.reserved_pico).usd_str(),
         "active": account.active,
         "max_concurrent_sessions": account.max_concurrent_sessions,
         "session_token_cap": account.session_token_cap,

@@ -63,6 +63,9 @@ class Account(SQLModel, table=True):
     id: str = Field(primary_key=True)
     name: str
     balance_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    # What live sessions' responses may still cost: the sum of their sessions' reserved_pico.
+    # A reservation is granted only while balance_pico - reserved_pico covers it (docs/billing.md).
+    reserved_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0"))
     max_concurrent_sessions: int | None = None
     session_token_cap: int | None = None
     active: bool = True
@@ -115,6 +118,10 @@ class SessionRecord(SQLModel, table=True):
     # Set when usage reached the record after it was final: a lost node came back with
     # increments in its spools that were not committed when another node ended the session.
     amended_at: datetime | None = None
+    # This session's part of its account's reserved_pico, and the worker's number for the last
+    # reservation change applied (a late or repeated change never undoes a newer one).
+    reserved_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0"))
+    reserve_version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0"))
 
 
 class NodeState(str, enum.Enum):
@@ -207,8 +214,12 @@ def create_schema(engine: Engine) -> None:
     for table in SQLModel.metadata.sorted_tables:
         have = {c["name"] for c in existing.get_columns(table.name)}
         for column in table.columns:
-            if column.name not in have and column.nullable:
-                kind = column.type.compile(engine.dialect)
+            if column.name in have:
+                continue
+            kind = column.type.compile(engine.dialect)
+            if column.server_default is not None:  # NOT NULL with a default: old rows get it
+                kind += f" NOT NULL DEFAULT {column.server_default.arg}"
+            if column.nullable or column.server_default is not None:
                 with engine.begin() as conn:
                     conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
         for index in table.indexes:

@@ -80,9 +80,13 @@ _APPLY = {
 _LEDGER_ENTRY = _entries.insert()
 
 
-def apply_increment(db: Session, session_id: str, account_id: str, increment: Increment) -> int | None:
+def apply_increment(
+    db: Session, session_id: str, account_id: str, increment: Increment, settle: ReserveChange | None = None
+) -> int | None:
     """Debit the account for one increment, once. Returns the new balance (picodollars), or
-    None when this (session_id, seq) was applied before."""
+    None when this (session_id, seq) was applied before. `settle`, the session's reservation
+    after this usage (lower: the response it covered is done), changes in the same transaction
+    as the debit, so the cost is never counted neither as spent nor as reserved."""
     connection = db.connection()
     seq, cost = increment.seq, increment.cost.picodollars
     now = utcnow()
@@ -100,6 +104,8 @@ def apply_increment(db: Session, session_id: str, account_id: str, increment: In
     if first is None:  # a replay (not rowcount: psycopg did not report 0 for it)
         return None
     balance = connection.execute(_DEBIT, {"debit_account": account_id, "cost": cost}).scalar_one()
+    if settle is not None:
+        reserve(db, session_id, account_id, settle)
     connection.execute(
         _LEDGER_ENTRY,
         {
@@ -141,6 +147,76 @@ _AMEND = (
         amended_at=bindparam("final_ended_at"),
     )
 )
+
+
+@dataclass(frozen=True)
+class ReserveChange:
+    """A worker's wish for its session's reservation (absolute picodollars): at most `want`, and
+    granted only if at least `least` can be held. `version` orders a session's changes."""
+
+    version: int
+    want: int
+    least: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    held: int  # what the session holds now
+    granted: bool  # held >= the change's `least`
+    available: int  # the account's balance minus everything reserved, after this change
+
+
+_SESSION_RESERVE = select(_sessions.c.reserved_pico, _sessions.c.reserve_version, _sessions.c.state).where(
+    _sessions.c.id == bindparam("reserve_id")
+)
+_ACCOUNT_ROOM = select(_accounts.c.balance_pico, _accounts.c.reserved_pico).where(
+    _accounts.c.id == bindparam("reserve_account")
+)
+
+
+def reserve(db: Session, session_id: str, account_id: str, change: ReserveChange) -> Reservation:
+    """Set a session's reservation toward `change.want`, atomically against every session of the
+    account on every node: the account's row is locked (PostgreSQL) or the database is (SQLite,
+    one writer), its room read, and both rows written in this transaction. Lowering always
+    succeeds; raising takes what the room allows, and nothing unless that reaches `least`. A
+    change older than the last applied one, or for an ended session, changes nothing."""
+    connection = db.connection()
+    room = connection.execute(_ACCOUNT_ROOM.with_for_update(), {"reserve_account": account_id}).first()
+    row = connection.execute(_SESSION_RESERVE, {"reserve_id": session_id}).first()
+    if room is None or row is None:
+        return Reservation(0, False, 0)
+    available = room.balance_pico - room.reserved_pico
+    held = row.reserved_pico
+    if row.state == SessionState.ENDED or change.version <= row.reserve_version:
+        return Reservation(held, held >= change.least, available)
+    if change.want <= held:
+        new = change.want
+    elif held + available >= change.least:
+        new = held + max(0, min(change.want - held, available))
+    else:
+        new = held
+    connection.execute(
+        update(_sessions).where(_sessions.c.id == session_id).values(reserved_pico=new, reserve_version=change.version)
+    )
+    if new != held:
+        connection.execute(
+            update(_accounts)
+            .where(_accounts.c.id == account_id)
+            .values(reserved_pico=_accounts.c.reserved_pico + (new - held))
+        )
+    return Reservation(new, new >= change.least, available - (new - held))
+
+
+def _release(connection, session_id: str, account_id: str) -> None:
+    """An ending session's reservation goes back to its account (in the finalising transaction)."""
+    # the account's row first, as `reserve` and admission lock it: one lock order, no deadlock
+    connection.execute(_ACCOUNT_ROOM.with_for_update(), {"reserve_account": account_id})
+    held = connection.execute(select(_sessions.c.reserved_pico).where(_sessions.c.id == session_id)).scalar_one()
+    if held:
+        connection.execute(update(_sessions).where(_sessions.c.id == session_id).values(reserved_pico=0))
+        connection.execute(
+            update(_accounts).where(_accounts.c.id == account_id).values(reserved_pico=_accounts.c.reserved_pico - held)
+        )
 
 
 class Finalized(str, enum.Enum):
@@ -186,6 +262,7 @@ def finalize(
         "final_by_category": summary["by_category"],
     }
     if exists.state != SessionState.ENDED:
+        _release(connection, session_id, exists.account_id)
         connection.execute(_FINALIZE, values)
         return Finalized.WRITTEN
     connection.execute(_AMEND, values)
@@ -197,12 +274,15 @@ def committed_seqs(db: Session, session_id: str) -> set[int]:
     return set(db.connection().execute(select(_applied.c.seq).where(_applied.c.session_id == session_id)).scalars())
 
 
-def balances(db: Session, account_ids: list[str]) -> dict[str, int]:
-    """Current balances (top-ups from any node included): the quota estimate's base."""
+def balances(db: Session, account_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Current (balance, reserved) of accounts (top-ups and reservations from any node included):
+    the quota estimate's base."""
     rows = db.connection().execute(
-        select(_accounts.c.id, _accounts.c.balance_pico).where(_accounts.c.id.in_(account_ids))
+        select(_accounts.c.id, _accounts.c.balance_pico, _accounts.c.reserved_pico).where(
+            _accounts.c.id.in_(account_ids)
+        )
     )
-    return {row.id: row.balance_pico for row in rows}
+    return {row.id: (row.balance_pico, row.reserved_pico) for row in rows}
 
 
 def unfinished_sessions(engine, node: str) -> list[SessionRecord]:

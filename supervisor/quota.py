@@ -20,11 +20,13 @@ Key = tuple[str, int]  # (session_id, seq)
 class QuotaEstimate:
     balance: int | None = None  # None: not read since this supervisor started (no decision yet)
     as_of: int = -1  # the writer job that read `balance`
+    reserved: int = 0  # the account's reservations (every node's) as read with `balance`
+    provisional: int = 0  # reservations this node granted while the database did not answer
     _unsettled: dict[Key, tuple[int, int | None]] = field(default_factory=dict)  # cost, acknowledged by job
 
-    def observe_balance(self, balance: int, as_of: int) -> None:
+    def observe_balance(self, balance: int, as_of: int, reserved: int = 0) -> None:
         if as_of >= self.as_of:
-            self.balance, self.as_of = balance, as_of
+            self.balance, self.as_of, self.reserved = balance, as_of, reserved
             self._prune()
 
     def add(self, key: Key, cost: int) -> None:
@@ -39,7 +41,7 @@ class QuotaEstimate:
     @property
     def settled(self) -> bool:
         """Every increment of this node's is acknowledged: nothing is lost by forgetting it."""
-        return all(job is not None for _, job in self._unsettled.values())
+        return self.provisional == 0 and all(job is not None for _, job in self._unsettled.values())
 
     @property
     def pending(self) -> int:
@@ -50,9 +52,19 @@ class QuotaEstimate:
         return None if self.balance is None else self.balance - self.pending
 
     @property
-    def exhausted(self) -> bool:
+    def room(self) -> int:
+        """What this node may reserve without the database: the balance as last read, less this
+        node's unacknowledged usage, every reservation read with it, and what it granted since."""
         available = self.available
-        return available is not None and available <= 0
+        return 0 if available is None else available - self.reserved - self.provisional
+
+    @property
+    def exhausted(self) -> bool:
+        """Spent past zero. Responses are pre-authorised, so this is the backstop for usage no
+        reservation covered (a transcription, a response longer than its bound); a balance at
+        exactly zero only refuses new responses in-band (docs/billing.md)."""
+        available = self.available
+        return available is not None and available < 0
 
     def _prune(self) -> None:
         for key in [k for k, (_, job) in self._unsettled.items() if job is not None and job <= self.as_of]:

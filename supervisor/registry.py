@@ -87,6 +87,8 @@ class LiveSession:
     end_report: WorkerEnded | None = None  # the worker's own word on how it ended
     reported: dict = field(default_factory=dict)  # seq -> Increment, as the worker reported it
     stop_code: str | None = None  # why it was asked to stop
+    # tasks answer a worker on its channel (a stop, a reservation): one send at a time
+    send_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def handle(self, event: SessionEvent) -> Stage:
         try:

@@ -35,6 +35,8 @@ from meshrt.shared.control import HandoffAck
 from meshrt.shared.control import Ping
 from meshrt.shared.control import Pong
 from meshrt.shared.control import Reattach
+from meshrt.shared.control import Reserve
+from meshrt.shared.control import Reserved
 from meshrt.shared.control import Spawn
 from meshrt.shared.control import Spawned
 from meshrt.shared.control import StopSession
@@ -71,6 +73,7 @@ BIND_WAIT_S = 10.0
 METRICS_INTERVAL_S = 1.0
 BALANCE_REFRESH_S = 0.5  # top-ups made on any node reach the quota decision within this
 RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
+RESERVE_PROVISIONAL_S = 1.0  # a reservation the database has not made by then is decided here
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
 
@@ -125,6 +128,8 @@ class Supervisor:
             # half the lease: the lease may have been renewed last up to a quarter of it before the
             # worker lost its supervisor, and no other node may free the slot of a session still running
             orphan_limit_s=settings.node_lease_s / 2,
+            preauth=settings.preauth,
+            response_output_cap=settings.max_response_output_tokens,
         )
         self.engine = None
         self.tg = None
@@ -435,7 +440,12 @@ class Supervisor:
                     live.handle(SessionEvent.WORKER_LIVE)
                     self.tg.start_soon(self._write, ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
-                    await self._apply(live, message.increment)
+                    settle = None
+                    if message.settle_version:
+                        settle = ledger.ReserveChange(message.settle_version, message.settle_pico, 0)
+                    await self._apply(live, message.increment, settle=settle)
+                elif isinstance(message, Reserve):
+                    self.tg.start_soon(self._reserve, live, message)
                 elif isinstance(message, WorkerEnded):
                     live.end_report = message
         finally:
@@ -463,7 +473,9 @@ class Supervisor:
             estimate = self.quota[account_id] = QuotaEstimate()
         return estimate
 
-    async def _apply(self, live: LiveSession, increment: Increment, check: bool = True) -> None:
+    async def _apply(
+        self, live: LiveSession, increment: Increment, check: bool = True, settle: ledger.ReserveChange | None = None
+    ) -> None:
         """Bill one increment: it counts against the account's estimate at once, and its write
         is retried until the database acknowledges it; the spool keeps it meanwhile."""
         if increment.seq in live.reported:
@@ -471,14 +483,14 @@ class Supervisor:
         live.reported[increment.seq] = increment
         grant = live.grant
         self._estimate(grant.account_id).add((grant.session_id, increment.seq), increment.cost.picodollars)
-        self.tg.start_soon(self._commit, live, increment)
+        self.tg.start_soon(self._commit, live, increment, settle)
         if check:
             self._check_quota_soon(grant.account_id)
 
-    async def _commit(self, live: LiveSession, increment: Increment) -> None:
+    async def _commit(self, live: LiveSession, increment: Increment, settle: ledger.ReserveChange | None) -> None:
         grant = live.grant
         balance, job = await self._write(
-            ledger.apply_increment, grant.session_id, grant.account_id, increment, give_up=lambda: live.billed
+            ledger.apply_increment, grant.session_id, grant.account_id, increment, settle, give_up=lambda: live.billed
         )
         if job is None:
             return  # finalisation took it over (it applies the whole spool)
@@ -518,8 +530,8 @@ class Supervisor:
             found = await job.wait()
         except Exception:  # noqa: BLE001 - logged by the writer; the estimate stands meanwhile
             return
-        for account_id, balance in found.items():
-            self._estimate(account_id).observe_balance(balance, job.number)
+        for account_id, (balance, reserved) in found.items():
+            self._estimate(account_id).observe_balance(balance, job.number, reserved)
 
     async def _refresh_balances(self) -> None:
         """Balances of the accounts with live sessions here, read often: top-ups on any node count."""
@@ -543,10 +555,69 @@ class Supervisor:
             return
         live.handle(SessionEvent.STOP)
         live.stop_code = code
-        try:
-            await control.asend(live.channel, StopSession(code))
-        except OSError:
-            pass
+        await self._tell(live, StopSession(code))
+
+    async def _tell(self, live: LiveSession, message) -> None:
+        """Send to a session's worker; a worker that is gone is the channel watcher's to notice."""
+        async with live.send_lock:
+            try:
+                await control.asend(live.channel, message)
+            except OSError:
+                pass
+
+    async def _reserve(self, live: LiveSession, message: Reserve) -> None:
+        """A worker asks to hold part of its account's balance before a response starts (it
+        holds the client's event meanwhile). The database decides, atomically across nodes. If
+        it does not answer within RESERVE_PROVISIONAL_S (an outage), this node decides from its
+        estimate of the account instead — a provisional grant, counted against what it may
+        grant next — while the write goes on being retried until it commits."""
+        grant = live.grant
+        change = ledger.ReserveChange(message.version, message.want, message.least)
+        written = anyio.Event()
+        outcome = {}
+
+        async def write() -> None:
+            outcome["result"], _ = await self._write(
+                ledger.reserve, grant.session_id, grant.account_id, change, give_up=lambda: live.billed
+            )
+            written.set()
+
+        self.tg.start_soon(write)
+        with anyio.move_on_after(RESERVE_PROVISIONAL_S):
+            await written.wait()
+        result = outcome.get("result")
+        if result is not None:
+            reason = "" if result.granted else "insufficient_quota"
+            reply = Reserved(grant.session_id, message.version, result.held, result.granted, result.available, reason)
+        else:
+            reply = self._reserve_provisionally(live, message, written)
+        self.metrics.inc("meshrt_reservations_total", outcome=reply.reason or "granted")
+        if live.channel is not None:
+            await self._tell(live, reply)
+
+    def _reserve_provisionally(self, live: LiveSession, message: Reserve, written: anyio.Event) -> Reserved:
+        """The database did not answer: grant from the estimate (the balance and reservations as
+        last read, less this node's unacknowledged usage and provisional grants). Other nodes
+        may grant from the same balance meanwhile: docs/billing.md states that bound."""
+        estimate = self._estimate(live.grant.account_id)
+        if estimate.balance is None:
+            return Reserved(live.grant.session_id, message.version, -1, False, 0, "service_unavailable")
+        room = max(0, estimate.room)
+        if message.held + room < message.least:
+            return Reserved(live.grant.session_id, message.version, -1, False, room, "insufficient_quota")
+        delta = max(0, min(message.want - message.held, room))
+        estimate.provisional += delta
+
+        async def settle_when_written() -> None:  # the database has it (or it was given up)
+            await written.wait()
+            estimate.provisional -= delta
+
+        self.tg.start_soon(settle_when_written)
+        log.warning(
+            "reservation granted provisionally: the database did not answer",
+            extra={"session_id": live.grant.session_id, "fields": {"picodollars": delta}},
+        )
+        return Reserved(live.grant.session_id, message.version, message.held + delta, True, room - delta)
 
     async def _replay_spool(self, live: LiveSession) -> None:
         """Count what the spool holds that the channel did not deliver (an adopted session's)."""

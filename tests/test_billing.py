@@ -209,7 +209,9 @@ def test_token_cap_ends_the_session_after_delivering_the_crossing_response(gatew
 
 
 def test_concurrent_sessions_of_one_account_drain_a_small_balance_exactly(gateway_factory, make_tenant, engine):
-    gw = gateway_factory(MESHRT_MAX_CONCURRENT_SESSIONS="30")
+    """Without pre-authorisation (MESHRT_PREAUTH=0; with it, tests/test_preauth.py): usage is
+    billed after the fact and the quota stop ends every session once the balance is below zero."""
+    gw = gateway_factory(MESHRT_MAX_CONCURRENT_SESSIONS="30", MESHRT_PREAUTH="0")
     poor = make_tenant(balance="0.01")
     start = balance(engine, poor.account_id)
     rng = random.Random(7)

@@ -147,8 +147,9 @@ async def open_client(gw, key: str, tag: str, node: str, query: str = PACED) -> 
 
 
 async def respond(c: Client, timeout: float = 20) -> bool:
-    """One response.create → its response.done; False if the session ended instead."""
-    before = len(c.usages)
+    """One response.create → its response.done; False if the session ended or an error event
+    (a refusal) answered instead."""
+    before, errors = len(c.usages), len(c.errors)
     if not c.connected:
         return False
     try:
@@ -156,7 +157,7 @@ async def respond(c: Client, timeout: float = 20) -> bool:
     except ConnectionClosed:
         return False
     async with asyncio.timeout(timeout):
-        while len(c.usages) == before and c.connected:
+        while len(c.usages) == before and len(c.errors) == errors and c.connected:
             c.changed.clear()
             await c.changed.wait()
     return len(c.usages) > before
@@ -176,7 +177,7 @@ async def wait_end(c: Client, timeout: float) -> None:
 
 
 async def close(c: Client) -> None:
-    if c.connected:
+    if c.closed_at is None:  # open, even after an error event (an in-band refusal keeps it open)
         c.closed_by_us = True
         await c.ws.close()
     await asyncio.wait({c.reader}, timeout=10)
@@ -745,7 +746,8 @@ def test_a_top_up_prevents_a_quota_stop_also_after_a_supervisor_restart(
         is made unsupervised (spool only), the supervisor is restarted on the same state dir (the
         spool is replayed), more responses: the sessions are never stopped for insufficient_quota,
         records are exact, and the balance moved by exactly the records' costs. A control account with
-    the same $0.0001, not topped up, is stopped (insufficient_quota) at its first response."""
+    the same $0.0001, not topped up, has its first response refused in-band (insufficient_quota:
+    the balance cannot cover its reservation) and stays open until it closes."""
     lease = RESTART_LEASE_S
     tiny, topup = Money.from_usd("0.0001"), Money.from_usd("10")
     tenant = make_tenant(balance="0.0001", max_concurrent_sessions=10)
@@ -757,8 +759,8 @@ def test_a_top_up_prevents_a_quota_stop_also_after_a_supervisor_restart(
         clients = [await open_client(gw, tenant.key, f"n5-{rid}-{i}", "A", QUICK) for i in range(2)]
         stopped = await open_client(gw, control.key, f"n5-{rid}-control", "A", QUICK)
         await asyncio.to_thread(accounts.topup, engine, tenant.account_id, topup)
-        await respond(stopped)
-        await wait_end(stopped, 10)
+        assert not await respond(stopped)  # refused in-band; the session stays open
+        await close(stopped)
         for _ in range(3):
             for c in clients:
                 assert await respond(c), f"{c.tag}: {c.errors}"
@@ -782,9 +784,10 @@ def test_a_top_up_prevents_a_quota_stop_also_after_a_supervisor_restart(
 
     clients, gw2, stopped = run(go(), 50)
     assert [e["error"]["code"] for e in stopped.errors] == ["insufficient_quota"], stopped.errors
-    assert (stopped.close_code, stopped.close_reason) == (1008, "insufficient_quota.insufficient_quota")
+    assert stopped.closed_by_us, (stopped.close_code, stopped.close_reason)
     control_row = wait_ended(reads, [stopped])[stopped.tag]
-    assert control_row.end_reason == "insufficient_quota"
+    assert (control_row.end_reason, control_row.responses, control_row.cost_pico) == ("client_closed", 0, 0)
+    assert balance(engine, control.account_id) == tiny.picodollars
     assert_exact(sim, control_row, stopped)
     for c in clients:
         assert not c.errors and c.closed_by_us, f"{c.tag}: {c.errors} close {c.close_code} {c.close_reason}"

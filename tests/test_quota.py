@@ -15,7 +15,9 @@ def test_unacknowledged_increments_are_subtracted():
     estimate.observe_balance(1000, as_of=3)
     estimate.add(("s", 1), 400)
     estimate.add(("s", 2), 600)
-    assert estimate.available == 0 and estimate.exhausted
+    assert estimate.available == 0 and not estimate.exhausted  # at zero: refused in-band, not stopped
+    estimate.add(("s", 3), 1)
+    assert estimate.available == -1 and estimate.exhausted
 
 
 def test_an_increment_counts_once_whichever_reply_comes_first():

@@ -177,6 +177,7 @@ class TransportLeg(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.lost = asyncio.Event()
+        self.held = False  # its events wait for a reservation: not read until answered
 
     @classmethod
     async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None) -> "TransportLeg":
@@ -237,8 +238,20 @@ class TransportLeg(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
-        if self.peer is not None and self.peer.transport is not None and not self.peer.transport.is_closing():
-            self.peer.transport.resume_reading()
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing() and not peer.held:
+            peer.transport.resume_reading()
+
+    def hold(self, on: bool) -> None:
+        """Stop reading this leg while what it sent waits for a reservation, or read again
+        (unless its peer's full buffer still holds it back)."""
+        self.held = on
+        if self.transport is None or self.transport.is_closing():
+            return
+        if on:
+            self.transport.pause_reading()
+        elif self.peer is None or self.peer._writable.is_set():
+            self.transport.resume_reading()
 
     # the Leg interface
     def write(self, data: bytes) -> bool:

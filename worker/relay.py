@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections import deque
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Callable
 
 from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import error_event
+from meshrt.shared.errors import refusal_event
 
 from . import frames as wsf
 from .frames import FrameScanner
@@ -33,6 +35,7 @@ class Target(enum.Enum):
     CLIENT = "client"
     UPSTREAM = "upstream"
     BILL = "bill"
+    RESERVE = "reserve"  # (version, want, least): ask the supervisor to hold more; client events wait
 
 
 Action = tuple[Target, Any]
@@ -129,6 +132,7 @@ class Relay:
     responses_in_flight: int = 0
     client: LegClose = field(default_factory=LegClose)
     upstream: LegClose = field(default_factory=LegClose)
+    purse: Any = None  # preauth.Purse: client events that can start a response wait for its cover
 
     def __post_init__(self):
         self._client = FrameScanner(expect_masked=True, max_message=self.max_message_bytes)
@@ -137,6 +141,13 @@ class Relay:
         self._usage_fragments: list[bytes] | None = None
         self._pending_end: str | None = None  # an end decided mid-batch, applied after it
         self._client_active = False  # a client data frame arrived since the shell last asked
+        # Pre-authorisation: client frames (from the one being judged on) that wait for the
+        # supervisor's answer to a Reserve, in order; how the fragmented text message in
+        # progress was judged (None: none in progress); settles for the shell, by increment seq.
+        self._held: deque[tuple[bytes, list[RawFrame]]] = deque()
+        self._fragment: bool | None = None
+        self._refusal_told = False  # one error event per spell of refused audio, not one a frame
+        self.settles: dict[int, tuple[int, int]] = {}
 
     @property
     def finished(self) -> bool:
@@ -165,13 +176,24 @@ class Relay:
         try:
             chunk, frames = self._client.feed(data)
         except ProtocolViolation as violation:
+            if self._held:  # what waits goes first; the violation ends the session after it
+                self._held.append((violation.chunk, violation.frames))
+                return self._client_violation(violation)
             return self._client_frames(violation.chunk, violation.frames) + self._client_violation(violation)
+        if self._held:
+            self._held.append((chunk, frames))
+            return []
         return self._client_frames(chunk, frames)
+
+    @property
+    def holding(self) -> bool:
+        """Client frames wait for a reservation: the shell reads no more from the client."""
+        return bool(self._held)
 
     def _client_frames(self, chunk: bytes, frames: list[RawFrame]) -> list[Action]:
         actions: list[Action] = []
         span = None  # (start, end) of frames forwarded together
-        for frame in frames:
+        for i, frame in enumerate(frames):
             if frame.opcode == wsf.OP_CLOSE:
                 _flush(actions, Target.UPSTREAM, chunk, span)
                 span = None
@@ -180,9 +202,92 @@ class Relay:
             if frame.opcode <= wsf.OP_BINARY:
                 self._client_active = True
             if not self.client.close_received and self.phase in (Phase.OPEN, Phase.UPSTREAM_CLOSING):
-                span = (span[0] if span else frame.start, frame.end)
+                verdict = self._judge(chunk, frame) if self.purse is not None and frame.opcode <= wsf.OP_TEXT else None
+                if verdict is None:
+                    span = (span[0] if span else frame.start, frame.end)
+                    continue
+                _flush(actions, Target.UPSTREAM, chunk, span)
+                span = None
+                if verdict is Target.RESERVE:  # wait for the supervisor: this frame and all after it
+                    self._held.appendleft((chunk, frames[i:]))  # first: later reads queue behind it
+                    if not self.purse.waiting:  # else the answer to the one on its way re-judges it
+                        actions.append((Target.RESERVE, self.purse.wanted()))
+                    return actions
+                actions += verdict  # refused: the error event instead of the frame
         _flush(actions, Target.UPSTREAM, chunk, span)
+        return self._refill(actions)
+
+    def _refill(self, actions: list[Action]) -> list[Action]:
+        """A response started: top the reservation up for the next one, off the critical path."""
+        if self.purse is not None and self.purse.refill_due:
+            self.purse.refill_due = False
+            wanted = self.purse.refill()
+            if wanted is not None:
+                actions.append((Target.RESERVE, wanted))
         return actions
+
+    # --- pre-authorisation ----------------------------------------------------------------
+
+    def _judge(self, chunk: bytes, frame: RawFrame):
+        """None: forward the frame. Target.RESERVE: hold it until a reservation answers. A list
+        of actions: it is refused (dropped; the client gets an error event instead)."""
+        purse = self.purse
+        if frame.opcode == wsf.OP_CONT:
+            if self._fragment is None:
+                return None
+            admitted = self._fragment
+            if frame.fin:
+                self._fragment = None
+            if admitted:
+                purse.count_fragment(frame.end - frame.payload_start)
+                return None
+            return []  # the rest of a refused message goes nowhere
+        body = wsf.payload(chunk, frame)
+        if frame.fin:
+            admitted = purse.admit(body)
+        else:  # the first fragment of a text message: judged as the worst it can be
+            admitted = purse.admit_unknown()
+            if admitted:
+                purse.count_fragment(len(body))
+                self._fragment = True
+        if admitted:
+            return None
+        if purse.refusal is None:
+            return Target.RESERVE
+        if not frame.fin:
+            self._fragment = False
+        return self._refuse_event(body)
+
+    def _refuse_event(self, body: bytes) -> list[Action]:
+        """The in-band refusal of a client event the balance cannot cover (the session stays
+        open): an `error` event naming it. Audio is refused once a spell, not once a frame."""
+        is_audio = b'"input_audio_buffer.append"' in body
+        if is_audio and self._refusal_told:
+            return []
+        self._refusal_told = True
+        event_id = None if is_audio else _event_id(body)
+        frame = refusal_event(self.purse.refusal, self.request_id, event_id, self.purse.refusal_detail())
+        return [(Target.CLIENT, wsf.server_text_frame(frame))] if self.client.can_send else []
+
+    def reserved(self, version: int, held: int, granted: bool, reason: str, available: int = 0) -> list[Action]:
+        """The supervisor's answer to a RESERVE (or the shell's, when none came in time): the
+        held frames go on, each judged again; one still not covered is refused in-band."""
+        if self.purse is None or not self.purse.answered(version, held, granted, reason, available):
+            return []
+        if granted:
+            self._refusal_told = False
+        actions: list[Action] = []
+        while self._held and not self.purse.waiting:
+            chunk, frames = self._held.popleft()
+            actions += self._client_frames(chunk, frames)
+        return actions
+
+    def retry_refused(self) -> tuple[int, int, int] | None:
+        """While refused, the shell asks again now and then (a top-up may have landed): the
+        (version, want, least) to send, or None when nothing is refused or a Reserve is out."""
+        if self.purse is None or self.purse.refusal is None or self.purse.waiting:
+            return None
+        return self.purse.wanted()
 
     def _client_close(self, raw: bytes, body: bytes) -> list[Action]:
         if self.client.close_received:
@@ -290,7 +395,7 @@ class Relay:
             actions += self.end(code)
         if self.draining and self.responses_in_flight == 0:
             actions += self._release_held_close()
-        return actions
+        return self._refill(actions)
 
     def _meter_frame(self, chunk: bytes, frame: RawFrame):
         """Track responses in flight and meter usage; returns an increment to bill, or None."""
@@ -309,15 +414,51 @@ class Relay:
         head = body[:80]
         if b'"response.created"' in head:
             self.responses_in_flight += 1
+            if self.purse is not None:
+                self.purse.response_created()
             return None
-        if b'"response.done"' in head:
+        done = b'"response.done"' in head
+        if done:
             self.responses_in_flight = max(0, self.responses_in_flight - 1)
+        elif self.purse is not None and (
+            b'"error"' in head or b'"session.' in head or b'"transcription_session.' in head
+        ):
+            self._tell_purse(body)
         if self.meter is None or not self.may_carry_usage(body):
+            if done and self.purse is not None:
+                self.purse.response_done(None)
             return None
         increment = self.meter.observe(body)
         if increment is not None and self.meter.total_tokens >= self.token_cap:
             self._pending_end = "session_token_cap_exceeded"
+        if done and self.purse is not None:
+            output = increment.usage.get("output_tokens") if increment is not None else None
+            self.purse.response_done(output if isinstance(output, int) else None)
+            settle = self.purse.settle()
+            if settle is not None and increment is not None:
+                self.settles[increment.seq] = settle
         return increment
+
+    def _tell_purse(self, body: bytes) -> None:
+        """Upstream events that change what responses may cost: the session's settings, and a
+        refused response.create (its reservation is no longer needed)."""
+        try:
+            event = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        session = event.get("session")
+        if kind in ("session.created", "session.updated") and isinstance(session, dict):
+            self.purse.session_event(session)
+            if session.get("type") == "transcription":
+                self.purse.auto_response = False  # a transcription session has no responses
+        elif kind in ("transcription_session.created", "transcription_session.updated"):
+            self.purse.auto_response = False
+        elif kind == "error" and isinstance(event.get("error"), dict):
+            event_id = event["error"].get("event_id")
+            self.purse.response_failed(event_id if isinstance(event_id, str) else None)
 
     def _upstream_close(self, raw: bytes, body: bytes) -> list[Action]:
         self.upstream.handle(LegEvent.RECEIVED_CLOSE)
@@ -376,6 +517,15 @@ def _flush(actions: list[Action], target: Target, chunk: bytes, span) -> None:
     if span is not None:
         start, end = span
         actions.append((target, chunk if (start == 0 and end == len(chunk)) else chunk[start:end]))
+
+
+def _event_id(body: bytes) -> str | None:
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    value = event.get("event_id") if isinstance(event, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _close_code(body: bytes) -> int:

@@ -29,6 +29,8 @@ from meshrt.shared import control
 from meshrt.shared import spool
 from meshrt.shared.control import Grant
 from meshrt.shared.control import Reattach
+from meshrt.shared.control import Reserve
+from meshrt.shared.control import Reserved
 from meshrt.shared.control import StopSession
 from meshrt.shared.control import UsageIncrement
 from meshrt.shared.control import WorkerConfig
@@ -53,6 +55,8 @@ from .upstream import connect_upstream
 from .upstream import upstream_url
 
 CLOSE_TIMEOUT_S = 2.0
+RESERVE_WAIT_S = 5.0  # no answer to a Reserve by then (the supervisor gives up at 3 s): refused
+RESERVE_RETRY_S = 1.0  # while refused, the reservation is asked again this often (a top-up)
 REATTACH_INTERVAL_S = 0.2
 REPORT_END_WAIT_S = 10.0
 
@@ -68,6 +72,7 @@ class WorkerSession:
         spool_fd: int,
         meter=None,
         may_carry_usage=None,
+        purse=None,
     ):
         self.grant = grant
         self.config = config
@@ -81,6 +86,7 @@ class WorkerSession:
             grant.token_cap,
             config.max_message_bytes,
             meter=meter,
+            purse=purse,
             **({"may_carry_usage": may_carry_usage} if may_carry_usage else {}),
         )
         self.upgraded = False
@@ -90,7 +96,9 @@ class WorkerSession:
         self._upstream: Leg | TransportLeg | None = None
         self._finished = anyio.Event()  # both legs closed (or the closing deadline passed)
         self._closing = anyio.Event()  # the relay left Phase.OPEN: the closing deadline runs
-        self._channel_backlog: deque[UsageIncrement] = deque()  # increments the channel would not take yet
+        self._channel_backlog: deque[UsageIncrement | Reserve] = deque()  # what the channel would not take yet
+        self._reservation_asked = anyio.Event()
+        self._asking: Reserve | None = None  # the last Reserve sent: sent again to a new supervisor
         self._channel_ready = anyio.Event()
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
@@ -156,6 +164,8 @@ class WorkerSession:
             tg.start_soon(self._watch_clocks)
             tg.start_soon(self._watch_closing)
             tg.start_soon(self._flush_channel_backlog)
+            if self.relay.purse is not None:
+                tg.start_soon(self._watch_reservations)
             if isinstance(self._upstream, TransportLeg):
                 await self._relay_on_transports(upstream.leftover)
             else:
@@ -240,6 +250,8 @@ class WorkerSession:
             if not data:
                 return lost()
             relay_in(data)
+            while leg is self._client and self.relay.holding and not self._finished.is_set():
+                await anyio.sleep(0.005)  # its events wait for a reservation: read no more meanwhile
             try:
                 await other.drain()
             except OSError:
@@ -249,6 +261,8 @@ class WorkerSession:
         self._execute(self.relay.from_client(data))
         if self.relay.take_client_activity():
             self._last_activity = time.monotonic()
+        if self.relay.holding and isinstance(self._client, TransportLeg) and not self._client.held:
+            self._client.hold(True)
 
     def _from_upstream(self, data: bytes) -> None:
         self._execute(self.relay.from_upstream(data))
@@ -266,6 +280,11 @@ class WorkerSession:
         for target, payload in actions:
             if target is Target.BILL:
                 self._bill(payload)
+                continue
+            if target is Target.RESERVE:
+                self._asking = Reserve(self.grant.session_id, *payload)
+                self._send(self._asking)
+                self._reservation_asked.set()
                 continue
             leg, lost = (
                 (self._client, self.relay.client_vanished)
@@ -292,19 +311,49 @@ class WorkerSession:
             self._draining.discard(leg)
 
     def _bill(self, increment) -> None:
-        """Spool, then report: the increment is durable before its frame is delivered."""
+        """Spool, then report: the increment is durable before its frame is delivered. A
+        response's increment also lowers the session's reservation, in the same write."""
         spool.append_increment(self.spool_fd, increment)
-        message = UsageIncrement(self.grant.session_id, increment)
+        settle = self.relay.settles.pop(increment.seq, (0, 0))
+        self._send(UsageIncrement(self.grant.session_id, increment, *settle))
+
+    def _send(self, message: UsageIncrement | Reserve) -> None:
+        """To the supervisor, in order, without waiting: a full channel queues it."""
         if not self._channel_backlog:
             try:
                 return control.send(self.channel, message)
             except BlockingIOError:
                 pass  # the supervisor is behind: keep order, send when the channel has room
-            except OSError:
-                self.log.warning("supervisor unreachable; increment kept in the spool", fields={"seq": increment.seq})
+            except OSError:  # an increment is in the spool; a Reserve is answered by the deadline
+                self.log.warning("supervisor unreachable", fields={"message": message.kind})
                 return
         self._channel_backlog.append(message)
         self._channel_ready.set()
+
+    def _reservation_answered(self, version: int, held: int, granted: bool, reason: str, available: int) -> None:
+        self._execute(self.relay.reserved(version, held, granted, reason, available))
+        if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
+            self._client.hold(False)
+
+    async def _watch_reservations(self) -> None:
+        """A Reserve the supervisor does not answer in time is refused (service_unavailable);
+        while the account cannot cover what the session needs, the reservation is asked again
+        every RESERVE_RETRY_S, so a top-up lets the session go on."""
+        purse = self.relay.purse
+        while True:
+            await self._reservation_asked.wait()
+            self._reservation_asked = anyio.Event()
+            while purse.waiting or purse.refusal is not None:
+                version = purse.version
+                await anyio.sleep(RESERVE_WAIT_S if purse.waiting else RESERVE_RETRY_S)
+                if purse.waiting and purse.version == version:
+                    self.log.warning("reservation unanswered", fields={"version": version})
+                    self._reservation_answered(version, -1, False, "service_unavailable", 0)
+                elif not purse.waiting:
+                    again = self.relay.retry_refused()
+                    if again is not None:
+                        self._asking = Reserve(self.grant.session_id, *again)
+                        self._send(self._asking)
 
     async def _flush_channel_backlog(self) -> None:
         while True:
@@ -357,6 +406,10 @@ class WorkerSession:
             if isinstance(message, StopSession):
                 self.log.info("stop requested", fields={"code": message.code})
                 self._end(message.code)
+            elif isinstance(message, Reserved):
+                self._reservation_answered(
+                    message.version, message.held, message.granted, message.reason, message.available
+                )
 
     async def _reattach(self, fence_after_s: float | None = None) -> None:
         """The supervisor died: keep relaying (the spool keeps every increment) and offer this
@@ -381,6 +434,9 @@ class WorkerSession:
             old, self.channel = self.channel, sock
             old.close()
             self.log.info("re-attached to the supervisor")
+            purse = self.relay.purse
+            if purse is not None and purse.waiting and self._asking is not None:
+                self._send(self._asking)  # its answer died with the old supervisor
             return
 
     def _spool_end(self) -> WorkerEnded:
@@ -410,13 +466,15 @@ class WorkerSession:
 
 def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:
     """Run one session to its end in this process; returns the exit code."""
+    from .preauth import Purse
     from .session_meter import build_meter
 
     forked_at = time.time()
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
-    session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage)
+    purse = Purse.for_rates(meter.meter.rates, config.response_output_cap) if config.preauth else None
+    session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:

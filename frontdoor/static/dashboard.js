@@ -185,6 +185,9 @@
     balance.dataset.raw = account.balance;
     fitValue(balance);
     balance.classList.toggle("negative", parsePico(account.balance) <= 0n);
+    // what responses in flight may still cost is held back from the balance (docs/billing.md)
+    $("balance-sub").textContent = account.reserved === undefined ? "prepaid, USD"
+      : `${usd(account.available)} available · ${usd(account.reserved)} reserved`;
     const limit = account.max_concurrent_sessions;
     $("live").textContent = limit == null ? String(account.live_sessions)
       : `${account.live_sessions} / ${limit}`;
