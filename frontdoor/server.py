@@ -108,8 +108,9 @@ def bounded_protocol(timeout_s: float):
     or grow the front door: a deadline on each request head and on each request body (a client
     trickling either — slowloris — would hold its connection for ever: 408), a limit on the head's
     size and header count (431), and on the body's size (413, from Content-Length before a byte
-    of it is read, or as chunks arrive). It also refuses HTTP/1.0 upgrades, which uvicorn would
-    hand on as HTTP/1.1."""
+    of it is read, or as chunks arrive). A response sent before its request's body has all
+    arrived (a 401 for a missing token, a 404) ends the connection: the rest of the body is never
+    waited for. It also refuses HTTP/1.0 upgrades, which uvicorn would hand on as HTTP/1.1."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class BoundedProtocol(HttpToolsProtocol):
@@ -209,6 +210,9 @@ def bounded_protocol(timeout_s: float):
             if not self._refused:
                 super().on_message_complete()
 
+        def _start_asgi_task(self, cycle, app) -> None:
+            super()._start_asgi_task(cycle, _closing_if_body_unread(cycle, app))
+
         def handle_websocket_upgrade(self) -> None:
             if not self._refused:
                 super().handle_websocket_upgrade()
@@ -218,6 +222,22 @@ def bounded_protocol(timeout_s: float):
             super().connection_lost(exc)
 
     return BoundedProtocol
+
+
+def _closing_if_body_unread(cycle, app):
+    """The ASGI app, but a response that starts before its request's body has all arrived says
+    `Connection: close` and uvicorn closes the connection after it: otherwise the connection
+    would stay open, reading the rest of a body nobody wants, until the body's deadline."""
+
+    async def app_closing_early(scope, receive, send):
+        async def send_closing_early(message):
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False
+            await send(message)
+
+        await app(scope, receive, send_closing_early)
+
+    return app_closing_early
 
 
 def build(settings, node: str):
