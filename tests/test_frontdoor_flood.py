@@ -1,17 +1,31 @@
 """Many bounded clients cannot exhaust the front door (#12): a request that needs a token or key
 it lacks is answered as soon as its head is in, and its connection closed, without waiting for
-its body. Real sockets against a real gateway."""
+its body; one peer address holds at most MESHRT_MAX_CONNECTIONS_PER_PEER connections (429
+beyond), while other clients' sessions go on. Real sockets against a real gateway. The flooding
+peer is 127.0.0.2 (all of 127/8 is loopback on Linux): 127.0.0.1 is the trusted proxy address
+by default, and proxies are not counted."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
 
 import pytest
+from conftest import wait_for
+from realtime_client import connect_ws
+from realtime_client import recv_json
+from realtime_client import recv_until
+from realtime_client import run
 
+from meshrt.shared.settings import SettingsError
+from meshrt.shared.settings import load_settings
+
+CAP = 8
 BODY_DEADLINE_S = 10.0  # MESHRT_HEADER_TIMEOUT_S: a refusal must come well before it
 ADMIN = "admin-" + "f" * 24
+FLOODER = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +39,7 @@ def flood_gateway(tmp_path_factory, database_url, sim):
         sim.url,
         MESHRT_HEADER_TIMEOUT_S=BODY_DEADLINE_S,
         MESHRT_ADMIN_TOKEN=ADMIN,
+        MESHRT_MAX_CONNECTIONS_PER_PEER=CAP,
     )
     yield gw
     _stop(gw.proc)
@@ -131,3 +146,102 @@ def test_an_authenticated_admin_post_still_reads_its_body_and_keeps_its_connecti
         assert b'"name":"early-auth"' in created
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection is kept alive
         assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+# --- connections per peer -------------------------------------------------------------------
+
+
+def test_the_per_peer_cap_is_a_setting_with_a_clear_error():
+    assert load_settings({}).max_connections_per_peer == 64
+    assert load_settings({"MESHRT_MAX_CONNECTIONS_PER_PEER": "0"}).max_connections_per_peer == 0
+    with pytest.raises(SettingsError, match=r"^MESHRT_MAX_CONNECTIONS_PER_PEER: expected a whole number, got 'lots'$"):
+        load_settings({"MESHRT_MAX_CONNECTIONS_PER_PEER": "lots"})
+
+
+def test_a_flood_from_one_peer_is_refused_while_other_sessions_go_on(flood_gateway, make_tenant):
+    import psutil
+
+    gw = flood_gateway
+    frontdoor = psutil.Process(gw.frontdoor_pid())
+    before = frontdoor.memory_info().rss
+    alice, bob = make_tenant(), make_tenant()
+
+    async def scenario():
+        async with connect_ws(gw.ws_url, key=alice.key) as live:  # a session open before the flood
+            assert (await recv_json(live))["type"] == "session.created"
+            flood = [connect(gw, FLOODER) for _ in range(200)]
+            try:
+                refused, held = [], []
+                for sock in flood:
+                    sock.settimeout(0.5)
+                    try:
+                        refused.append(await asyncio.to_thread(read_to_close, sock))
+                    except TimeoutError:
+                        held.append(sock)  # no answer: inside the cap, waiting for a request
+                assert len(held) == CAP and len(refused) == 200 - CAP, (len(held), len(refused))
+                status, headers, body = error_of(refused[-1])
+                assert status == 429 and body["error"]["code"] == "too_many_connections"
+                assert headers["retry-after"] == "1" and body["request_id"] == headers["x-request-id"]
+                # the live session still relays, and another tenant still gets a session
+                await live.send(json.dumps({"type": "response.create"}))
+                assert (await recv_until(live, "response.done"))[-1]["type"] == "response.done"
+                async with connect_ws(gw.ws_url, key=bob.key) as other:
+                    assert (await recv_json(other))["type"] == "session.created"
+                # the flooder's connections inside the cap are served as ever
+                for sock in held:
+                    sock.settimeout(10)
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert (await asyncio.to_thread(read_response, sock)).startswith(b"HTTP/1.1 200 ")
+            finally:
+                for sock in flood:
+                    sock.close()
+
+    run(scenario(), timeout=60)
+
+    # every place was given back: the peer may hold CAP connections again, and not one more
+    def full_cap_accepted():
+        socks = [connect(gw, FLOODER) for _ in range(CAP + 1)]
+        try:
+            socks[-1].settimeout(5)
+            last = read_to_close(socks[-1])
+            if not last.startswith(b"HTTP/1.1 429 "):
+                return False
+            for sock in socks[:-1]:
+                sock.settimeout(10)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if not read_to_close(sock).startswith(b"HTTP/1.1 200 "):
+                    return False
+            return True
+        finally:
+            for sock in socks:
+                sock.close()
+
+    wait_for(full_cap_accepted, 10, 0.2, "the flooding peer's count to go back to zero")
+    grown = frontdoor.memory_info().rss - before
+    assert grown < 8 * 1024 * 1024, grown
+    assert "Traceback" not in gw.log_text()
+
+
+def test_upgrades_leave_the_count_once_handed_off_or_refused(flood_gateway, make_tenant):
+    """A session's socket is the worker's once handed off: CAP + 2 live sessions from one peer
+    all open. A refused upgrade gives its place back when it closes."""
+    gw = flood_gateway
+    tenant = make_tenant(max_concurrent_sessions=CAP + 4)
+
+    async def sessions():
+        opened = []
+        try:
+            for _ in range(CAP + 2):
+                ws = await connect_ws(gw.ws_url, key=tenant.key, local_addr=(FLOODER, 0))
+                opened.append(ws)
+                assert (await recv_json(ws))["type"] == "session.created"
+            for _ in range(CAP + 2):
+                async with connect_ws(gw.ws_url, key="rsk_" + "0" * 40, local_addr=(FLOODER, 0)) as ws:
+                    assert (await recv_json(ws))["error"]["code"] == "invalid_api_key"
+            return len(opened)
+        finally:
+            for ws in opened:
+                await ws.close()
+
+    assert run(sessions(), timeout=60) == CAP + 2
+    assert "Traceback" not in gw.log_text()
