@@ -57,6 +57,7 @@ class HandoffProtocol(asyncio.Protocol):
     new_request_id: Callable[[], str]
     control_socket: str
     on_refused: Callable[[str, str], None]
+    give_back: Callable[[], None] = staticmethod(lambda: None)  # the connection's place in its peer's count
 
     def __init__(self, config, server_state, app_state, _loop=None):
         self.loop = _loop or asyncio.get_event_loop()
@@ -91,6 +92,7 @@ class HandoffProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.connections.discard(self)
+        self.give_back()
         self.client_spoke.set()
 
     def shutdown(self) -> None:
@@ -168,6 +170,7 @@ class HandoffProtocol(asyncio.Protocol):
         """Let go of a handed-off socket: close our fd without writing or shutting it down."""
         self.released = True
         self.connections.discard(self)
+        self.give_back()  # the socket is the worker's now, not this front door's
         self.transport.abort()  # no buffered bytes exist; abort() only closes this fd
 
     async def _refuse(self, protocol, request, code: str, request_id: str) -> None:

@@ -9,24 +9,32 @@ from fastapi import Depends
 from fastapi import FastAPI
 from fastapi import Query
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from pydantic import Field
 from sqlmodel import Session
 from sqlmodel import select
+from starlette.datastructures import Headers
+from starlette.routing import get_route_path
 
+from meshrt.shared.errors import http_error_body
 from meshrt.shared.money import Money
 from meshrt.storage import accounts as ops
 from meshrt.storage.db import LIVE_STATES
 from meshrt.storage.db import SessionRecord
 
 from .app import ApiError
+from .app import new_request_id
 from .dashboard import dashboard_routes
 from .usage import MAX_LIMIT
 from .usage import query_usage
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+    return _bearer_token(request.headers.get("authorization"))
+
+
+def _bearer_token(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, value = header.partition(" ")
@@ -46,13 +54,46 @@ def tenant_key(request: Request):
     return found
 
 
-def admin(request: Request) -> None:
-    expected = request.app.state.ctx.settings.admin_token
-    token = _bearer(request)
+def admin_refusal(expected: str, authorization: str | None) -> ApiError | None:
+    """Why a request with this Authorization header may not use the admin API, or None."""
+    token = _bearer_token(authorization)
     if not expected:
-        raise ApiError(403, "admin_disabled", "The admin API is off: set MESHRT_ADMIN_TOKEN.", "permission_error")
+        return ApiError(403, "admin_disabled", "The admin API is off: set MESHRT_ADMIN_TOKEN.", "permission_error")
     if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise ApiError(401, "invalid_admin_token", "Incorrect admin token.", "permission_error")
+        return ApiError(401, "invalid_admin_token", "Incorrect admin token.", "permission_error")
+    return None
+
+
+def admin(request: Request) -> None:
+    refusal = admin_refusal(request.app.state.ctx.settings.admin_token, request.headers.get("authorization"))
+    if refusal is not None:
+        raise refusal
+
+
+ADMIN_PREFIX = "/admin/"
+
+
+class AdminTokenFirst:
+    """ASGI middleware: the admin token is checked as soon as a request's head is in, before its
+    body is read. FastAPI reads a route's body before it runs the route's dependencies, so with
+    `admin` alone an unauthenticated client could make the front door wait for its body (and
+    hold its connection) until the body's deadline. The refusal goes out at once, and the front
+    door closes the connection rather than read the rest (`frontdoor.server.bounded_protocol`).
+    `admin` stays on every route: this is an early answer, not the only check."""
+
+    def __init__(self, app, ctx):
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope, receive, send):
+        # the path as the router matches it (percent-decoded), so no spelling of it slips by
+        if scope["type"] == "http" and (get_route_path(scope) + "/").startswith(ADMIN_PREFIX):
+            refusal = admin_refusal(self.ctx.settings.admin_token, Headers(scope=scope).get("authorization"))
+            if refusal is not None:
+                request_id = new_request_id()
+                body = http_error_body(refusal.code, refusal.message, refusal.type, request_id)
+                response = JSONResponse(body, status_code=refusal.status, headers={"x-request-id": request_id})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _model_json(model_id: str, rates) -> dict:
@@ -145,6 +186,7 @@ def _found(call, *args):
 
 
 def admin_routes(app: FastAPI, ctx) -> None:
+    app.add_middleware(AdminTokenFirst, ctx=ctx)
     guard = [Depends(admin)]
 
     @app.post("/admin/v1/accounts", dependencies=guard, status_code=201)

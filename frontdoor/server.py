@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -103,16 +104,83 @@ def _refusal(status: int, reason: str) -> bytes:
     return f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
 
 
-def bounded_protocol(timeout_s: float):
+def _release_nothing() -> None:
+    pass
+
+
+class PeerCounts:
+    """The connections this front door holds, per peer address, up to `cap` each (0: no cap).
+
+    The peer is the TCP peer, as the gate's TLS rule and `client_addr` take it: the cap is applied
+    before a byte is parsed, so X-Forwarded-For is never read (and could be forged). Peers in
+    `exempt` (MESHRT_FORWARDED_ALLOW_IPS) are proxies, each carrying many clients: they are not
+    counted, and limiting their clients is the proxy's job (deploy/nginx.conf's `limit_conn`)."""
+
+    def __init__(self, cap: int, exempt: tuple = ()):
+        self.cap, self.exempt = cap, exempt
+        self.open: dict[str, int] = {}
+        self._warned: set[str] = set()  # peers refused since they last had no connection: log once
+
+    def take(self, peer: str | None):
+        """A function that gives the connection's place back (call it any number of times), or
+        None when the peer already holds `cap` connections."""
+        if not self.cap or peer is None or self._exempt(peer):
+            return _release_nothing
+        held = self.open.get(peer, 0)
+        if held >= self.cap:
+            if peer not in self._warned:
+                self._warned.add(peer)
+                log.warning("connections refused: peer at its cap", extra={"fields": {"peer": peer, "cap": self.cap}})
+            return None
+        self.open[peer] = held + 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if given_back:
+                return
+            given_back = True
+            left = self.open[peer] - 1
+            if left:
+                self.open[peer] = left
+            else:
+                del self.open[peer]
+                self._warned.discard(peer)
+
+        return give_back
+
+    def _exempt(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self.exempt)
+
+
+def _too_many_connections() -> bytes:
+    request_id = new_request_id()
+    body = http_error_body(
+        "too_many_connections", "Too many open connections from this address.", "rate_limit_error", request_id
+    )
+    return handoff.http_response(429, "Too Many Requests", body, request_id, extra="Retry-After: 1\r\n")
+
+
+def bounded_protocol(timeout_s: float, peers: PeerCounts | None = None):
     """uvicorn's httptools protocol with the bounds uvicorn lacks, so that a client cannot hold
-    or grow the front door: a deadline on each request head and on each request body (a client
-    trickling either — slowloris — would hold its connection for ever: 408), a limit on the head's
-    size and header count (431), and on the body's size (413, from Content-Length before a byte
-    of it is read, or as chunks arrive). It also refuses HTTP/1.0 upgrades, which uvicorn would
+    or grow the front door: at most `peers.cap` open connections per peer address (429 as the
+    connection is made, before a byte is read), a deadline on each request head and on each
+    request body (a client trickling either — slowloris — would hold its connection for ever:
+    408), a limit on the head's size and header count (431), and on the body's size (413, from
+    Content-Length before a byte of it is read, or as chunks arrive). A response sent before its
+    request's body has all arrived (a 401 for a missing token, a 404) ends the connection: the
+    rest of the body is never waited for. It also refuses HTTP/1.0 upgrades, which uvicorn would
     hand on as HTTP/1.1."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    peers = peers or PeerCounts(0)
+
     class BoundedProtocol(HttpToolsProtocol):
+        _give_back = staticmethod(_release_nothing)  # this connection's place in its peer's count
         _deadline = None
         _refused = False
         _in_head = True  # between a message's start and its headers' end
@@ -144,6 +212,14 @@ def bounded_protocol(timeout_s: float):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            give_back = peers.take(peer[0] if isinstance(peer, tuple) else None)
+            if give_back is None:
+                self._refused = True
+                transport.write(_too_many_connections())
+                transport.close()
+                return
+            self._give_back = give_back
             self._arm(self._timed_out)
 
         def data_received(self, data: bytes) -> None:
@@ -209,15 +285,44 @@ def bounded_protocol(timeout_s: float):
             if not self._refused:
                 super().on_message_complete()
 
+        def _start_asgi_task(self, cycle, app) -> None:
+            super()._start_asgi_task(cycle, _closing_if_body_unread(cycle, app))
+
         def handle_websocket_upgrade(self) -> None:
-            if not self._refused:
-                super().handle_websocket_upgrade()
+            if self._refused:
+                return
+            super().handle_websocket_upgrade()
+            # the connection is the WebSocket protocol's now, and so is its place in the count:
+            # given back when that protocol hands the socket off or loses it
+            successor = self.transport.get_protocol()
+            give_back, self._give_back = self._give_back, _release_nothing
+            if isinstance(successor, handoff.HandoffProtocol):
+                successor.give_back = give_back
+            else:
+                give_back()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self._give_back()
             super().connection_lost(exc)
 
     return BoundedProtocol
+
+
+def _closing_if_body_unread(cycle, app):
+    """The ASGI app, but a response that starts before its request's body has all arrived says
+    `Connection: close` and uvicorn closes the connection after it: otherwise the connection
+    would stay open, reading the rest of a body nobody wants, until the body's deadline."""
+
+    async def app_closing_early(scope, receive, send):
+        async def send_closing_early(message):
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False
+            await send(message)
+
+        await app(scope, receive, send_closing_early)
+
+    return app_closing_early
 
 
 def build(settings, node: str):
@@ -268,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(
         app,
         ws=protocol,
-        http=bounded_protocol(settings.header_timeout_s),
+        http=bounded_protocol(
+            settings.header_timeout_s, PeerCounts(settings.max_connections_per_peer, settings.forwarded_allow_ips)
+        ),
         loop="asyncio",
         log_config=None,
         access_log=False,

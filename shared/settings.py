@@ -151,6 +151,7 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     default_max_concurrent_sessions: int = 10
     header_timeout_s: float = 10.0
+    max_connections_per_peer: int = 64  # open connections the front door holds per peer address; 0: no cap
     upstream_connect_timeout_s: float = 10.0
     upstream_attempts: int = 3
     warm_workers: int = 4
@@ -199,6 +200,7 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_MAX_MESSAGE_BYTES": ("max_message_bytes", _positive_int),
     "MESHRT_MAX_CONCURRENT_SESSIONS": ("default_max_concurrent_sessions", _positive_int),
     "MESHRT_HEADER_TIMEOUT_S": ("header_timeout_s", _positive_float),
+    "MESHRT_MAX_CONNECTIONS_PER_PEER": ("max_connections_per_peer", _non_negative_int),
     "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _positive_float),
     "MESHRT_UPSTREAM_ATTEMPTS": ("upstream_attempts", _positive_int),
     "MESHRT_WARM_WORKERS": ("warm_workers", _non_negative_int),

@@ -15,6 +15,10 @@ from meshrt.frontdoor.server import MAX_BODY_BYTES
 from meshrt.frontdoor.server import MAX_HEAD_BYTES
 
 HEADER_TIMEOUT_S = 1.0
+ADMIN = "admin-" + "t" * 24
+# the body tests authenticate: a request without the token is refused before its body is read
+# (tests/test_frontdoor_flood.py), and these are about what happens while it is read
+AUTHORIZED = b"Authorization: Bearer " + ADMIN.encode() + b"\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def bounded_gateway(tmp_path_factory, database_url, sim):
         database_url,
         sim.url,
         MESHRT_HEADER_TIMEOUT_S=HEADER_TIMEOUT_S,
-        MESHRT_ADMIN_TOKEN="admin-" + "t" * 24,
+        MESHRT_ADMIN_TOKEN=ADMIN,
     )
     yield gw
     _stop(gw.proc)
@@ -71,7 +75,9 @@ def test_too_many_header_lines_are_refused_with_431(bounded_gateway):
 
 def test_a_trickling_body_is_cut_at_the_deadline(bounded_gateway):
     head = (
-        b"POST /admin/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        b"POST /admin/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + AUTHORIZED
+        + b"Content-Length: 1000\r\n\r\n"
     )
     reply, took = answer(bounded_gateway.port, head, *[b"{"] + [b" "] * 40, pause_s=0.1)
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:80]
@@ -91,7 +97,8 @@ def test_a_body_too_large_is_refused_before_it_is_read(bounded_gateway):
 def test_a_chunked_body_too_large_is_refused_as_it_arrives(bounded_gateway):
     head = (
         b"POST /admin/v1/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
+        + AUTHORIZED
+        + b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunk = b"%x\r\n%s\r\n" % (256 * 1024, b" " * 256 * 1024)
     reply, _ = answer(bounded_gateway.port, head, *[chunk] * 6)
@@ -100,11 +107,10 @@ def test_a_chunked_body_too_large_is_refused_as_it_arrives(bounded_gateway):
 
 
 def test_ordinary_requests_still_pass(bounded_gateway):
-    token = bounded_gateway.env["MESHRT_ADMIN_TOKEN"]
     created = httpx.post(
         f"{bounded_gateway.http_url}/admin/v1/accounts",
         json={"name": "bounded"},
-        headers={"Authorization": f"Bearer {token}"},
+        headers={"Authorization": f"Bearer {ADMIN}"},
         timeout=10,
     )
     assert created.status_code in (200, 201), created.text
