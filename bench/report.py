@@ -146,7 +146,8 @@ def render(doc: dict) -> str:
         f"during the run: CPU steal {m.get('cpu_steal_pct_during_run')} %, other processes "
         f"{m.get('foreign_cpu_cores_during_run')} cores, load average {m.get('loadavg_at_start')} → "
         f"{m.get('loadavg_at_end')}",
-        f"worker backend {doc['config']['worker_backend']}; load generator on {m['load_generator_loop']}",
+        f"worker backend {doc['config']['worker_backend']}; pre-authorised responses "
+        f"{'on' if doc['config'].get('preauth', True) else 'off'}; load generator on {m['load_generator_loop']}",
     ]
     for key, part in (
         ("rtt", _render_rtt),

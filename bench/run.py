@@ -69,7 +69,7 @@ def run_bench(settings, args) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
         "code": code_version(),
-        "config": {"worker_backend": settings.worker_backend, "plan": asdict(plan)},
+        "config": {"worker_backend": settings.worker_backend, "preauth": settings.preauth, "plan": asdict(plan)},
     }
     cpu_before, busy_before, ours_before = psutil.cpu_times(), busy_seconds(), tree_cpu_seconds()
     doc["machine"]["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]

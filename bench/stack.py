@@ -122,6 +122,7 @@ class Stack:
                 "MESHRT_WORKER_BACKEND": self.settings.worker_backend,
                 "MESHRT_WARM_WORKERS": str(self.settings.warm_workers),
                 "MESHRT_LOG_LEVEL": self.settings.log_level,
+                "MESHRT_PREAUTH": "1" if self.settings.preauth else "0",  # MESHRT_PREAUTH=0 meshrt bench: without
             }
         )
         return env
