@@ -211,6 +211,14 @@ def admin_routes(app: FastAPI, ctx) -> None:
     def topup(account_id: str, body: TopUp):
         return ops.account_json(_found(ops.topup, ctx.engine, account_id, _usd(body.amount, "amount"), body.note))
 
+    @app.post("/admin/v1/accounts/{account_id}/deactivate", dependencies=guard)
+    def deactivate(account_id: str):
+        return ops.account_json(_found(ops.set_active, ctx.engine, account_id, False))
+
+    @app.post("/admin/v1/accounts/{account_id}/activate", dependencies=guard)
+    def activate(account_id: str):
+        return ops.account_json(_found(ops.set_active, ctx.engine, account_id, True))
+
     @app.post("/admin/v1/accounts/{account_id}/keys", dependencies=guard, status_code=201)
     def create_key(account_id: str, body: NewKey):
         created = _found(ops.create_key, ctx.engine, account_id, body.name, body.token_cap)

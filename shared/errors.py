@@ -69,6 +69,9 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("service_unavailable", "server_error", 1013, 503, _G,
               "The gateway cannot reach its database right now. Try again shortly."),
         _spec("node_lost", "server_error", 1012, 503, _G, "This node lost its lease. Reconnect to continue."),
+        _spec("key_revoked", _INVALID, 1008, 401, _C,
+              "The API key of this session was revoked. Connect again with a valid key."),
+        _spec("account_deactivated", _INVALID, 1008, 403, _C, "This session's account was deactivated."),
         _spec("upstream_unavailable", "server_error", 1013, 502, _U,
               "The upstream Realtime API could not be reached."),
         _spec("upstream_error", "server_error", 1014, 502, _U,
@@ -100,6 +103,8 @@ class EndReason(str, enum.Enum):
     SERVER_SHUTTING_DOWN = "server_shutting_down"
     SERVICE_UNAVAILABLE = "service_unavailable"
     NODE_LOST = "node_lost"
+    KEY_REVOKED = "key_revoked"
+    ACCOUNT_DEACTIVATED = "account_deactivated"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_ERROR = "upstream_error"
     INTERNAL_ERROR = "internal_error"

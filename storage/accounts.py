@@ -205,6 +205,16 @@ def list_keys(engine, account_id: str | None = None) -> list[ApiKey]:
         return rows
 
 
+def set_active(engine, account_id: str, active: bool) -> Account:
+    """Deactivate (or reactivate) an account: a deactivated one is refused at connect and over
+    the API, and its live sessions end on every node (`account_deactivated`)."""
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        result = db.exec(update(Account).where(Account.id == account_id).values(active=active))
+        if result.rowcount != 1:
+            raise NotFound(f"no account {account_id!r}")
+    return get_account(engine, account_id)
+
+
 def revoke_key(engine, key_id: str) -> ApiKey:
     with Session(engine, expire_on_commit=False) as db, db.begin():
         key = db.get(ApiKey, key_id)

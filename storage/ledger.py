@@ -33,6 +33,7 @@ from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 
 from .db import Account
+from .db import ApiKey
 from .db import AppliedIncrement
 from .db import LedgerEntry
 from .db import Node
@@ -62,6 +63,7 @@ def mark_live(db: Session, session_id: str, pid: int) -> None:
 
 
 _applied, _accounts, _entries = AppliedIncrement.__table__, Account.__table__, LedgerEntry.__table__
+_keys = ApiKey.__table__
 # One per billed response, so Core statements built once rather than ORM loads and flushes.
 _DEBIT = (
     update(_accounts)
@@ -274,15 +276,32 @@ def committed_seqs(db: Session, session_id: str) -> set[int]:
     return set(db.connection().execute(select(_applied.c.seq).where(_applied.c.session_id == session_id)).scalars())
 
 
-def balances(db: Session, account_ids: list[str]) -> dict[str, tuple[int, int]]:
-    """Current (balance, reserved) of accounts (top-ups and reservations from any node included):
-    the quota estimate's base."""
-    rows = db.connection().execute(
-        select(_accounts.c.id, _accounts.c.balance_pico, _accounts.c.reserved_pico).where(
+@dataclass(frozen=True)
+class Standing:
+    """What a node's live sessions stand on, read afresh: each account's balance, reservations
+    (top-ups and reservations from any node included) and whether it is still active, and
+    which of the sessions' keys have been revoked since."""
+
+    accounts: dict[str, tuple[int, int, bool]]  # id -> (balance, reserved, active)
+    revoked_keys: frozenset[str] = frozenset()
+
+
+def standing(db: Session, account_ids: list[str], key_ids: list[str] = ()) -> Standing:
+    connection = db.connection()
+    rows = connection.execute(
+        select(_accounts.c.id, _accounts.c.balance_pico, _accounts.c.reserved_pico, _accounts.c.active).where(
             _accounts.c.id.in_(account_ids)
         )
     )
-    return {row.id: (row.balance_pico, row.reserved_pico) for row in rows}
+    found = {row.id: (row.balance_pico, row.reserved_pico, bool(row.active)) for row in rows}
+    revoked = frozenset()
+    if key_ids:
+        revoked = frozenset(
+            connection.execute(
+                select(_keys.c.id).where(_keys.c.id.in_(list(key_ids)), _keys.c.revoked_at.is_not(None))
+            ).scalars()
+        )
+    return Standing(found, revoked)
 
 
 def unfinished_sessions(engine, node: str) -> list[SessionRecord]:

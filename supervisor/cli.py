@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("account_id")
     top.add_argument("amount", type=_money, help="USD, e.g. 25.00")
     top.add_argument("--note", default="")
+    for verb, what in (("deactivate", "refuse its keys and end its live sessions"), ("activate", "undo deactivate")):
+        accounts.add_parser(verb, help=what).add_argument("account_id")
 
     keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create")
@@ -186,6 +188,9 @@ def _operate(args, settings) -> int:
                 [ops.account_json(a) for a in rows],
                 "\n".join(f"{a.id}\t{a.name}\t${Money(a.balance_pico).usd_str()}" for a in rows) or "(no accounts)",
             )
+        elif args.accounts_command in ("deactivate", "activate"):
+            account = ops.set_active(engine, args.account_id, args.accounts_command == "activate")
+            _print(args, ops.account_json(account), f"{account.id}\t{'active' if account.active else 'deactivated'}")
         else:
             account = ops.topup(engine, args.account_id, args.amount, args.note)
             _print(args, ops.account_json(account), f"{account.id}\tbalance ${Money(account.balance_pico).usd_str()}")

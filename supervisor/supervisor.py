@@ -525,13 +525,23 @@ class Supervisor:
             self.checking_quota.discard(account_id)
 
     async def _read_balances(self, account_ids: list[str]) -> None:
-        job = self.writer.enqueue(ledger.balances, account_ids)
+        """Read the accounts' standing afresh; end the sessions whose key was revoked or whose
+        account was deactivated since they started (docs/errors.md: key_revoked,
+        account_deactivated) — on every node, within BALANCE_REFRESH_S of the change."""
+        key_ids = sorted({live.grant.api_key_id for a in account_ids for live in self.registry.of_account(a)})
+        job = self.writer.enqueue(ledger.standing, account_ids, key_ids)
         try:
             found = await job.wait()
         except Exception:  # noqa: BLE001 - logged by the writer; the estimate stands meanwhile
             return
-        for account_id, (balance, reserved) in found.items():
+        for account_id, (balance, reserved, active) in found.accounts.items():
             self._estimate(account_id).observe_balance(balance, job.number, reserved)
+            if not active:
+                await self._stop_account(account_id, "account_deactivated")
+        for account_id in account_ids:
+            for live in self.registry.of_account(account_id):
+                if live.grant.api_key_id in found.revoked_keys:
+                    await self._stop(live, "key_revoked")
 
     async def _refresh_balances(self) -> None:
         """Balances of the accounts with live sessions here, read often: top-ups on any node count."""

@@ -807,3 +807,61 @@ def test_a_top_up_prevents_a_quota_stop_also_after_a_supervisor_restart(
         if "insufficient_quota" in line and stopped.request_id not in line and control_row.id not in line
     ]
     assert not stops, stops[:5]
+
+
+# --- 6. revocation reaches live sessions on every node ---------------------------------------
+
+
+def test_revoking_a_key_or_deactivating_an_account_ends_its_live_sessions_on_both_nodes(
+    gateway_factory, make_tenant, engine, reads, sim
+):
+    """Sessions with responses flowing on two nodes: revoking their key ends them on both nodes
+    within a second or two (key_revoked, error frame and close 1008), billed exactly as the
+    simulator sent, while a session of another key of the same account runs on. Deactivating the
+    account then ends that one too (account_deactivated). A new connection with the key is refused."""
+    tenant = make_tenant(max_concurrent_sessions=10)
+    other = accounts.create_key(engine, tenant.account_id, "other")
+    a, b = gateway_factory(), gateway_factory()
+    start = balance(engine, tenant.account_id)
+    rid = new_run_id()
+
+    async def go():
+        doomed = [
+            await open_client(gw, tenant.key, f"r-{rid}-{n}{i}", n) for gw, n in ((a, "A"), (b, "B")) for i in range(2)
+        ]
+        kept = await open_client(a, other.plaintext, f"r-{rid}-kept", "A")
+        stop = asyncio.Event()
+        drivers = [asyncio.create_task(drive(c, stop)) for c in (*doomed, kept)]
+        await until(lambda: all(len(c.usages) >= 2 for c in (*doomed, kept)), 20, "usage on every session")
+        revoked_at = time.monotonic()
+        await asyncio.to_thread(accounts.revoke_key, engine, tenant.key_id)
+        await until(lambda: all(c.closed_at for c in doomed), 10, "the revoked key's sessions to close")
+        took = [round(c.closed_at - revoked_at, 2) for c in doomed]
+        served_after = len(kept.usages)
+        await until(lambda: len(kept.usages) >= served_after + 2, 10, "the other key's session to go on")
+        deactivated_at = time.monotonic()
+        await asyncio.to_thread(accounts.set_active, engine, tenant.account_id, False)
+        await until(lambda: kept.closed_at, 10, "the deactivated account's session to close")
+        took_kept = round(kept.closed_at - deactivated_at, 2)
+        stop.set()
+        await asyncio.gather(*drivers, return_exceptions=True)
+        return doomed, kept, took, took_kept
+
+    doomed, kept, took, took_kept = run(go(), 60)
+    print(f"revoked key's sessions closed {took} s after the revocation; deactivated account's {took_kept} s after")
+    assert max(took) < 3 and took_kept < 3, (took, took_kept)
+    for c, code in [*((c, "key_revoked") for c in doomed), (kept, "account_deactivated")]:
+        assert [e["error"]["code"] for e in c.errors] == [code], c.errors
+        assert (c.close_code, c.close_reason) == (1008, f"invalid_request_error.{code}")
+    rows = wait_ended(reads, [*doomed, kept])
+    assert {rows[c.tag].node for c in doomed} == {node_id_of(a), node_id_of(b)}
+    for c in (*doomed, kept):
+        assert rows[c.tag].end_reason == ("account_deactivated" if c is kept else "key_revoked")
+        assert_exact(sim, rows[c.tag], c)
+    assert balance(engine, tenant.account_id) == start - sum(r.cost_pico for r in rows.values())
+
+    async def refused():  # a new connection with the revoked key: refused at the front door
+        async with connect_ws(a.ws_url, key=tenant.key) as ws:
+            return (await recv_json(ws))["error"]["code"]
+
+    assert run(refused(), 15) == "invalid_api_key"
