@@ -203,3 +203,39 @@ def test_account_shows_reserved_and_available_while_a_response_runs(gateway, mak
     wait_for(lambda: account_row(engine, tenant.account_id).reserved_pico == 0, 15, what="reservation released")
     after = httpx.get(f"{gateway.http_url}/v1/account", headers=auth, timeout=10).json()
     assert after["reserved"] == "0.00" or Money.from_usd(after["reserved"]).picodollars == 0
+
+
+def test_many_accounts_at_once_each_stay_within_their_own_balance(gateway_factory, make_tenant, engine):
+    """Three accounts, four sessions each, all at once: every account is drawn down to what it
+    can pay for and no further, and one account's reservations never take another's room."""
+    gw = gateway_factory(MESHRT_MAX_CONCURRENT_SESSIONS="30")
+    tenants = [make_tenant(balance=usd) for usd in ("0.006", "0.012", "0.02")]
+    starts = {t.account_id: account_row(engine, t.account_id).balance_pico for t in tenants}
+
+    async def session(tenant, i: int):
+        async with connect_ws(gw.ws_url, key=tenant.key, query="sim_response_ms=500") as ws:
+            await recv_json(ws)
+            served = 0
+            for n in range(60):
+                answer = await ask(ws, f"evt_{i}_{n}", max_output_tokens=30)
+                if answer["type"] == "error":
+                    assert answer["error"]["code"] == "insufficient_quota", answer
+                    return tenant.account_id, served, ws.response.headers["x-request-id"]
+                served += 1
+            raise AssertionError("never refused")
+
+    async def all_sessions():
+        return await asyncio.gather(*(session(t, i) for t in tenants for i in range(4)))
+
+    results = run(all_sessions(), 120)
+    for tenant in tenants:
+        mine = [r for r in results if r[0] == tenant.account_id]
+        rows = [ended_record(engine, request_id) for _, _, request_id in mine]
+        account = account_row(engine, tenant.account_id)
+        assert sum(served for _, served, _ in mine) == sum(r.responses for r in rows) >= 1
+        assert account.balance_pico >= 0, Money(account.balance_pico).usd_str()
+        assert starts[tenant.account_id] - account.balance_pico == sum(r.cost_pico for r in rows)
+        assert account.reserved_pico == 0
+    served = {t.account_id: sum(s for a, s, _ in results if a == t.account_id) for t in tenants}
+    # a bigger balance buys more responses: each account spent its own, not another's
+    assert served[tenants[0].account_id] < served[tenants[2].account_id], served
