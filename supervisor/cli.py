@@ -1,5 +1,6 @@
 """`meshrt`: the operator's one command (docs/operations.md, Commands). Bad arguments and
-settings end with one clear line on stderr and exit code 2."""
+settings end with one clear line on stderr and exit code 2; a database that cannot be reached,
+a state directory that cannot be made, a port in use: one line saying what to do, exit 1."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from meshrt.shared.money import Money
 from meshrt.shared.settings import SettingsError
 from meshrt.shared.settings import load_settings
 from meshrt.shared.settings import parse_port
+
+
+class CommandError(Exception):
+    """A failure the person running the command can fix; its message is the one line shown (exit 1)."""
 
 
 def _money(raw: str) -> Money:
@@ -96,12 +101,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(settings):
+def make_state_dir(settings) -> None:
+    """The state dir, made as `serve` makes it (0700): a command run in a fresh directory, or
+    with a MESHRT_STATE_DIR that does not exist yet, must not fail for want of it."""
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot create the state directory {settings.state_dir}: {exc.strerror}; "
+            "set MESHRT_STATE_DIR to a directory you can write"
+        ) from None
+
+
+def open_database(settings):
+    """An engine on the settings' database with the schema in place, and what creating it did."""
     from meshrt.storage import db
 
+    if not settings.database_url:  # SQLite, in the state dir
+        make_state_dir(settings)
     engine = db.make_engine(settings.db_url, settings.db_timeout_s)
-    db.create_schema(engine)
-    return engine
+    return engine, db.create_schema(engine)
+
+
+def failure_line(exc: BaseException, settings) -> str | None:
+    """The one line for a failure the person can fix, or None for a bug (its traceback is wanted)."""
+    if isinstance(exc, CommandError):
+        return str(exc)
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded if the database was touched at all
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError) and settings is not None:
+        from meshrt.storage.db import explain_failure
+
+        return explain_failure(settings.db_url, exc)
+    return None
 
 
 def _print(args, payload, text: str) -> None:
@@ -128,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"meshrt: bad setting: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        line = failure_line(exc, settings)
+        if line is None:
+            raise
+        print(f"meshrt: {line}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args, settings) -> int:
@@ -164,10 +201,11 @@ def _dispatch(args, settings) -> int:
 
 def _operate(args, settings) -> int:
     from meshrt.storage import accounts as ops
+    from meshrt.storage.db import display_url
 
-    engine = _engine(settings)
+    engine, changes = open_database(settings)
     if args.command == "db":
-        print(f"schema up to date at {settings.db_url.split('@')[-1]}")
+        print(f"schema {changes.summary()} at {display_url(settings.db_url)}")
         return 0
     if args.command == "accounts":
         if args.accounts_command == "create":
@@ -177,18 +215,18 @@ def _operate(args, settings) -> int:
             _print(
                 args,
                 ops.account_json(account),
-                f"{account.id}\t{account.name}\tbalance ${Money(account.balance_pico).usd_str()}",
+                f"{account.id}\t{account.name}\tbalance {Money(account.balance_pico).display()}",
             )
         elif args.accounts_command == "list":
             rows = ops.list_accounts(engine)
             _print(
                 args,
                 [ops.account_json(a) for a in rows],
-                "\n".join(f"{a.id}\t{a.name}\t${Money(a.balance_pico).usd_str()}" for a in rows) or "(no accounts)",
+                "\n".join(f"{a.id}\t{a.name}\t{Money(a.balance_pico).display()}" for a in rows) or "(no accounts)",
             )
         else:
             account = ops.topup(engine, args.account_id, args.amount, args.note)
-            _print(args, ops.account_json(account), f"{account.id}\tbalance ${Money(account.balance_pico).usd_str()}")
+            _print(args, ops.account_json(account), f"{account.id}\tbalance {Money(account.balance_pico).display()}")
         return 0
     if args.command == "keys":
         if args.keys_command == "create":
