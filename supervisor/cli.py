@@ -9,13 +9,11 @@ import json
 import sys
 
 from meshrt.shared.money import Money
+from meshrt.shared.settings import CommandError
 from meshrt.shared.settings import SettingsError
 from meshrt.shared.settings import load_settings
+from meshrt.shared.settings import make_state_dir
 from meshrt.shared.settings import parse_port
-
-
-class CommandError(Exception):
-    """A failure the person running the command can fix; its message is the one line shown (exit 1)."""
 
 
 def _money(raw: str) -> Money:
@@ -99,18 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default=None)
     return parser
-
-
-def make_state_dir(settings) -> None:
-    """The state dir, made as `serve` makes it (0700): a command run in a fresh directory, or
-    with a MESHRT_STATE_DIR that does not exist yet, must not fail for want of it."""
-    try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise CommandError(
-            f"cannot create the state directory {settings.state_dir}: {exc.strerror}; "
-            "set MESHRT_STATE_DIR to a directory you can write"
-        ) from None
 
 
 def open_database(settings):
