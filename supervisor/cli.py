@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from meshrt.shared.money import Money
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"meshrt: bad setting: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader left (`meshrt keys list | head -n 1`): end as a tool killed by SIGPIPE does,
+        # quietly; stdout goes to /dev/null so the interpreter's last flush cannot complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         line = failure_line(exc, settings)
         if line is None:

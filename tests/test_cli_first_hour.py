@@ -209,3 +209,18 @@ def test_negative_balances_read_minus_dollar(tmp_path):
 def test_git_ignores_the_state_dirs(path):
     ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
     assert ignored.returncode == 0, f"{path} is not in .gitignore"
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    """`meshrt keys create ACCOUNT | head -n 1`: the reader is gone before meshrt prints."""
+    account = json.loads(meshrt(tmp_path, "--json", "accounts", "create", "acme").stdout)
+    proc = subprocess.Popen(
+        [MESHRT, "keys", "create", account["id"]],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # as `head` does once it has its line
+    assert proc.wait(60) == 141 and proc.stderr.read() == ""  # as a tool killed by SIGPIPE, quietly
