@@ -36,6 +36,16 @@ def _error(request: Request, status: int, code: str, message: str, type_: str, h
     )
 
 
+def _under_v1(app: FastAPI, path: str) -> bool:
+    """`/v1` + `path` is one of the app's routes (`/models` → `/v1/models`)."""
+    candidate = "/v1" + path
+    for route in app.routes:
+        pattern = getattr(route, "path_regex", None)
+        if pattern is not None and not path.startswith("/v1/") and pattern.match(candidate):
+            return True
+    return False
+
+
 def create_app(ctx) -> FastAPI:
     """`ctx` is the front door's context: settings, engine, prices, state checks."""
     app = FastAPI(title="meshrt", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
@@ -55,7 +65,12 @@ def create_app(ctx) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(request, exc.status_code, code, str(exc.detail), "invalid_request_error")
+        message = str(exc.detail)
+        if exc.status_code == 404 and _under_v1(app, request.url.path):
+            # an SDK whose base URL lacks /v1 asks for /models: say where the API is
+            message = f"Not Found: {request.url.path[:100]}. Did you mean /v1{request.url.path[:100]}? "
+            message += "An SDK's base URL ends in /v1."
+        return _error(request, exc.status_code, code, message, "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

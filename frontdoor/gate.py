@@ -22,6 +22,8 @@ from meshrt.shared.handshake import UpgradeRequest
 from meshrt.shared.handshake import extract_credentials
 from meshrt.shared.handshake import is_secure
 from meshrt.shared.handshake import is_wellformed_key
+from meshrt.shared.handshake import model_detail
+from meshrt.shared.handshake import refused_key_detail
 from meshrt.shared.ids import new_id
 from meshrt.shared.logs import one_line
 from meshrt.shared.settings import Settings
@@ -45,7 +47,7 @@ def check_request(settings: Settings, upgrade: UpgradeRequest, peer_ip: str | No
     if credentials.key is None or credentials.key == "":
         raise GatewayError("missing_api_key")
     if not is_wellformed_key(credentials.key):
-        raise GatewayError("invalid_api_key")
+        raise GatewayError("invalid_api_key", refused_key_detail(credentials.key))
     return credentials.key
 
 
@@ -93,7 +95,7 @@ def _admit_in_transaction(
             raise GatewayError("missing_model")
         rates = prices.get(model)
         if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
-            raise GatewayError("model_not_found")
+            raise GatewayError("model_not_found", model_detail(model))
         if found.balance_pico <= 0:
             raise GatewayError("insufficient_quota")
         limit = found.max_concurrent_sessions or settings.default_max_concurrent_sessions

@@ -119,7 +119,10 @@ class HandoffProtocol(asyncio.Protocol):
         upgrade = parse_upgrade(request)
         log.info("upgrade", extra={"request_id": request_id, "fields": {"path": redact(request.path)}})
         if upgrade.path != REALTIME_PATH:
-            return self._http_error(404, "Not Found", "not_found", "No WebSocket endpoint at this path.", request_id)
+            # most often an SDK whose base URL lacks /v1: it asked for /realtime
+            message = f"No WebSocket endpoint at {redact(upgrade.path)[:100]}: the realtime endpoint is {REALTIME_PATH}"
+            message += " (an SDK's base URL ends in /v1)."
+            return self._http_error(404, "Not Found", "not_found", message, request_id)
         _, status = accept_bytes(new_server_protocol(), request, request_id)  # validates the handshake
         if status != 101:
             return self._http_error(400, "Bad Request", "invalid_request", "Invalid WebSocket handshake.", request_id)
@@ -129,7 +132,7 @@ class HandoffProtocol(asyncio.Protocol):
         try:
             grant = await anyio.to_thread.run_sync(self.admit, upgrade, peer_ip, request_id)
         except GatewayError as error:
-            return await self._refuse(protocol, request, error.code, request_id)
+            return await self._refuse(protocol, request, error.code, request_id, error.detail)
         ack = await self._hand_off(grant, stripped)
         if ack is None:  # sent, but no answer: the supervisor may own the socket now; let go of it
             return self._release()
@@ -173,9 +176,9 @@ class HandoffProtocol(asyncio.Protocol):
         self.give_back()  # the socket is the worker's now, not this front door's
         self.transport.abort()  # no buffered bytes exist; abort() only closes this fd
 
-    async def _refuse(self, protocol, request, code: str, request_id: str) -> None:
+    async def _refuse(self, protocol, request, code: str, request_id: str, detail: str | None = None) -> None:
         response, status = accept_bytes(protocol, request, request_id)
-        self.transport.write(response + error_frames(protocol, code, request_id))
+        self.transport.write(response + error_frames(protocol, code, request_id, detail))
         log.info("refused", extra={"request_id": request_id, "fields": {"code": code}})
         self.transport.resume_reading()
         with anyio.move_on_after(CLOSE_WAIT_S):

@@ -16,8 +16,13 @@ from sqlmodel import Session
 from sqlmodel import select
 from starlette.datastructures import Headers
 from starlette.routing import get_route_path
+from websockets.datastructures import Headers as HandshakeHeaders
 
+from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import http_error_body
+from meshrt.shared.handshake import is_secure
+from meshrt.shared.handshake import model_detail
+from meshrt.shared.handshake import refused_key_detail
 from meshrt.shared.money import Money
 from meshrt.storage import accounts as ops
 from meshrt.storage.db import LIVE_STATES
@@ -41,16 +46,32 @@ def _bearer_token(header: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else ""
 
 
+def _spec_error(code: str, detail: str | None = None) -> ApiError:
+    spec = ERRORS[code]
+    return ApiError(spec.http_status, code, f"{spec.message} {detail}" if detail else spec.message, spec.type)
+
+
+def require_tls(request: Request) -> None:
+    """The realtime upgrade's TLS rule (`shared.handshake.is_secure`), for every route a tenant key
+    travels on: a key sent in clear over HTTP is as exposed as one sent over ws://."""
+    settings = request.app.state.ctx.settings
+    headers = HandshakeHeaders([(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw])
+    peer = request.client.host if request.client else None
+    if not is_secure(headers, peer, settings.forwarded_allow_ips, settings.allow_plain_ws):
+        raise _spec_error("tls_required")
+
+
 def tenant_key(request: Request):
-    """The caller's key (Authorization: Bearer rsk_…), by the realtime upgrade's own rule: a row
-    with `api_key_id` and `account_id`."""
+    """The caller's key (Authorization: Bearer rsk_…), by the realtime upgrade's own rules (TLS,
+    then the key): a row with `api_key_id` and `account_id`."""
+    require_tls(request)
     token = _bearer(request)
     if token is None:
         raise ApiError(401, "missing_api_key", "No API key provided. Send Authorization: Bearer <key>.")
     with request.app.state.ctx.engine.connect() as connection:
         found = ops.usable_key(connection, token) if token else None
     if found is None:
-        raise ApiError(401, "invalid_api_key", "Incorrect API key provided.")
+        raise _spec_error("invalid_api_key", refused_key_detail(token))
     return found
 
 
@@ -129,7 +150,7 @@ def tenant_routes(app: FastAPI, ctx) -> None:
     def get_model(model_id: str, key=Depends(tenant_key)):
         rates = ctx.prices.listed_models().get(model_id)
         if rates is None:
-            raise ApiError(404, "model_not_found", f"The model {model_id!r} does not exist or is not a realtime model.")
+            raise _spec_error("model_not_found", model_detail(model_id))
         return _model_json(model_id, rates)
 
     @app.get("/v1/usage")

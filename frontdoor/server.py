@@ -379,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         loop="asyncio",
         log_config=None,
         access_log=False,
-        proxy_headers=True,
-        forwarded_allow_ips=",".join(str(n) for n in settings.forwarded_allow_ips),
+        # off: the TLS rule (shared.handshake.is_secure) judges X-Forwarded-Proto by the TCP peer,
+        # which uvicorn's rewrite of the client address from X-Forwarded-For would hide
+        proxy_headers=False,
         ws_max_size=settings.max_message_bytes,
         timeout_graceful_shutdown=2,
     )

@@ -118,7 +118,7 @@ def list_usage_cli(engine, args) -> int:
     for r in page["data"]:
         print(
             f"{r['id']}\t{r['model']}\t{r['duration_s']:.1f}s\t{r['usage'].get('total_tokens', 0)} tok\t"
-            f"${r['cost']['amount']}\t{r['end_reason']}"
+            f"{Money.from_usd(r['cost']['amount']).display()}\t{r['end_reason']}"
         )
     if not page["data"]:
         print("(no usage records)")

@@ -45,13 +45,14 @@ _INVALID = "invalid_request_error"
 ERRORS: dict[str, ErrorSpec] = {
     s.code: s
     for s in (
-        _spec("tls_required", _INVALID, 1008, 403, _C, "Connect with wss:// (TLS is required)."),
+        _spec("tls_required", _INVALID, 1008, 403, _C, "Connect with wss:// or https:// (TLS is required)."),
         _spec("missing_api_key", _INVALID, 1008, 401, _C,
               "No API key provided. Send it as a subprotocol, an Authorization header or ?api_key=."),
-        _spec("invalid_api_key", _INVALID, 1008, 401, _C, "Incorrect API key provided."),
+        _spec("invalid_api_key", _INVALID, 1008, 401, _C,
+              "Incorrect API key provided. meshrt takes an rsk_ key issued by this gateway."),
         _spec("missing_model", _INVALID, 1008, 400, _C, "The 'model' query parameter is required."),
         _spec("model_not_found", _INVALID, 1008, 404, _C,
-              "The model does not exist or is not a realtime model."),
+              "The model does not exist or is not a realtime model here; GET /v1/models lists the ones you can use."),
         _spec("insufficient_quota", "insufficient_quota", 1008, 429, _C,
               "Your balance is exhausted. Top up your account to reconnect."),
         _spec("session_token_cap_exceeded", _INVALID, 1008, 429, _C,

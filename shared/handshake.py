@@ -55,6 +55,20 @@ def is_wellformed_key(key: str) -> bool:
     return KEY_PATTERN.fullmatch(key) is not None
 
 
+def refused_key_detail(key: str) -> str | None:
+    """More to say about a refused key than `invalid_api_key`'s message, never the key itself:
+    an OpenAI key sent to meshrt is the usual first mistake (the SDK's default key)."""
+    if key.startswith("sk-"):
+        return "This one looks like an OpenAI key (sk-…): those stay with the gateway's operator."
+    return None
+
+
+def model_detail(model: str) -> str:
+    """The requested model, named back to the client (bounded; a key pasted there is redacted)."""
+    shown = redact(model)
+    return f"Requested: {shown[:64]!r}{'…' if len(shown) > 64 else ''}."
+
+
 @dataclass(frozen=True)
 class Credentials:
     key: str | None  # None: no credential at all

@@ -13,6 +13,8 @@ Invariants:
   exact rational result half up (away from zero) to the picodollar.
 - The text form is a plain decimal string in USD (``usd_str``) — what the API, the records and the
   docs show; ``Money.from_usd(m.usd_str()) == m`` for every ``m``.
+- What a person reads (the CLI, the dashboard, ``meshrt dev``) is ``display``: ``-$0.000165``,
+  ``$1,250.000000`` — sign before the dollar, rounded to the millionth of a dollar.
 """
 
 from __future__ import annotations
@@ -88,6 +90,18 @@ class Money:
         whole, frac = divmod(abs(self.picodollars), PICODOLLARS_PER_USD)
         places = f"{frac:0{_USD_PLACES}d}".rstrip("0").ljust(min_decimals, "0")
         return f"{sign}{whole}.{places}" if places else f"{sign}{whole}"
+
+    def display(self) -> str:
+        """The amount as a person reads it: sign first, ``$``, thousands separators, rounded half
+        away from zero to 6 decimals (``-$0.000165``, ``$1,250.000000``) — except an amount that
+        would round to zero, shown exact (``$0.0000004``): a charge never reads as nothing.
+        The dashboard's script applies the same rule; data (API, records, ``--json``) stays exact."""
+        micro = PICODOLLARS_PER_USD // 10**6
+        magnitude = abs(self.picodollars)
+        rounded = (magnitude + micro // 2) // micro * micro
+        whole, _, frac = Money(rounded or magnitude).usd_str().partition(".")
+        text = f"{int(whole):,}" + (f".{frac}" if frac else "")
+        return f"-${text}" if self.picodollars < 0 else f"${text}"
 
     def __repr__(self) -> str:
         return f"Money.from_usd({self.usd_str()!r})"

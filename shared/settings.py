@@ -22,6 +22,10 @@ class SettingsError(ValueError):
     pass
 
 
+class CommandError(Exception):
+    """A failure the person running the command can fix; its message is the one line shown (exit 1)."""
+
+
 def _positive_float(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -231,6 +235,18 @@ def load_settings(environ: dict[str, str] | None = None, **overrides) -> Setting
     if values.get("pricing_file") and not Path(values["pricing_file"]).is_file():
         raise SettingsError(f"MESHRT_PRICING_FILE: no such file {values['pricing_file']!r}")
     return Settings(**values)
+
+
+def make_state_dir(settings: Settings) -> None:
+    """The state dir, made as `serve` makes it (0700): a command run in a fresh directory, or
+    with a MESHRT_STATE_DIR that does not exist yet, must not fail for want of it."""
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot create the state directory {settings.state_dir}: {exc.strerror}; "
+            "set MESHRT_STATE_DIR to a directory you can write"
+        ) from None
 
 
 def node_identity(settings: Settings) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import re
 import secrets
 import string
+from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone
 
@@ -24,6 +26,8 @@ from sqlalchemy import event
 from sqlalchemy import inspect
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlmodel import JSON
 from sqlmodel import Field
 from sqlmodel import SQLModel
@@ -207,23 +211,64 @@ def make_engine(url: str, timeout_s: float = 10.0, pool_size: int = 5) -> Engine
     )
 
 
-def create_schema(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
-    # create_all skips a table that exists, and with it any column or index added since
-    existing = inspect(engine)
-    for table in SQLModel.metadata.sorted_tables:
-        have = {c["name"] for c in existing.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in have:
+# pg_advisory_xact_lock's key for schema changes: any constant, the same in every meshrt
+_SCHEMA_LOCK = 0x6D657368_73636865  # "meshsche"
+
+
+@dataclass(frozen=True)
+class SchemaChanges:
+    """What `create_schema` did: tables created, columns and indexes added to existing tables."""
+
+    tables: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    indexes: tuple[str, ...] = ()
+
+    @property
+    def created(self) -> bool:
+        """The whole schema was new: every table was created here."""
+        return len(self.tables) == len(SQLModel.metadata.tables)
+
+    def summary(self) -> str:
+        if self.created:
+            return f"created ({len(self.tables)} tables)"
+        added = [*self.tables, *self.columns, *(f"index {i}" for i in self.indexes)]
+        return f"upgraded (added {', '.join(added)})" if added else "up to date"
+
+
+def create_schema(engine: Engine) -> SchemaChanges:
+    """Create what is missing — tables, columns (nullable, or with a server default), indexes —
+    in one transaction.
+
+    On PostgreSQL the transaction first takes an advisory lock: several processes starting on an
+    empty database (replicas of `serve`, `db upgrade` run twice) would otherwise all see a table
+    missing, and all but one fail on pg_type's unique index when they create it."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+        existing = inspect(conn)
+        before = set(existing.get_table_names())
+        SQLModel.metadata.create_all(conn)
+        columns, indexes = [], []
+        # create_all skips a table that exists, and with it any column or index added since
+        for table in SQLModel.metadata.sorted_tables:
+            if table.name not in before:
                 continue
-            kind = column.type.compile(engine.dialect)
-            if column.server_default is not None:  # NOT NULL with a default: old rows get it
-                kind += f" NOT NULL DEFAULT {column.server_default.arg}"
-            if column.nullable or column.server_default is not None:
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have or not (column.nullable or column.server_default is not None):
+                    continue
+                kind = column.type.compile(conn.dialect)
+                if column.server_default is not None:  # NOT NULL with a default: old rows get it
+                    kind += f" NOT NULL DEFAULT {column.server_default.arg}"
+                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+                columns.append(f"{table.name}.{column.name}")
+            have_indexes = {i["name"] for i in existing.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in have_indexes:
+                    index.create(conn)
+                    indexes.append(index.name)
+    created = tuple(t.name for t in SQLModel.metadata.sorted_tables if t.name not in before)
+    return SchemaChanges(created, tuple(columns), tuple(indexes))
 
 
 _NOW = {  # the database's clock, epoch seconds: leases are judged by one clock, not each node's
@@ -234,6 +279,54 @@ _NOW = {  # the database's clock, epoch seconds: leases are judged by one clock,
 
 def db_now(connection) -> float:
     return float(connection.execute(_NOW[connection.dialect.name]).scalar_one())
+
+
+def display_url(url: str) -> str:
+    """The database URL to show a person: the scheme they wrote, no password."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url.rsplit("@", 1)[-1]
+    return parsed.set(drivername=parsed.get_backend_name()).render_as_string(hide_password=True)
+
+
+# A driver's message (first match wins) -> what to tell the person who ran the command.
+_FAILURES = (
+    (r'database "(?P<name>[^"]+)" does not exist',
+     "the database {name!r} does not exist at {where}: create it (createdb {name}; docs/postgresql.md) "
+     "or point MESHRT_DATABASE_URL at another"),
+    (r"Connection refused",
+     "nothing accepts connections at {where}: is PostgreSQL running there? Check MESHRT_DATABASE_URL"),
+    (r"password authentication failed|no password supplied|role \S+ does not exist",
+     "PostgreSQL refused the login at {where} ({reason}): check the user and password in MESHRT_DATABASE_URL"),
+    (r"could not translate host name|Name or service not known|nodename nor servname",
+     "unknown host in MESHRT_DATABASE_URL ({where})"),
+    (r"timeout expired|timed out|canceling statement due to (statement|lock) timeout",
+     "no answer from the database at {where} within MESHRT_DB_TIMEOUT_S: is it reachable and not overloaded?"),
+    (r"permission denied",
+     "the database at {where} refused: {reason}; the role in MESHRT_DATABASE_URL must own the database "
+     "(createdb -O ROLE NAME)"),
+    (r"unable to open database file",
+     "cannot open the SQLite database {where}: its directory does not exist or is not writable; "
+     "set MESHRT_STATE_DIR (or MESHRT_DATABASE_URL) to a writable place"),
+    (r"database is locked",
+     "the SQLite database {where} stayed locked by another process for MESHRT_DB_TIMEOUT_S"),
+)  # fmt: skip
+
+
+def explain_failure(url: str, error: BaseException) -> str:
+    """One line for a person, not a traceback: which database failed, why, and what to do."""
+    reason = " ".join(str(getattr(error, "orig", None) or error).split())
+    reason = re.sub(r"^\(\S+\) ", "", reason).split(" (Background on this error")[0]
+    where = display_url(url)
+    if url.startswith("sqlite") and make_url(url).database:
+        where = make_url(url).database
+    for pattern, advice in _FAILURES:
+        match = re.search(pattern, reason)
+        if match:
+            short = reason[reason.rfind("FATAL:") + 6 :].strip() if "FATAL:" in reason else match.group(0)
+            return advice.format(where=where, reason=short, **match.groupdict())
+    return f"the database at {where} failed: {reason[:300]}"
 
 
 def ping(engine: Engine) -> None:

@@ -1,15 +1,20 @@
 """`meshrt`: the operator's one command (docs/operations.md, Commands). Bad arguments and
-settings end with one clear line on stderr and exit code 2."""
+settings end with one clear line on stderr and exit code 2; a database that cannot be reached,
+a state directory that cannot be made, a port in use: one line saying what to do, exit 1."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from meshrt.shared.money import Money
+from meshrt.shared.settings import CommandError
 from meshrt.shared.settings import SettingsError
 from meshrt.shared.settings import load_settings
+from meshrt.shared.settings import make_state_dir
 from meshrt.shared.settings import parse_port
 
 
@@ -98,12 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(settings):
+def open_database(settings):
+    """An engine on the settings' database with the schema in place, and what creating it did."""
     from meshrt.storage import db
 
+    if not settings.database_url:  # SQLite, in the state dir
+        make_state_dir(settings)
     engine = db.make_engine(settings.db_url, settings.db_timeout_s)
-    db.create_schema(engine)
-    return engine
+    return engine, db.create_schema(engine)
+
+
+def failure_line(exc: BaseException, settings) -> str | None:
+    """The one line for a failure the person can fix, or None for a bug (its traceback is wanted)."""
+    if isinstance(exc, CommandError):
+        return str(exc)
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded if the database was touched at all
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError) and settings is not None:
+        from meshrt.storage.db import explain_failure
+
+        return explain_failure(settings.db_url, exc)
+    return None
 
 
 def _print(args, payload, text: str) -> None:
@@ -130,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"meshrt: bad setting: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader left (`meshrt keys list | head -n 1`): end as a tool killed by SIGPIPE does,
+        # quietly; stdout goes to /dev/null so the interpreter's last flush cannot complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except Exception as exc:
+        line = failure_line(exc, settings)
+        if line is None:
+            raise
+        print(f"meshrt: {line}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args, settings) -> int:
@@ -166,10 +196,11 @@ def _dispatch(args, settings) -> int:
 
 def _operate(args, settings) -> int:
     from meshrt.storage import accounts as ops
+    from meshrt.storage.db import display_url
 
-    engine = _engine(settings)
+    engine, changes = open_database(settings)
     if args.command == "db":
-        print(f"schema up to date at {settings.db_url.split('@')[-1]}")
+        print(f"schema {changes.summary()} at {display_url(settings.db_url)}")
         return 0
     if args.command == "accounts":
         if args.accounts_command == "create":
@@ -179,21 +210,21 @@ def _operate(args, settings) -> int:
             _print(
                 args,
                 ops.account_json(account),
-                f"{account.id}\t{account.name}\tbalance ${Money(account.balance_pico).usd_str()}",
+                f"{account.id}\t{account.name}\tbalance {Money(account.balance_pico).display()}",
             )
         elif args.accounts_command == "list":
             rows = ops.list_accounts(engine)
             _print(
                 args,
                 [ops.account_json(a) for a in rows],
-                "\n".join(f"{a.id}\t{a.name}\t${Money(a.balance_pico).usd_str()}" for a in rows) or "(no accounts)",
+                "\n".join(f"{a.id}\t{a.name}\t{Money(a.balance_pico).display()}" for a in rows) or "(no accounts)",
             )
         elif args.accounts_command in ("deactivate", "activate"):
             account = ops.set_active(engine, args.account_id, args.accounts_command == "activate")
             _print(args, ops.account_json(account), f"{account.id}\t{'active' if account.active else 'deactivated'}")
         else:
             account = ops.topup(engine, args.account_id, args.amount, args.note)
-            _print(args, ops.account_json(account), f"{account.id}\tbalance ${Money(account.balance_pico).usd_str()}")
+            _print(args, ops.account_json(account), f"{account.id}\tbalance {Money(account.balance_pico).display()}")
         return 0
     if args.command == "keys":
         if args.keys_command == "create":

@@ -29,7 +29,6 @@ from websockets.sync.client import connect as ws_connect
 
 from meshrt.shared.money import Money
 
-SCREENSHOT = Path("/tmp/dashboard.png")
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -175,10 +174,20 @@ class Browser:
 
 
 def usd_shown(amount: str) -> str:
-    """How the dashboard shows an API decimal string: as is, `$`, thousands separators."""
+    """How the dashboard shows an API decimal string: as the CLI does (Money.display)."""
+    return Money.from_usd(amount).display()
+
+
+def exact_shown(amount: str) -> str:
+    """The exact amount, in the element's title: as is, `$`, thousands separators."""
     sign, digits = ("-", amount[1:]) if amount.startswith("-") else ("", amount)
     whole, _, frac = digits.partition(".")
     return f"{sign}${int(whole):,}" + (f".{frac}" if frac else "")
+
+
+# Amounts whose display takes each branch of the rule: sign, rounding half away from zero,
+# thousands, and the tiny amount shown exact rather than as zero.
+DISPLAY_CASES = ["-0.0001648", "0", "0.0000005", "-0.0000005", "0.0000004", "0.001983333333", "1234567.8999995"]
 
 
 def test_dashboard_is_one_page_with_strict_headers(shared_gateway):
@@ -303,10 +312,15 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
             == "9,007,199,254,740,992.500000000001"
         )
         assert page.js("(m => m.formatPico(m.parsePico('-0.000316') * 3n))(meshrtDashboard)") == "-0.000948"
+        # and shows amounts by the CLI's rule, sign before the dollar
+        shown = page.js(f"{DISPLAY_CASES!r}.map(a => meshrtDashboard.money(meshrtDashboard.parsePico(a)))")
+        assert shown == [Money.from_usd(a).display() for a in DISPLAY_CASES]
+        assert shown[0] == "-$0.000165"
+        assert page.js("document.getElementById('balance').title") == "exactly " + exact_shown(account["balance"])
 
         assert page.problems() == []
         shot = page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
+        (tmp_path / "dashboard.png").write_bytes(base64.b64decode(shot["data"]))  # for a person to look at
 
         # a bad key: the API's own error message, the form again, nothing kept
         bad_key = "rsk_" + "Z" * 40

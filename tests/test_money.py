@@ -201,3 +201,31 @@ def test_per_minute_cost_refuses_negative_or_absurd_seconds(seconds):
 def test_per_minute_cost_needs_a_money_rate():
     with pytest.raises(TypeError):
         per_minute_cost(0.006, Decimal(1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("usd", "shown"),
+    [
+        ("-0.0001648", "-$0.000165"),  # the sign before the dollar, rounded to the millionth
+        ("0", "$0.000000"),
+        ("25", "$25.000000"),
+        ("1250", "$1,250.000000"),
+        ("0.0000005", "$0.000001"),  # half away from zero
+        ("-0.0000005", "-$0.000001"),
+        ("0.0000004", "$0.0000004"),  # would round to nothing: shown exact
+        ("-0.000000000001", "-$0.000000000001"),
+        ("0.001983333333", "$0.001983"),
+        ("1234567.8999995", "$1,234,567.900000"),
+    ],
+)
+def test_display_is_what_a_person_reads(usd, shown):
+    assert Money.from_usd(usd).display() == shown
+
+
+@given(st.integers(min_value=-(10**20), max_value=10**20))
+def test_display_is_within_half_a_millionth_and_never_hides_a_charge(pico):
+    shown = Money(pico).display()
+    assert shown.startswith("-$" if pico < 0 else "$")
+    back = Money.from_usd(shown.lstrip("-$").replace(",", ""))
+    assert abs(abs(back.picodollars) - abs(pico)) <= 500_000  # half of 1e-6 USD
+    assert (back.picodollars == 0) == (pico == 0)

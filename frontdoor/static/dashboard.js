@@ -63,6 +63,20 @@
     return s.startsWith("-") ? "-$" + s.slice(1) : "$" + s;
   }
 
+  /** An amount as a person reads it, Money.display's rule (docs/billing.md, Money): sign first,
+   *  "$", rounded half away from zero to 6 decimals, but never a non-zero amount shown as zero.
+   *  Takes BigInt picodollars. The exact amount goes in the element's title. */
+  function money(pico) {
+    const abs = pico < 0n ? -pico : pico;
+    const micro = PICO / 1000000n;
+    const rounded = ((abs + micro / 2n) / micro) * micro;
+    return usd(formatPico(pico < 0n ? -(rounded || abs) : rounded || abs));
+  }
+
+  function exactTitle(pico) {
+    return "exactly " + usd(formatPico(pico));
+  }
+
   // ---- small helpers ------------------------------------------------------------------------
 
   function clampInt(raw, lo, hi, fallback) {
@@ -181,7 +195,8 @@
     $("account-name").textContent = account.name || account.id;
     $("account-name").title = account.id;
     const balance = $("balance");
-    balance.textContent = usd(account.balance);
+    balance.textContent = money(parsePico(account.balance));
+    balance.title = exactTitle(parsePico(account.balance));
     balance.dataset.raw = account.balance;
     fitValue(balance);
     balance.classList.toggle("negative", parsePico(account.balance) <= 0n);
@@ -215,8 +230,9 @@
       el("td", { class: "num", "data-label": "Duration", title: `${r.duration_s} s` }, duration(r.duration_s)),
       tokens,
       el("td", { class: "num cost", "data-label": "Cost",
-                 title: r.amended_at != null ? "amended " + utcTime(r.amended_at) + " UTC: usage from a node that came back" : "" },
-        cost.amount != null ? usd(cost.amount) : "–",
+                 title: (cost.amount != null ? exactTitle(parsePico(cost.amount)) : "") +
+                   (r.amended_at != null ? "; amended " + utcTime(r.amended_at) + " UTC: usage from a node that came back" : "") },
+        cost.amount != null ? money(parsePico(cost.amount)) : "–",
         r.amended_at != null ? el("span", { class: "detail", text: "amended late" }) : ""),
       el("td", { class: "reason", "data-label": "End reason",
                  title: r.close_code != null ? "close code " + r.close_code : "" }, reasonBadge(r.end_reason)));
@@ -270,7 +286,8 @@
   function renderTotals(summary, truncated) {
     const total = formatPico(summary.total);
     const value = $("total-30d");
-    value.textContent = usd(total);
+    value.textContent = money(summary.total);
+    value.title = exactTitle(summary.total);
     value.dataset.raw = total;
     fitValue(value);
     $("total-30d-sub").textContent = truncated
@@ -303,7 +320,7 @@
     const labelEvery = W < 560 ? 10 : 5;
     const chart = svg("svg", {
       viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", class: "chart-svg",
-      "aria-label": `Cost per day over the last ${CHART_DAYS} days, total ${usd(formatPico(total))}`,
+      "aria-label": `Cost per day over the last ${CHART_DAYS} days, total ${money(total)}`,
     });
 
     // grid lines at exact, round amounts
@@ -320,7 +337,7 @@
 
     days.forEach((d, i) => {
       const x = left + i * slot + (slot - barW) / 2;
-      const label = `${d.day}: ${usd(formatPico(d.pico))} (${d.sessions} session${d.sessions === 1 ? "" : "s"})`;
+      const label = `${d.day}: ${money(d.pico)} (${d.sessions} session${d.sessions === 1 ? "" : "s"})`;
       if (d.pico > 0n) {
         const h = Math.max(2, frac(d.pico) * plotH);
         const bar = svg("rect", {
@@ -472,7 +489,7 @@
   }
 
   // Exposed for tests and the console; holds no secrets.
-  window.meshrtDashboard = { parsePico, formatPico };
+  window.meshrtDashboard = { parsePico, formatPico, money };
 
   start();
 })();
