@@ -221,10 +221,10 @@ class Purse:
 
     def refusal_detail(self) -> str:
         """What a refused event needed, for its error message (amounts in USD)."""
-        needed = Money(max(0, self._blocked - self.held)).usd_str()
+        needed = Money(max(0, self._blocked - self.held)).display()
         if self.refusal == "insufficient_quota" and self.available is not None:
-            return f"It needs ${needed} more reserved; ${Money(max(0, self.available)).usd_str()} is available."
-        return f"It needs ${needed} more reserved."
+            return f"It needs {needed} more reserved; {Money(max(0, self.available)).display()} is available."
+        return f"It needs {needed} more reserved."
 
     def settle(self) -> tuple[int, int] | None:
         """After a response is done: (version, amount) to lower the reservation to, carried by

@@ -35,7 +35,7 @@ class Target(enum.Enum):
     CLIENT = "client"
     UPSTREAM = "upstream"
     BILL = "bill"
-    RESERVE = "reserve"  # (version, want, least): ask the supervisor to hold more; client events wait
+    RESERVE = "reserve"  # (version, want, least, held): ask the supervisor to hold more
 
 
 Action = tuple[Target, Any]
@@ -282,9 +282,9 @@ class Relay:
             actions += self._client_frames(chunk, frames)
         return actions
 
-    def retry_refused(self) -> tuple[int, int, int] | None:
+    def retry_refused(self) -> tuple[int, int, int, int] | None:
         """While refused, the shell asks again now and then (a top-up may have landed): the
-        (version, want, least) to send, or None when nothing is refused or a Reserve is out."""
+        (version, want, least, held) to send, or None when nothing is refused or one is out."""
         if self.purse is None or self.purse.refusal is None or self.purse.waiting:
             return None
         return self.purse.wanted()
@@ -454,6 +454,8 @@ class Relay:
             self.purse.session_event(session)
             if session.get("type") == "transcription":
                 self.purse.auto_response = False  # a transcription session has no responses
+            elif kind == "session.created":
+                self.purse.refill_due = True  # reserve for the first response before it is asked for
         elif kind in ("transcription_session.created", "transcription_session.updated"):
             self.purse.auto_response = False
         elif kind == "error" and isinstance(event.get("error"), dict):
