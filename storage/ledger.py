@@ -171,8 +171,21 @@ class Reservation:
 _SESSION_RESERVE = select(_sessions.c.reserved_pico, _sessions.c.reserve_version, _sessions.c.state).where(
     _sessions.c.id == bindparam("reserve_id")
 )
-_ACCOUNT_ROOM = select(_accounts.c.balance_pico, _accounts.c.reserved_pico).where(
-    _accounts.c.id == bindparam("reserve_account")
+# One or two per response: Core statements built once, like the debit's.
+_ACCOUNT_ROOM = (
+    select(_accounts.c.balance_pico, _accounts.c.reserved_pico)
+    .where(_accounts.c.id == bindparam("reserve_account"))
+    .with_for_update()
+)
+_SET_RESERVED = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("reserve_id"))
+    .values(reserved_pico=bindparam("new_reserved"), reserve_version=bindparam("new_version"))
+)
+_ADD_RESERVED = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("reserve_account"))
+    .values(reserved_pico=_accounts.c.reserved_pico + bindparam("reserve_delta"))
 )
 
 
@@ -183,7 +196,7 @@ def reserve(db: Session, session_id: str, account_id: str, change: ReserveChange
     succeeds; raising takes what the room allows, and nothing unless that reaches `least`. A
     change older than the last applied one, or for an ended session, changes nothing."""
     connection = db.connection()
-    room = connection.execute(_ACCOUNT_ROOM.with_for_update(), {"reserve_account": account_id}).first()
+    room = connection.execute(_ACCOUNT_ROOM, {"reserve_account": account_id}).first()
     row = connection.execute(_SESSION_RESERVE, {"reserve_id": session_id}).first()
     if room is None or row is None:
         return Reservation(0, False, 0)
@@ -197,28 +210,20 @@ def reserve(db: Session, session_id: str, account_id: str, change: ReserveChange
         new = held + max(0, min(change.want - held, available))
     else:
         new = held
-    connection.execute(
-        update(_sessions).where(_sessions.c.id == session_id).values(reserved_pico=new, reserve_version=change.version)
-    )
+    connection.execute(_SET_RESERVED, {"reserve_id": session_id, "new_reserved": new, "new_version": change.version})
     if new != held:
-        connection.execute(
-            update(_accounts)
-            .where(_accounts.c.id == account_id)
-            .values(reserved_pico=_accounts.c.reserved_pico + (new - held))
-        )
+        connection.execute(_ADD_RESERVED, {"reserve_account": account_id, "reserve_delta": new - held})
     return Reservation(new, new >= change.least, available - (new - held))
 
 
 def _release(connection, session_id: str, account_id: str) -> None:
     """An ending session's reservation goes back to its account (in the finalising transaction)."""
     # the account's row first, as `reserve` and admission lock it: one lock order, no deadlock
-    connection.execute(_ACCOUNT_ROOM.with_for_update(), {"reserve_account": account_id})
+    connection.execute(_ACCOUNT_ROOM, {"reserve_account": account_id})
     held = connection.execute(select(_sessions.c.reserved_pico).where(_sessions.c.id == session_id)).scalar_one()
     if held:
         connection.execute(update(_sessions).where(_sessions.c.id == session_id).values(reserved_pico=0))
-        connection.execute(
-            update(_accounts).where(_accounts.c.id == account_id).values(reserved_pico=_accounts.c.reserved_pico - held)
-        )
+        connection.execute(_ADD_RESERVED, {"reserve_account": account_id, "reserve_delta": -held})
 
 
 class Finalized(str, enum.Enum):

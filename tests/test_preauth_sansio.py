@@ -216,3 +216,13 @@ def test_a_response_done_settles_the_reservation_with_its_increment():
     settle_version, amount = r.settles[bills[0].seq]
     assert settle_version > version and amount < want and p.held == amount
     assert not p.in_flight
+
+
+def test_an_escaped_event_name_is_judged_like_the_plain_one():
+    """JSON lets a client spell `response.create` with escapes; it starts a response all the same."""
+    p = purse()
+    no_turn_detection(p)
+    assert not p.admit(b'{"type":"response\\u002ecreate"}')
+    automatic = purse()
+    assert not automatic.admit(b'{"type":"input_audio_buffer\\u002eappend","audio":"AAAA"}')
+    assert p.admit(b'{"type":"conversation.item.create","item":{"type":"message"}}')  # no parse needed

@@ -44,7 +44,10 @@ HEADROOM_AUDIO_S = 30  # a reservation grows ahead by this much audio, so it is 
 
 _APPEND = b'"input_audio_buffer.append"'
 _TYPE = b'"type"'
-_AUDIO_TYPE = re.compile(rb'"type"\s*:\s*"input_audio_buffer\.append"')
+_APPEND_VALUE = re.compile(rb'\s*:\s*"input_audio_buffer\.append"')  # matched right after `"type"`
+_CREATE = b'"response.create"'
+_AUDIO_KEY = b'"audio"'
+_ESCAPE = b"\\"
 
 
 def _max_rate(rates: ModelRates, field_name: str) -> int:
@@ -130,19 +133,21 @@ class Purse:
         caller forwards it). False: the session must hold more first; nothing was counted."""
         if self.free:
             return True
-        if _APPEND in payload and payload.count(_TYPE) == 1 and _AUDIO_TYPE.search(payload):
-            tokens = self.audio_tokens(len(payload))
-            if self.auto_response:
-                self.conversation_tokens += tokens
-                if self.need() > self.held:
-                    self.conversation_tokens -= tokens
-                    return self._block(self.need(extra=tokens * self.input_rate))
-            else:
-                self.conversation_tokens += tokens
+        event = None
+        if _is_append(payload):
+            kind, tokens = "input_audio_buffer.append", self.audio_tokens(len(payload))
+        elif _CREATE not in payload and _AUDIO_KEY not in payload and _ESCAPE not in payload:
+            kind, tokens = None, len(payload)  # most events: a token per byte, no parse
+        else:  # (an escape may spell any name: `"response\u002ecreate"` is a response.create)
+            event = _parse(payload)
+            kind, tokens = event.get("type"), self._event_tokens(event, payload)
+        if kind == "input_audio_buffer.append" and self.auto_response:
+            self.conversation_tokens += tokens
+            if self.need() > self.held:
+                self.conversation_tokens -= tokens
+                return self._block(self.need(extra=tokens * self.input_rate))
             return True
-        event = _parse(payload)
-        tokens = self._event_tokens(event, payload)
-        if event.get("type") != "response.create":
+        if kind != "response.create":
             self.conversation_tokens += tokens
             return True
         params = event.get("response") if isinstance(event.get("response"), dict) else {}
@@ -277,6 +282,14 @@ class Purse:
         if isinstance(audio_input, dict) and "format" in audio_input or "input_audio_format" in session:
             self.audio_bytes_per_s = _audio_bytes_per_s(session)
         self.session_tokens = len(json.dumps([session.get("instructions"), session.get("tools")]).encode())
+
+
+def _is_append(payload: bytes) -> bool:
+    """An `input_audio_buffer.append` event, told without parsing its audio: one `"type"` key (base64
+    has no quotes, so any other would be another event's), and its value is that name."""
+    if _APPEND not in payload or payload.count(_TYPE) != 1:
+        return False
+    return _APPEND_VALUE.match(payload, payload.find(_TYPE) + len(_TYPE)) is not None
 
 
 def _parse(payload: bytes) -> dict[str, Any]:
