@@ -285,11 +285,21 @@ class Purse:
 
 
 def _is_append(payload: bytes) -> bool:
-    """An `input_audio_buffer.append` event, told without parsing its audio: one `"type"` key (base64
-    has no quotes, so any other would be another event's), and its value is that name."""
-    if _APPEND not in payload or payload.count(_TYPE) != 1:
+    """An `input_audio_buffer.append` event, told without parsing or scanning its audio twice:
+    the `"audio"` string is skipped (base64 has no quotes; memchr finds its end), and what is
+    left must hold one `"type"` key, whose value is that name, and no escape (which may spell
+    any name: `"response\u002ecreate"`)."""
+    key = payload.find(_AUDIO_KEY)
+    if key < 0:
         return False
-    return _APPEND_VALUE.match(payload, payload.find(_TYPE) + len(_TYPE)) is not None
+    start = payload.find(b'"', key + len(_AUDIO_KEY))
+    end = payload.find(b'"', start + 1) if start > 0 else -1
+    if end < 0 or payload[key + len(_AUDIO_KEY) : start].strip() != b":":
+        return False
+    rest = payload[:start] + payload[end:]
+    if _ESCAPE in rest or rest.count(_TYPE) != 1:
+        return False
+    return _APPEND_VALUE.match(rest, rest.find(_TYPE) + len(_TYPE)) is not None
 
 
 def _parse(payload: bytes) -> dict[str, Any]:
