@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam
 from sqlalchemy import func
 from sqlalchemy import update
+from sqlalchemy.orm import aliased
 from sqlmodel import Session
 from sqlmodel import select
 
@@ -26,12 +28,18 @@ from .db import utcnow
 
 # The key and its account in one statement: the realtime upgrade (which also locks the account
 # row, serialising admissions of one account across nodes) and the HTTP API use the same rule.
+# An ephemeral key brings its parent's row: the parent's revocation and token cap are its own.
+_Parent = aliased(ApiKey, name="parent_key")
 _KEY_AND_ACCOUNT = (
     select(
         ApiKey.key_hash,
         ApiKey.id.label("api_key_id"),
-        ApiKey.token_cap,
+        func.coalesce(_Parent.token_cap, ApiKey.token_cap).label("token_cap"),
         ApiKey.revoked_at,
+        ApiKey.parent_key_id,
+        ApiKey.expires_at,
+        ApiKey.session_config,
+        _Parent.revoked_at.label("parent_revoked_at"),
         Account.id.label("account_id"),
         Account.active,
         Account.balance_pico,
@@ -39,16 +47,32 @@ _KEY_AND_ACCOUNT = (
         Account.session_token_cap,
     )
     .join(Account, Account.id == ApiKey.account_id)
+    .outerjoin(_Parent, _Parent.id == ApiKey.parent_key_id)
     .where(ApiKey.key_hash == bindparam("digest"))
 )
 _KEY_AND_LOCKED_ACCOUNT = _KEY_AND_ACCOUNT.with_for_update(of=Account)
 
+EPHEMERAL_PREFIX = "ek_"
 
-def usable_key(connection, key: str, *, lock_account: bool = False):
-    """The key's row with its account's, or None when the key is unknown, revoked, or its account
-    disabled — one message for all, so a caller learns nothing about which. With `lock_account`
-    the account row stays locked until the transaction ends (PostgreSQL; SQLite's BEGIN
-    IMMEDIATE already serialises writers)."""
+
+class KeyExpired(Exception):
+    """An ephemeral key past its `expires_at`: refused, with a message saying so (the holder
+    learns only what it was told when the key was minted)."""
+
+    def __init__(self, expires_at: int):
+        self.expires_at = expires_at
+        super().__init__(
+            f"This ephemeral key (ek_…) expired at {expires_at} (epoch seconds); mint a new one with "
+            "POST /v1/realtime/client_secrets."
+        )
+
+
+def usable_key(connection, key: str, *, lock_account: bool = False, now: float | None = None):
+    """The key's row with its account's, or None when the key is unknown, revoked (or minted by a
+    key since revoked), or its account disabled — one message for all, so a caller learns nothing
+    about which. An expired ephemeral key raises KeyExpired. With `lock_account` the account row
+    stays locked until the transaction ends (PostgreSQL; SQLite's BEGIN IMMEDIATE already
+    serialises writers)."""
     digest = hash_key(key)
     found = connection.execute(
         _KEY_AND_LOCKED_ACCOUNT if lock_account else _KEY_AND_ACCOUNT, {"digest": digest}
@@ -57,9 +81,12 @@ def usable_key(connection, key: str, *, lock_account: bool = False):
         found is None
         or not hmac.compare_digest(found.key_hash, digest)
         or found.revoked_at is not None
+        or found.parent_revoked_at is not None
         or not found.active
     ):
         return None
+    if found.expires_at is not None and (time.time() if now is None else now) >= found.expires_at:
+        raise KeyExpired(found.expires_at)
     return found
 
 
@@ -113,6 +140,9 @@ def key_json(key: ApiKey) -> dict:
         "token_cap": key.token_cap,
         "created_at": int(key.created_at.timestamp()),
         "revoked_at": int(key.revoked_at.timestamp()) if key.revoked_at else None,
+        # ephemeral keys only: the rsk_ key that minted it, and when it stops admitting sessions
+        "parent_key_id": key.parent_key_id,
+        "expires_at": key.expires_at,
     }
 
 
@@ -185,6 +215,28 @@ def create_key(engine, account_id: str, name: str = "", token_cap: int | None = 
         display=key_display(plaintext),
         key_hash=hash_key(plaintext),
         token_cap=token_cap,
+    )
+    with Session(engine, expire_on_commit=False) as db, db.begin():
+        db.add(key)
+    with Session(engine, expire_on_commit=False) as db:
+        key = db.get(ApiKey, key.id)
+        db.expunge(key)
+    return CreatedKey(key, plaintext)
+
+
+def create_ephemeral_key(engine, parent, seconds: int, session_config: dict | None) -> CreatedKey:
+    """An ek_ key for the account of `parent` (a `usable_key` row of an rsk_ key): it opens
+    realtime sessions until `seconds` from now, each with `session_config` applied."""
+    plaintext = new_key(EPHEMERAL_PREFIX)
+    key = ApiKey(
+        id=new_id("key"),
+        account_id=parent.account_id,
+        name="ephemeral",
+        display=key_display(plaintext),
+        key_hash=hash_key(plaintext),
+        parent_key_id=parent.api_key_id,
+        expires_at=int(time.time()) + seconds,
+        session_config=session_config,
     )
     with Session(engine, expire_on_commit=False) as db, db.begin():
         db.add(key)

@@ -41,8 +41,8 @@ def utcnow() -> datetime:
 _KEY_ALPHABET = string.ascii_letters + string.digits
 
 
-def new_key() -> str:
-    return "rsk_" + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(40))
+def new_key(prefix: str = "rsk_") -> str:
+    return prefix + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(40))
 
 
 def hash_key(key: str) -> str:
@@ -85,6 +85,12 @@ class ApiKey(SQLModel, table=True):
     token_cap: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+    # An ephemeral key (ek_, POST /v1/realtime/client_secrets): the rsk_ key that minted it, whose
+    # revocation ends it too; when it stops admitting sessions (epoch seconds, not a datetime: no
+    # time zone to get wrong across drivers); the session config every session it opens gets.
+    parent_key_id: str | None = Field(default=None, index=True)
+    expires_at: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    session_config: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class SessionRecord(SQLModel, table=True):

@@ -23,6 +23,7 @@ from datetime import datetime
 
 import anyio
 from sqlalchemy import bindparam
+from sqlalchemy import or_
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
@@ -301,9 +302,16 @@ def standing(db: Session, account_ids: list[str], key_ids: list[str] = ()) -> St
     found = {row.id: (row.balance_pico, row.reserved_pico, bool(row.active)) for row in rows}
     revoked = frozenset()
     if key_ids:
+        # an ephemeral key whose parent was revoked counts as revoked: its sessions end too
+        parent = _keys.alias("parent_key")
         revoked = frozenset(
             connection.execute(
-                select(_keys.c.id).where(_keys.c.id.in_(list(key_ids)), _keys.c.revoked_at.is_not(None))
+                select(_keys.c.id)
+                .select_from(_keys.outerjoin(parent, parent.c.id == _keys.c.parent_key_id))
+                .where(
+                    _keys.c.id.in_(list(key_ids)),
+                    or_(_keys.c.revoked_at.is_not(None), parent.c.revoked_at.is_not(None)),
+                )
             ).scalars()
         )
     return Standing(found, revoked)
