@@ -28,6 +28,7 @@ from meshrt.shared.ids import new_id
 from meshrt.shared.logs import one_line
 from meshrt.shared.settings import Settings
 from meshrt.storage.accounts import OPEN_SESSIONS
+from meshrt.storage.accounts import KeyExpired
 from meshrt.storage.accounts import usable_key
 from meshrt.storage.db import SessionRecord
 from meshrt.storage.db import SessionState
@@ -87,10 +88,21 @@ def _admit_in_transaction(
     key: str,
 ) -> Grant:
     with engine.begin() as db:
-        found = usable_key(db, key, lock_account=True)
+        try:
+            found = usable_key(db, key, lock_account=True)
+        except KeyExpired as expired:
+            raise GatewayError("invalid_api_key", str(expired)) from None
         if found is None:
             raise GatewayError("invalid_api_key")
         model = upgrade.model
+        bound = (found.session_config or {}).get("model")
+        if bound is not None:  # an ephemeral key's model is the session's: the URL may only repeat it
+            if model is not None and model != bound:
+                raise GatewayError(
+                    "model_not_found",
+                    f"{model_detail(model)} This ephemeral key is for {bound!r}: leave model out or ask for that one.",
+                )
+            model = bound
         if model is None:
             raise GatewayError("missing_model")
         rates = prices.get(model)
@@ -118,6 +130,7 @@ def _admit_in_transaction(
             client_addr=peer_ip or "",
             started_at=now,
             balance_pico=found.balance_pico,
+            session_config=_upstream_config(found.session_config),
         )
         db.execute(
             _INSERT_SESSION,
@@ -144,3 +157,12 @@ def _admit_in_transaction(
             },
         )
     return grant
+
+
+def _upstream_config(config: dict | None) -> dict | None:
+    """An ephemeral key's session config as the session.update the worker sends: the model is
+    the URL's (upstream takes it there, and it cannot change mid-session)."""
+    if not config:
+        return None
+    update = {k: v for k, v in config.items() if k != "model"}
+    return update if set(update) - {"type"} else None

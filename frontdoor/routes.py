@@ -4,6 +4,9 @@ admin API (operator token). The admin operations are `accounts.py`'s, the same a
 from __future__ import annotations
 
 import hmac
+import json
+from typing import Any
+from typing import Literal
 
 from fastapi import Depends
 from fastapi import FastAPI
@@ -61,6 +64,14 @@ def require_tls(request: Request) -> None:
         raise _spec_error("tls_required")
 
 
+# An ephemeral key opens realtime sessions and nothing else: it must not read the account's
+# usage or balance, nor mint keys that outlive it (docs/protocol.md, Ephemeral keys).
+EPHEMERAL_REFUSED = (
+    "Ephemeral keys (ek_…) only open realtime sessions (the WebSocket /v1/realtime); "
+    "this endpoint takes the rsk_ key they were minted with."
+)
+
+
 def tenant_key(request: Request):
     """The caller's key (Authorization: Bearer rsk_…), by the realtime upgrade's own rules (TLS,
     then the key): a row with `api_key_id` and `account_id`."""
@@ -68,6 +79,8 @@ def tenant_key(request: Request):
     token = _bearer(request)
     if token is None:
         raise ApiError(401, "missing_api_key", "No API key provided. Send Authorization: Bearer <key>.")
+    if token.startswith(ops.EPHEMERAL_PREFIX):  # refused unlooked-up: nothing to learn about it
+        raise _spec_error("invalid_api_key", EPHEMERAL_REFUSED)
     with request.app.state.ctx.engine.connect() as connection:
         found = ops.usable_key(connection, token) if token else None
     if found is None:
@@ -141,7 +154,65 @@ def _usage_page(engine, account_id, start_time, end_time, model, limit, after) -
         raise ApiError(400, "invalid_parameter", f"after: {exc.args[0]}") from None
 
 
+# An ephemeral key's session config rides in every Grant (control messages are at most 256 KiB)
+MAX_SESSION_CONFIG_BYTES = 64 * 1024
+
+
+class ExpiresAfter(BaseModel):
+    anchor: Literal["created_at"] = "created_at"
+    seconds: int = Field(600, ge=10, le=7200)
+
+
+class ClientSecretRequest(BaseModel):
+    """OpenAI's `POST /v1/realtime/client_secrets` body (openai.types.realtime.ClientSecretCreateParams)."""
+
+    expires_after: ExpiresAfter | None = None
+    session: dict[str, Any] | None = None
+
+
+def _session_config(session: dict | None, prices) -> dict:
+    """The session config an ephemeral key carries, checked: a realtime session, a listed
+    realtime model if one is named, small enough to travel in a grant."""
+    config = dict(session or {})
+    kind = config.setdefault("type", "realtime")
+    if kind == "transcription":
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            "session.type: 'transcription' is not supported here; this gateway's realtime endpoint opens "
+            "conversation sessions (session.type 'realtime').",
+        )
+    if kind != "realtime":
+        raise ApiError(400, "invalid_parameter", "session.type: must be 'realtime' or 'transcription'.")
+    model = config.get("model")
+    if model is not None:
+        rates = prices.get(model) if isinstance(model, str) else None
+        if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
+            shown = model_detail(model) if isinstance(model, str) else "It must be a string."
+            raise ApiError(
+                400,
+                "invalid_parameter",
+                f"session.model: not a realtime model here. {shown} GET /v1/models lists the ones you can use.",
+            )
+    if len(json.dumps(config, separators=(",", ":"))) > MAX_SESSION_CONFIG_BYTES:
+        raise ApiError(400, "invalid_parameter", f"session: over {MAX_SESSION_CONFIG_BYTES} bytes of JSON.")
+    return config
+
+
 def tenant_routes(app: FastAPI, ctx) -> None:
+    @app.post("/v1/realtime/client_secrets")
+    def client_secrets(body: ClientSecretRequest, key=Depends(tenant_key)):
+        config = _session_config(body.session, ctx.prices)
+        seconds = (body.expires_after or ExpiresAfter()).seconds
+        created = ops.create_ephemeral_key(ctx.engine, key, seconds, config)
+        return {
+            "value": created.plaintext,
+            "expires_at": created.key.expires_at,
+            # OpenAI's effective session object; its id is the ephemeral key's id, the api_key_id
+            # of every usage record of the sessions it opens
+            "session": {**config, "object": "realtime.session", "id": created.key.id, "expires_at": 0},
+        }
+
     @app.get("/v1/models")
     def list_models(key=Depends(tenant_key)):
         return {"object": "list", "data": [_model_json(m, r) for m, r in ctx.prices.listed_models().items()]}

@@ -46,6 +46,9 @@ class Grant:
     client_addr: str = ""
     started_at: float = 0.0  # UTC epoch seconds
     balance_pico: int = 0  # the account's balance at admission: the supervisor's first estimate
+    # An ephemeral key's session config: the worker sends it upstream as a session.update
+    # before the client's first event (docs/protocol.md, Ephemeral keys). None for an rsk_ key.
+    session_config: dict | None = None
 
 
 @dataclass(frozen=True)

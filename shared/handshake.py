@@ -23,8 +23,9 @@ from websockets.server import ServerProtocol
 from .errors import ERRORS
 from .errors import error_event
 
-KEY_PATTERN = re.compile(r"rsk_[A-Za-z0-9]{32,}")
-_KEYLIKE = re.compile(r"rsk_[A-Za-z0-9_]*")  # "_" too: in "rsk_xrsk_<key>" the key's body must not survive
+# rsk_: a tenant key; ek_: an ephemeral key minted from one (POST /v1/realtime/client_secrets)
+KEY_PATTERN = re.compile(r"(?:rsk|ek)_[A-Za-z0-9]{32,}")
+_KEYLIKE = re.compile(r"(rsk|ek)_[A-Za-z0-9_]*")  # "_" too: in "rsk_xrsk_<key>" the key's body must not survive
 _QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
 _TOKEN = re.compile(r"[^&\s\"']+")
 
@@ -36,7 +37,7 @@ _FORWARDED_HEADERS = ("openai-beta", "openai-safety-identifier", "user-agent")
 
 def redact(text: str) -> str:
     """Replace every key-like token and every api_key= value in `text`, percent-encoded or not."""
-    text = _KEYLIKE.sub("rsk_…REDACTED", text)
+    text = _KEYLIKE.sub(r"\1_…REDACTED", text)
     text = _QUERY_KEY.sub(r"\1rsk_…REDACTED", text)
     return _TOKEN.sub(_redact_encoded, text) if "%" in text else text
 
@@ -48,7 +49,7 @@ def _redact_encoded(match: re.Match) -> str:
         return token
     for _ in range(3):
         decoded = unquote_plus(decoded)
-    return "rsk_…REDACTED" if "rsk_" in decoded or "api_key=" in decoded.lower() else token
+    return "rsk_…REDACTED" if "rsk_" in decoded or "ek_" in decoded or "api_key=" in decoded.lower() else token
 
 
 def is_wellformed_key(key: str) -> bool:
@@ -140,9 +141,13 @@ def extract_credentials(upgrade: UpgradeRequest) -> Credentials:
     return Credentials(None, "none")
 
 
-def upstream_query(upgrade: UpgradeRequest) -> str:
-    """The client's query for the upstream URL, minus `api_key`."""
-    return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"], errors="surrogateescape")
+def upstream_query(upgrade: UpgradeRequest, model: str | None = None) -> str:
+    """The client's query for the upstream URL, minus `api_key`; with `model` (the grant's, the
+    one billed) in place of the client's: an ephemeral key's model holds even when the URL has none."""
+    if model is None or model == upgrade.model:
+        return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"], errors="surrogateescape")
+    kept = [(k, v) for k, v in upgrade.query if k not in ("api_key", "model")]
+    return urlencode([*kept, ("model", model)], errors="surrogateescape")
 
 
 def strip_credentials(request: Request) -> bytes:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from meshrt.shared.money import Money
 from meshrt.shared.settings import CommandError
@@ -125,6 +126,16 @@ def failure_line(exc: BaseException, settings) -> str | None:
     return None
 
 
+def _key_state(key) -> str:
+    """`keys list`'s last column; an ephemeral key names the rsk_ key that minted it."""
+    state = "revoked" if key.revoked_at else "active"
+    if key.parent_key_id is None:
+        return state
+    if not key.revoked_at and key.expires_at is not None and key.expires_at <= time.time():
+        state = "expired"
+    return f"{state}\tephemeral of {key.parent_key_id}, expires_at {key.expires_at}"
+
+
 def _print(args, payload, text: str) -> None:
     print(json.dumps(payload, indent=2) if args.json else text)
 
@@ -236,10 +247,7 @@ def _operate(args, settings) -> int:
             _print(
                 args,
                 [ops.key_json(k) for k in rows],
-                "\n".join(
-                    f"{k.id}\t{k.account_id}\t{k.display}\t{'revoked' if k.revoked_at else 'active'}" for k in rows
-                )
-                or "(no keys)",
+                "\n".join(f"{k.id}\t{k.account_id}\t{k.display}\t{_key_state(k)}" for k in rows) or "(no keys)",
             )
         else:
             key = ops.revoke_key(engine, args.key_id)

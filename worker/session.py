@@ -18,6 +18,7 @@ spool at the session's end, so nothing is lost either way).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import time
@@ -46,6 +47,7 @@ from meshrt.shared.handshake import upstream_headers
 from meshrt.shared.handshake import upstream_query
 from meshrt.shared.logs import session_log
 
+from .frames import client_text_frame
 from .legs import Leg
 from .legs import TransportLeg
 from .relay import Phase
@@ -129,7 +131,7 @@ class WorkerSession:
         self._handshake = protocol, request
         upgrade = parse_upgrade(request)
         self._client = Leg(self.client_sock)
-        url = upstream_url(self.config.upstream_url, upstream_query(upgrade))
+        url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model))
         began = time.monotonic()
         try:
             upstream = await connect_upstream(
@@ -144,6 +146,9 @@ class WorkerSession:
             await self._refuse(protocol, request, error)
             return
         self._upstream = upstream.stream
+        if self.grant.session_config:  # an ephemeral key's config: upstream has it before any client event
+            update = {"type": "session.update", "session": self.grant.session_config}
+            await self._upstream.send(client_text_frame(json.dumps(update, separators=(",", ":")).encode()))
         response, status = accept_bytes(protocol, request, self.grant.request_id)
         self._answered = True
         await self._client.send(response)
