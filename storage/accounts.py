@@ -67,7 +67,7 @@ class KeyExpired(Exception):
         )
 
 
-def usable_key(connection, key: str, *, lock_account: bool = False, now: float | None = None):
+def usable_key(connection, key: str, *, lock_account: bool = False):
     """The key's row with its account's, or None when the key is unknown, revoked (or minted by a
     key since revoked), or its account disabled — one message for all, so a caller learns nothing
     about which. An expired ephemeral key raises KeyExpired. With `lock_account` the account row
@@ -85,7 +85,7 @@ def usable_key(connection, key: str, *, lock_account: bool = False, now: float |
         or not found.active
     ):
         return None
-    if found.expires_at is not None and (time.time() if now is None else now) >= found.expires_at:
+    if found.expires_at is not None and time.time() >= found.expires_at:
         raise KeyExpired(found.expires_at)
     return found
 
