@@ -97,7 +97,9 @@ async def converse(ws) -> tuple[dict, dict, dict]:
     return created, updated, done
 
 
-def test_sdk_mints_a_key_whose_sessions_get_its_config_and_bill_the_parent(ek_gateway, sim, make_tenant, engine):
+def test_sdk_mints_a_key_whose_sessions_get_its_config_and_bill_the_parent(gateway, sim, make_tenant, engine):
+    """On both worker backends (the `gateway` fixture): the config goes upstream from the worker."""
+    ek_gateway = gateway
     tenant = make_tenant(balance="5")
     start = balance(engine, tenant.account_id)
     began = int(time.time())
@@ -314,3 +316,34 @@ def test_an_older_database_gets_the_columns_on_upgrade(tmp_path):
     assert changes.indexes == ("ix_apikey_parent_key_id",)
     with old.connect() as db:
         assert db.execute(text("SELECT parent_key_id, expires_at, session_config FROM apikey")).all() == []
+
+
+def test_a_session_outlives_its_key_and_counts_against_the_account(ek_gateway, make_tenant, engine):
+    tenant = make_tenant(max_concurrent_sessions=1)
+    secret = mint(ek_gateway, tenant.key)
+
+    async def go():
+        async with connect_ws(ek_gateway.ws_url, key=secret.value) as ws:
+            await recv_json(ws)
+            # the account's one session is taken: its rsk_ key and its ek_ key are refused alike
+            for key in (tenant.key, secret.value):
+                assert (await expect_refusal(ek_gateway.ws_url, key=key))[0]["error"]["code"] == "too_many_sessions"
+            with engine.begin() as db:
+                db.execute(update(ApiKey).where(ApiKey.id == secret.session.id).values(expires_at=int(time.time()) - 1))
+            await asyncio.sleep(1.5)  # three of the supervisor's re-reads of its live sessions' keys
+            await ws.send(json.dumps({"type": "response.create"}))
+            done = (await recv_until(ws, "response.done"))[-1]
+            return done, ws.response.headers["x-request-id"]
+
+    done, request_id = run(go(), 60)
+    assert done["response"]["status"] == "completed"
+    assert ended_record(engine, request_id).end_reason == "client_closed"
+    assert "expired" in run(expect_refusal(ek_gateway.ws_url, key=secret.value))[0]["error"]["message"]
+
+
+def test_minting_takes_the_tls_rule_of_every_tenant_route(gateway_factory, tenant):
+    gw = gateway_factory(MESHRT_ALLOW_PLAIN_WS="0")
+    answer = httpx.post(
+        f"{gw.http_url}/v1/realtime/client_secrets", json={}, headers={"Authorization": f"Bearer {tenant.key}"}
+    )
+    assert answer.status_code == 403 and answer.json()["error"]["code"] == "tls_required"

@@ -361,7 +361,8 @@ def test_relay_writes_only_well_formed_masked_frames_upstream(operations):
 # --- the handshake ------------------------------------------------------------------------
 
 
-keys = st.text(ALNUM, min_size=32, max_size=48).map(lambda body: "rsk_" + body)
+# tenant keys and ephemeral keys (ek_, minted from one) are carried, stripped and redacted alike
+keys = st.tuples(st.sampled_from(["rsk_", "ek_"]), st.text(ALNUM, min_size=32, max_size=48)).map("".join)
 SUBPROTOCOL_KEY_PREFIXES = [
     "openai-insecure-api-key.",
     "OpenAI-Insecure-API-Key.",
@@ -441,13 +442,14 @@ def encode_param(name: str, value: str, encoding: str) -> str:
     if encoding == "encoded-name":
         return f"api%5Fkey={value}"
     if encoding == "encoded-value":
-        return f"api_key=rsk%5F{value[4:]}"
+        prefix, _, body = value.partition("_")
+        return f"api_key={prefix}%5F{body}"
     return f"api%5Fkey={every}"
 
 
 def secret(key: str) -> str:
-    """What must never be written anywhere: the key's body (the `rsk_` prefix is public)."""
-    return key[4:]
+    """What must never be written anywhere: the key's body (the `rsk_` / `ek_` prefix is public)."""
+    return key.partition("_")[2]
 
 
 @BOUNDED
@@ -511,6 +513,10 @@ key_contexts = st.sampled_from(
         "?model=m&api_key={k}&x=1",
         "rsk_{k}",
         "rsk_x{k}",
+        "ek_x{k}",
+        "week_{k}",
+        "api_key=ek%5F{b}",
+        "x=%65k_{b}",
         "{k}{k}",
         "Bearer {k}",
         '"{k}"',
@@ -536,7 +542,7 @@ def test_redact_leaves_no_key_in_any_text(pieces, key):
 @BOUNDED
 @given(st.text(max_size=200))
 def test_redact_leaves_text_without_keys_alone(text):
-    if "rsk_" in text or "%" in text or re.search("api_key=", text, re.IGNORECASE):
+    if "rsk_" in text or "ek_" in text or "%" in text or re.search("api_key=", text, re.IGNORECASE):
         return
     assert redact(text) == text
 
