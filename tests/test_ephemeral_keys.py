@@ -279,7 +279,8 @@ def test_revoking_the_parent_ends_its_keys_and_their_live_sessions(ek_gateway, m
             return events, ws.close_code, ws.response.headers["x-request-id"], took
 
     events, code, request_id, took = run(go())
-    assert events[-1]["error"]["code"] == "key_revoked" and code == 1008 and took < 3
+    print(f"ek_ session closed {took:.2f} s after its parent key's revocation")
+    assert events[-1]["error"]["code"] == "key_revoked" and code == 1008 and took < 2
     assert ended_record(engine, request_id).end_reason == "key_revoked"
     assert key_row(engine, secret.session.id).revoked_at is None  # ended through its parent, not marked
     for value in (secret.value, sibling.value):
