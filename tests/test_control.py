@@ -3,6 +3,7 @@ message kind comes back equal, fds arrive open, bad datagrams raise ControlError
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -46,6 +47,8 @@ MESSAGES = [
     HandoffAck("sess_1"),
     HandoffAck("sess_1", "server_at_capacity"),
     Reattach(GRANT, 42, True),
+    # an ephemeral key's session config rides in the grant (docs/protocol.md, Ephemeral keys)
+    Spawn(dataclasses.replace(GRANT, session_config={"type": "realtime", "instructions": "é\u2028"}), CONFIG, b"GET"),
     Spawn(GRANT, CONFIG, b"GET"),
     Spawned("sess_1", 42),
     ZygoteReady(7),
