@@ -49,7 +49,8 @@ ERRORS: dict[str, ErrorSpec] = {
         _spec("missing_api_key", _INVALID, 1008, 401, _C,
               "No API key provided. Send it as a subprotocol, an Authorization header or ?api_key=."),
         _spec("invalid_api_key", _INVALID, 1008, 401, _C,
-              "Incorrect API key provided. meshrt takes an rsk_ key issued by this gateway."),
+              "Incorrect API key provided. meshrt takes an rsk_ key issued by this gateway "
+              "(or an ek_ key minted with one)."),
         _spec("missing_model", _INVALID, 1008, 400, _C, "The 'model' query parameter is required."),
         _spec("model_not_found", _INVALID, 1008, 404, _C,
               "The model does not exist or is not a realtime model here; GET /v1/models lists the ones you can use."),
