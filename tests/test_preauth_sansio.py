@@ -226,3 +226,14 @@ def test_an_escaped_event_name_is_judged_like_the_plain_one():
     automatic = purse()
     assert not automatic.admit(b'{"type":"input_audio_buffer\\u002eappend","audio":"AAAA"}')
     assert p.admit(b'{"type":"conversation.item.create","item":{"type":"message"}}')  # no parse needed
+
+
+def test_a_response_limit_replaces_the_session_limit_even_when_higher():
+    p = purse()
+    no_turn_detection(p)
+    p.session_event({"instructions": "", "tools": [], "max_output_tokens": 100})
+    p.answered(*p.wanted()[:1], 10**15, True, "")
+    assert p.admit(b'{"type":"response.create","response":{"max_output_tokens":1000}}')
+    assert p.in_flight[-1] == p.bound(1000) > p.bound()  # 1000 tokens, not the session's 100
+    assert p.admit(b'{"type":"response.create","response":{"max_output_tokens":"inf"}}')
+    assert p.in_flight[-1] == p.bound(CAP)  # "inf" on the response: the cap

@@ -108,8 +108,10 @@ class Purse:
     # --- bounds -------------------------------------------------------------------------
 
     def bound(self, max_output: int | None = None) -> int:
-        """What one response starting now may cost at most."""
-        cap = min(x for x in (max_output, self.session_output, self.output_cap) if x is not None)
+        """What one response starting now may cost at most. `max_output`: the response's own
+        limit, which replaces the session's (as on OpenAI, even when higher); None: the session's."""
+        limit = max_output if max_output is not None else self.session_output
+        cap = self.output_cap if limit is None else min(limit, self.output_cap)
         return (self.session_tokens + self.conversation_tokens) * self.input_rate + cap * self.output_rate
 
     def need(self, extra: int = 0) -> int:
@@ -151,7 +153,9 @@ class Purse:
             self.conversation_tokens += tokens
             return True
         params = event.get("response") if isinstance(event.get("response"), dict) else {}
-        max_output = _output_limit(params.get("max_output_tokens", params.get("max_response_output_tokens")))
+        given = params.get("max_output_tokens", params.get("max_response_output_tokens"))
+        # the response's own limit replaces the session's; its "inf" means the cap, not the session's
+        max_output = None if given is None else (_output_limit(given) or self.output_cap)
         self.conversation_tokens += tokens  # its own instructions and input count for it
         bound = self.bound(max_output)
         if self.need(extra=bound) > self.held:
