@@ -444,7 +444,10 @@ class Supervisor:
                     if message.settle_version:
                         settle = ledger.ReserveChange(message.settle_version, message.settle_pico, 0)
                     await self._apply(live, message.increment, settle=settle)
-                elif isinstance(message, Reserve):
+                elif isinstance(message, Reserve) and not live.reserving:
+                    # one at a time: a worker waits for each answer, and one that floods is
+                    # untrusted (ignored; it refuses its own event when no answer comes)
+                    live.reserving = True
                     self.tg.start_soon(self._reserve, live, message)
                 elif isinstance(message, WorkerEnded):
                     live.end_report = message
@@ -602,6 +605,7 @@ class Supervisor:
         else:
             reply = self._reserve_provisionally(live, message, written)
         self.metrics.inc("meshrt_reservations_total", outcome=reply.reason or "granted")
+        live.reserving = False
         if live.channel is not None:
             await self._tell(live, reply)
 
