@@ -181,6 +181,7 @@ class SimSession:
         self.active: ResponseRun | None = None
         self.responses = 0
         self.tokens_used = 0
+        self.speaking = False  # turn detection heard speech since the last commit
         self._last_input: list[tuple[tuple, Tokens]] = []
         self._event_seq = itertools.count(1)
         self._event_prefix = secrets.token_hex(4)
@@ -327,10 +328,39 @@ class SimSession:
         if not isinstance(audio, str):
             raise ProtocolError("missing_required_parameter", "Missing required parameter: 'audio'.", "audio")
         try:
-            self.buffered_bytes += len(binascii.a2b_base64(audio, strict_mode=True))
+            pcm = binascii.a2b_base64(audio, strict_mode=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("invalid_value", "'audio' is not valid base64.", "audio") from None
-        return []
+        self.buffered_bytes += len(pcm)
+        return self._detect_turn(pcm)
+
+    def _turn_detection(self) -> dict | None:
+        if self.beta:
+            config = self.config.get("turn_detection")
+        else:
+            config = ((self.config.get("audio") or {}).get("input") or {}).get("turn_detection")
+        return config if isinstance(config, dict) else None
+
+    def _detect_turn(self, pcm: bytes) -> list[Any]:
+        """Voice activity detection, simplified: audio with any non-zero sample is speech, an
+        all-zero chunk after speech ends the turn — committed, and answered with a response
+        when `create_response` is not false (and none is active)."""
+        config = self._turn_detection()
+        if config is None or not pcm:
+            return []
+        if any(pcm):
+            if self.speaking:
+                return []
+            self.speaking = True
+            return [self.event("input_audio_buffer.speech_started", audio_start_ms=0, item_id=new_id("item"))]
+        if not self.speaking:
+            return []
+        self.speaking = False
+        out = [self.event("input_audio_buffer.speech_stopped", audio_end_ms=0, item_id=new_id("item"))]
+        out += self._commit({})
+        if config.get("create_response", True) is not False and self.active is None:
+            out += self._response_create({})
+        return out
 
     def _clear(self, event: dict) -> list[Any]:
         self.buffered_bytes = 0

@@ -6,6 +6,7 @@ at zero, and billing stays exact."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -239,3 +240,58 @@ def test_many_accounts_at_once_each_stay_within_their_own_balance(gateway_factor
     served = {t.account_id: sum(s for a, s, _ in results if a == t.account_id) for t in tenants}
     # a bigger balance buys more responses: each account spent its own, not another's
     assert served[tenants[0].account_id] < served[tenants[2].account_id], served
+
+
+SPEECH = base64.b64encode(b"\x01\x00" * 2400).decode()  # 100 ms of PCM16 that is not silence
+SILENCE = base64.b64encode(b"\x00\x00" * 2400).decode()
+VAD = {
+    "type": "session.update",
+    "session": {
+        "type": "realtime",
+        "max_output_tokens": 60,
+        "audio": {"input": {"turn_detection": {"type": "server_vad"}}},
+    },
+}
+
+
+async def speak_turn(ws) -> dict:
+    """Speech, then silence: turn detection commits it and answers with a response by itself;
+    the response.done, or the error event that refused the audio."""
+    for chunk in (SPEECH, SPEECH, SILENCE):
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+    while True:
+        event = await recv_json(ws, 30)
+        if event["type"] in ("response.done", "error"):
+            return event
+
+
+def test_automatic_responses_are_reserved_before_the_audio_that_starts_them(gateway, make_tenant, engine):
+    """With turn detection on, the audio appends are what start responses: a session speaks turns
+    until its balance cannot cover the next response. The audio is then refused in-band (one
+    error), no response starts unreserved, and the balance never goes below zero."""
+    poor = make_tenant(balance="0.02")
+    start = account_row(engine, poor.account_id).balance_pico
+
+    async def go():
+        async with connect_ws(gateway.ws_url, key=poor.key, query="sim_response_ms=400") as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps(VAD))
+            served = 0
+            for _ in range(40):
+                answer = await speak_turn(ws)
+                if answer["type"] == "error":
+                    assert answer["error"]["code"] == "insufficient_quota", answer
+                    break
+                served += 1
+            else:
+                raise AssertionError("never refused")
+            assert await still_open(ws)
+            return served, ws.response.headers["x-request-id"]
+
+    served, request_id = run(go(), 90)
+    row = ended_record(engine, request_id)
+    account = account_row(engine, poor.account_id)
+    assert served >= 1 and row.responses == served
+    assert account.balance_pico >= 0, Money(account.balance_pico).usd_str()
+    assert start - account.balance_pico == row.cost_pico == debits(engine, poor.account_id)
+    assert account.reserved_pico == 0

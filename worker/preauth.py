@@ -48,6 +48,7 @@ _APPEND_VALUE = re.compile(rb'\s*:\s*"input_audio_buffer\.append"')  # matched r
 _CREATE = b'"response.create"'
 _AUDIO_KEY = b'"audio"'
 _ESCAPE = b"\\"
+_DETECTION = b"turn_detection"
 
 
 def _max_rate(rates: ModelRates, field_name: str) -> int:
@@ -143,6 +144,9 @@ class Purse:
         else:  # (an escape may spell any name: `"response\u002ecreate"` is a response.create)
             event = _parse(payload)
             kind, tokens = event.get("type"), self._event_tokens(event, payload)
+        if _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload):
+            # it may turn automatic responses on: assume so until upstream's session.updated says
+            self.auto_response = True
         if kind == "input_audio_buffer.append" and self.auto_response:
             self.conversation_tokens += tokens
             if self.need() > self.held:
