@@ -12,6 +12,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,6 +275,10 @@ def test_dashboard_in_a_real_browser(chromium, shared_gateway, make_tenant, tmp_
         assert page.js("document.getElementById('key-input').value") == ""
 
         assert page.text("#balance") == usd_shown(account["balance"])
+        # what the live session holds for its next response is shown apart from the balance
+        assert re.fullmatch(r"\$[\d,.]+ available · \$[\d,.]+ reserved", page.text("#balance-sub")), page.text(
+            "#balance-sub"
+        )
         assert page.text("#live") == "1 / 4"
         assert page.text("#account-name") == account["name"]
 
