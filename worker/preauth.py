@@ -144,7 +144,9 @@ class Purse:
         else:  # (an escape may spell any name: `"response\u002ecreate"` is a response.create)
             event = _parse(payload)
             kind, tokens = event.get("type"), self._event_tokens(event, payload)
-        if _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload):
+        if kind != "input_audio_buffer.append" and (
+            _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)
+        ):
             # it may turn automatic responses on: assume so until upstream's session.updated says
             self.auto_response = True
         if kind == "input_audio_buffer.append" and self.auto_response:
