@@ -149,7 +149,7 @@ class Purse:
         ):
             # it may turn automatic responses on: assume so until upstream's session.updated says
             self.auto_response = True
-        if kind == "input_audio_buffer.append" and self.auto_response:
+        if is_append and self.auto_response:
             self.conversation_tokens += tokens
             if self.need() > self.held:
                 self.conversation_tokens -= tokens
