@@ -144,9 +144,8 @@ class Purse:
         else:  # (an escape may spell any name: `"response\u002ecreate"` is a response.create)
             event = _parse(payload)
             kind, tokens = event.get("type"), self._event_tokens(event, payload)
-        if kind != "input_audio_buffer.append" and (
-            _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)
-        ):
+        is_append = kind == "input_audio_buffer.append"
+        if not is_append and (_DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)):
             # it may turn automatic responses on: assume so until upstream's session.updated says
             self.auto_response = True
         if is_append and self.auto_response:
