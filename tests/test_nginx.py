@@ -257,15 +257,44 @@ def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_b
     assert '"GET /v1/realtime" 101' in access and '"GET /v1/models" 200' in access, access
 
 
+DISGUISED = [
+    "/%6detrics",
+    "//metrics",
+    "/v1/../metrics",
+    "/v1/%2e%2e/metrics",
+    "/v1/..%2fmetrics",
+    "/v1/..%2Fadmin/v1/accounts",
+    "/dashboard/../admin/v1/accounts",
+    "/v1/./../readyz",
+    "/v1%2f..%2fmetrics",
+]
+
+
+def raw_get(edge: Edge, path: str, *headers: str) -> tuple[int, bytes]:
+    """One GET over TLS with the path exactly as given; (status, body)."""
+    with socket.create_connection(("127.0.0.1", edge.tls_port), 5) as raw:
+        with edge.client_ssl().wrap_socket(raw, server_hostname="localhost") as tls:
+            head = [f"GET {path} HTTP/1.1", "Host: localhost", "Connection: close", *headers]
+            tls.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
 def test_operational_endpoints_only_on_the_internal_listener(stack):
     gw, edge = stack
     public = httpx.Client(base_url=f"https://localhost:{edge.tls_port}", verify=edge.client_ssl(), timeout=10)
     internal = httpx.Client(base_url=f"http://127.0.0.1:{edge.internal_port}", timeout=10)
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    for path in ("/metrics", "/readyz", "/healthz", "/admin/v1/accounts", "/%6detrics", "//metrics", "/v1/../metrics"):
+    for path in ("/metrics", "/readyz", "/healthz", "/admin/v1/accounts", "/METRICS", "/metrics/"):
         refused = public.get(path, headers=admin)
         assert refused.status_code == 404, (path, refused.status_code, refused.text[:200])
         assert "meshrt_" not in refused.text and "accounts" not in refused.text
+    for path in DISGUISED:  # sent as written: an HTTP client would resolve the dots itself
+        status, body = raw_get(edge, path, f"Authorization: Bearer {ADMIN}")
+        assert status in (400, 404) and b"meshrt_" not in body and b'"object"' not in body, (path, status, body[:300])
     assert public.get("/dashboard").status_code == 200
     metrics = internal.get("/metrics")
     assert metrics.status_code == 200 and "meshrt_" in metrics.text
