@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import httpx
 from conftest import ended_record
@@ -21,6 +22,8 @@ from realtime_client import run
 from meshrt.dev.demo import DEV_DRAIN_S
 from meshrt.dev.demo import dev_drain_s
 from meshrt.shared.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_drain_defaults_to_the_longest_session():
@@ -65,3 +68,13 @@ def test_default_drain_keeps_sessions_and_a_second_signal_ends_them(gateway_fact
     record = ended_record(engine, response.headers["x-request-id"])
     assert record.end_reason == "server_shutting_down" and record.responses == 1 and record.cost_pico > 0
     assert '"drain_s": 3600' in gw.log_text()
+
+
+def test_systemd_unit_lets_the_drain_finish():
+    """deploy/meshrt.service: SIGTERM to the supervisor only (a worker dies on SIGTERM: systemd's
+    default KillMode would cut every call), and a stop timeout that covers the drain."""
+    unit = (ROOT / "deploy" / "meshrt.service").read_text()
+    options = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    assert options["KillSignal"] == "SIGTERM" and options["KillMode"] == "mixed"
+    settings = load_settings({})
+    assert int(options["TimeoutStopSec"]) >= settings.drain_s + settings.drain_usage_s + 20
