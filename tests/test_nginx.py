@@ -246,6 +246,8 @@ def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_b
             await recv_until(ws, "response.done")
             return ws.response.headers["x-request-id"]
 
+    in_path = httpx.get(f"https://localhost:{edge.tls_port}/v1/realtime/{tenant.key}", verify=edge.client_ssl())
+    assert in_path.status_code == 404  # a confused client's key in the path: logged as [redacted]
     model_ids, tokens = run(sdk_session(), 30)
     assert "gpt-realtime" in model_ids and tokens > 0
     request_id = run(query_key_session(), 30)
@@ -255,6 +257,7 @@ def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_b
     logs = assert_no_key_in_logs(edge, tenant.key)
     access = logs["meshrt.access.log"]
     assert '"GET /v1/realtime" 101' in access and '"GET /v1/models" 200' in access, access
+    assert '"GET [redacted]" 404' in access, access
 
 
 DISGUISED = [
