@@ -108,6 +108,16 @@ def _start_simulator() -> tuple[subprocess.Popen, str]:
         raise CommandError(f"{exc}; set MESHRT_UPSTREAM_URL to use another upstream") from None
 
 
+# `serve` drains for up to MESHRT_MAX_SESSION_S (an hour) so that no live call is cut; at a
+# terminal, Ctrl-C must not hang that long. MESHRT_DRAIN_S, when set, still wins.
+DEV_DRAIN_S = 30.0
+
+
+def dev_drain_s(settings, environ=None) -> float:
+    environ = os.environ if environ is None else environ
+    return settings.drain_s if environ.get("MESHRT_DRAIN_S") else min(settings.drain_s, DEV_DRAIN_S)
+
+
 def run_dev(settings, args) -> int:
     from meshrt.shared import logs
     from meshrt.storage import accounts
@@ -116,7 +126,9 @@ def run_dev(settings, args) -> int:
 
     state = Path(args.state_dir) if args.state_dir else Path(".meshrt-dev")
     port = claim_port("127.0.0.1", args.port if args.port is not None else settings.port)
-    settings = settings.replace(state_dir=state, allow_plain_ws=True, host="127.0.0.1", port=port)
+    settings = settings.replace(
+        state_dir=state, allow_plain_ws=True, host="127.0.0.1", port=port, drain_s=dev_drain_s(settings)
+    )
     make_state_dir(settings)
     engine = db.make_engine(settings.db_url, settings.db_timeout_s)
     db.create_schema(engine)

@@ -150,7 +150,7 @@ class Settings:
     max_session_s: float = 3600.0
     session_token_cap: int = 2_000_000
     drain_usage_s: float = 2.0
-    drain_s: float = 30.0
+    drain_s: float = 3600.0  # unset: max_session_s, so a drain lets every live session finish (load_settings)
     max_sessions: int = 1000
     max_message_bytes: int = 16 * 1024 * 1024
     default_max_concurrent_sessions: int = 10
@@ -232,6 +232,8 @@ def load_settings(environ: dict[str, str] | None = None, **overrides) -> Setting
         if raw is not None and (raw != "" or name in ("openai_api_key", "admin_token")):
             values[name] = parse(variable, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "drain_s" not in values:  # a drain as long as the longest session: none is cut short
+        values["drain_s"] = values.get("max_session_s", Settings.max_session_s)
     if values.get("pricing_file") and not Path(values["pricing_file"]).is_file():
         raise SettingsError(f"MESHRT_PRICING_FILE: no such file {values['pricing_file']!r}")
     return Settings(**values)

@@ -133,6 +133,7 @@ class Supervisor:
         )
         self.engine = None
         self.tg = None
+        self._drain_wait: anyio.CancelScope | None = None  # a second signal cancels it
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
 
     # --- start-up -------------------------------------------------------------------------
@@ -247,11 +248,19 @@ class Supervisor:
             await anyio.sleep(METRICS_INTERVAL_S)
 
     async def _watch_signals(self) -> None:
+        """The first SIGTERM/SIGINT drains (up to drain_s, an hour by default); another one while
+        live sessions run ends them now, billed, as a drain that ran out does."""
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("signal received; draining", extra={"fields": {"signal": signum}})
-                await self.drain()
-                return
+                if self.state is not RunState.DRAINING and self.state is not RunState.STOPPING:
+                    log.info(
+                        "signal received; draining",
+                        extra={"fields": {"signal": signum, "drain_s": self.settings.drain_s}},
+                    )
+                    self.tg.start_soon(self.drain)
+                elif self._drain_wait is not None and not self._drain_wait.cancel_called:
+                    log.info("second signal received; ending live sessions now", extra={"fields": {"signal": signum}})
+                    self._drain_wait.cancel()
 
     async def _watch_frontdoor(self, listener: socket.socket) -> None:
         policy = processes.RestartPolicy("front door")
@@ -761,7 +770,7 @@ class Supervisor:
     async def drain(self) -> None:
         """SIGTERM: refuse new sessions, let live ones run up to drain_s, end the rest, exit."""
         self.state = RunState.DRAINING
-        with anyio.move_on_after(self.settings.drain_s):  # sessions end by themselves meanwhile
+        with anyio.move_on_after(self.settings.drain_s) as self._drain_wait:  # sessions end by themselves
             await self.registry.wait_empty()
         for live in self.registry.sessions():
             await self._stop(live, "server_shutting_down")
