@@ -68,6 +68,7 @@ class WorkerConfig:
     orphan_limit_s: float = 15.0  # the node's lease: how long a worker relays with no supervisor
     preauth: bool = True  # responses start only once their cost is reserved (docs/billing.md)
     response_output_cap: int = 4096  # the output tokens a response is reserved for at most
+    sandbox: str = "off"  # off | on | require (shared/sandbox.py); the supervisor sets MESHRT_SANDBOX
 
 
 # --- front door <-> supervisor -------------------------------------------------------------

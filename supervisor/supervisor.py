@@ -29,6 +29,7 @@ from tenacity import retry_if_exception
 from tenacity import wait_exponential
 
 from meshrt.shared import control
+from meshrt.shared import sandbox
 from meshrt.shared import spool
 from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
@@ -50,6 +51,7 @@ from meshrt.shared.errors import EndReason
 from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 from meshrt.shared.metrics import Metrics
+from meshrt.shared.settings import SECRET_VARIABLES
 from meshrt.shared.settings import Settings
 from meshrt.shared.settings import node_identity
 from meshrt.storage import db
@@ -74,6 +76,7 @@ METRICS_INTERVAL_S = 1.0
 BALANCE_REFRESH_S = 0.5  # top-ups made on any node reach the quota decision within this
 RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
 RESERVE_PROVISIONAL_S = 1.0  # a reservation the database has not made by then is decided here
+EXIT_SANDBOX = 78  # EX_CONFIG: MESHRT_SANDBOX=require and a layer cannot be installed here
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
 
@@ -130,6 +133,7 @@ class Supervisor:
             orphan_limit_s=settings.node_lease_s / 2,
             preauth=settings.preauth,
             response_output_cap=settings.max_response_output_tokens,
+            sandbox=settings.sandbox,
         )
         self.engine = None
         self.tg = None
@@ -415,6 +419,12 @@ class Supervisor:
             elif isinstance(message, Spawned):
                 self.registry.set_pid(message.session_id, message.pid)
             elif isinstance(message, WorkerExited):
+                if message.signal == sandbox.VIOLATION_SIGNAL:
+                    self.metrics.inc("meshrt_sandbox_violations_total")
+                    log.error(
+                        "worker killed by its sandbox (a forbidden system call)",
+                        extra={"pid": message.pid, "fields": {"signal": message.signal}},
+                    )
                 level = logging.INFO if message.exit_code == 0 else logging.WARNING
                 log.log(
                     level,
@@ -789,7 +799,37 @@ class Supervisor:
         self.tg.cancel_scope.cancel()
 
 
+def sandbox_start(settings: Settings) -> bool:
+    """Harden this process, probe the workers' layers and say in one line which are active.
+    False: MESHRT_SANDBOX=require and a layer cannot be installed (the node must not start)."""
+    mode = settings.sandbox
+    if mode == "off":
+        log.warning("sandbox: off (MESHRT_SANDBOX=off); no layer is active")
+        return True
+    try:
+        own = sandbox.harden_process(mode, SECRET_VARIABLES)
+    except sandbox.SandboxError as exc:
+        log.critical("sandbox: %s; refusing to start (MESHRT_SANDBOX=require)", exc)
+        return False
+    workers = sandbox.probe(mode, settings.max_session_s)
+    missing = {layer: why for layer, why in workers.items() if why is not None}
+    log.info(
+        "sandbox: %s; processes: %s; workers: %s%s",
+        mode,
+        ", ".join(own) or "none",
+        ", ".join(layer for layer, why in workers.items() if why is None) or "none",
+        "".join(f"; {layer} NOT active: {why}" for layer, why in missing.items()),
+        extra={"fields": {"mode": mode, "process_layers": own, "worker_layers": workers}},
+    )
+    if missing and mode == "require":
+        log.critical("sandbox: a worker layer cannot be installed; refusing to start (MESHRT_SANDBOX=require)")
+        return False
+    return True
+
+
 def serve(settings: Settings) -> int:
+    if not sandbox_start(settings):
+        return EXIT_SANDBOX
     return anyio.run(Supervisor(settings).run)
 
 

@@ -26,6 +26,7 @@ from collections import deque
 import anyio
 
 from meshrt.shared import control
+from meshrt.shared import sandbox
 from meshrt.shared import spool
 from meshrt.shared.control import Grant
 from meshrt.shared.control import Reattach
@@ -103,6 +104,7 @@ class WorkerSession:
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
+        self.sandbox: list[str] = []  # the seccomp layer, once loaded
 
     # --- entry --------------------------------------------------------------------------
 
@@ -144,6 +146,10 @@ class WorkerSession:
             await self._refuse(protocol, request, error)
             return
         self._upstream = upstream.stream
+        sandboxed = time.monotonic()
+        # from here on the worker needs nothing but the fds it holds (shared/sandbox.py)
+        self.sandbox = sandbox.confine_worker(self.config.sandbox)
+        self.setup["sandbox_ms"] = round((time.monotonic() - sandboxed) * 1000, 2)
         response, status = accept_bytes(protocol, request, self.grant.request_id)
         self._answered = True
         await self._client.send(response)
