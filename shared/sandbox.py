@@ -256,6 +256,26 @@ def build_filter():
     return f
 
 
+def refuse_io_uring(mode: str) -> list[str]:
+    """In the zygote, before any event loop exists: io_uring_setup fails (ENOSYS), so libuv
+    (uvloop) runs on epoll alone. An io_uring does its reads, opens and connects where no
+    seccomp filter sees them, and libuv makes one per loop whatever UV_USE_IO_URING says; the
+    workers' filter refuses io_uring_enter, so one made before it would abort the worker."""
+    if mode == "off":
+        return []
+    try:
+        import pyseccomp as sc
+
+        set_no_new_privs()
+        f = sc.SyscallFilter(sc.ALLOW)
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "io_uring_setup")
+        f.load()
+    except Exception as exc:  # noqa: BLE001
+        _failed(mode, "seccomp", exc)
+        return []
+    return ["no_io_uring"]
+
+
 _prepared: tuple[int, object] | None = None  # (pid, filter) built ahead by an idle pool worker
 
 

@@ -18,6 +18,7 @@ import time
 
 import pytest
 from conftest import OPERATOR_KEY
+from conftest import ended_record
 from conftest import wait_for
 from realtime_client import connect_ws
 from realtime_client import recv_json
@@ -324,9 +325,11 @@ def _live_worker_pid(engine, request_id: str) -> int | None:
         return row.pid if row is not None and row.state == "live" else None
 
 
-def test_a_live_worker_is_confined(gateway, tenant, engine):
-    """On each backend: the session's worker runs with NoNewPrivs 1 and Seccomp 2 (filter), and
-    the node's start-up line names the layers."""
+@pytest.mark.parametrize("backend", ["uvloop", "asyncio", "trio"])
+def test_a_live_worker_is_confined(gateway_factory, backend, tenant, engine):
+    """On each backend: the session's worker runs with NoNewPrivs 1 and Seccomp 2 (filter),
+    relays a response under it, and the node's start-up line names the layers."""
+    gateway = gateway_factory(MESHRT_WORKER_BACKEND=backend)
 
     async def go():
         async with connect_ws(gateway.ws_url, key=tenant.key) as ws:
@@ -334,9 +337,15 @@ def test_a_live_worker_is_confined(gateway, tenant, engine):
             request_id = ws.response.headers["x-request-id"]
             pid = wait_for(lambda: _live_worker_pid(engine, request_id), 10, 0.05, "the worker")
             wait_for(lambda: sandbox.status(pid).get("Seccomp") == "2", 5, 0.02, "the worker's filter")
-            return sandbox.status(pid)
+            await ws.send('{"type": "response.create"}')
+            while (await recv_json(ws))["type"] != "response.done":
+                pass
+            return sandbox.status(pid), request_id
 
-    assert run(go()) == {"NoNewPrivs": "1", "Seccomp": "2"}
+    status, request_id = run(go())
+    assert status == {"NoNewPrivs": "1", "Seccomp": "2"}
+    assert ended_record(engine, request_id).end_reason == "client_closed"
+    assert ended_record(engine, request_id).cost_pico > 0
     log = gateway.log_text()
     assert "sandbox: on; processes: nondumpable, secrets; workers: nondumpable, no_new_privs, rlimits, seccomp" in log
     assert "NOT active" not in log
@@ -367,7 +376,6 @@ def test_sandbox_off_is_said_and_installs_nothing(gateway_factory, tenant, engin
 def test_a_worker_killed_by_its_filter_ends_its_session_billed_and_counted(gateway, tenant, engine):
     """A violation (SIGSYS from the filter; sent here by hand, as the kernel would) kills only
     that worker: its session ends internal_error from its spool, and the node logs it."""
-    from conftest import ended_record
 
     async def go():
         async with connect_ws(gateway.ws_url, key=tenant.key) as ws:

@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox", choices=sandbox.MODES, default="on")
     args = parser.parse_args(argv)
     sandbox.harden_process(args.sandbox)  # non-dumpable: its children (workers) inherit it
+    sandbox.refuse_io_uring(args.sandbox)  # before any event loop: libuv runs on epoll alone
     channel = socket.socket(fileno=args.channel_fd)
     from meshrt.shared import logs
 
