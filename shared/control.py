@@ -362,5 +362,13 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end (SO_PEERCRED, set by the kernel at connect): what
+    a re-attaching worker says its pid is must be this."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid, _uid, _gid = array.array("i", creds)
+    return pid
+
+
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -89,6 +89,7 @@ class LiveSession:
     stop_code: str | None = None  # why it was asked to stop
     # tasks answer a worker on its channel (a stop, a reservation): one send at a time
     send_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    prices: object = field(default=None, repr=False)  # the grant's rates, parsed when first needed
 
     def handle(self, event: SessionEvent) -> Stage:
         try:

@@ -57,6 +57,8 @@ from meshrt.shared.settings import node_identity
 from meshrt.storage import db
 from meshrt.storage import ledger
 from meshrt.storage.ledger import Finalized
+from meshrt.worker.session_meter import GrantPriceTable
+from meshrt.worker.session_meter import repriced
 
 from . import processes
 from .lease import NodeLease
@@ -490,12 +492,39 @@ class Supervisor:
         is retried until the database acknowledges it; the spool keeps it meanwhile."""
         if increment.seq in live.reported:
             return
+        increment = self._priced(live, increment)
         live.reported[increment.seq] = increment
         grant = live.grant
         self._estimate(grant.account_id).add((grant.session_id, increment.seq), increment.cost.picodollars)
         self.tg.start_soon(self._commit, live, increment, settle)
         if check:
             self._check_quota_soon(grant.account_id)
+
+    def _priced(self, live: LiveSession, increment: Increment) -> Increment:
+        """The increment as this supervisor prices it, from the rates of the grant it issued
+        (the worker's cost is its claim, not the bill): a difference is logged and counted."""
+        try:
+            if live.prices is None:
+                live.prices = GrantPriceTable(live.grant.rates)
+            fixed = repriced(live.prices, increment)
+        except Exception:  # noqa: BLE001 - the grant's rates unreadable: bill what was reported
+            log.exception("increment not re-priced", extra={"session_id": live.grant.session_id})
+            return increment
+        if fixed is None:
+            return increment
+        self.metrics.inc("meshrt_repriced_increments_total")
+        log.warning(
+            "worker's cost differs from the grant's rates; billed at the supervisor's",
+            extra={
+                "session_id": live.grant.session_id,
+                "fields": {
+                    "seq": increment.seq,
+                    "worker_picodollars": increment.cost.picodollars,
+                    "picodollars": fixed.cost.picodollars,
+                },
+            },
+        )
+        return fixed
 
     async def _commit(self, live: LiveSession, increment: Increment, settle: ledger.ReserveChange | None) -> None:
         grant = live.grant
@@ -659,6 +688,10 @@ class Supervisor:
     async def _write_final(self, live: LiveSession) -> None:
         grant = live.grant
         held = spool.read(self._spool_path(grant.session_id))
+        # the worker wrote the spool: each increment is billed as this supervisor prices it
+        held.increments.update(
+            {seq: live.reported.get(seq) or self._priced(live, inc) for seq, inc in held.increments.items()}
+        )
         estimate = self._estimate(grant.account_id)
         for seq, increment in held.increments.items():
             if seq not in live.reported:  # delivered by the spool only: counts until the record commits
@@ -730,38 +763,49 @@ class Supervisor:
             if row is None:
                 log.error("spool of a session the database does not know; kept", extra={"session_id": session_id})
                 continue
-            grant = control.Grant(
-                session_id=row.id,
-                request_id=row.request_id,
-                account_id=row.account_id,
-                api_key_id=row.api_key_id,
-                model=row.model,
-                token_cap=0,
-                rates=row.rates,
-            )
-            await self._finalize(LiveSession(grant, None, stage=Stage.LIVE))
+            await self._finalize(LiveSession(grant_from_row(row), None, stage=Stage.LIVE))
             log.warning("finalised a session whose worker did not return", extra={"session_id": row.id})
 
     async def _adopt(self, message: Reattach, conn: socket.socket) -> None:
-        """A worker of a previous supervisor offers its live session: take it over. Its account's
+        """A worker of a previous supervisor offers its live session: take it over, if the
+        database agrees that this session is this node's and ran in that process (the peer's pid
+        as the kernel saw it connect). Workers are not trusted: the grant (account, key, model,
+        rates) is rebuilt from the session's row, never taken from the message. Its account's
         balance is read afresh before any quota decision; its spool is counted once."""
-        live = LiveSession(
-            message.grant, conn, pid=message.pid, stage=Stage.LIVE if message.upgraded else Stage.STARTING
+        claimed = message.grant
+        pid = control.peer_pid(conn)
+        try:
+            rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [claimed.session_id])
+        except Exception as exc:  # noqa: BLE001 - it asks again in 0.2 s
+            log.warning(
+                "re-attach not decided: the session's row cannot be read",
+                extra={"session_id": claimed.session_id, "pid": pid, "fields": {"error": one_line(exc)}},
+            )
+            conn.close()
+            return
+        row = rows.get(claimed.session_id)
+        refusal = reattach_refusal(row, message, pid, self.node) or (
+            "the session is attached already" if self.registry.get(claimed.session_id) is not None else None
         )
+        if refusal is not None:
+            self.metrics.inc("meshrt_reattach_refused_total")
+            log.error(
+                "re-attach refused", extra={"session_id": claimed.session_id, "pid": pid, "fields": {"reason": refusal}}
+            )
+            conn.close()
+            return
+        grant = grant_from_row(row, claimed)
+        if grant.rates != claimed.rates:
+            log.warning(
+                "re-attaching worker sent rates other than its row's; the row's are used",
+                extra={"session_id": grant.session_id, "pid": pid},
+            )
+        live = LiveSession(grant, conn, pid=pid, stage=Stage.LIVE if message.upgraded else Stage.STARTING)
         self.registry.add(live)
         await self._replay_spool(live)
-        log.info("worker re-attached", extra={"session_id": message.grant.session_id, "pid": message.pid})
+        log.info("worker re-attached", extra={"session_id": grant.session_id, "pid": pid})
         self.tg.start_soon(self._watch_worker, live)
-        self.tg.start_soon(self._stop_if_taken, live)
-
-    async def _stop_if_taken(self, live: LiveSession) -> None:
-        """A session another node ended while this one was lost must not run on: its slot is free."""
-        try:
-            rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [live.grant.session_id])
-        except Exception:  # noqa: BLE001 - unknown now; the lease check catches a lost node
-            return
-        row = rows.get(live.grant.session_id)
-        if row is not None and row.state == db.SessionState.ENDED:
+        if row.state == db.SessionState.ENDED:  # another node ended it while this one was lost
             await self._stop(live, "node_lost")
 
     async def drain(self) -> None:
@@ -797,6 +841,41 @@ class Supervisor:
         await self.zygote.exited()
         self.settings.control_socket.unlink(missing_ok=True)
         self.tg.cancel_scope.cancel()
+
+
+def reattach_refusal(row, message: Reattach, pid: int, node: str) -> str | None:
+    """Why a re-attaching worker is refused, or None: the session must be this node's, and have
+    run in the process that connected (its pid as the kernel reports it, and as the row has it)."""
+    if row is None:
+        return "no such session"
+    if row.node != node:
+        return f"the session is node {row.node!r}'s"
+    if message.pid != pid:
+        return f"the worker says it is pid {message.pid}, the kernel says {pid}"
+    if row.pid is not None and row.pid != pid:
+        return f"the session's worker is pid {row.pid}"
+    if row.pid is None and row.state != db.SessionState.GRANTED:
+        return f"a session {getattr(row.state, 'value', row.state)} without a worker pid"
+    claimed = message.grant
+    if (claimed.account_id, claimed.api_key_id, claimed.model) != (row.account_id, row.api_key_id, row.model):
+        return "the grant sent is not the session's"
+    return None
+
+
+def grant_from_row(row, claimed: control.Grant | None = None) -> control.Grant:
+    """The grant of a session as the database has it (what this node's front door issued). Only
+    what is not money comes from the worker's copy: its token cap and beta flag."""
+    return control.Grant(
+        session_id=row.id,
+        request_id=row.request_id,
+        account_id=row.account_id,
+        api_key_id=row.api_key_id,
+        model=row.model,
+        token_cap=claimed.token_cap if claimed is not None else 0,
+        rates=row.rates,
+        beta=claimed.beta if claimed is not None else False,
+        client_addr=row.client_addr,
+    )
 
 
 def sandbox_start(settings: Settings) -> bool:
