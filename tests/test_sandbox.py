@@ -344,6 +344,8 @@ def test_a_live_worker_is_confined(gateway_factory, backend, tenant, engine):
 
     status, request_id = run(go())
     assert status == {"NoNewPrivs": "1", "Seccomp": "2"}
+    zygote = next(c for c in gateway.children() if "meshrt.worker.zygote" in " ".join(c.cmdline()))
+    assert sandbox.status(zygote.pid) == {"NoNewPrivs": "1", "Seccomp": "2"}  # its io_uring filter
     assert ended_record(engine, request_id).end_reason == "client_closed"
     assert ended_record(engine, request_id).cost_pico > 0
     log = gateway.log_text()
