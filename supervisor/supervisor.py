@@ -140,6 +140,7 @@ class Supervisor:
         self.engine = None
         self.tg = None
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
+        self.unfinished_rows: dict = {}  # this node's sessions not ended, as read at start-up
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -746,6 +747,7 @@ class Supervisor:
         rows = await self._until_done(
             "list unfinished sessions", anyio.to_thread.run_sync, ledger.unfinished_sessions, self.engine, self.node
         )
+        self.unfinished_rows = {row.id: row for row in rows}  # what re-attaching workers are matched against
         candidates = {row.id for row in rows} | spool.session_ids(self.settings.spool_dir)
         if not candidates:
             return
@@ -775,7 +777,11 @@ class Supervisor:
         claimed = message.grant
         pid = control.peer_pid(conn)
         try:
-            rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [claimed.session_id])
+            # the rows read at start-up, before workers re-attach, serve once each: no read per worker
+            cached = self.unfinished_rows.pop(claimed.session_id, None)
+            rows = {claimed.session_id: cached} if cached is not None else None
+            if rows is None:
+                rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [claimed.session_id])
         except Exception as exc:  # noqa: BLE001 - it asks again in 0.2 s
             log.warning(
                 "re-attach not decided: the session's row cannot be read",
