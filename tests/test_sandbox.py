@@ -399,3 +399,58 @@ def test_a_worker_killed_by_its_filter_ends_its_session_billed_and_counted(gatew
 
 def test_every_secret_variable_is_forgotten_by_the_node():
     assert set(SECRET_VARIABLES) == {"OPENAI_API_KEY", "MESHRT_ADMIN_TOKEN", "MESHRT_DATABASE_URL"}
+
+
+# --- MESHRT_SANDBOX: the start-up decision ------------------------------------------------------
+
+
+def _start_up(mode: str, seccomp_missing: bool) -> str:
+    """`sandbox_start` in a child (it hardens the process that calls it): its answer and log."""
+    import io
+    import logging
+
+    from meshrt.shared.settings import Settings
+    from meshrt.supervisor import supervisor
+
+    def attempt():
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logging.getLogger("meshrt").addHandler(handler)
+        logging.getLogger("meshrt").setLevel(logging.INFO)
+        if seccomp_missing:
+            sandbox.seccomp_available = lambda: "pyseccomp unavailable: test"
+        return supervisor.sandbox_start(Settings(sandbox=mode)), stream.getvalue()
+
+    said, killed = _in_child(attempt, sandboxed=False)
+    assert killed is None and said.startswith("ok: "), said
+    return said
+
+
+def test_require_refuses_to_start_when_a_layer_cannot_be_installed():
+    said = _start_up("require", seccomp_missing=True)
+    assert said.startswith("ok: (False,") and "seccomp NOT active: pyseccomp unavailable: test" in said
+    assert "refusing to start" in said
+
+
+def test_on_starts_without_a_layer_it_cannot_install_and_says_so():
+    said = _start_up("on", seccomp_missing=True)
+    assert said.startswith("ok: (True,") and "seccomp NOT active: pyseccomp unavailable: test" in said
+    said = _start_up("require", seccomp_missing=False)
+    assert said.startswith("ok: (True,") and "NOT active" not in said
+    assert "workers: nondumpable, no_new_privs, rlimits, seccomp" in said
+
+
+def test_a_worker_under_require_without_its_filter_ends_its_session():
+    def attempt():
+        sandbox.seccomp_available = lambda: "missing"
+        sandbox.build_filter = lambda: (_ for _ in ()).throw(OSError("no libseccomp"))
+        return sandbox.confine_worker("require")
+
+    said, _ = _in_child(attempt, sandboxed=False)
+    assert said == EPERM  # SandboxError (an OSError, EPERM): the session ends internal_error
+
+    def attempt_on():
+        sandbox.build_filter = lambda: (_ for _ in ()).throw(OSError("no libseccomp"))
+        return sandbox.confine_worker("on")
+
+    assert _in_child(attempt_on, sandboxed=False) == ("ok: []", None)
