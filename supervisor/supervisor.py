@@ -112,6 +112,8 @@ class Supervisor:
         self.state = RunState.STARTING
         self.run_dir = settings.state_dir / "run"
         self.frontdoor: processes.Child | None = None
+        # pid -> when it exited (None: running): only this node's front doors may hand off sessions
+        self.frontdoor_pids: dict[int, float | None] = {}
         self.zygote: processes.Child | None = None
         self.zygote_channel: socket.socket | None = None
         self.zygote_ready = False
@@ -181,6 +183,10 @@ class Supervisor:
 
     async def _start_frontdoor(self, listener: socket.socket) -> None:
         self.frontdoor = await processes.start_frontdoor(self.settings, listener, self.node)
+        self.frontdoor_pids = {
+            pid: gone for pid, gone in self.frontdoor_pids.items() if gone is None or not self._long_gone(gone)
+        }
+        self.frontdoor_pids[self.frontdoor.pid] = None
 
     # --- the main loop --------------------------------------------------------------------
 
@@ -264,6 +270,7 @@ class Supervisor:
         policy = processes.RestartPolicy("front door")
         while self.state is not RunState.STOPPING:
             code = await self.frontdoor.exited()
+            self.frontdoor_pids[self.frontdoor.pid] = time.monotonic()
             if self.state is RunState.STOPPING:
                 return
             backoff = policy.after_exit(self.frontdoor.lived_s(), code)
@@ -324,6 +331,8 @@ class Supervisor:
                 return
             if not isinstance(message, Handoff) or len(fds) != 1:
                 return
+            if not self._from_front_door(conn):
+                return
             code = self._refusal()
             if code is None:
                 await self._spawn(message, fds[0])
@@ -338,6 +347,22 @@ class Supervisor:
                 os.close(fd)
             if conn is not None:
                 conn.close()
+
+    @staticmethod
+    def _long_gone(exited_at: float) -> bool:
+        return time.monotonic() - exited_at > ORPHAN_GRACE_S
+
+    def _from_front_door(self, conn: socket.socket) -> bool:
+        """Whether a Handoff comes from this node's front door (running, or exited within the
+        grace its last handoffs have): a grant names the account billed and its rates, so a
+        worker (same uid, and allowed to connect here to re-attach) must not be able to send one."""
+        pid = control.peer_pid(conn)
+        exited_at = self.frontdoor_pids.get(pid, 0.0)
+        if exited_at is None or (exited_at and not self._long_gone(exited_at)):
+            return True
+        self.metrics.inc("meshrt_handoffs_refused_total", code="not_front_door")
+        log.error("handoff from a process that is not this node's front door refused", extra={"pid": pid})
+        return False
 
     def problems(self) -> list[str]:
         """Why this node should not be sent sessions now (what the front door's /readyz says)."""

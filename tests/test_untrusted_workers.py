@@ -223,3 +223,21 @@ def test_a_spooled_increment_is_billed_at_the_grants_rates_not_the_workers(gatew
     assert start - balance(engine, tenant.account_id) == Money(record.cost_pico)
     wait_for(lambda: "billed at the supervisor's" in gw.log_text(), 5, 0.05, "the re-pricing log line")
     assert f'"worker_picodollars": 1, "picodollars": {price.picodollars}' in gw.log_text()
+
+
+def test_a_handoff_from_a_process_other_than_the_front_door_is_refused(gateway_factory, tenant, engine):
+    """A grant names the account billed and its rates: a worker (same uid, and allowed to connect
+    to the control socket to re-attach) or any other process must not hand off a session."""
+    gw = gateway_factory()
+    grant = Grant("sess_forged", "req_forged", tenant.account_id, tenant.key_id, MODEL, 10**9, {}, balance_pico=1)
+    ours, theirs = socket.socketpair()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(str(gw.state_dir / "run" / "control.sock"))
+    control.send(sock, control.Handoff(grant, b"GET /v1/realtime HTTP/1.1\r\n\r\n"), [theirs.fileno()])
+    sock.settimeout(5)
+    assert sock.recv(1000) == b""  # closed, no HandoffAck
+    sock.close()
+    wait_for(lambda: "not this node's front door refused" in gw.log_text(), 5, 0.05, "the refusal")
+    assert "sess_forged" not in gw.log_text()
+    ours.close()
+    theirs.close()
