@@ -58,6 +58,8 @@ def _prctl(option: int, arg: int = 0) -> int:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(_libc, "prctl"):  # not Linux: no layer but `secrets` can be installed
+        raise SandboxError(errno.ENOSYS, "prctl: not available on this system")
     result = _libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
     if result < 0:
         err = ctypes.get_errno()
