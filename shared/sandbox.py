@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 
 log = logging.getLogger("meshrt.sandbox")
 
@@ -149,11 +150,12 @@ def limit_worker(mode: str, max_session_s: float) -> list[str]:
 
 def _worker_rlimits(max_session_s: float) -> None:
     cpu = int(max_session_s) + CPU_MARGIN_S
-    for limit, value in (
-        (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_CPU, cpu),  # soft: SIGXCPU; the hard limit equals it
-        (resource.RLIMIT_FSIZE, WORKER_MAX_FILE_BYTES),
-    ):
+    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu)]  # CPU soft: SIGXCPU; hard = soft
+    if not _stderr_is_a_file():
+        # the spool is the only file a worker writes. Not when stderr is a file (`2>>log`): a
+        # log past the cap would kill every worker (SIGXFSZ) at its next log line
+        limits.append((resource.RLIMIT_FSIZE, WORKER_MAX_FILE_BYTES))
+    for limit, value in limits:
         soft, hard = resource.getrlimit(limit)
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
@@ -162,6 +164,13 @@ def _worker_rlimits(max_session_s: float) -> None:
     for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_AS):
         soft, _hard = resource.getrlimit(limit)
         resource.setrlimit(limit, (soft, soft))
+
+
+def _stderr_is_a_file() -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(2).st_mode)
+    except OSError:
+        return False
 
 
 def seccomp_available() -> str | None:

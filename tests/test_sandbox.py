@@ -454,3 +454,20 @@ def test_a_worker_under_require_without_its_filter_ends_its_session():
         return sandbox.confine_worker("on")
 
     assert _in_child(attempt_on, sandboxed=False) == ("ok: []", None)
+
+
+def test_file_size_is_capped_unless_stderr_is_a_file(tmp_path):
+    """The spool is the only file a worker writes: capped at 1 GiB. Not when stderr is a regular
+    file, where a log grown past the cap would kill each worker at its next log line."""
+
+    def fsize(to_file: bool):
+        def attempt():
+            target = os.open(str(tmp_path / "err.log") if to_file else "/dev/null", os.O_WRONLY | os.O_CREAT)
+            os.dup2(target, 2)
+            sandbox.limit_worker("require", 60)
+            return resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+
+        return _in_child(attempt, sandboxed=False)
+
+    assert fsize(False) == (f"ok: {sandbox.WORKER_MAX_FILE_BYTES}", None)
+    assert fsize(True) == (f"ok: {resource.getrlimit(resource.RLIMIT_FSIZE)[0]}", None)
