@@ -25,9 +25,11 @@ from sqlmodel import Session
 
 from meshrt.shared import control
 from meshrt.shared import logs
+from meshrt.shared import sandbox
 from meshrt.shared.control import Ping
 from meshrt.shared.control import Pong
 from meshrt.shared.errors import http_error_body
+from meshrt.shared.settings import SECRET_VARIABLES
 from meshrt.shared.settings import load_settings
 from meshrt.storage import db
 from meshrt.storage import ledger
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(args.parent_pid)
     settings = load_settings()
     logs.configure("frontdoor", settings.log_level)
+    sandbox.harden_process(settings.sandbox, SECRET_VARIABLES)  # it keeps them in `settings` only
     app, protocol = build(settings, args.node)
     listener = socket.socket(fileno=args.fd)
     config = uvicorn.Config(

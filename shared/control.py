@@ -71,6 +71,7 @@ class WorkerConfig:
     orphan_limit_s: float = 15.0  # the node's lease: how long a worker relays with no supervisor
     preauth: bool = True  # responses start only once their cost is reserved (docs/billing.md)
     response_output_cap: int = 4096  # the output tokens a response is reserved for at most
+    sandbox: str = "off"  # off | on | require (shared/sandbox.py); the supervisor sets MESHRT_SANDBOX
 
 
 # --- front door <-> supervisor -------------------------------------------------------------
@@ -362,6 +363,14 @@ def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     _pid, uid, _gid = array.array("i", creds)
     return uid
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end (SO_PEERCRED, set by the kernel at connect): what
+    a re-attaching worker says its pid is must be this."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid, _uid, _gid = array.array("i", creds)
+    return pid
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:

@@ -168,6 +168,7 @@ class Settings:
     db_timeout_s: float = 10.0  # connect, statement and lock waits; SQLite's busy timeout
     preauth: bool = True  # a response starts only once its most cost is reserved (docs/billing.md)
     max_response_output_tokens: int = 4096  # what a response with no smaller limit is reserved for
+    sandbox: str = "on"  # off | on | require: the layers of shared/sandbox.py (docs/security.md)
 
     @property
     def db_url(self) -> str:
@@ -218,6 +219,7 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_DB_TIMEOUT_S": ("db_timeout_s", _positive_float),
     "MESHRT_PREAUTH": ("preauth", _bool),
     "MESHRT_MAX_RESPONSE_OUTPUT_TOKENS": ("max_response_output_tokens", _positive_int),
+    "MESHRT_SANDBOX": ("sandbox", _choice("off", "on", "require")),
 }
 
 SECRET_VARIABLES = ("OPENAI_API_KEY", "MESHRT_ADMIN_TOKEN", "MESHRT_DATABASE_URL")

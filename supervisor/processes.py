@@ -112,6 +112,8 @@ async def start_zygote(settings: Settings) -> tuple[Child, socket.socket]:
                 settings.log_level,
                 "--warm",
                 str(settings.warm_workers),
+                "--sandbox",
+                settings.sandbox,
             ],
             [theirs.fileno()],
             scrubbed_env(),

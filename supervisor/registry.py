@@ -90,6 +90,7 @@ class LiveSession:
     # tasks answer a worker on its channel (a stop, a reservation): one send at a time
     send_lock: anyio.Lock = field(default_factory=anyio.Lock)
     reserving: bool = False  # a Reserve of its worker is being decided: one at a time
+    prices: object = field(default=None, repr=False)  # the grant's rates, parsed when first needed
 
     def handle(self, event: SessionEvent) -> Stage:
         try:

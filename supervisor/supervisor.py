@@ -29,6 +29,7 @@ from tenacity import retry_if_exception
 from tenacity import wait_exponential
 
 from meshrt.shared import control
+from meshrt.shared import sandbox
 from meshrt.shared import spool
 from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
@@ -50,11 +51,14 @@ from meshrt.shared.errors import EndReason
 from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 from meshrt.shared.metrics import Metrics
+from meshrt.shared.settings import SECRET_VARIABLES
 from meshrt.shared.settings import Settings
 from meshrt.shared.settings import node_identity
 from meshrt.storage import db
 from meshrt.storage import ledger
 from meshrt.storage.ledger import Finalized
+from meshrt.worker.session_meter import GrantPriceTable
+from meshrt.worker.session_meter import repriced
 
 from . import processes
 from .lease import NodeLease
@@ -74,6 +78,7 @@ METRICS_INTERVAL_S = 1.0
 BALANCE_REFRESH_S = 0.5  # top-ups made on any node reach the quota decision within this
 RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
 RESERVE_PROVISIONAL_S = 1.0  # a reservation the database has not made by then is decided here
+EXIT_SANDBOX = 78  # EX_CONFIG: MESHRT_SANDBOX=require and a layer cannot be installed here
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
 
@@ -107,6 +112,8 @@ class Supervisor:
         self.state = RunState.STARTING
         self.run_dir = settings.state_dir / "run"
         self.frontdoor: processes.Child | None = None
+        # pid -> when it exited (None: running): only this node's front doors may hand off sessions
+        self.frontdoor_pids: dict[int, float | None] = {}
         self.zygote: processes.Child | None = None
         self.zygote_channel: socket.socket | None = None
         self.zygote_ready = False
@@ -130,11 +137,13 @@ class Supervisor:
             orphan_limit_s=settings.node_lease_s / 2,
             preauth=settings.preauth,
             response_output_cap=settings.max_response_output_tokens,
+            sandbox=settings.sandbox,
         )
         self.engine = None
         self.tg = None
         self._drain_wait: anyio.CancelScope | None = None  # a second signal cancels it
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
+        self.unfinished_rows: dict = {}  # this node's sessions not ended, as read at start-up
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -175,6 +184,10 @@ class Supervisor:
 
     async def _start_frontdoor(self, listener: socket.socket) -> None:
         self.frontdoor = await processes.start_frontdoor(self.settings, listener, self.node)
+        self.frontdoor_pids = {
+            pid: gone for pid, gone in self.frontdoor_pids.items() if gone is None or not self._long_gone(gone)
+        }
+        self.frontdoor_pids[self.frontdoor.pid] = None
 
     # --- the main loop --------------------------------------------------------------------
 
@@ -266,6 +279,7 @@ class Supervisor:
         policy = processes.RestartPolicy("front door")
         while self.state is not RunState.STOPPING:
             code = await self.frontdoor.exited()
+            self.frontdoor_pids[self.frontdoor.pid] = time.monotonic()
             if self.state is RunState.STOPPING:
                 return
             backoff = policy.after_exit(self.frontdoor.lived_s(), code)
@@ -326,6 +340,8 @@ class Supervisor:
                 return
             if not isinstance(message, Handoff) or len(fds) != 1:
                 return
+            if not self._from_front_door(conn):
+                return
             code = self._refusal()
             if code is None:
                 await self._spawn(message, fds[0])
@@ -340,6 +356,22 @@ class Supervisor:
                 os.close(fd)
             if conn is not None:
                 conn.close()
+
+    @staticmethod
+    def _long_gone(exited_at: float) -> bool:
+        return time.monotonic() - exited_at > ORPHAN_GRACE_S
+
+    def _from_front_door(self, conn: socket.socket) -> bool:
+        """Whether a Handoff comes from this node's front door (running, or exited within the
+        grace its last handoffs have): a grant names the account billed and its rates, so a
+        worker (same uid, and allowed to connect here to re-attach) must not be able to send one."""
+        pid = control.peer_pid(conn)
+        exited_at = self.frontdoor_pids.get(pid, 0.0)
+        if exited_at is None or (exited_at and not self._long_gone(exited_at)):
+            return True
+        self.metrics.inc("meshrt_handoffs_refused_total", code="not_front_door")
+        log.error("handoff from a process that is not this node's front door refused", extra={"pid": pid})
+        return False
 
     def problems(self) -> list[str]:
         """Why this node should not be sent sessions now (what the front door's /readyz says)."""
@@ -424,6 +456,12 @@ class Supervisor:
             elif isinstance(message, Spawned):
                 self.registry.set_pid(message.session_id, message.pid)
             elif isinstance(message, WorkerExited):
+                if message.signal == sandbox.VIOLATION_SIGNAL:
+                    self.metrics.inc("meshrt_sandbox_violations_total")
+                    log.error(
+                        "worker killed by its sandbox (a forbidden system call)",
+                        extra={"pid": message.pid, "fields": {"signal": message.signal}},
+                    )
                 level = logging.INFO if message.exit_code == 0 else logging.WARNING
                 log.log(
                     level,
@@ -492,12 +530,39 @@ class Supervisor:
         is retried until the database acknowledges it; the spool keeps it meanwhile."""
         if increment.seq in live.reported:
             return
+        increment = self._priced(live, increment)
         live.reported[increment.seq] = increment
         grant = live.grant
         self._estimate(grant.account_id).add((grant.session_id, increment.seq), increment.cost.picodollars)
         self.tg.start_soon(self._commit, live, increment, settle)
         if check:
             self._check_quota_soon(grant.account_id)
+
+    def _priced(self, live: LiveSession, increment: Increment) -> Increment:
+        """The increment as this supervisor prices it, from the rates of the grant it issued
+        (the worker's cost is its claim, not the bill): a difference is logged and counted."""
+        try:
+            if live.prices is None:
+                live.prices = GrantPriceTable(live.grant.rates)
+            fixed = repriced(live.prices, increment)
+        except Exception:  # noqa: BLE001 - the grant's rates unreadable: bill what was reported
+            log.exception("increment not re-priced", extra={"session_id": live.grant.session_id})
+            return increment
+        if fixed is None:
+            return increment
+        self.metrics.inc("meshrt_repriced_increments_total")
+        log.warning(
+            "worker's cost differs from the grant's rates; billed at the supervisor's",
+            extra={
+                "session_id": live.grant.session_id,
+                "fields": {
+                    "seq": increment.seq,
+                    "worker_picodollars": increment.cost.picodollars,
+                    "picodollars": fixed.cost.picodollars,
+                },
+            },
+        )
+        return fixed
 
     async def _commit(self, live: LiveSession, increment: Increment, settle: ledger.ReserveChange | None) -> None:
         grant = live.grant
@@ -662,6 +727,10 @@ class Supervisor:
     async def _write_final(self, live: LiveSession) -> None:
         grant = live.grant
         held = spool.read(self._spool_path(grant.session_id))
+        # the worker wrote the spool: each increment is billed as this supervisor prices it
+        held.increments.update(
+            {seq: live.reported.get(seq) or self._priced(live, inc) for seq, inc in held.increments.items()}
+        )
         estimate = self._estimate(grant.account_id)
         for seq, increment in held.increments.items():
             if seq not in live.reported:  # delivered by the spool only: counts until the record commits
@@ -716,6 +785,7 @@ class Supervisor:
         rows = await self._until_done(
             "list unfinished sessions", anyio.to_thread.run_sync, ledger.unfinished_sessions, self.engine, self.node
         )
+        self.unfinished_rows = {row.id: row for row in rows}  # what re-attaching workers are matched against
         candidates = {row.id for row in rows} | spool.session_ids(self.settings.spool_dir)
         if not candidates:
             return
@@ -733,38 +803,53 @@ class Supervisor:
             if row is None:
                 log.error("spool of a session the database does not know; kept", extra={"session_id": session_id})
                 continue
-            grant = control.Grant(
-                session_id=row.id,
-                request_id=row.request_id,
-                account_id=row.account_id,
-                api_key_id=row.api_key_id,
-                model=row.model,
-                token_cap=0,
-                rates=row.rates,
-            )
-            await self._finalize(LiveSession(grant, None, stage=Stage.LIVE))
+            await self._finalize(LiveSession(grant_from_row(row), None, stage=Stage.LIVE))
             log.warning("finalised a session whose worker did not return", extra={"session_id": row.id})
 
     async def _adopt(self, message: Reattach, conn: socket.socket) -> None:
-        """A worker of a previous supervisor offers its live session: take it over. Its account's
+        """A worker of a previous supervisor offers its live session: take it over, if the
+        database agrees that this session is this node's and ran in that process (the peer's pid
+        as the kernel saw it connect). Workers are not trusted: the grant (account, key, model,
+        rates) is rebuilt from the session's row, never taken from the message. Its account's
         balance is read afresh before any quota decision; its spool is counted once."""
-        live = LiveSession(
-            message.grant, conn, pid=message.pid, stage=Stage.LIVE if message.upgraded else Stage.STARTING
+        claimed = message.grant
+        pid = control.peer_pid(conn)
+        try:
+            # the rows read at start-up, before workers re-attach, serve once each: no read per worker
+            cached = self.unfinished_rows.pop(claimed.session_id, None)
+            rows = {claimed.session_id: cached} if cached is not None else None
+            if rows is None:
+                rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [claimed.session_id])
+        except Exception as exc:  # noqa: BLE001 - it asks again in 0.2 s
+            log.warning(
+                "re-attach not decided: the session's row cannot be read",
+                extra={"session_id": claimed.session_id, "pid": pid, "fields": {"error": one_line(exc)}},
+            )
+            conn.close()
+            return
+        row = rows.get(claimed.session_id)
+        refusal = reattach_refusal(row, message, pid, self.node) or (
+            "the session is attached already" if self.registry.get(claimed.session_id) is not None else None
         )
+        if refusal is not None:
+            self.metrics.inc("meshrt_reattach_refused_total")
+            log.error(
+                "re-attach refused", extra={"session_id": claimed.session_id, "pid": pid, "fields": {"reason": refusal}}
+            )
+            conn.close()
+            return
+        grant = grant_from_row(row, claimed)
+        if grant.rates != claimed.rates:
+            log.warning(
+                "re-attaching worker sent rates other than its row's; the row's are used",
+                extra={"session_id": grant.session_id, "pid": pid},
+            )
+        live = LiveSession(grant, conn, pid=pid, stage=Stage.LIVE if message.upgraded else Stage.STARTING)
         self.registry.add(live)
         await self._replay_spool(live)
-        log.info("worker re-attached", extra={"session_id": message.grant.session_id, "pid": message.pid})
+        log.info("worker re-attached", extra={"session_id": grant.session_id, "pid": pid})
         self.tg.start_soon(self._watch_worker, live)
-        self.tg.start_soon(self._stop_if_taken, live)
-
-    async def _stop_if_taken(self, live: LiveSession) -> None:
-        """A session another node ended while this one was lost must not run on: its slot is free."""
-        try:
-            rows = await anyio.to_thread.run_sync(ledger.session_rows, self.engine, [live.grant.session_id])
-        except Exception:  # noqa: BLE001 - unknown now; the lease check catches a lost node
-            return
-        row = rows.get(live.grant.session_id)
-        if row is not None and row.state == db.SessionState.ENDED:
+        if row.state == db.SessionState.ENDED:  # another node ended it while this one was lost
             await self._stop(live, "node_lost")
 
     async def drain(self) -> None:
@@ -802,7 +887,72 @@ class Supervisor:
         self.tg.cancel_scope.cancel()
 
 
+def reattach_refusal(row, message: Reattach, pid: int, node: str) -> str | None:
+    """Why a re-attaching worker is refused, or None: the session must be this node's, and have
+    run in the process that connected (its pid as the kernel reports it, and as the row has it)."""
+    if row is None:
+        return "no such session"
+    if row.node != node:
+        return f"the session is node {row.node!r}'s"
+    if message.pid != pid:
+        return f"the worker says it is pid {message.pid}, the kernel says {pid}"
+    if row.pid is not None and row.pid != pid:
+        return f"the session's worker is pid {row.pid}"
+    if row.pid is None and row.state != db.SessionState.GRANTED:
+        return f"a session {getattr(row.state, 'value', row.state)} without a worker pid"
+    claimed = message.grant
+    if (claimed.account_id, claimed.api_key_id, claimed.model) != (row.account_id, row.api_key_id, row.model):
+        return "the grant sent is not the session's"
+    return None
+
+
+def grant_from_row(row, claimed: control.Grant | None = None) -> control.Grant:
+    """The grant of a session as the database has it (what this node's front door issued). Only
+    what is not money comes from the worker's copy: its token cap and beta flag."""
+    return control.Grant(
+        session_id=row.id,
+        request_id=row.request_id,
+        account_id=row.account_id,
+        api_key_id=row.api_key_id,
+        model=row.model,
+        token_cap=claimed.token_cap if claimed is not None else 0,
+        rates=row.rates,
+        beta=claimed.beta if claimed is not None else False,
+        client_addr=row.client_addr,
+    )
+
+
+def sandbox_start(settings: Settings) -> bool:
+    """Harden this process, probe the workers' layers and say in one line which are active.
+    False: MESHRT_SANDBOX=require and a layer cannot be installed (the node must not start)."""
+    mode = settings.sandbox
+    if mode == "off":
+        log.warning("sandbox: off (MESHRT_SANDBOX=off); no layer is active")
+        return True
+    try:
+        own = sandbox.harden_process(mode, SECRET_VARIABLES)
+    except sandbox.SandboxError as exc:
+        log.critical("sandbox: %s; refusing to start (MESHRT_SANDBOX=require)", exc)
+        return False
+    workers = sandbox.probe(mode, settings.max_session_s)
+    missing = {layer: why for layer, why in workers.items() if why is not None}
+    log.info(
+        "sandbox: %s; processes: %s; workers: %s%s",
+        mode,
+        ", ".join(own) or "none",
+        ", ".join(layer for layer, why in workers.items() if why is None) or "none",
+        "".join(f"; {layer} NOT active: {why}" for layer, why in missing.items()),
+        extra={"fields": {"mode": mode, "process_layers": own, "worker_layers": workers}},
+    )
+    if missing and mode == "require":
+        log.critical("sandbox: a worker layer cannot be installed; refusing to start (MESHRT_SANDBOX=require)")
+        return False
+    return True
+
+
 def serve(settings: Settings) -> int:
+    if not sandbox_start(settings):
+        return EXIT_SANDBOX
     return anyio.run(Supervisor(settings).run)
 
 

@@ -27,6 +27,7 @@ from collections import deque
 import anyio
 
 from meshrt.shared import control
+from meshrt.shared import sandbox
 from meshrt.shared import spool
 from meshrt.shared.control import Grant
 from meshrt.shared.control import Reattach
@@ -105,6 +106,7 @@ class WorkerSession:
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
+        self.sandbox: list[str] = []  # the seccomp layer, once loaded
 
     # --- entry --------------------------------------------------------------------------
 
@@ -149,6 +151,10 @@ class WorkerSession:
         if self.grant.session_config:  # an ephemeral key's config: upstream has it before any client event
             update = {"type": "session.update", "session": self.grant.session_config}
             await self._upstream.send(client_text_frame(json.dumps(update, separators=(",", ":")).encode()))
+        sandboxed = time.monotonic()
+        # from here on the worker needs nothing but the fds it holds (shared/sandbox.py)
+        self.sandbox = sandbox.confine_worker(self.config.sandbox)
+        self.setup["sandbox_ms"] = round((time.monotonic() - sandboxed) * 1000, 2)
         response, status = accept_bytes(protocol, request, self.grant.request_id)
         self._answered = True
         await self._client.send(response)

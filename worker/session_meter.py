@@ -7,11 +7,20 @@ change during the session cannot change its bill.
 
 from __future__ import annotations
 
+import dataclasses
+
+from meshrt.shared.increments import IncrementKind
+from meshrt.shared.increments import response_tokens
+from meshrt.shared.increments import transcription_tokens
+from meshrt.shared.money import Money
 from meshrt.shared.pricing import ModelRates
 
+from .meter import Bill
 from .meter import Increment
 from .meter import Meter
 from .meter import UsageTotals
+from .meter import bill_response
+from .meter import bill_transcription
 from .meter import may_carry_usage
 
 
@@ -60,3 +69,34 @@ def build_meter(grant):
     """Return (meter, may_carry_usage) for the relay of this grant."""
     table = GrantPriceTable(grant.rates)
     return SessionMeter(Meter(table.model, table)), may_carry_usage
+
+
+def bill_again(table: GrantPriceTable, increment: Increment) -> Bill:
+    """The bill of `increment`'s usage at the rates of the grant (`table`), by the meter's own
+    rules: what the supervisor charges, whatever cost a worker reported. A response is billed at
+    the session's model; a transcription at the rates the grant holds for the model named (the
+    meter picks that model from the session's events, which only the worker sees)."""
+    if increment.kind is IncrementKind.RESPONSE:
+        return bill_response(table.model, response_tokens(increment.usage))
+    tokens = transcription_tokens(increment.usage)
+    if tokens is None:
+        return Bill(Money.ZERO, {}, 0, True)
+    rates = table.transcription(increment.model)
+    if rates is not None and rates.by_duration != (tokens.usage_type == "duration"):
+        rates = None
+    return bill_transcription(rates, tokens)
+
+
+def repriced(table: GrantPriceTable, increment: Increment) -> Increment | None:
+    """`increment` as the grant prices it, or None if the worker's figures already agree."""
+    bill = bill_again(table, increment)
+    if (bill.cost, bill.by_category, bill.total_tokens, bill.unpriced) == (
+        increment.cost,
+        increment.by_category,
+        increment.total_tokens,
+        increment.unpriced,
+    ):
+        return None
+    return dataclasses.replace(
+        increment, cost=bill.cost, by_category=bill.by_category, total_tokens=bill.total_tokens, unpriced=bill.unpriced
+    )

@@ -24,6 +24,7 @@ import socket
 import time
 
 from meshrt.shared import control
+from meshrt.shared import sandbox
 from meshrt.worker import warmup
 
 log = logging.getLogger("meshrt.zygote")
@@ -41,6 +42,8 @@ def _preimport() -> None:
     from meshrt.worker import warmup  # noqa: F401
 
     upstream.tls_context()
+    if sandbox.seccomp_available() is None:
+        sandbox.build_filter()  # libseccomp loaded and its first-use costs paid before any fork
     warmup.warm_up()
     import gc
 
@@ -67,6 +70,7 @@ def _run_session(spawn, fds: list[int]) -> None:
     code = 70
     try:
         _limit_resources(spawn.config.memory_limit_mb)
+        sandbox.limit_worker(spawn.config.sandbox, spawn.config.max_session_s)
         from meshrt.worker.session import run
 
         client_fd, channel_fd, spool_fd = fds
@@ -112,6 +116,10 @@ class Zygote:
                     warmup.rehearse(self.backend)
             except Exception as exc:  # noqa: BLE001 - only an optimisation; the session runs without it
                 log.warning("pool worker rehearsal failed", extra={"fields": {"error": repr(exc)}})
+            try:
+                sandbox.prepare_worker()
+            except Exception as exc:  # noqa: BLE001 - built again when its session needs it
+                log.warning("pool worker filter not built", extra={"fields": {"error": repr(exc)}})
             try:
                 spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
@@ -223,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--warm", type=int, default=0, help="idle workers kept forked ahead")
+    parser.add_argument("--sandbox", choices=sandbox.MODES, default="on")
     args = parser.parse_args(argv)
+    sandbox.harden_process(args.sandbox)  # non-dumpable: its children (workers) inherit it
+    sandbox.refuse_io_uring(args.sandbox)  # before any event loop: libuv runs on epoll alone
     channel = socket.socket(fileno=args.channel_fd)
     from meshrt.shared import logs
 
