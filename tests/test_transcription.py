@@ -1,0 +1,210 @@
+"""Transcription sessions (`wss://…/v1/realtime?intent=transcription`, issue #18) end to end: the
+official SDK opens one through meshrt, the record is checked to the picodollar against the
+simulator's usage at the rates `/v1/models` serves, an unpriced transcription model ends the
+session, and a small balance stops it (docs/billing.md, Transcription sessions)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from decimal import Decimal
+
+import httpx
+import pytest
+from conftest import ended_record
+from openai import AsyncOpenAI
+from realtime_client import connect_ws
+from realtime_client import expect_closed
+from realtime_client import expect_refusal
+from realtime_client import recv_json
+from realtime_client import run
+from test_billing import balance
+from test_billing import models_served
+from test_billing import transcription_cost
+
+from meshrt.shared.errors import ERRORS
+from meshrt.shared.money import Money
+
+PCM16_700MS = b"".join(int(3000 * ((i // 40) % 2 * 2 - 1)).to_bytes(2, "little", signed=True) for i in range(16_800))
+
+
+def chunks(audio: bytes, odd: bool) -> list[bytes]:
+    """The audio as appends: 100 ms each, or split at odd byte sizes (mid-sample)."""
+    if not odd:
+        return [audio[i : i + 4800] for i in range(0, len(audio), 4800)]
+    out, at, sizes = [], 0, (1, 4799, 333, 7, 10_001)
+    while at < len(audio):
+        size = sizes[len(out) % len(sizes)]
+        out.append(audio[at : at + size])
+        at += size
+    return out
+
+
+def append(piece: bytes) -> str:
+    return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(piece).decode()})
+
+
+def sdk(gateway, key: str) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key=key, websocket_base_url=f"ws://127.0.0.1:{gateway.port}/v1", max_retries=0)
+
+
+async def transcribe(gateway, key: str, model: str, odd: bool, commits: int = 2) -> tuple[list[dict], str]:
+    """One transcription session through the SDK: the usages of its completed transcriptions
+    (as received, exact JSON) and its request id."""
+    async with sdk(gateway, key).realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = json.loads(await conn.recv_bytes())
+        assert created["type"] == "session.created" and created["session"]["type"] == "transcription"
+        await conn.session.update(
+            session={"type": "transcription", "audio": {"input": {"transcription": {"model": model}}}}
+        )
+        while (event := json.loads(await conn.recv_bytes()))["type"] != "session.updated":
+            assert event["type"] != "error", event
+        usages = []
+        for _ in range(commits):
+            for piece in chunks(PCM16_700MS, odd):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(piece).decode())
+            await conn.input_audio_buffer.commit()
+            while (event := json.loads(await conn.recv_bytes()))["type"] != (
+                "conversation.item.input_audio_transcription.completed"
+            ):
+                assert event["type"] != "error", event
+            usages.append(event["usage"])
+        request_id = conn._connection.response.headers["x-request-id"]
+    return usages, request_id
+
+
+def test_sdk_transcription_session_billed_to_the_picodollar(gateway, tenant, engine):
+    served = models_served(gateway, tenant.key)
+    for model, usage_type in (("gpt-4o-transcribe", "tokens"), ("whisper-1", "duration")):
+        for odd in (False, True):
+            start = balance(engine, tenant.account_id)
+            usages, request_id = run(transcribe(gateway, tenant.key, model, odd))
+            assert [u["type"] for u in usages] == [usage_type, usage_type]
+            expected = sum(transcription_cost(u, served[model]["pricing"]) for u in usages)
+            row = ended_record(engine, request_id)
+            assert Money(row.cost_pico) == Money.from_usd(expected.quantize(Decimal("1e-12"))) > Money.ZERO
+            assert start - balance(engine, tenant.account_id) == Money(row.cost_pico)
+            assert (row.model, row.surface, row.responses, row.end_reason) == (
+                model,
+                "transcription",
+                0,
+                "client_closed",
+            )
+            records = httpx.get(
+                f"{gateway.http_url}/v1/usage", headers={"Authorization": f"Bearer {tenant.key}"}
+            ).json()["data"]
+            record = next(r for r in records if r["id"] == row.id)
+            assert record["surface"] == "transcription" and record["model"] == model
+            assert Decimal(record["cost"]["amount"]) == expected.quantize(Decimal("1e-12"))
+            if usage_type == "tokens":
+                assert row.usage["transcription"]["input_tokens"] == sum(u["input_tokens"] for u in usages)
+            else:
+                assert Decimal(row.usage["transcription"]["seconds"]) == sum(Decimal(str(u["seconds"])) for u in usages)
+
+
+def test_conversation_records_say_realtime(shared_gateway, tenant, engine):
+    async def go():
+        async with connect_ws(shared_gateway.ws_url, key=tenant.key) as ws:
+            await recv_json(ws)
+            return ws.response.headers["x-request-id"]
+
+    row = ended_record(engine, run(go()))
+    assert row.surface == "realtime" and row.model == "gpt-realtime"
+
+
+@pytest.mark.parametrize("model", ["gpt-9-transcribe", "gpt-realtime"])
+def test_unpriced_transcription_model_ends_the_session_before_a_transcription_is_delivered(
+    shared_gateway, tenant, engine, model
+):
+    """Everything is sent at once, so upstream has the audio before meshrt sees the model."""
+    start = balance(engine, tenant.account_id)
+
+    async def go():
+        async with connect_ws(shared_gateway.ws_url, key=tenant.key, model=None, query="intent=transcription") as ws:
+            update = {"type": "transcription", "audio": {"input": {"transcription": {"model": model}}}}
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            for piece in chunks(PCM16_700MS, False):
+                await ws.send(
+                    json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(piece).decode()})
+                )
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            events = await expect_closed(ws, 15)
+            return events, ws.close_code, ws.close_reason, ws.response.headers["x-request-id"]
+
+    events, code, reason, request_id = run(go())
+    types = [e["type"] for e in events]
+    assert "conversation.item.input_audio_transcription.completed" not in types
+    assert types[-1] == "error" and events[-1]["error"]["code"] == "model_not_found"
+    assert model in events[-1]["error"]["message"]
+    spec = ERRORS["model_not_found"]
+    assert (code, reason) == (spec.close_code, f"{spec.type}.model_not_found")
+    row = ended_record(engine, request_id)
+    assert row.end_reason == "model_not_found" and row.cost_pico == 0
+    assert balance(engine, tenant.account_id) == start
+
+
+def test_transcription_session_is_admitted_without_a_model_but_not_without_balance(shared_gateway, make_tenant):
+    broke = make_tenant(balance="0")
+    event, code, _ = run(expect_refusal(shared_gateway.ws_url, key=broke.key, model=None, query="intent=transcription"))
+    assert event["error"]["code"] == "insufficient_quota" and code == 1008
+    event, _, _ = run(
+        expect_refusal(shared_gateway.ws_url, key="rsk_" + "x" * 40, model=None, query="intent=transcription")
+    )
+    assert event["error"]["code"] == "invalid_api_key"
+    event, _, _ = run(expect_refusal(shared_gateway.ws_url, key=broke.key, model=None, query="intent=translation"))
+    assert event["error"]["code"] == "missing_model"  # only transcription is an intent here
+
+
+@pytest.mark.parametrize("beta", [False, True])
+def test_transcription_session_with_a_tiny_balance_is_stopped_below_zero(gateway, make_tenant, engine, beta):
+    """Appends are never held for a reservation (there are no responses; server VAD included,
+    and in beta, where the session's events do not say `"type": "transcription"`), and
+    transcription usage, which no reservation covers, takes the balance below zero once: then
+    the session ends with insufficient_quota."""
+    poor = make_tenant(balance="0.0005")  # about three 700 ms gpt-4o-transcribe transcriptions
+    start = balance(engine, poor.account_id)
+
+    async def go():
+        headers = {"OpenAI-Beta": "realtime=v1"} if beta else {}
+        async with connect_ws(
+            gateway.ws_url, key=poor.key, model=None, query="intent=transcription", headers=headers
+        ) as ws:
+            vad, model = {"type": "server_vad"}, {"model": "gpt-4o-transcribe"}
+            update = (
+                {"input_audio_transcription": model, "turn_detection": vad}
+                if beta
+                else {"type": "transcription", "audio": {"input": {"transcription": model, "turn_detection": vad}}}
+            )
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            seen: list[dict] = []
+            try:
+                for _ in range(40):
+                    for piece in chunks(PCM16_700MS, False):
+                        await ws.send(
+                            json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(piece).decode()})
+                        )
+                    await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                    while (event := await recv_json(ws, 10))["type"] not in (
+                        "conversation.item.input_audio_transcription.completed",
+                        "error",
+                    ):
+                        seen.append(event)
+                    seen.append(event)
+                    if event["type"] == "error":
+                        break
+                    await asyncio.sleep(0.3)  # the quota stop reads the balance every 0.5 s at most
+            except Exception:  # the stop closed the socket mid-send
+                pass
+            seen += await expect_closed(ws, 15)
+            return seen, ws.close_code, ws.response.headers["x-request-id"]
+
+    seen, code, request_id = run(go(), 60)
+    errors = [e["error"]["code"] for e in seen if e["type"] == "error"]
+    assert errors == ["insufficient_quota"] and code == 1008  # no in-band refusal of audio before it
+    done = [e for e in seen if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(done) >= 3
+    row = ended_record(engine, request_id)
+    assert row.end_reason == "insufficient_quota"
+    final = balance(engine, poor.account_id)
+    assert start - final == Money(row.cost_pico) and final.picodollars < 0
