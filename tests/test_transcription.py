@@ -208,3 +208,29 @@ def test_transcription_session_with_a_tiny_balance_is_stopped_below_zero(gateway
     assert row.end_reason == "insufficient_quota"
     final = balance(engine, poor.account_id)
     assert start - final == Money(row.cost_pico) and final.picodollars < 0
+
+
+def test_an_older_database_gets_the_surface_column_and_its_rows_say_realtime(engine, make_tenant):
+    """`create_schema` (what `meshrt db upgrade` runs) adds `surface` with its server default,
+    so the rows from before it read `realtime`; on the test database's own engine (SQLite, or
+    PostgreSQL with MESHRT_TEST_DATABASE_URL)."""
+    from sqlalchemy import text
+
+    from meshrt.storage.db import create_schema
+
+    tenant = make_tenant()
+    with engine.begin() as db:
+        db.execute(text('ALTER TABLE "realtime_session" DROP COLUMN "surface"'))
+        db.execute(
+            text(
+                "INSERT INTO realtime_session (id, request_id, account_id, api_key_id, model, node, state, "
+                "client_addr, started_at, responses, usage, cost_pico, by_category, rates, reserved_pico, "
+                "reserve_version) VALUES ('sess_old', 'req_old', :account, :key, 'gpt-realtime', '', 'ended', "
+                "'', CURRENT_TIMESTAMP, 0, '{}', 0, '{}', '{}', 0, 0)"
+            ),
+            {"account": tenant.account_id, "key": tenant.key_id},
+        )
+    changes = create_schema(engine)
+    assert changes.columns == ("realtime_session.surface",)
+    with engine.connect() as db:
+        assert db.execute(text("SELECT surface FROM realtime_session WHERE id = 'sess_old'")).scalar_one() == "realtime"
