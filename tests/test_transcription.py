@@ -234,3 +234,78 @@ def test_an_older_database_gets_the_surface_column_and_its_rows_say_realtime(eng
     assert changes.columns == ("realtime_session.surface",)
     with engine.connect() as db:
         assert db.execute(text("SELECT surface FROM realtime_session WHERE id = 'sess_old'")).scalar_one() == "realtime"
+
+
+# --- sans-I/O: the worker's side, bytes in, actions out --------------------------------------
+
+
+def transcription_relay(model_announced: str):
+    from websockets.frames import Frame
+    from websockets.frames import Opcode
+
+    from meshrt.frontdoor.catalog import Catalog
+    from meshrt.shared.control import Grant
+    from meshrt.shared.pricing import load_price_table
+    from meshrt.worker.preauth import Purse
+    from meshrt.worker.relay import Relay
+    from meshrt.worker.session_meter import build_meter
+
+    catalog = Catalog(load_price_table())
+    model = catalog.transcription_session_model().model
+    grant = Grant("sess_t", "req_t", "acct", "key", model, 10_000, catalog.grant_rates(model), surface="transcription")
+    meter, may_carry_usage = build_meter(grant)
+    purse = Purse.for_rates(meter.meter.rates, 4096, transcription_only=True)
+    relay = Relay("req_t", 10_000, 1 << 20, meter=meter, may_carry_usage=may_carry_usage, purse=purse)
+
+    def frame(event: dict) -> bytes:
+        return Frame(Opcode.TEXT, json.dumps(event).encode(), True).serialize(mask=False, extensions=[])
+
+    session = {"type": "transcription", "audio": {"input": {"transcription": {"model": model_announced}}}}
+    completed = {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "item_id": "item_1",
+        "transcript": "hello",
+        "usage": {
+            "type": "tokens",
+            "input_tokens": 7,
+            "output_tokens": 3,
+            "total_tokens": 10,
+            "input_token_details": {"text_tokens": 0, "audio_tokens": 7},
+        },
+    }
+    return relay, purse, frame({"type": "session.created", "session": session}), frame(completed)
+
+
+def test_sansio_an_unpriced_model_in_session_created_ends_the_session_before_the_transcription_is_delivered():
+    from meshrt.worker.relay import Target
+
+    relay, _, created, completed = transcription_relay("gpt-9-transcribe")
+    actions = relay.from_upstream(created + completed)  # one read: the transcription right behind
+    to_client = [payload for target, payload in actions if target is Target.CLIENT]
+    assert to_client[0] == created and completed not in b"".join(to_client)
+    assert b'"model_not_found"' in to_client[1] and to_client[2][:1] == b"\x88"  # error frame, close
+    bills = [payload for target, payload in actions if target is Target.BILL]
+    assert len(bills) == 1 and bills[0].unpriced and bills[0].cost == Money.ZERO  # recorded, never delivered
+    assert any(target is Target.UPSTREAM for target, _ in actions)  # upstream is closed too
+    assert relay.outcome.end_reason == "model_not_found"
+
+
+def test_sansio_a_priced_model_is_billed_and_audio_is_never_held():
+    from meshrt.worker.relay import Target
+
+    relay, purse, created, completed = transcription_relay("whisper-1")
+    append = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(PCM16_700MS).decode()})
+    assert purse.admit(append.encode())  # before session.created: nothing held, nothing needed
+    purse.session_event({"input_audio_transcription": {"model": "whisper-1"}, "turn_detection": {"type": "server_vad"}})
+    assert not purse.auto_response and purse.admit(append.encode())  # beta's server VAD: still no response
+    actions = relay.from_upstream(created)
+    assert actions == [(Target.CLIENT, created)]
+    # whisper-1 bills duration; a tokens usage for it is priced differently: billed 0 and marked
+    bill = relay.from_upstream(completed)[0][1]
+    assert bill.model == "whisper-1" and bill.unpriced
+    relay2, _, created2, completed2 = transcription_relay("gpt-4o-mini-transcribe")
+    relay2.from_upstream(created2)
+    actions = relay2.from_upstream(completed2)
+    assert [t for t, _ in actions] == [Target.BILL, Target.CLIENT]
+    assert actions[0][1].model == "gpt-4o-mini-transcribe" and actions[0][1].cost > Money.ZERO
+    assert relay2.outcome.end_reason is None
