@@ -168,14 +168,15 @@ def _admit_in_transaction(
 
 def _transcription_model(prices, key_config: dict | None) -> str:
     """A transcription session's starting model (its record's until it is billed at another):
-    it names none in its URL. An ephemeral key's config is a conversation session's, so such a
-    key opens no transcription session."""
-    if key_config:
+    it names none in its URL. An ephemeral key minted with settings (a model, instructions, …)
+    holds a conversation session's config, so it opens no transcription session; one minted
+    without (its config is `{"type": "realtime"}` alone) may."""
+    if key_config and (key_config.get("model") is not None or _upstream_config(key_config) is not None):
         bound = key_config.get("model")
         raise GatewayError(
             "model_not_found",
             f"This ephemeral key is for a conversation session{f' with {bound!r}' if bound else ''}: "
-            "intent=transcription needs an rsk_ key, or an ephemeral key minted without a session.",
+            "intent=transcription needs an rsk_ key, or an ephemeral key minted without session settings.",
         )
     rates = prices.transcription_session_model()
     if rates is None:
