@@ -14,6 +14,7 @@ import httpx
 import pytest
 from conftest import ended_record
 from openai import AsyncOpenAI
+from openai import OpenAI
 from realtime_client import connect_ws
 from realtime_client import expect_closed
 from realtime_client import expect_refusal
@@ -309,3 +310,37 @@ def test_sansio_a_priced_model_is_billed_and_audio_is_never_held():
     assert [t for t, _ in actions] == [Target.BILL, Target.CLIENT]
     assert actions[0][1].model == "gpt-4o-mini-transcribe" and actions[0][1].cost > Money.ZERO
     assert relay2.outcome.end_reason is None
+
+
+def test_ephemeral_keys_open_transcription_sessions_only_without_session_settings(shared_gateway, tenant, engine):
+    mint = OpenAI(api_key=tenant.key, base_url=f"{shared_gateway.http_url}/v1", max_retries=0)
+    bare = mint.realtime.client_secrets.create().value
+    configured = mint.realtime.client_secrets.create(session={"type": "realtime", "model": "gpt-realtime"}).value
+    event, _, _ = run(expect_refusal(shared_gateway.ws_url, key=configured, model=None, query="intent=transcription"))
+    assert event["error"]["code"] == "model_not_found" and "gpt-realtime" in event["error"]["message"]
+
+    async def go():
+        async with connect_ws(shared_gateway.ws_url, key=bare, model=None, query="intent=transcription") as ws:
+            created = await recv_json(ws)
+            return created, ws.response.headers["x-request-id"]
+
+    created, request_id = run(go())
+    assert created["session"]["type"] == "transcription"
+    assert ended_record(engine, request_id).surface == "transcription"
+
+
+def test_upstream_query_of_a_transcription_session_keeps_the_intent_and_drops_model_and_key():
+    from websockets.datastructures import Headers
+
+    from meshrt.shared.handshake import UpgradeRequest
+    from meshrt.shared.handshake import upstream_query
+
+    def upgrade(*query):
+        return UpgradeRequest("/v1/realtime", list(query), Headers(), [])
+
+    tx = upgrade(("intent", "transcription"), ("model", "gpt-realtime"), ("api_key", "rsk_x"), ("foo", "1"))
+    assert tx.transcription and tx.surface == "transcription"
+    assert upstream_query(tx, "gpt-4o-transcribe") == "intent=transcription&foo=1"
+    conversation = upgrade(("intent", "translation"), ("model", "gpt-realtime"))
+    assert not conversation.transcription and conversation.surface == "realtime"
+    assert upstream_query(conversation, "gpt-realtime") == "intent=translation&model=gpt-realtime"
