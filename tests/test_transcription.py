@@ -297,6 +297,9 @@ def test_sansio_a_priced_model_is_billed_and_audio_is_never_held():
     relay, purse, created, completed = transcription_relay("whisper-1")
     append = json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(PCM16_700MS).decode()})
     assert purse.admit(append.encode())  # before session.created: nothing held, nothing needed
+    vad = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}}
+    assert purse.admit(json.dumps(vad).encode()) and not purse.auto_response  # no response to expect
+    assert purse.admit(append.encode())
     purse.session_event({"input_audio_transcription": {"model": "whisper-1"}, "turn_detection": {"type": "server_vad"}})
     assert not purse.auto_response and purse.admit(append.encode())  # beta's server VAD: still no response
     actions = relay.from_upstream(created)

@@ -151,8 +151,10 @@ class Purse:
             event = _parse(payload)
             kind, tokens = event.get("type"), self._event_tokens(event, payload)
         is_append = kind == "input_audio_buffer.append"
-        if not is_append and (_DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)):
+        may_detect = _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)
+        if not is_append and may_detect and not self.transcription_only:
             # it may turn automatic responses on: assume so until upstream's session.updated says
+            # (a transcription session's turn detection commits audio and never starts a response)
             self.auto_response = True
         if is_append and self.auto_response:
             self.conversation_tokens += tokens
