@@ -347,3 +347,35 @@ def test_upstream_query_of_a_transcription_session_keeps_the_intent_and_drops_mo
     conversation = upgrade(("intent", "translation"), ("model", "gpt-realtime"))
     assert not conversation.transcription and conversation.surface == "realtime"
     assert upstream_query(conversation, "gpt-realtime") == "intent=translation&model=gpt-realtime"
+
+
+def test_server_vad_transcription_session_commits_and_transcribes_turns_billed_exactly(gateway, tenant, engine):
+    """The usual transcription session: turn detection commits each turn (speech, then silence),
+    upstream transcribes it, nothing answers; every transcription billed, balance down by as much."""
+    served = models_served(gateway, tenant.key)
+    start = balance(engine, tenant.account_id)
+    silence = b"\x00" * 4800
+
+    async def go():
+        async with connect_ws(gateway.ws_url, key=tenant.key, model=None, query="intent=transcription") as ws:
+            config = {"transcription": {"model": "gpt-4o-mini-transcribe"}, "turn_detection": {"type": "server_vad"}}
+            await ws.send(
+                json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": config}}})
+            )
+            usages, types = [], []
+            for _ in range(3):
+                for piece in [*chunks(PCM16_700MS, True), silence]:
+                    await ws.send(append(piece))
+                while (event := await recv_json(ws))["type"] != "conversation.item.input_audio_transcription.completed":
+                    assert event["type"] != "error", event
+                    types.append(event["type"])
+                usages.append(event["usage"])
+            return usages, types, ws.response.headers["x-request-id"]
+
+    usages, types, request_id = run(go())
+    assert "input_audio_buffer.committed" in types and not any(t.startswith("response.") for t in types)
+    expected = sum(transcription_cost(u, served["gpt-4o-mini-transcribe"]["pricing"]) for u in usages)
+    row = ended_record(engine, request_id)
+    assert Money(row.cost_pico) == Money.from_usd(expected.quantize(Decimal("1e-12"))) > Money.ZERO
+    assert start - balance(engine, tenant.account_id) == Money(row.cost_pico)
+    assert (row.model, row.responses) == ("gpt-4o-mini-transcribe", 0)
