@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from decimal import Decimal
 
 import httpx
@@ -130,7 +131,9 @@ def test_unpriced_transcription_model_ends_the_session_before_a_transcription_is
                     json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(piece).decode()})
                 )
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            sent = time.monotonic()
             events = await expect_closed(ws, 15)
+            print(f"\nunpriced {model!r}: closed {1000 * (time.monotonic() - sent):.1f} ms after the commit was sent")
             return events, ws.close_code, ws.close_reason, ws.response.headers["x-request-id"]
 
     events, code, reason, request_id = run(go())
@@ -209,6 +212,7 @@ def test_transcription_session_with_a_tiny_balance_is_stopped_below_zero(gateway
     assert row.end_reason == "insufficient_quota"
     final = balance(engine, poor.account_id)
     assert start - final == Money(row.cost_pico) and final.picodollars < 0
+    print(f"\ntiny balance (beta={beta}): {len(done)} transcriptions, final balance {final.display()}")
 
 
 def test_an_older_database_gets_the_surface_column_and_its_rows_say_realtime(engine, make_tenant):
