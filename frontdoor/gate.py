@@ -3,7 +3,9 @@
 Checks run in the order of docs/errors.md's table (Codes): TLS, key present, key valid, model
 present, model known, balance, the account's concurrent sessions. The last three and the session
 row's insert are one database transaction (the account row locked), so the per-account limit
-holds across front-door processes and nodes. Raises GatewayError; never logs or returns the key.
+holds across front-door processes and nodes. A transcription session (`?intent=transcription`)
+names no model: it is granted the price file's transcription rates and is billed at the model
+it configures. Raises GatewayError; never logs or returns the key.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ def _admit_in_transaction(
             raise GatewayError("invalid_api_key")
         model = upgrade.model
         bound = (found.session_config or {}).get("model")
-        if bound is not None:  # an ephemeral key's model is the session's: the URL may only repeat it
+        if upgrade.transcription:
+            model = _transcription_model(prices, found.session_config)
+        elif bound is not None:  # an ephemeral key's model is the session's: the URL may only repeat it
             if model is not None and model != bound:
                 raise GatewayError(
                     "model_not_found",
@@ -105,9 +109,10 @@ def _admit_in_transaction(
             model = bound
         if model is None:
             raise GatewayError("missing_model")
-        rates = prices.get(model)
-        if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
-            raise GatewayError("model_not_found", model_detail(model))
+        if not upgrade.transcription:
+            rates = prices.get(model)
+            if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
+                raise GatewayError("model_not_found", model_detail(model))
         if found.balance_pico <= 0:
             raise GatewayError("insufficient_quota")
         limit = found.max_concurrent_sessions or settings.default_max_concurrent_sessions
@@ -131,6 +136,7 @@ def _admit_in_transaction(
             started_at=now,
             balance_pico=found.balance_pico,
             session_config=_upstream_config(found.session_config),
+            surface=upgrade.surface,
         )
         db.execute(
             _INSERT_SESSION,
@@ -154,9 +160,28 @@ def _admit_in_transaction(
                 "by_category": {},
                 "rates": grant.rates,
                 "amended_at": None,
+                "surface": grant.surface,
             },
         )
     return grant
+
+
+def _transcription_model(prices, key_config: dict | None) -> str:
+    """A transcription session's starting model (its record's until it is billed at another):
+    it names none in its URL. An ephemeral key minted with settings (a model, instructions, …)
+    holds a conversation session's config, so it opens no transcription session; one minted
+    without (its config is `{"type": "realtime"}` alone) may."""
+    if key_config and (key_config.get("model") is not None or _upstream_config(key_config) is not None):
+        bound = key_config.get("model")
+        raise GatewayError(
+            "model_not_found",
+            f"This ephemeral key is for a conversation session{f' with {bound!r}' if bound else ''}: "
+            "intent=transcription needs an rsk_ key, or an ephemeral key minted without session settings.",
+        )
+    rates = prices.transcription_session_model()
+    if rates is None:
+        raise GatewayError("model_not_found", "No transcription model is priced on this gateway.")
+    return rates.model
 
 
 def _upstream_config(config: dict | None) -> dict | None:

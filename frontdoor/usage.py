@@ -44,6 +44,7 @@ def record_json(row: SessionRecord) -> dict:
         "id": row.id,
         "request_id": row.request_id,
         "model": row.model,
+        "surface": row.surface,
         "api_key_id": row.api_key_id,
         "started_at": _ts(row.started_at),
         "ended_at": _ts(row.ended_at),

@@ -49,6 +49,9 @@ class Grant:
     # An ephemeral key's session config: the worker sends it upstream as a session.update
     # before the client's first event (docs/protocol.md, Ephemeral keys). None for an rsk_ key.
     session_config: dict | None = None
+    # "transcription" for `?intent=transcription` (no responses: nothing to pre-authorise, and
+    # an announced transcription model must be priced); "realtime" otherwise.
+    surface: str = "realtime"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ _QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
 _TOKEN = re.compile(r"[^&\s\"']+")
 
 SUBPROTOCOL = "realtime"
+TRANSCRIPTION_INTENT = "transcription"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 _KEY_TOKEN_PREFIXES = ("openai-insecure-api-key.", "bearer.", "bearer ")
 _FORWARDED_HEADERS = ("openai-beta", "openai-safety-identifier", "user-agent")
@@ -91,6 +92,18 @@ class UpgradeRequest:
         return values[-1] if values and values[-1] else None
 
     @property
+    def transcription(self) -> bool:
+        """`?intent=transcription`: a transcription session, which names no model in its URL
+        (its billed model is the transcription model it configures: docs/billing.md)."""
+        values = [v for k, v in self.query if k == "intent"]
+        return bool(values) and values[-1] == TRANSCRIPTION_INTENT
+
+    @property
+    def surface(self) -> str:
+        """What a usage record calls the session: `transcription` or `realtime`."""
+        return "transcription" if self.transcription else "realtime"
+
+    @property
     def beta(self) -> bool:
         if BETA_SUBPROTOCOL in self.subprotocols:
             return True
@@ -143,7 +156,11 @@ def extract_credentials(upgrade: UpgradeRequest) -> Credentials:
 
 def upstream_query(upgrade: UpgradeRequest, model: str | None = None) -> str:
     """The client's query for the upstream URL, minus `api_key`; with `model` (the grant's, the
-    one billed) in place of the client's: an ephemeral key's model holds even when the URL has none."""
+    one billed) in place of the client's: an ephemeral key's model holds even when the URL has none.
+    A transcription session's URL carries `intent=transcription` and no model: its grant's model
+    is only what its record starts with, and a `model` beside the intent is not sent upstream."""
+    if upgrade.transcription:
+        return urlencode([(k, v) for k, v in upgrade.query if k not in ("api_key", "model")], errors="surrogateescape")
     if model is None or model == upgrade.model:
         return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"], errors="surrogateescape")
     kept = [(k, v) for k, v in upgrade.query if k not in ("api_key", "model")]

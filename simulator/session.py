@@ -358,7 +358,8 @@ class SimSession:
         self.speaking = False
         out = [self.event("input_audio_buffer.speech_stopped", audio_end_ms=0, item_id=new_id("item"))]
         out += self._commit({})
-        if config.get("create_response", True) is not False and self.active is None:
+        # a transcription session's turns are committed and transcribed, never answered
+        if self.kind != "transcription" and config.get("create_response", True) is not False and self.active is None:
             out += self._response_create({})
         return out
 

@@ -22,6 +22,7 @@ from sqlalchemy import BigInteger
 from sqlalchemy import Column
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy import Index
+from sqlalchemy import String
 from sqlalchemy import event
 from sqlalchemy import inspect
 from sqlalchemy import text
@@ -132,6 +133,11 @@ class SessionRecord(SQLModel, table=True):
     # reservation change applied (a late or repeated change never undoes a newer one).
     reserved_pico: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0"))
     reserve_version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0"))
+    # "realtime" (a conversation session) or "transcription" (`?intent=transcription`)
+    surface: str = Field(
+        default="realtime",
+        sa_column=Column(String(16), nullable=False, default="realtime", server_default=text("'realtime'")),
+    )
 
 
 class NodeState(str, enum.Enum):

@@ -247,7 +247,7 @@ def finalize(
     is never final without all of its spool. Safe to repeat."""
     connection = db.connection()
     exists = connection.execute(
-        select(_sessions.c.state, _sessions.c.account_id).where(_sessions.c.id == session_id)
+        select(_sessions.c.state, _sessions.c.account_id, _sessions.c.surface).where(_sessions.c.id == session_id)
     ).first()
     if exists is None:
         return Finalized.MISSING
@@ -258,7 +258,13 @@ def finalize(
     if exists.state == SessionState.ENDED and not added:
         return Finalized.ALREADY
     bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()
-    summary = summarize([Increment.from_json(body) for body in bodies])
+    applied = [Increment.from_json(body) for body in bodies]
+    summary = summarize(applied)
+    if exists.surface == "transcription" and applied:
+        # a transcription session's record names the model it was billed at (the last one, if
+        # it changed models), not the one it was granted with before it configured one
+        billed = max(applied, key=lambda increment: increment.seq).model
+        connection.execute(update(_sessions).where(_sessions.c.id == session_id).values(model=billed))
     values = {
         "final_id": session_id,
         "final_ended_at": ended_at or utcnow(),

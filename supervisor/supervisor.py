@@ -919,6 +919,7 @@ def grant_from_row(row, claimed: control.Grant | None = None) -> control.Grant:
         rates=row.rates,
         beta=claimed.beta if claimed is not None else False,
         client_addr=row.client_addr,
+        surface=row.surface,
     )
 
 

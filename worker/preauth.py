@@ -101,10 +101,16 @@ class Purse:
     available: int | None = None  # the account's unreserved balance, as last answered
     refill_due: bool = False  # a response started: the reservation may need topping up
     _blocked: int = 0  # what the message being held needs held
+    transcription_only: bool = False  # `?intent=transcription`: no responses, never auto_response
 
     @classmethod
-    def for_rates(cls, rates: ModelRates, output_cap: int) -> Purse:
-        return cls(_max_rate(rates, "input"), _max_rate(rates, "output"), output_cap)
+    def for_rates(cls, rates: ModelRates, output_cap: int, transcription_only: bool = False) -> Purse:
+        """`transcription_only`: a transcription session's purse, which holds nothing for its
+        audio from the start (not only once upstream's session.created says so)."""
+        purse = cls(_max_rate(rates, "input"), _max_rate(rates, "output"), output_cap)
+        if transcription_only:
+            purse.transcription_only, purse.auto_response = True, False
+        return purse
 
     # --- bounds -------------------------------------------------------------------------
 
@@ -145,8 +151,10 @@ class Purse:
             event = _parse(payload)
             kind, tokens = event.get("type"), self._event_tokens(event, payload)
         is_append = kind == "input_audio_buffer.append"
-        if not is_append and (_DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)):
+        may_detect = _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)
+        if not is_append and may_detect and not self.transcription_only:
             # it may turn automatic responses on: assume so until upstream's session.updated says
+            # (a transcription session's turn detection commits audio and never starts a response)
             self.auto_response = True
         if is_append and self.auto_response:
             self.conversation_tokens += tokens
@@ -291,6 +299,8 @@ class Purse:
         if isinstance(audio_input, dict) and "format" in audio_input or "input_audio_format" in session:
             self.audio_bytes_per_s = _audio_bytes_per_s(session)
         self.session_tokens = len(json.dumps([session.get("instructions"), session.get("tools")]).encode())
+        if self.transcription_only:  # its turn detection commits audio; it creates no response
+            self.auto_response = False
 
 
 def _is_append(payload: bytes) -> bool:

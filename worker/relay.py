@@ -24,6 +24,7 @@ from typing import Callable
 from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import error_event
 from meshrt.shared.errors import refusal_event
+from meshrt.shared.handshake import model_detail
 
 from . import frames as wsf
 from .frames import FrameScanner
@@ -140,6 +141,8 @@ class Relay:
         self._held_upstream_close: bytes | None = None  # waits behind a response.cancel
         self._usage_fragments: list[bytes] | None = None
         self._pending_end: str | None = None  # an end decided mid-batch, applied after it
+        self._pending_detail: str | None = None
+        self._withhold = False  # a transcription session's model was refused: deliver no more
         self._client_active = False  # a client data frame arrived since the shell last asked
         # Pre-authorisation: client frames (from the one being judged on) that wait for the
         # supervisor's answer to a Reserve, in order; how the fragmented text message in
@@ -389,10 +392,13 @@ class Relay:
                     actions.append((Target.BILL, bill))
             if deliver:
                 span = (span[0] if span else frame.start, frame.end)
+            if self._withhold:  # frames after the one that announced an unpriced model
+                deliver = False
         _flush(actions, Target.CLIENT, chunk, span)
         if self._pending_end and self.phase is Phase.OPEN:
             code, self._pending_end = self._pending_end, None
-            actions += self.end(code)
+            detail, self._pending_detail = self._pending_detail, None
+            actions += self.end(code, detail)
         if self.draining and self.responses_in_flight == 0:
             actions += self._release_held_close()
         return self._refill(actions)
@@ -431,6 +437,16 @@ class Relay:
         increment = self.meter.observe(body)
         if increment is not None and self.meter.total_tokens >= self.token_cap:
             self._pending_end = "session_token_cap_exceeded"
+        refused = getattr(self.meter, "refused_model", None)
+        if refused is not None and not self._withhold:
+            # a transcription session billed at a model with no price: ended before any
+            # transcription of it reaches the client (docs/billing.md, Transcription sessions)
+            self._withhold = True
+            self._pending_end = "model_not_found"
+            self._pending_detail = (
+                f"This transcription session's model is not priced here. {model_detail(refused)} "
+                "Set audio.input.transcription.model to a transcription model of GET /v1/models."
+            )
         if done and self.purse is not None:
             output = increment.usage.get("output_tokens") if increment is not None else None
             self.purse.response_done(output if isinstance(output, int) else None)

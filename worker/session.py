@@ -484,7 +484,10 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
-    purse = Purse.for_rates(meter.meter.rates, config.response_output_cap) if config.preauth else None
+    transcription_only = getattr(grant, "surface", "realtime") == "transcription"
+    purse = None
+    if config.preauth:
+        purse = Purse.for_rates(meter.meter.rates, config.response_output_cap, transcription_only)
     session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)

@@ -25,16 +25,28 @@ from .meter import may_carry_usage
 
 
 class SessionMeter:
-    """A Meter plus the session's running totals (the relay checks the token cap against them)."""
+    """A Meter plus the session's running totals (the relay checks the token cap against them).
 
-    def __init__(self, meter: Meter):
+    In a transcription session (`transcription_only`) the announced transcription model is all
+    it is billed at, so it must be one `/v1/models` lists: `refused_model` names one that is not
+    (the relay then ends the session with `model_not_found`, docs/billing.md)."""
+
+    def __init__(self, meter: Meter, transcription_only: bool = False):
         self.meter = meter
         self.totals = UsageTotals()
+        self.transcription_only = transcription_only
+        self.refused_model: str | None = None
 
     def observe(self, payload: bytes) -> Increment | None:
         increment = self.meter.observe(payload)
         if increment is not None:
             self.totals.add(increment)
+        if self.transcription_only and self.refused_model is None:
+            model = self.meter.transcription_model
+            if model is not None:
+                rates = self.meter.price_table.transcription(model)
+                if rates is None or not rates.listed:
+                    self.refused_model = model
         return increment
 
     @property
@@ -68,7 +80,8 @@ class GrantPriceTable:
 def build_meter(grant):
     """Return (meter, may_carry_usage) for the relay of this grant."""
     table = GrantPriceTable(grant.rates)
-    return SessionMeter(Meter(table.model, table)), may_carry_usage
+    transcription_only = getattr(grant, "surface", "realtime") == "transcription"
+    return SessionMeter(Meter(table.model, table), transcription_only), may_carry_usage
 
 
 def bill_again(table: GrantPriceTable, increment: Increment) -> Bill:
