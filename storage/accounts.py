@@ -216,6 +216,11 @@ def create_key(engine, account_id: str, name: str = "", token_cap: int | None = 
         key_hash=hash_key(plaintext),
         token_cap=token_cap,
     )
+    return _store_key(engine, key, plaintext)
+
+
+def _store_key(engine, key: ApiKey, plaintext: str) -> CreatedKey:
+    """Insert a new key row and return it as stored, with its plaintext (shown once)."""
     with Session(engine, expire_on_commit=False) as db, db.begin():
         db.add(key)
     with Session(engine, expire_on_commit=False) as db:
@@ -238,12 +243,7 @@ def create_ephemeral_key(engine, parent, seconds: int, session_config: dict | No
         expires_at=int(time.time()) + seconds,
         session_config=session_config,
     )
-    with Session(engine, expire_on_commit=False) as db, db.begin():
-        db.add(key)
-    with Session(engine, expire_on_commit=False) as db:
-        key = db.get(ApiKey, key.id)
-        db.expunge(key)
-    return CreatedKey(key, plaintext)
+    return _store_key(engine, key, plaintext)
 
 
 def list_keys(engine, account_id: str | None = None) -> list[ApiKey]:
