@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from datetime import timezone
 
@@ -31,6 +32,7 @@ from meshrt.shared.logs import one_line
 from meshrt.shared.settings import Settings
 from meshrt.storage.accounts import OPEN_SESSIONS
 from meshrt.storage.accounts import KeyExpired
+from meshrt.storage.accounts import live_call
 from meshrt.storage.accounts import usable_key
 from meshrt.storage.db import SessionRecord
 from meshrt.storage.db import SessionState
@@ -79,6 +81,35 @@ def admit(
     return grant
 
 
+@dataclass(frozen=True)
+class CallRequest:
+    """What a WebRTC call asks to be admitted as (the upgrade's fields admission reads)."""
+
+    model: str | None
+    transcription: bool = False
+    beta: bool = False
+    surface: str = "webrtc"
+    call_id: str | None = None
+
+
+def admit_call(
+    engine, settings: Settings, prices, key: str, model: str | None, peer_ip: str | None, request_id: str, node: str
+) -> Grant:
+    """Admit a WebRTC call as a socket is admitted (key, model, balance, the account's
+    sessions): its grant, with its session row inserted (granted, surface `webrtc`). The key
+    was taken from the request and TLS checked by the route."""
+    try:
+        grant = _admit_in_transaction(engine, settings, prices, CallRequest(model), peer_ip, request_id, node, key)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "call admission failed: database unavailable",
+            extra={"request_id": request_id, "fields": {"error": one_line(exc)}},
+        )
+        raise GatewayError("service_unavailable") from exc
+    log.info("call admitted", extra={"request_id": request_id, "session_id": grant.session_id})
+    return grant
+
+
 def _admit_in_transaction(
     engine,
     settings: Settings,
@@ -98,7 +129,10 @@ def _admit_in_transaction(
             raise GatewayError("invalid_api_key")
         model = upgrade.model
         bound = (found.session_config or {}).get("model")
-        if upgrade.transcription:
+        call_id = getattr(upgrade, "call_id", None) or ""
+        if upgrade.surface == "sideband":
+            model = _sideband_model(db, found, call_id)
+        elif upgrade.transcription:
             model = _transcription_model(prices, found.session_config)
         elif bound is not None:  # an ephemeral key's model is the session's: the URL may only repeat it
             if model is not None and model != bound:
@@ -135,8 +169,9 @@ def _admit_in_transaction(
             client_addr=peer_ip or "",
             started_at=now,
             balance_pico=found.balance_pico,
-            session_config=_upstream_config(found.session_config),
+            session_config=None if upgrade.surface == "sideband" else _upstream_config(found.session_config),
             surface=upgrade.surface,
+            call_id=call_id,
         )
         db.execute(
             _INSERT_SESSION,
@@ -161,9 +196,21 @@ def _admit_in_transaction(
                 "rates": grant.rates,
                 "amended_at": None,
                 "surface": grant.surface,
+                "call_id": call_id or None,
             },
         )
     return grant
+
+
+def _sideband_model(db, found, call_id: str) -> str:
+    """A tenant's sideband joins one of its account's running calls, with an rsk_ key (as on
+    OpenAI, whose sidebands take the server's key): the call's model, billed by the call."""
+    if found.expires_at is not None:
+        raise GatewayError("invalid_api_key", "A call's sideband takes an rsk_ key, not an ephemeral key.")
+    call = live_call(db, found.account_id, call_id)
+    if call is None:
+        raise GatewayError("call_not_found")
+    return call.model
 
 
 def _transcription_model(prices, key_config: dict | None) -> str:

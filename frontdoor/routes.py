@@ -67,7 +67,7 @@ def require_tls(request: Request) -> None:
 # An ephemeral key opens realtime sessions and nothing else: it must not read the account's
 # usage or balance, nor mint keys that outlive it (docs/protocol.md, Ephemeral keys).
 EPHEMERAL_REFUSED = (
-    "Ephemeral keys (ek_…) only open realtime sessions (the WebSocket /v1/realtime); "
+    "Ephemeral keys (ek_…) only open realtime sessions (the WebSocket /v1/realtime) and WebRTC calls; "
     "this endpoint takes the rsk_ key they were minted with."
 )
 

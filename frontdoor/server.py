@@ -38,6 +38,7 @@ from . import gate
 from . import handoff
 from .app import create_app
 from .app import new_request_id
+from .calls import call_routes
 from .catalog import load_catalog
 from .routes import ROUTERS
 
@@ -51,25 +52,36 @@ class FrontDoorContext:
 
     def __init__(self, settings, engine, prices, node: str):
         self.settings, self.engine, self.prices, self.node = settings, engine, prices, node
-        self.routers = ROUTERS
+        self.routers = [*ROUTERS, call_routes]
+        self.admit_call = None  # (key, model, peer, request_id) -> Grant; set by build()
+        # how long a call's placement may take: upstream's every connect attempt, and a margin
+        self.call_answer_s = settings.upstream_connect_timeout_s * settings.upstream_attempts + 5.0
+
+    async def ask_supervisor(self, message, timeout_s: float):
+        """Send one message on a new control connection and return the answer, or None when
+        the supervisor could not be reached or did not answer within `timeout_s`."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with anyio.fail_after(timeout_s):
+                sock.setblocking(False)
+                sock.connect(str(self.settings.control_socket))
+                await control.asend(sock, message)
+                answer, fds = await control.arecv(sock)
+            for fd in fds:
+                os.close(fd)
+            return answer
+        except (OSError, EOFError, TimeoutError, control.ControlError):
+            return None
+        finally:
+            sock.close()
 
     async def supervisor_problems(self) -> list[str]:
         """Ask the supervisor over the control socket: an answer proves it is alive and serving
         handoffs (a supervisor wedged or gone is seen within SUPERVISOR_ANSWER_S)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            with anyio.fail_after(SUPERVISOR_ANSWER_S):
-                sock.setblocking(False)
-                sock.connect(str(self.settings.control_socket))
-                await control.asend(sock, Ping())
-                answer, fds = await control.arecv(sock)
-            for fd in fds:
-                os.close(fd)
-            return list(answer.problems) if isinstance(answer, Pong) else ["supervisor answered nonsense"]
-        except (OSError, EOFError, TimeoutError, control.ControlError):
+        answer = await self.ask_supervisor(Ping(), SUPERVISOR_ANSWER_S)
+        if answer is None:
             return ["supervisor not answering"]
-        finally:
-            sock.close()
+        return list(answer.problems) if isinstance(answer, Pong) else ["supervisor answered nonsense"]
 
     async def readiness_problems(self) -> list[str]:
         problems = await self.supervisor_problems()
@@ -339,6 +351,12 @@ def build(settings, node: str):
     def admit_one(upgrade, peer_ip, request_id):
         with serial:
             return admit(upgrade, peer_ip, request_id, node)
+
+    def admit_call(key, model, peer_ip, request_id):
+        with serial:
+            return gate.admit_call(engine, settings, prices, key, model, peer_ip, request_id, node)
+
+    ctx.admit_call = admit_call
 
     protocol = handoff.protocol_class(
         admit=admit_one,

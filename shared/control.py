@@ -52,6 +52,9 @@ class Grant:
     # "transcription" for `?intent=transcription` (no responses: nothing to pre-authorise, and
     # an announced transcription model must be priced); "realtime" otherwise.
     surface: str = "realtime"
+    # A WebRTC call's id upstream (surface "webrtc": the worker meters it through its sideband;
+    # surface "sideband": a tenant's own sideband to it, relayed and not billed)
+    call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,42 @@ class HandoffAck:
     kind: ClassVar[str] = "handoff_ack"
     session_id: str
     error_code: str | None = None  # None: the supervisor owns the socket now
+
+
+@dataclass(frozen=True)
+class PlaceCall:
+    """Front door → supervisor, no fds: an admitted WebRTC call. The supervisor posts the offer
+    upstream with the operator's key, starts the call's worker and answers `CallPlaced`."""
+
+    kind: ClassVar[str] = "place_call"
+    grant: Grant
+    offer: str  # the client's SDP offer
+    session: dict  # the session config sent upstream with it (its model is the grant's)
+
+
+@dataclass(frozen=True)
+class CallPlaced:
+    kind: ClassVar[str] = "call_placed"
+    session_id: str
+    error_code: str | None = None  # None: the call runs, metered by its worker
+    detail: str = ""
+    answer: str = ""  # upstream's SDP answer
+    call_id: str = ""
+
+
+@dataclass(frozen=True)
+class HangUp:
+    """Front door → supervisor: a tenant hangs its call up (the front door checked whose it is)."""
+
+    kind: ClassVar[str] = "hang_up"
+    call_id: str
+
+
+@dataclass(frozen=True)
+class HungUp:
+    kind: ClassVar[str] = "hung_up"
+    call_id: str
+    status: int  # upstream's HTTP status; 0 when upstream could not be reached
 
 
 @dataclass(frozen=True)
@@ -229,6 +268,10 @@ MESSAGES = {
     for cls in (
         Handoff,
         HandoffAck,
+        PlaceCall,
+        CallPlaced,
+        HangUp,
+        HungUp,
         Ping,
         Pong,
         Reattach,

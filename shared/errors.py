@@ -78,6 +78,8 @@ ERRORS: dict[str, ErrorSpec] = {
               "The upstream Realtime API could not be reached."),
         _spec("upstream_error", "server_error", 1014, 502, _U,
               "The upstream Realtime API rejected the connection."),
+        _spec("call_not_found", _INVALID, 1008, 404, _C,
+              "No live call of this account has that call_id."),
         _spec("internal_error", "server_error", 1011, 500, _G, "The gateway hit an internal error."),
     )
 }
@@ -109,6 +111,7 @@ class EndReason(str, enum.Enum):
     ACCOUNT_DEACTIVATED = "account_deactivated"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_ERROR = "upstream_error"
+    CALL_NOT_FOUND = "call_not_found"
     INTERNAL_ERROR = "internal_error"
 
     @classmethod

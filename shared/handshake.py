@@ -99,8 +99,16 @@ class UpgradeRequest:
         return bool(values) and values[-1] == TRANSCRIPTION_INTENT
 
     @property
+    def call_id(self) -> str | None:
+        """`?call_id=`: a tenant's own sideband to one of its WebRTC calls (docs/browsers.md)."""
+        values = [v for k, v in self.query if k == "call_id"]
+        return values[-1] if values and values[-1] else None
+
+    @property
     def surface(self) -> str:
-        """What a usage record calls the session: `transcription` or `realtime`."""
+        """What a usage record calls the session: `sideband`, `transcription` or `realtime`."""
+        if self.call_id is not None:
+            return "sideband"
         return "transcription" if self.transcription else "realtime"
 
     @property
@@ -159,7 +167,7 @@ def upstream_query(upgrade: UpgradeRequest, model: str | None = None) -> str:
     one billed) in place of the client's: an ephemeral key's model holds even when the URL has none.
     A transcription session's URL carries `intent=transcription` and no model: its grant's model
     is only what its record starts with, and a `model` beside the intent is not sent upstream."""
-    if upgrade.transcription:
+    if upgrade.transcription or upgrade.call_id is not None:  # upstream takes no model with these
         return urlencode([(k, v) for k, v in upgrade.query if k not in ("api_key", "model")], errors="surrogateescape")
     if model is None or model == upgrade.model:
         return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"], errors="surrogateescape")

@@ -99,6 +99,27 @@ OPEN_SESSIONS = (
 )
 
 
+# A WebRTC call of an account, still running (its worker meters it): what the call's tenant
+# may join with a sideband or hang up. Another account's call is not found, exactly as no call.
+_LIVE_CALL = select(SessionRecord.id, SessionRecord.model, SessionRecord.node).where(
+    SessionRecord.call_id == bindparam("call_id"),
+    SessionRecord.account_id == bindparam("account_id"),
+    SessionRecord.surface == "webrtc",
+    SessionRecord.state.in_(LIVE_STATES),
+)
+
+
+def live_call(connection, account_id: str, call_id: str):
+    """The row (id, model, node) of the account's running call `call_id`, or None."""
+    return connection.execute(_LIVE_CALL, {"call_id": call_id, "account_id": account_id}).first()
+
+
+def record_call_id(engine, session_id: str, call_id: str) -> None:
+    """The call's id upstream, on its session's row, as soon as upstream has answered."""
+    with engine.begin() as connection:
+        connection.execute(update(SessionRecord).where(SessionRecord.id == session_id).values(call_id=call_id))
+
+
 def open_sessions(engine, account_id: str) -> int:
     with engine.connect() as connection:
         return connection.execute(OPEN_SESSIONS, {"account_id": account_id}).scalar_one()

@@ -138,6 +138,9 @@ class SessionRecord(SQLModel, table=True):
         default="realtime",
         sa_column=Column(String(16), nullable=False, default="realtime", server_default=text("'realtime'")),
     )
+    # surface "webrtc": the call's id upstream, by which its tenant finds it (sideband, hangup);
+    # surface "sideband": the call it joined
+    call_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True, index=True))
 
 
 class NodeState(str, enum.Enum):

@@ -13,6 +13,7 @@ before the database is opened or the upstream key is read.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import logging
@@ -31,9 +32,13 @@ from tenacity import wait_exponential
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared import spool
+from meshrt.shared.control import CallPlaced
 from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
+from meshrt.shared.control import HangUp
+from meshrt.shared.control import HungUp
 from meshrt.shared.control import Ping
+from meshrt.shared.control import PlaceCall
 from meshrt.shared.control import Pong
 from meshrt.shared.control import Reattach
 from meshrt.shared.control import Reserve
@@ -48,6 +53,7 @@ from meshrt.shared.control import WorkerExited
 from meshrt.shared.control import WorkerLive
 from meshrt.shared.control import ZygoteReady
 from meshrt.shared.errors import EndReason
+from meshrt.shared.errors import GatewayError
 from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 from meshrt.shared.metrics import Metrics
@@ -60,6 +66,7 @@ from meshrt.storage.ledger import Finalized
 from meshrt.worker.session_meter import GrantPriceTable
 from meshrt.worker.session_meter import repriced
 
+from . import calls
 from . import processes
 from .lease import NodeLease
 from .quota import QuotaEstimate
@@ -212,6 +219,7 @@ class Supervisor:
         await self._until_done("create the schema", anyio.to_thread.run_sync, db.create_schema, self.engine)
         await self.lease.join(self._until_done)
         self.writer = ledger.LedgerWriter(self.engine, batch_deadline_s=3 * s.db_timeout_s)
+        self.calls = calls.Upstream(s.upstream_url, s.openai_api_key, s.upstream_connect_timeout_s, s.upstream_attempts)
         listener, handoffs = await self._bind()
         await self._start_frontdoor(listener)
         print(f"meshrt listening on http://{s.host}:{listener.getsockname()[1]}", flush=True)
@@ -338,6 +346,10 @@ class Supervisor:
                 await self._adopt(message, conn)
                 conn = None  # now the session's channel
                 return
+            if isinstance(message, (PlaceCall, HangUp)) and not fds:
+                if self._from_front_door(conn):
+                    await self._serve_call(message, conn)
+                return
             if not isinstance(message, Handoff) or len(fds) != 1:
                 return
             if not self._from_front_door(conn):
@@ -356,6 +368,54 @@ class Supervisor:
                 os.close(fd)
             if conn is not None:
                 conn.close()
+
+    # --- WebRTC calls -----------------------------------------------------------------------
+
+    async def _serve_call(self, message: PlaceCall | HangUp, conn: socket.socket) -> None:
+        if isinstance(message, HangUp):
+            status = await self.calls.hang_up(message.call_id)
+            log.info("call hung up by its tenant", extra={"fields": {"call_id": message.call_id, "status": status}})
+            await control.asend(conn, HungUp(message.call_id, status))
+            return
+        await control.asend(conn, await self._place_call(message))
+
+    async def _place_call(self, message: PlaceCall) -> CallPlaced:
+        """Place an admitted call upstream, then start its worker (docs/billing.md, WebRTC
+        calls). A call whose worker cannot be started is hung up at once: none runs unmetered."""
+        grant = message.grant
+        code = self._refusal()
+        if code is not None:
+            self.metrics.inc("meshrt_handoffs_refused_total", code=code)
+            return CallPlaced(grant.session_id, code)
+        try:
+            placed = await self.calls.place(message.offer, {**message.session, "model": grant.model})
+        except GatewayError as error:
+            log.warning(
+                "call not placed upstream", extra={"session_id": grant.session_id, "fields": {"code": error.code}}
+            )
+            return CallPlaced(grant.session_id, error.code, error.detail or "")
+        grant = dataclasses.replace(grant, call_id=placed.call_id)
+        placeholder, other = socket.socketpair()  # a call's worker has no client socket
+        try:
+            await self._spawn(Handoff(grant, b""), placeholder.fileno())
+        except (OSError, control.ControlError):
+            log.exception("call's worker not started; hanging the call up", extra={"session_id": grant.session_id})
+            await self.calls.hang_up(placed.call_id)
+            return CallPlaced(grant.session_id, "internal_error")
+        finally:
+            placeholder.close()
+            other.close()
+        self.metrics.inc("meshrt_sessions_started_total")
+        self.metrics.inc("meshrt_calls_placed_total")
+        return CallPlaced(grant.session_id, None, answer=placed.answer, call_id=placed.call_id)
+
+    async def _hang_up(self, grant: control.Grant) -> None:
+        """A call's worker is gone (ended, crashed, stopped): the call must not run on unmetered."""
+        status = await self.calls.hang_up(grant.call_id)
+        log.info(
+            "call hung up",
+            extra={"session_id": grant.session_id, "fields": {"call_id": grant.call_id, "status": status}},
+        )
 
     @staticmethod
     def _long_gone(exited_at: float) -> bool:
@@ -719,6 +779,8 @@ class Supervisor:
         grant = live.grant
         self.registry.remove(grant.session_id)
         live.handle(SessionEvent.WORKER_GONE)
+        if grant.surface == "webrtc" and grant.call_id:
+            self.tg.start_soon(self._hang_up, grant)
         if live.channel is not None:
             live.channel.close()
         with self.finalizing:
@@ -920,6 +982,7 @@ def grant_from_row(row, claimed: control.Grant | None = None) -> control.Grant:
         beta=claimed.beta if claimed is not None else False,
         client_addr=row.client_addr,
         surface=row.surface,
+        call_id=row.call_id or "",
     )
 
 

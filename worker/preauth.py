@@ -102,6 +102,7 @@ class Purse:
     refill_due: bool = False  # a response started: the reservation may need topping up
     _blocked: int = 0  # what the message being held needs held
     transcription_only: bool = False  # `?intent=transcription`: no responses, never auto_response
+    session_seen: bool = False  # upstream has told the session's settings (session.created/updated)
 
     @classmethod
     def for_rates(cls, rates: ModelRates, output_cap: int, transcription_only: bool = False) -> Purse:
@@ -285,6 +286,7 @@ class Purse:
     def session_event(self, session: dict[str, Any]) -> None:
         """session.created / session.updated: the turn detection, output limit and audio format
         in force, and the instructions and tools every response reads."""
+        self.session_seen = True
         audio = session.get("audio")
         audio_input = audio.get("input") if isinstance(audio, dict) else None
         if isinstance(audio_input, dict) and "turn_detection" in audio_input:

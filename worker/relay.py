@@ -157,6 +157,11 @@ class Relay:
         """Both legs are closed (close frames both ways) or gone: the shell may drop the sockets."""
         return self.client.done and self.upstream.done
 
+    def without_client(self) -> None:
+        """A relay with no client leg (a WebRTC call's worker, fed by the call's sideband):
+        nothing is delivered to a client, and the gateway answers upstream's close itself."""
+        self.client.handle(LegEvent.VANISHED)
+
     def take_client_activity(self) -> bool:
         """Whether a client data frame arrived since the last call (the idle clock's input)."""
         active, self._client_active = self._client_active, False
@@ -483,6 +488,9 @@ class Relay:
         if self.phase is Phase.OPEN:
             self.phase = Phase.UPSTREAM_CLOSING
             self._end("upstream_closed", _close_code(body))
+            if self.client.gone and self.upstream.can_send:  # no client to reply: the gateway does
+                self.upstream.handle(LegEvent.SENT_CLOSE)
+                return [(Target.UPSTREAM, wsf.client_close_frame(1000))]
             if not self.client.can_send:
                 return []
             self.client.handle(LegEvent.SENT_CLOSE)

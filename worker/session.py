@@ -484,11 +484,18 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
-    transcription_only = getattr(grant, "surface", "realtime") == "transcription"
+    transcription_only = grant.surface == "transcription"
     purse = None
-    if config.preauth:
+    if config.preauth and grant.surface != "sideband":
         purse = Purse.for_rates(meter.meter.rates, config.response_output_cap, transcription_only)
-    session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
+    if grant.surface == "sideband":  # a tenant's own sideband to a call its call's worker bills
+        meter, may_carry_usage = None, None
+    kind = WorkerSession
+    if grant.surface == "webrtc":
+        from .call import CallSession
+
+        kind = CallSession
+    session = kind(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:
