@@ -20,6 +20,8 @@ from websockets.http11 import Response
 
 from meshrt.shared.ids import new_id
 
+from .driver import FAULT_AFTER_TICKS  # noqa: F401 - the mid-response faults' tick, for tests
+from .driver import Driver
 from .framelog import FrameLog
 from .handshake import FAULT_REJECTIONS
 from .handshake import FAULTS
@@ -27,14 +29,10 @@ from .handshake import ConnOptions
 from .handshake import HandshakeError
 from .handshake import SimConfig
 from .handshake import parse_options
-from .session import CHUNK_MS
-from .session import ResponseRun
 from .session import SimSession
-from .session import StartResponse
 
 log = logging.getLogger("meshrt.sim")
 
-FAULT_AFTER_TICKS = 3
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -44,105 +42,9 @@ class SimConnection(ServerConnection):
     sim: ConnOptions | None = None
 
 
-class _Driver:
-    """Runs one simulated session on an accepted socket."""
-
-    def __init__(self, ws: SimConnection, opts: ConnOptions):
-        self.ws, self.opts = ws, opts
-        self.session: SimSession = opts.session  # type: ignore[assignment]
-        self.stream: asyncio.Task | None = None
-        self.expiring = False
-
-    async def send(self, event: dict) -> None:
-        await self.ws.send(json.dumps(event, separators=(",", ":")))
-
-    async def run(self) -> None:
-        await self.send(self.session.created_event())
-        expiry = asyncio.create_task(self._expire_later())
-        try:
-            async for message in self.ws:
-                await self._on_message(message)
-        except ConnectionClosed:
-            pass
-        finally:
-            await self._stop(expiry)
-
-    async def _stop(self, expiry: asyncio.Task) -> None:
-        tasks = [expiry] + ([self.stream] if self.stream is not None else [])
-        if not self.expiring:
-            expiry.cancel()
-        if self.stream is not None:  # the socket is gone: nothing more can be sent
-            self.stream.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _on_message(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            await self.send(
-                self.session.error(
-                    "unsupported_binary_frame",
-                    "Binary frames are not supported; send client events as JSON text frames.",
-                )
-            )
-            return
-        for output in self.session.handle(message):
-            if isinstance(output, StartResponse):
-                await self._start(output.run)
-            else:
-                await self.send(output)
-
-    async def _start(self, run: ResponseRun) -> None:
-        for event in self.session.response_head(run):
-            await self.send(event)
-        self.stream = asyncio.create_task(self._stream(run))
-
-    async def _stream(self, run: ResponseRun) -> None:
-        try:
-            if not await self._ticks(run):
-                return
-            status = "cancelled" if run.cancel_requested else "incomplete" if run.limit_reached else "completed"
-            for event in self.session.response_finish(run, status):
-                await self.send(event)
-        except ConnectionClosed:
-            pass
-        except Exception:  # pragma: no cover - a simulator bug; keep the socket alive for diagnosis
-            log.exception("response stream failed")
-
-    async def _ticks(self, run: ResponseRun) -> bool:
-        """Send the deltas; False when a fault ended the connection."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for tick in range(run.ticks):
-            if run.cancel_requested:
-                break
-            for event in self.session.response_tick(run, tick):
-                await self.send(event)
-            if run.limit_reached:
-                break
-            if tick == min(FAULT_AFTER_TICKS, run.ticks) - 1 and await self._mid_response_fault():
-                return False
-            delay = start + (tick + 1) * CHUNK_MS / 1000 - loop.time() if self.opts.pace else 0
-            await asyncio.sleep(max(0.0, delay))
-        return True
-
-    async def _mid_response_fault(self) -> bool:
-        if self.session.responses != 1 or self.opts.fault not in ("close_mid_response", "drop_mid_response"):
-            return False
-        if self.opts.fault == "drop_mid_response":
-            self.ws.transport.abort()
-        else:
-            await self.ws.close(1011, "simulated upstream failure")
-        return True
-
-    async def _expire_later(self) -> None:
-        await asyncio.sleep(self.opts.max_session_s)
-        self.expiring = True
-        if self.stream is not None:
-            self.stream.cancel()
-        try:
-            await self.send(self.session.expired_event(self.opts.max_session_s))
-            await self.ws.close(1000, "invalid_request_error.session_expired")
-        except ConnectionClosed:
-            pass
+def _socket_driver(ws: SimConnection, opts: ConnOptions) -> Driver:
+    assert opts.session is not None
+    return Driver(opts.session, opts, ws.send, ws.close, lambda: ws.transport.abort())
 
 
 async def _echo(ws: SimConnection, session: SimSession) -> None:
@@ -214,7 +116,7 @@ class Simulator:
             elif opts.echo:
                 await _echo(ws, opts.session)
             else:
-                await _Driver(ws, opts).run()
+                await _socket_driver(ws, opts).run(ws)
         finally:
             await ws.close()
             if opts.log:
