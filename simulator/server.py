@@ -20,26 +20,87 @@ from websockets.http11 import Response
 
 from meshrt.shared.ids import new_id
 
+from .calls import CallRegistry
 from .driver import FAULT_AFTER_TICKS  # noqa: F401 - the mid-response faults' tick, for tests
 from .driver import Driver
 from .framelog import FrameLog
 from .handshake import FAULT_REJECTIONS
 from .handshake import FAULTS
+from .handshake import SIDEBAND_REFUSED
 from .handshake import ConnOptions
 from .handshake import HandshakeError
 from .handshake import SimConfig
+from .handshake import call_id_of
+from .handshake import call_not_found
 from .handshake import parse_options
+from .plainhttp import HEAD_END
+from .plainhttp import MAX_HEAD_BYTES
+from .plainhttp import HttpRequest
+from .plainhttp import is_websocket_upgrade
 from .session import SimSession
 
 log = logging.getLogger("meshrt.sim")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_HEADER = "meshrt-sim"
 
 
 class SimConnection(ServerConnection):
-    """A websockets server connection carrying the simulator's per-connection options."""
+    """A websockets server connection carrying the simulator's per-connection options.
+
+    Until the request head is complete its bytes are held back: a WebSocket upgrade is then fed to
+    ``websockets`` as it came, any other request is answered as plain HTTP (plainhttp.py) by the
+    simulator's call routes (calls.py) and the connection closed.
+    """
 
     sim: ConnOptions | None = None
+    simulator: Simulator | None = None
+    _sniffed: bytes | None = b""  # None once the connection is known to be a WebSocket
+    _plain: HttpRequest | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._sniffed is None:
+            super().data_received(data)
+            return
+        if self._plain is not None:
+            self._plain.feed(data)
+            return
+        buffered = self._sniffed + data
+        end = buffered.find(HEAD_END)
+        if end < 0 and len(buffered) <= MAX_HEAD_BYTES:
+            self._sniffed = buffered
+            return
+        if end < 0 or is_websocket_upgrade(buffered[:end]):
+            self._sniffed = None
+            super().data_received(buffered)
+            return
+        self._plain = HttpRequest(buffered[:end])
+        self._plain.feed(buffered[end + len(HEAD_END) :])
+        self.request_rcvd.set_result(None)  # wakes handshake() without a WebSocket request
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.wait([self.request_rcvd, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
+        if self._plain is None:
+            await super().handshake(*args, **kwargs)
+            return
+        await self._serve_plain(self._plain)
+
+    async def _serve_plain(self, request: HttpRequest) -> None:
+        await asyncio.wait([request.body_done, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
+        if not request.body_done.done():
+            return
+        try:
+            request.body_done.result()
+            assert self.simulator is not None
+            response = await self.simulator.calls.http(request)
+        except HandshakeError as exc:
+            response = exc.response()
+        response.headers["Server"] = SERVER_HEADER
+        if "x-request-id" not in response.headers:
+            response.headers["x-request-id"] = new_id("req")
+        self.transport.write(response.serialize())
+        self.transport.close()
+        await self.connection_lost_waiter
 
 
 def _socket_driver(ws: SimConnection, opts: ConnOptions) -> Driver:
@@ -70,20 +131,43 @@ class Simulator:
 
     def __init__(self, config: SimConfig):
         self.config = config
+        self.calls = CallRegistry(config)
+
+    def connection(self, *args: Any, **kwargs: Any) -> SimConnection:
+        conn = SimConnection(*args, **kwargs)
+        conn.simulator = self
+        return conn
 
     async def process_request(self, ws: SimConnection, request: Request) -> Response | None:
         try:
             opts = parse_options(request, self.config)
+            call = self._sideband_call(request)
         except HandshakeError as exc:
             self._log_rejection(ws, request, exc.status)
             return exc.response()
-        opts.session = SimSession(opts.model, beta=opts.beta, kind=opts.kind, response_ms=opts.response_ms)
+        if call is not None:
+            opts.call, opts.session = call, call.session
+        else:
+            opts.session = SimSession(opts.model, beta=opts.beta, kind=opts.kind, response_ms=opts.response_ms)
         if self.config.frame_log_dir:
-            opts.log = FrameLog(self.config.frame_log_dir, opts.session.id)
+            log_id = f"{call.id}-{new_id('conn')}" if call is not None else opts.session.id
+            opts.log = FrameLog(self.config.frame_log_dir, log_id)
             opts.log.request(request)
             opts.log.hook(ws.protocol)
         ws.sim = opts
         return await self._handshake_fault(ws, opts)
+
+    def _sideband_call(self, request: Request) -> Any:
+        """The running call a ``call_id`` upgrade joins (None for a ``model`` one)."""
+        call_id = call_id_of(request)
+        if call_id is None:
+            return None
+        call = self.calls.get(call_id)
+        if call is None:
+            raise call_not_found(call_id)
+        if call.opts.fault == "sideband_refused":
+            raise SIDEBAND_REFUSED
+        return call
 
     def _log_rejection(self, ws: SimConnection, request: Request, status: int) -> None:
         if self.config.frame_log_dir:
@@ -113,6 +197,8 @@ class Simulator:
         try:
             if opts.fault == "invalid_key_after_accept":
                 await _invalid_key_after_accept(ws, opts.session)
+            elif opts.call is not None:
+                await opts.call.attach(ws)
             elif opts.echo:
                 await _echo(ws, opts.session)
             else:
@@ -151,14 +237,17 @@ async def serve(
         port,
         process_request=sim.process_request,
         select_subprotocol=_select_subprotocol,
-        create_connection=SimConnection,
+        create_connection=sim.connection,
         compression=None,
         max_size=MAX_MESSAGE_BYTES,
         ping_interval=None,
-        server_header="meshrt-sim",
+        server_header=SERVER_HEADER,
         ssl=tls,
     ) as server:
         actual_port = server.sockets[0].getsockname()[1]
         if ready is not None:
             ready(actual_port)
-        await asyncio.Future()
+        try:
+            await asyncio.Future()
+        finally:
+            await sim.calls.close()
