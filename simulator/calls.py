@@ -48,6 +48,7 @@ log = logging.getLogger("meshrt.sim")
 
 EVENTS_CHANNEL = "oai-events"
 CLIENT_SECRET_TTL_S = 600
+CONNECT_TIMEOUT_S = 30  # a call whose peer never connects ends
 HANGUP_PATH = re.compile(r"^/v1/realtime/calls/(?P<call_id>[^/]+)/hangup$")
 
 
@@ -110,6 +111,7 @@ class Call:
         self._lock = asyncio.Lock()  # one event at a time to every receiver: the same order everywhere
         self._tasks: set[asyncio.Task] = set()
         self._driver_task: asyncio.Task | None = None
+        self._channel_open = False
         self.driver = Driver(session, opts, self._broadcast, self._close, self._abort)
 
     # the peer
@@ -147,11 +149,22 @@ class Call:
         else:
             channel.on("open", self._opened)
 
-    def _opened(self) -> None:
-        if self.ended or self._driver_task is not None:
-            return
-        self._send_channel(json.dumps(self.session.created_event(), separators=(",", ":")))
+    def start(self) -> None:
+        """Run the session from now on (a sideband may drive it before the data channel opens),
+        and end the call if its peer is not connected within ``CONNECT_TIMEOUT_S``."""
         self._driver_task = self._spawn(self.driver.run(self._messages(), greet=False))
+        self._spawn(self._connect_watchdog())
+
+    async def _connect_watchdog(self) -> None:
+        await asyncio.sleep(CONNECT_TIMEOUT_S)
+        if self.pc.connectionState != "connected":
+            await self.end()
+
+    def _opened(self) -> None:
+        if self.ended or self._channel_open:
+            return
+        self._channel_open = True
+        self._send_channel(json.dumps(self.session.created_event(), separators=(",", ":")))
         if self.opts.fault == "call_ended":
             self._spawn(self._end_later(self.opts.delay_ms / 1000))
 
@@ -190,7 +203,7 @@ class Call:
 
     def _send_channel(self, text: str) -> None:
         channel = self.channel
-        if channel is not None and channel.readyState == "open":
+        if self._channel_open and channel.readyState == "open":
             channel.send(text)
             if self.log:
                 self.log.message("out", text)
@@ -350,5 +363,6 @@ class CallRegistry:
             head = {"kind": "call", "call_id": call.id, "query": query, "session": session_part, "headers": headers}
             call.log.write(head)
         self.calls[call.id] = call
+        call.start()
         location = {"Location": f"/v1/realtime/calls/{call.id}"}
         return _response(201, answer.encode(), "application/sdp", location)

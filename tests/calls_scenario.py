@@ -37,18 +37,27 @@ INSTRUCTIONS = "You are a terse call assistant."
 class Peer:
     """The client side of a call: aiortc with the data channel and an audio track."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel: bool = True) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.channel = self.pc.createDataChannel("oai-events")
         self.events: asyncio.Queue[dict] = asyncio.Queue()
         self.opened, self.closed = asyncio.Event(), asyncio.Event()
-        self.channel.on("open", self.opened.set)
-        self.channel.on("close", self.closed.set)
-        self.channel.on("message", lambda message: self.events.put_nowait(json.loads(message)))
+        self.connected = asyncio.Event()
+        self.pc.on("connectionstatechange", self._on_state)
+        if channel:
+            self.channel = self.pc.createDataChannel("oai-events")
+            self.channel.on("open", self.opened.set)
+            self.channel.on("close", self.closed.set)
+            self.channel.on("message", lambda message: self.events.put_nowait(json.loads(message)))
         self.pc.addTrack(AudioStreamTrack())  # silence, sendrecv: what a browser with a microphone offers
         self.tracks: list[str] = []
         self._drains: list[asyncio.Task] = []
         self.pc.on("track", self._on_track)
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self.connected.set()
+        elif self.pc.connectionState in ("failed", "closed"):
+            self.closed.set()
 
     def _on_track(self, track: Any) -> None:
         self.tracks.append(track.kind)
@@ -271,6 +280,23 @@ async def call_ended(port: int, log_dir: str | None) -> dict:
     return out
 
 
+async def sideband_only(port: int, log_dir: str | None) -> dict:
+    """A call with audio and no data channel, driven from a sideband alone (server-side control)."""
+    peer = Peer(channel=False)
+    response = await peer.call(port, "sim_response_ms=200")
+    call_id = call_id_of(response)
+    out: dict[str, Any] = {"status": response.status_code, "connected": await wait_set(peer.connected)}
+    async with sideband(port, call_id) as ws:
+        out["created"] = json.loads(await asyncio.wait_for(ws.recv(), STEP_S))["type"]
+        await ws.send(json.dumps({"type": "response.create"}))
+        out["done"] = (await ws_until(ws, "response.done"))[-1]["response"]["status"]
+        out["hangup"] = await hangup(port, call_id)
+        out["sideband_close"] = await closed_code(ws)
+    out["peer_closed"] = await wait_set(peer.closed)
+    await peer.close()
+    return out
+
+
 async def global_sideband_refused(port: int, log_dir: str | None) -> dict:
     """Under ``serve(fault="sideband_refused")``: every call refuses sidebands, unless its
     POST says ``sim_fault=none``."""
@@ -288,7 +314,15 @@ async def global_sideband_refused(port: int, log_dir: str | None) -> dict:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (conversation, hangup_ends_the_call, peer_closes, sideband_refused, call_ended, global_sideband_refused)
+    for f in (
+        conversation,
+        hangup_ends_the_call,
+        peer_closes,
+        sideband_refused,
+        call_ended,
+        sideband_only,
+        global_sideband_refused,
+    )
 }
 GLOBAL_FAULTS = {"global_sideband_refused": "sideband_refused"}
 

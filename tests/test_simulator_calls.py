@@ -122,6 +122,14 @@ def test_the_peer_closing_ends_the_call() -> None:
     assert out["hangup_after"]["status"] == 404
 
 
+def test_a_call_without_data_channel_is_driven_by_its_sideband() -> None:
+    out = scenario("sideband_only")
+    assert out["status"] == 201 and out["connected"]
+    assert out["created"] == "session.created" and out["done"] == "completed"
+    assert out["hangup"]["status"] == 200 and out["sideband_close"] == 1000
+    assert out["peer_closed"], "hangup closes the peer connection"
+
+
 def test_fault_sideband_refused() -> None:
     out = scenario("sideband_refused")
     assert out["opened"]
