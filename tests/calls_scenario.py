@@ -297,6 +297,72 @@ async def sideband_only(port: int, log_dir: str | None) -> dict:
     return out
 
 
+def chromium_style_offer() -> str:
+    """An offer shaped like Chromium's for a microphone and a data channel: BUNDLE, opus/red/G722/
+    PCMU/PCMA/CN/telephone-event, header extensions, ``extmap-allow-mixed``, ``actpass``, trickle,
+    one host candidate (on veth-b, where nothing answers: the call is never connected)."""
+    fingerprint = ":".join(f"{b:02X}" for b in bytes(range(32)))
+    common = [
+        "c=IN IP4 0.0.0.0",
+        "a=candidate:3098175849 1 udp 2122260223 10.201.0.2 50000 typ host generation 0 network-id 1",
+        "a=ice-ufrag:Ch6x",
+        "a=ice-pwd:p7XW3q0oXcFk0qGJ6v8bQmZr",
+        "a=ice-options:trickle",
+        f"a=fingerprint:sha-256 {fingerprint}",
+        "a=setup:actpass",
+    ]
+    lines = [
+        "v=0",
+        "o=- 4215775240449105457 2 IN IP4 127.0.0.1",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0 1",
+        "a=extmap-allow-mixed",
+        "a=msid-semantic: WMS 5d2f1c1e-mic",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111 63 9 0 8 13 110 126",
+        *common,
+        "a=rtcp:9 IN IP4 0.0.0.0",
+        "a=mid:0",
+        "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        "a=extmap:2 http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",
+        "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+        "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid",
+        "a=sendrecv",
+        "a=msid:5d2f1c1e-mic 0c6f3f4e-track",
+        "a=rtcp-mux",
+        "a=rtpmap:111 opus/48000/2",
+        "a=rtcp-fb:111 transport-cc",
+        "a=fmtp:111 minptime=10;useinbandfec=1",
+        "a=rtpmap:63 red/48000/2",
+        "a=fmtp:63 111/111",
+        "a=rtpmap:9 G722/8000",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        "a=rtpmap:13 CN/8000",
+        "a=rtpmap:110 telephone-event/48000",
+        "a=rtpmap:126 telephone-event/8000",
+        "a=ssrc:2990162543 cname:Zk1m4Zc0aS1mA2Xq",
+        "a=ssrc:2990162543 msid:5d2f1c1e-mic 0c6f3f4e-track",
+        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel",
+        *common,
+        "a=mid:1",
+        "a=sctp-port:5000",
+        "a=max-message-size:262144",
+    ]
+    return "\r\n".join(lines) + "\r\n"
+
+
+async def chromium_offer(port: int, log_dir: str | None) -> dict:
+    url = f"http://127.0.0.1:{port}/v1/realtime/calls?model=gpt-realtime"
+    headers = {**AUTH, "Content-Type": "application/sdp"}
+    async with httpx.AsyncClient(timeout=STEP_S) as http:
+        response = await http.post(url, content=chromium_style_offer(), headers=headers)
+    out: dict[str, Any] = {"status": response.status_code, "answer": response.text}
+    if response.status_code == 201:
+        out["hangup"] = await hangup(port, call_id_of(response))
+    return out
+
+
 async def global_sideband_refused(port: int, log_dir: str | None) -> dict:
     """Under ``serve(fault="sideband_refused")``: every call refuses sidebands, unless its
     POST says ``sim_fault=none``."""
@@ -321,6 +387,7 @@ SCENARIOS = {
         sideband_refused,
         call_ended,
         sideband_only,
+        chromium_offer,
         global_sideband_refused,
     )
 }

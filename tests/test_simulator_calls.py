@@ -116,6 +116,18 @@ def test_hangup_ends_the_call_and_closes_every_sideband_with_1000() -> None:
     assert out["sideband_after"] == {"status": 404, "code": "call_not_found"}
 
 
+def test_a_chromium_style_offer_is_answered_with_audio_both_ways() -> None:
+    out = scenario("chromium_offer")
+    assert out["status"] == 201, out["answer"]
+    answer = out["answer"].replace("\r\n", "\n")
+    audio, application = answer.split("\nm=audio ", 1)[1].split("\nm=application ", 1)
+    assert "a=sendrecv" in audio and "a=rtpmap:111 opus/48000/2" in audio and "a=mid:0" in audio
+    assert "webrtc-datachannel" in application and "a=sctp-port:5000" in application and "a=mid:1" in application
+    assert "a=group:BUNDLE 0 1" in answer and "a=setup:active" in answer
+    assert "a=end-of-candidates" in answer, "the answer is sent once ICE gathering is complete"
+    assert out["hangup"]["status"] == 200
+
+
 def test_the_peer_closing_ends_the_call() -> None:
     out = scenario("peer_closes")
     assert out["opened"] and out["sideband_close"] == 1000
