@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.exceptions import InvalidStatus
 
+from meshrt.dev.children import wait_for_line
 from meshrt.simulator import serve
 
 KEY = "sk-test"
@@ -363,6 +367,37 @@ async def chromium_offer(port: int, log_dir: str | None) -> dict:
     return out
 
 
+async def cli_shutdown(port: int, log_dir: str | None) -> dict:
+    """``meshrt sim`` (the CLI, a subprocess) gets SIGTERM mid-response with a call up: the call
+    ends cleanly (sideband close 1000, the peer sees its channel close), exit 0, nothing on stderr."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        argv = [sys.executable, "-m", "meshrt.simulator", "--port", "0", "--api-key", KEY]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            match = wait_for_line(proc, r"listening on ws://127\.0\.0\.1:(\d+)/", STEP_S, "the simulator")
+            cli_port = int(match.group(1))
+            peer = Peer()
+            call_id = call_id_of(await peer.call(cli_port, "sim_response_ms=3000&sim_pace=1"))
+            out: dict[str, Any] = {"opened": await wait_set(peer.opened)}
+            await peer.until("session.created")
+            async with sideband(cli_port, call_id) as ws:
+                await ws_until(ws, "session.created")
+                peer.send({"type": "response.create"})
+                await peer.until("response.output_audio.delta")
+                proc.send_signal(signal.SIGTERM)
+                out["sideband_close"] = await closed_code(ws)
+            out["channel_closed"] = await wait_set(peer.closed)
+            out["returncode"] = await asyncio.to_thread(proc.wait, STEP_S)
+            await peer.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stderr.seek(0)
+        out["stderr"] = stderr.read()
+    return out
+
+
 async def global_sideband_refused(port: int, log_dir: str | None) -> dict:
     """Under ``serve(fault="sideband_refused")``: every call refuses sidebands, unless its
     POST says ``sim_fault=none``."""
@@ -388,6 +423,7 @@ SCENARIOS = {
         call_ended,
         sideband_only,
         chromium_offer,
+        cli_shutdown,
         global_sideband_refused,
     )
 }

@@ -142,6 +142,12 @@ def test_a_call_without_data_channel_is_driven_by_its_sideband() -> None:
     assert out["peer_closed"], "hangup closes the peer connection"
 
 
+def test_sigterm_ends_live_calls_cleanly() -> None:
+    out = scenario("cli_shutdown")
+    assert out["opened"] and out["sideband_close"] == 1000 and out["channel_closed"]
+    assert out["returncode"] == 0 and out["stderr"] == ""
+
+
 def test_fault_sideband_refused() -> None:
     out = scenario("sideband_refused")
     assert out["opened"]
