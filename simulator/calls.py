@@ -349,14 +349,17 @@ class CallRegistry:
                     error = output["error"]
                     raise _bad_request(error["message"], error["code"], error.get("param"))
         opts.session = session
+        if opts.fault == "slow_accept":
+            await asyncio.sleep(opts.delay_ms / 1000)
         call = Call(self, f"rtc_{secrets.token_hex(16)}", session, opts)
         try:
             answer = await call.answer(offer)
+        except asyncio.CancelledError:  # the server is shutting down
+            await call.end()
+            raise
         except Exception as exc:
             await call.end()
             raise _bad_request(f"Invalid SDP offer: {exc}", "invalid_offer", "sdp") from None
-        if opts.fault == "slow_accept":
-            await asyncio.sleep(opts.delay_ms / 1000)
         if self.config.frame_log_dir:
             call.log = FrameLog(self.config.frame_log_dir, call.id)
             headers = [[name, value] for name, value in request.headers.raw_items()]

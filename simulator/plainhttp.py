@@ -65,6 +65,11 @@ class HttpRequest:
         if self._need == 0:
             self.body_done.set_result(None)
 
+    def expects_continue(self) -> bool:
+        """``Expect: 100-continue`` with the body still to come (curl sends it for large bodies)."""
+        expect = self.headers.get("Expect", "")
+        return not self.body_done.done() and expect.lower() == "100-continue" and not self.body
+
     def feed(self, data: bytes) -> None:
         if self.body_done.done():
             return  # pipelined requests are not served: one request per connection

@@ -76,6 +76,8 @@ class SimConnection(ServerConnection):
             return
         self._plain = HttpRequest(buffered[:end])
         self._plain.feed(buffered[end + len(HEAD_END) :])
+        if self._plain.expects_continue():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.request_rcvd.set_result(None)  # wakes handshake() without a WebSocket request
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:

@@ -276,6 +276,21 @@ def test_requests_split_across_packets(keyed: Sim) -> None:
     assert _raw_exchange(keyed.port, upgrade_chunks).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
 
 
+def test_expect_100_continue_is_answered(keyed: Sim) -> None:
+    head = (
+        b"POST /v1/realtime/client_secrets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\n"
+        b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", keyed.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"{}")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in answer
+
+
 def test_plain_http_on_the_tls_port(tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
