@@ -14,10 +14,16 @@ The endpoint is ``ws://HOST:PORT/v1/realtime`` and takes exactly one of
 used unless the client sends ``OpenAI-Beta: realtime=v1`` (or the subprotocol
 ``openai-beta.realtime-v1``), which selects beta names and the beta usage shape.
 
+The same port serves OpenAI's WebRTC calls: ``POST /v1/realtime/calls`` (an SDP offer, answered
+by an aiortc peer whose ``oai-events`` data channel carries the session), hangup, client secrets,
+and sideband sockets ``?call_id=rtc_...`` that join a call.
+
 The parts, each described in its module: ``usage`` (the usage formula), ``session`` (the sans-I/O
 session model: conversation, events, responses), ``handshake`` (the upgrade request: auth,
-per-connection options, fault injection), ``framelog`` (the per-connection frame log), ``server``
-(the socket layer; ``serve``) and ``cli`` (the command line; ``main``).
+per-connection options, fault injection), ``driver`` (a session's response streaming, whatever
+the transport), ``framelog`` (the per-connection frame log), ``plainhttp`` (plain HTTP requests on
+the WebSocket port), ``calls`` (WebRTC calls and their sidebands), ``server`` (the socket layer;
+``serve``) and ``cli`` (the command line; ``main``).
 
 See docs/simulator.md for the full description.
 """

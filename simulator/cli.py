@@ -78,6 +78,7 @@ async def _run(args: argparse.Namespace) -> None:
     await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
     for task in (server, stopper):
         task.cancel()
+    await asyncio.gather(server, stopper, return_exceptions=True)  # serve() ends its calls first
     if server.done() and not server.cancelled() and server.exception() is not None:
         raise server.exception()  # type: ignore[misc]
 

@@ -6,6 +6,10 @@ then one line per WebSocket frame in wire order, ``{"dir": "in"|"out",
 "opcode": "text"|"binary"|"continuation"|"ping"|"pong"|"close", "fin",
 "payload_b64"}``, hooked at the frame layer so payloads are the exact bytes.
 A handshake refused with an HTTP error adds ``{"kind": "response", "status"}``.
+
+A WebRTC call (calls.py) logs to ``<call id>.jsonl``: first line ``{"kind": "call", "call_id",
+"query", "session", "headers"}``, then one line per data-channel message in the same shape as a
+frame (``opcode`` ``"text"`` or ``"binary"``, ``fin`` true), so the same readers sum its usage.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ class FrameLog:
                 "opcode": OPCODE_NAMES.get(frame.opcode, str(frame.opcode)),
                 "fin": frame.fin,
                 "payload_b64": base64.b64encode(bytes(frame.data)).decode(),
+            }
+        )
+
+    def message(self, direction: str, message: str | bytes) -> None:
+        """One whole data-channel message, logged like a single-frame WebSocket message."""
+        text = isinstance(message, str)
+        payload = message.encode() if isinstance(message, str) else message
+        self.write(
+            {
+                "dir": direction,
+                "opcode": "text" if text else "binary",
+                "fin": True,
+                "payload_b64": base64.b64encode(payload).decode(),
             }
         )
 

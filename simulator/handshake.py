@@ -14,6 +14,17 @@ Fault injection (``sim_fault=NAME`` per connection, or ``--fault NAME`` /
 * ``invalid_key_after_accept``: accept, send an ``invalid_api_key`` error
   event, close 3000 ``invalid_request_error.invalid_api_key``.
 
+WebRTC calls (``POST /v1/realtime/calls?sim_fault=NAME``, or ``--fault``; calls.py):
+
+* ``sideband_refused``: sideband WebSockets (``/v1/realtime?call_id=...``) of
+  this call get HTTP 503 ``service_unavailable``.
+* ``call_ended``: the call ends by itself ``sim_delay_ms`` (default 2000)
+  after its data channel opens, as a hangup would.
+* ``reject_*`` answer the calls POST with that HTTP error, ``slow_accept``
+  delays its answer, and ``close_mid_response`` / ``drop_mid_response`` end
+  the call after 3 ticks of its first response; the other faults do nothing
+  to a call.
+
 Other query parameters: ``sim_echo=1`` (echo every client message verbatim,
 nothing else after ``session.created``), ``sim_max_session_s`` (default 3600;
 then ``error`` ``session_expired`` and close 1000).
@@ -26,6 +37,7 @@ import json
 from dataclasses import dataclass
 from dataclasses import field
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
@@ -51,6 +63,8 @@ FAULTS = (
     "close_mid_response",
     "drop_mid_response",
     "invalid_key_after_accept",
+    "sideband_refused",
+    "call_ended",
 )
 
 
@@ -104,6 +118,7 @@ class ConnOptions:
     max_session_s: float = DEFAULT_MAX_SESSION_S
     session: SimSession | None = field(default=None, repr=False)
     log: FrameLog | None = field(default=None, repr=False)
+    call: Any = field(default=None, repr=False)  # the calls.Call a sideband joins
 
 
 def _single(query: dict[str, list[str]], name: str) -> str | None:
@@ -211,6 +226,36 @@ def check_auth(request: Request, api_key: str | None) -> None:
         raise HandshakeError(401, "invalid_api_key", "Incorrect API key provided.")
 
 
+def _call_model(query: dict) -> str:
+    model = _single(query, "model")
+    if model is None:
+        return DEFAULT_MODEL
+    if not model:
+        raise HandshakeError(400, "invalid_value", "'model' must not be empty.", param="model")
+    return model
+
+
+def call_options(query_string: str, config: SimConfig) -> ConnOptions:
+    """The options of a WebRTC call from its ``POST /v1/realtime/calls`` query."""
+    query = parse_qs(query_string, keep_blank_values=True)
+    return ConnOptions(
+        model=_call_model(query),
+        kind="realtime",
+        beta=False,
+        response_ms=_int_param(query, "sim_response_ms", DEFAULT_RESPONSE_MS, 3_600_000),
+        pace=config.pace or _bool_param(query, "sim_pace"),
+        fault=_fault(query, config.fault),
+        delay_ms=_int_param(query, "sim_delay_ms", DEFAULT_DELAY_MS, 600_000),
+        max_session_s=_max_session(query),
+    )
+
+
+def call_id_of(request: Request) -> str | None:
+    """The ``call_id`` of a sideband upgrade (its query is already validated)."""
+    values = parse_qs(urlsplit(request.path).query).get("call_id")
+    return values[0] if values else None
+
+
 def parse_options(request: Request, config: SimConfig) -> ConnOptions:
     parts = urlsplit(request.path)
     if parts.path.rstrip("/") != "/v1/realtime":
@@ -229,6 +274,15 @@ def parse_options(request: Request, config: SimConfig) -> ConnOptions:
         delay_ms=_int_param(query, "sim_delay_ms", DEFAULT_DELAY_MS, 600_000),
         max_session_s=_max_session(query),
     )
+
+
+SIDEBAND_REFUSED = HandshakeError(
+    503, "service_unavailable", "Sideband connections to this call are refused (simulated).", "server_error"
+)
+
+
+def call_not_found(call_id: str) -> HandshakeError:
+    return HandshakeError(404, "call_not_found", f"Call '{call_id}' not found.")
 
 
 FAULT_REJECTIONS = {

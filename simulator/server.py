@@ -20,129 +20,94 @@ from websockets.http11 import Response
 
 from meshrt.shared.ids import new_id
 
+from .calls import CallRegistry
+from .driver import FAULT_AFTER_TICKS  # noqa: F401 - the mid-response faults' tick, for tests
+from .driver import Driver
 from .framelog import FrameLog
 from .handshake import FAULT_REJECTIONS
 from .handshake import FAULTS
+from .handshake import SIDEBAND_REFUSED
 from .handshake import ConnOptions
 from .handshake import HandshakeError
 from .handshake import SimConfig
+from .handshake import call_id_of
+from .handshake import call_not_found
 from .handshake import parse_options
-from .session import CHUNK_MS
-from .session import ResponseRun
+from .plainhttp import HEAD_END
+from .plainhttp import MAX_HEAD_BYTES
+from .plainhttp import HttpRequest
+from .plainhttp import is_websocket_upgrade
 from .session import SimSession
-from .session import StartResponse
 
 log = logging.getLogger("meshrt.sim")
 
-FAULT_AFTER_TICKS = 3
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_HEADER = "meshrt-sim"
 
 
 class SimConnection(ServerConnection):
-    """A websockets server connection carrying the simulator's per-connection options."""
+    """A websockets server connection carrying the simulator's per-connection options.
+
+    Until the request head is complete its bytes are held back: a WebSocket upgrade is then fed to
+    ``websockets`` as it came, any other request is answered as plain HTTP (plainhttp.py) by the
+    simulator's call routes (calls.py) and the connection closed.
+    """
 
     sim: ConnOptions | None = None
+    simulator: Simulator | None = None
+    _sniffed: bytes | None = b""  # None once the connection is known to be a WebSocket
+    _plain: HttpRequest | None = None
 
-
-class _Driver:
-    """Runs one simulated session on an accepted socket."""
-
-    def __init__(self, ws: SimConnection, opts: ConnOptions):
-        self.ws, self.opts = ws, opts
-        self.session: SimSession = opts.session  # type: ignore[assignment]
-        self.stream: asyncio.Task | None = None
-        self.expiring = False
-
-    async def send(self, event: dict) -> None:
-        await self.ws.send(json.dumps(event, separators=(",", ":")))
-
-    async def run(self) -> None:
-        await self.send(self.session.created_event())
-        expiry = asyncio.create_task(self._expire_later())
-        try:
-            async for message in self.ws:
-                await self._on_message(message)
-        except ConnectionClosed:
-            pass
-        finally:
-            await self._stop(expiry)
-
-    async def _stop(self, expiry: asyncio.Task) -> None:
-        tasks = [expiry] + ([self.stream] if self.stream is not None else [])
-        if not self.expiring:
-            expiry.cancel()
-        if self.stream is not None:  # the socket is gone: nothing more can be sent
-            self.stream.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _on_message(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            await self.send(
-                self.session.error(
-                    "unsupported_binary_frame",
-                    "Binary frames are not supported; send client events as JSON text frames.",
-                )
-            )
+    def data_received(self, data: bytes) -> None:
+        if self._sniffed is None:
+            super().data_received(data)
             return
-        for output in self.session.handle(message):
-            if isinstance(output, StartResponse):
-                await self._start(output.run)
-            else:
-                await self.send(output)
+        if self._plain is not None:
+            self._plain.feed(data)
+            return
+        buffered = self._sniffed + data
+        end = buffered.find(HEAD_END)
+        if end < 0 and len(buffered) <= MAX_HEAD_BYTES:
+            self._sniffed = buffered
+            return
+        if end < 0 or is_websocket_upgrade(buffered[:end]):
+            self._sniffed = None
+            super().data_received(buffered)
+            return
+        self._plain = HttpRequest(buffered[:end])
+        self._plain.feed(buffered[end + len(HEAD_END) :])
+        if self._plain.expects_continue():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.request_rcvd.set_result(None)  # wakes handshake() without a WebSocket request
 
-    async def _start(self, run: ResponseRun) -> None:
-        for event in self.session.response_head(run):
-            await self.send(event)
-        self.stream = asyncio.create_task(self._stream(run))
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.wait([self.request_rcvd, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
+        if self._plain is None:
+            await super().handshake(*args, **kwargs)
+            return
+        await self._serve_plain(self._plain)
 
-    async def _stream(self, run: ResponseRun) -> None:
+    async def _serve_plain(self, request: HttpRequest) -> None:
+        await asyncio.wait([request.body_done, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
+        if not request.body_done.done():
+            return
         try:
-            if not await self._ticks(run):
-                return
-            status = "cancelled" if run.cancel_requested else "incomplete" if run.limit_reached else "completed"
-            for event in self.session.response_finish(run, status):
-                await self.send(event)
-        except ConnectionClosed:
-            pass
-        except Exception:  # pragma: no cover - a simulator bug; keep the socket alive for diagnosis
-            log.exception("response stream failed")
+            request.body_done.result()
+            assert self.simulator is not None
+            response = await self.simulator.calls.http(request)
+        except HandshakeError as exc:
+            response = exc.response()
+        response.headers["Server"] = SERVER_HEADER
+        if "x-request-id" not in response.headers:
+            response.headers["x-request-id"] = new_id("req")
+        self.transport.write(response.serialize())
+        self.transport.close()
+        await self.connection_lost_waiter
 
-    async def _ticks(self, run: ResponseRun) -> bool:
-        """Send the deltas; False when a fault ended the connection."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for tick in range(run.ticks):
-            if run.cancel_requested:
-                break
-            for event in self.session.response_tick(run, tick):
-                await self.send(event)
-            if run.limit_reached:
-                break
-            if tick == min(FAULT_AFTER_TICKS, run.ticks) - 1 and await self._mid_response_fault():
-                return False
-            delay = start + (tick + 1) * CHUNK_MS / 1000 - loop.time() if self.opts.pace else 0
-            await asyncio.sleep(max(0.0, delay))
-        return True
 
-    async def _mid_response_fault(self) -> bool:
-        if self.session.responses != 1 or self.opts.fault not in ("close_mid_response", "drop_mid_response"):
-            return False
-        if self.opts.fault == "drop_mid_response":
-            self.ws.transport.abort()
-        else:
-            await self.ws.close(1011, "simulated upstream failure")
-        return True
-
-    async def _expire_later(self) -> None:
-        await asyncio.sleep(self.opts.max_session_s)
-        self.expiring = True
-        if self.stream is not None:
-            self.stream.cancel()
-        try:
-            await self.send(self.session.expired_event(self.opts.max_session_s))
-            await self.ws.close(1000, "invalid_request_error.session_expired")
-        except ConnectionClosed:
-            pass
+def _socket_driver(ws: SimConnection, opts: ConnOptions) -> Driver:
+    assert opts.session is not None
+    return Driver(opts.session, opts, ws.send, ws.close, lambda: ws.transport.abort())
 
 
 async def _echo(ws: SimConnection, session: SimSession) -> None:
@@ -168,20 +133,43 @@ class Simulator:
 
     def __init__(self, config: SimConfig):
         self.config = config
+        self.calls = CallRegistry(config)
+
+    def connection(self, *args: Any, **kwargs: Any) -> SimConnection:
+        conn = SimConnection(*args, **kwargs)
+        conn.simulator = self
+        return conn
 
     async def process_request(self, ws: SimConnection, request: Request) -> Response | None:
         try:
             opts = parse_options(request, self.config)
+            call = self._sideband_call(request)
         except HandshakeError as exc:
             self._log_rejection(ws, request, exc.status)
             return exc.response()
-        opts.session = SimSession(opts.model, beta=opts.beta, kind=opts.kind, response_ms=opts.response_ms)
+        if call is not None:
+            opts.call, opts.session = call, call.session
+        else:
+            opts.session = SimSession(opts.model, beta=opts.beta, kind=opts.kind, response_ms=opts.response_ms)
         if self.config.frame_log_dir:
-            opts.log = FrameLog(self.config.frame_log_dir, opts.session.id)
+            log_id = f"{call.id}-{new_id('conn')}" if call is not None else opts.session.id
+            opts.log = FrameLog(self.config.frame_log_dir, log_id)
             opts.log.request(request)
             opts.log.hook(ws.protocol)
         ws.sim = opts
         return await self._handshake_fault(ws, opts)
+
+    def _sideband_call(self, request: Request) -> Any:
+        """The running call a ``call_id`` upgrade joins (None for a ``model`` one)."""
+        call_id = call_id_of(request)
+        if call_id is None:
+            return None
+        call = self.calls.get(call_id)
+        if call is None:
+            raise call_not_found(call_id)
+        if call.opts.fault == "sideband_refused":
+            raise SIDEBAND_REFUSED
+        return call
 
     def _log_rejection(self, ws: SimConnection, request: Request, status: int) -> None:
         if self.config.frame_log_dir:
@@ -211,10 +199,12 @@ class Simulator:
         try:
             if opts.fault == "invalid_key_after_accept":
                 await _invalid_key_after_accept(ws, opts.session)
+            elif opts.call is not None:
+                await opts.call.attach(ws)
             elif opts.echo:
                 await _echo(ws, opts.session)
             else:
-                await _Driver(ws, opts).run()
+                await _socket_driver(ws, opts).run(ws)
         finally:
             await ws.close()
             if opts.log:
@@ -249,14 +239,17 @@ async def serve(
         port,
         process_request=sim.process_request,
         select_subprotocol=_select_subprotocol,
-        create_connection=SimConnection,
+        create_connection=sim.connection,
         compression=None,
         max_size=MAX_MESSAGE_BYTES,
         ping_interval=None,
-        server_header="meshrt-sim",
+        server_header=SERVER_HEADER,
         ssl=tls,
     ) as server:
         actual_port = server.sockets[0].getsockname()[1]
         if ready is not None:
             ready(actual_port)
-        await asyncio.Future()
+        try:
+            await asyncio.Future()
+        finally:
+            await sim.calls.close()

@@ -480,11 +480,18 @@ def test_bad_handshakes_get_json_errors(sim: Sim, path: str, query: str, status:
     run(body())
 
 
-def test_call_id_and_unknown_models_are_accepted(sim: Sim) -> None:
+def test_unknown_models_are_accepted_and_unknown_calls_are_not(sim: Sim) -> None:
+    """A ``call_id`` sideband joins a running WebRTC call (tests/test_simulator_calls.py); there
+    is none here, so it gets OpenAI's 404 ``call_not_found``."""
+
     async def body() -> None:
-        for query in ("call_id=rtc_123", "model=some-future-model"):
-            async with ws_connect(sim.url(query)) as ws:
-                await ws_until(ws, "session.created")
+        async with ws_connect(sim.url("model=some-future-model")) as ws:
+            await ws_until(ws, "session.created")
+        with pytest.raises(InvalidStatus) as caught:
+            async with ws_connect(sim.url("call_id=rtc_123")):
+                pass
+        assert caught.value.response.status_code == 404
+        assert json.loads(caught.value.response.body)["error"]["code"] == "call_not_found"
 
     run(body())
 
