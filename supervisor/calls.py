@@ -27,6 +27,7 @@ from meshrt.shared.errors import GatewayError
 from meshrt.shared.logs import one_line
 
 log = logging.getLogger("meshrt.supervisor")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request; the supervisor logs its own
 
 MAX_ANSWER_BYTES = 256 * 1024
 HANGUP_ATTEMPTS = 5

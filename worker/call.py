@@ -75,6 +75,9 @@ class CallSession(WorkerSession):
         self.client_sock.close()  # a placeholder: a call has no client socket here
         self._client = NoClient()
         self._capped_output = False  # a session.update lowering max_output_tokens is on its way
+        self._end_after_response: str | None = None  # the next response is not covered: end then
+        if self.relay.purse is not None:
+            self.relay.purse.one_ahead = True
 
     async def _run(self) -> None:
         self.setup["loop_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
@@ -128,6 +131,8 @@ class CallSession(WorkerSession):
         # the call's events are its activity: a call nobody speaks in has none
         self._last_activity = time.monotonic()
         super()._from_upstream(data)
+        if self._end_after_response and self.relay.responses_in_flight == 0:
+            self._end(self._end_after_response)
         self._cap_output()
 
     def _cap_output(self) -> None:
@@ -148,6 +153,10 @@ class CallSession(WorkerSession):
 
     def _reservation_answered(self, version: int, held: int, granted: bool, reason: str, available: int) -> None:
         super()._reservation_answered(version, held, granted, reason, available)
-        if self.relay.purse.refusal == "insufficient_quota":
-            self.log.info("next response not covered; ending the call", fields={"available": available})
-            self._end("insufficient_quota")
+        if self.relay.purse.refusal != "insufficient_quota" or self._end_after_response:
+            return
+        # the response in flight was covered by the previous reservation: it ends, the call with it
+        self.log.info("next response not covered; ending the call", fields={"available": available})
+        self._end_after_response = "insufficient_quota"
+        if self.relay.responses_in_flight == 0:
+            self._end(self._end_after_response)

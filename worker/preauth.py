@@ -103,6 +103,9 @@ class Purse:
     _blocked: int = 0  # what the message being held needs held
     transcription_only: bool = False  # `?intent=transcription`: no responses, never auto_response
     session_seen: bool = False  # upstream has told the session's settings (session.created/updated)
+    # A WebRTC call's purse: nothing can be held back, so every top-up must cover the responses
+    # in flight and the next one, or it is refused (and the call ended: worker/call.py)
+    one_ahead: bool = False
 
     @classmethod
     def for_rates(cls, rates: ModelRates, output_cap: int, transcription_only: bool = False) -> Purse:
@@ -229,7 +232,8 @@ class Purse:
         self.version += 1
         self.waiting = True
         self._blocked = need
-        return self.version, need + self.headroom(), min(need, self.held), self.held
+        least = need + self.bound() if self.one_ahead else min(need, self.held)
+        return self.version, need + self.headroom(), least, self.held
 
     def answered(self, version: int, held: int, granted: bool, reason: str, available: int = 0) -> bool:
         """The supervisor's answer to `wanted()`; False when it is not the awaited one."""

@@ -1,0 +1,106 @@
+"""WebRTC calls through meshrt, with real WebRTC peers (aiortc on both ends: the client, and the
+simulator answering as OpenAI would), each run in a network namespace of its own
+(tests/netns.py, tests/gateway_calls_scenario.py). Every record is checked against the
+simulator's own frame log of the call's data channel: usage field by field, cost to the
+picodollar, and the balance debit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from netns import run_in_netns
+from simlog import same_usage
+
+from meshrt.shared.money import Money
+
+SCENARIO = Path(__file__).parent / "gateway_calls_scenario.py"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def calls(request, database_url, tmp_path_factory):
+    """All the call scenarios, on one stack, per worker backend."""
+    names = "browser,server_form,quota,kill,ephemeral_sideband"
+    work = tmp_path_factory.mktemp(f"calls-{request.param}")
+    return run_in_netns(SCENARIO, names, database_url, str(work), request.param, timeout=400)
+
+
+def scenario(calls, name: str) -> dict:
+    result = calls[name]
+    assert "error" not in result, f"{name} failed in its namespace:\n{result['error']}\n{calls['gateway_log_tail']}"
+    return result
+
+
+def assert_exact(out: dict) -> None:
+    record, report = out["record"], out["report"]
+    assert record["cost_pico"] == report["cost_pico"], (Money(record["cost_pico"]), Money(report["cost_pico"]))
+    assert record["responses"] == report["responses"]
+    assert same_usage(record["usage"], report["usage"]), (record["usage"], report["usage"])
+
+
+def test_a_browser_call_with_an_ephemeral_key_is_billed_exactly_once(calls):
+    out = scenario(calls, "browser")
+    assert out["status"] == 201 and out["headers"]["content-type"].startswith("application/sdp")
+    assert out["headers"]["location"] == f"/v1/realtime/calls/{out['call_id']}"
+    assert out["opened"] is not None, "the data channel never opened"
+    # the ephemeral key's config reached upstream with the offer
+    assert out["created"]["instructions"].startswith("Answer like a pirate")
+    assert out["created"]["model"] == "gpt-realtime"
+    assert out["sideband_response_seen_on_channel"], "the tenant's sideband response did not reach the call"
+    record = out["record"]
+    assert record["surface"] == "webrtc" and record["call_id"] == out["call_id"]
+    assert record["end_reason"] == "upstream_closed" and record["api_key_id"] == out["ek_id"]
+    assert_exact(out)
+    assert record["responses"] == 3 and record["cost_pico"] > 0
+    # the usage the page received is what was billed; the sideband billed nothing of it again
+    assert out["debited"] == record["cost_pico"]
+    side = out["sideband_record"]
+    assert side["surface"] == "sideband" and side["cost_pico"] == 0 and side["responses"] == 0
+    assert side["call_id"] == out["call_id"]
+    print(f"browser call: 3 responses, {Money(record['cost_pico']).display()}, record == simulator's log")
+
+
+def test_a_tenant_server_places_a_call_and_hangs_it_up(calls):
+    out = scenario(calls, "server_form")
+    assert out["status"] == 201 and out["opened"] is not None
+    assert out["created"]["model"] == "gpt-realtime-mini" and out["created"]["instructions"].startswith("Answer")
+    assert out["foreign_hangup"] == [404, "call_not_found"]
+    assert out["hangup"] == [200, {}]
+    assert out["channel_closed_after_s"] is not None, "the call was not ended upstream"
+    assert out["record"]["end_reason"] == "upstream_closed" and out["record"]["responses"] == 1
+    assert_exact(out)
+    print(f"hangup: data channel closed {out['channel_closed_after_s']} s, record {out['record_after_s']} s after it")
+
+
+def test_a_call_whose_balance_runs_out_is_hung_up(calls):
+    out = scenario(calls, "quota")
+    assert out["status"] == 201
+    record = out["record"]
+    assert record["end_reason"] == "insufficient_quota"
+    assert out["channel_closed"], "the call ran on after its balance ran out"
+    assert_exact(out)
+    # the call's output was capped through the sideband at MESHRT_MAX_RESPONSE_OUTPUT_TOKENS
+    assert 300 in out["max_output_tokens_seen"]
+    # ended when the next response could not be reserved: the balance never went below zero
+    assert out["balance"] == out["start_balance"] - record["cost_pico"]
+    assert out["balance"] >= 0, Money(out["balance"])
+    print(
+        f"quota: {record['responses']} responses on $0.05, ended with {Money(out['balance']).display()} left "
+        f"(the next response's reservation did not fit)"
+    )
+
+
+def test_a_killed_call_worker_gets_its_call_hung_up_and_billed_from_its_spool(calls):
+    out = scenario(calls, "kill")
+    assert out["channel_closed_after_s"] is not None, "the call ran on with its worker dead"
+    assert out["record"]["end_reason"] == "internal_error"
+    assert out["hangup_logged"]
+    assert_exact(out)
+    assert out["record"]["responses"] == 1
+    print(f"worker SIGKILL: the call closed {out['channel_closed_after_s']} s later, its response billed")
+
+
+def test_a_sideband_takes_no_ephemeral_key(calls):
+    out = scenario(calls, "ephemeral_sideband")
+    assert out["refusal"] == "invalid_api_key" and out["close"] == 1008
