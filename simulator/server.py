@@ -81,11 +81,9 @@ class SimConnection(ServerConnection):
         self.request_rcvd.set_result(None)  # wakes handshake() without a WebSocket request
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        await asyncio.wait([self.request_rcvd, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
-        if self._plain is None:
-            await super().handshake(*args, **kwargs)
-            return
-        await self._serve_plain(self._plain)
+        await super().handshake(*args, **kwargs)  # returns at once for a plain request: it has no upgrade
+        if self._plain is not None:
+            await self._serve_plain(self._plain)
 
     async def _serve_plain(self, request: HttpRequest) -> None:
         await asyncio.wait([request.body_done, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
