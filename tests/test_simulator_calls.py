@@ -31,6 +31,8 @@ from test_simulator import validated
 from test_simulator import ws_connect
 from websockets.exceptions import InvalidStatus
 
+from meshrt.simulator.driver import FAULT_AFTER_TICKS
+
 SCENARIO = Path(__file__).resolve().parent / "calls_scenario.py"
 AUTH = {"Authorization": "Bearer sk-test"}
 CALL_ID = re.compile(r"^rtc_[0-9a-f]+$")
@@ -140,6 +142,12 @@ def test_a_call_without_data_channel_is_driven_by_its_sideband() -> None:
     assert out["created"] == "session.created" and out["done"] == "completed"
     assert out["hangup"]["status"] == 200 and out["sideband_close"] == 1000
     assert out["peer_closed"], "hangup closes the peer connection"
+
+
+def test_session_expiry_and_mid_response_fault_end_the_call() -> None:
+    out = scenario("expiry_and_mid_response_fault")
+    assert out["expiry"] == {"code": "session_expired", "closed": True, "hangup_after": 404}
+    assert out["mid_response"] == {"closed": True, "deltas": FAULT_AFTER_TICKS, "done": False, "sideband_close": 1000}
 
 
 def test_sigterm_ends_live_calls_cleanly() -> None:
