@@ -95,6 +95,9 @@ class SimConnection(ServerConnection):
             response = await self.simulator.calls.http(request)
         except HandshakeError as exc:
             response = exc.response()
+        except Exception:  # a simulator bug: answer 500 rather than reset the connection
+            log.exception("plain HTTP request failed")
+            response = HandshakeError(500, "server_error", "The simulator failed.", "server_error").response()
         response.headers["Server"] = SERVER_HEADER
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = new_id("req")
