@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import netns
 import pytest
 from conftest import OPERATOR_KEY
 from conftest import _stop
@@ -52,6 +53,22 @@ def assert_openai_error(response: httpx.Response, status: int, code: str) -> Non
 
 
 # --- peer connections, each in a network namespace of its own -----------------------------------
+
+
+def test_the_namespace_holds_only_loopback_and_the_veth_pair() -> None:
+    expected = {
+        "interfaces": ["lo", "veth-a", "veth-b"],
+        "ipv4": {"lo": ["127.0.0.1"], "veth-a": [netns.VETH_A], "veth-b": [netns.VETH_B]},
+        "outside": "ENETUNREACH",
+    }
+    assert run_in_netns(Path(netns.__file__), timeout=30) == expected
+    assert run_in_netns("netns", timeout=30, cwd=Path(netns.__file__).parent) == expected  # as a module
+
+
+def test_a_missing_tool_fails_with_a_message_not_a_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "ip" else f"/usr/bin/{tool}")
+    with pytest.raises(netns.NetnsError, match="`ip` is not installed"):
+        run_in_netns(Path(netns.__file__))
 
 
 def test_call_runs_the_session_on_the_data_channel_and_sidebands_see_the_same_events(tmp_path: Path) -> None:
