@@ -334,6 +334,18 @@ async def expiry_and_mid_response_fault(port: int, log_dir: str | None) -> dict:
     return out
 
 
+async def slow_accept(port: int, log_dir: str | None) -> dict:
+    peer = Peer()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await peer.call(port, "sim_fault=slow_accept&sim_delay_ms=600")
+    out: dict[str, Any] = {"status": response.status_code, "answered_after_s": loop.time() - started}
+    out["opened"] = await wait_set(peer.opened)
+    out["hangup"] = (await hangup(port, call_id_of(response)))["status"]
+    await peer.close()
+    return out
+
+
 def chromium_style_offer() -> str:
     """An offer shaped like Chromium's for a microphone and a data channel: BUNDLE, opus/red/G722/
     PCMU/PCMA/CN/telephone-event, header extensions, ``extmap-allow-mixed``, ``actpass``, trickle,
@@ -458,6 +470,7 @@ SCENARIOS = {
         chromium_offer,
         cli_shutdown,
         expiry_and_mid_response_fault,
+        slow_accept,
         global_sideband_refused,
     )
 }

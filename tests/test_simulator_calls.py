@@ -167,6 +167,12 @@ def test_session_expiry_and_mid_response_fault_end_the_call() -> None:
     assert out["mid_response"] == {"closed": True, "deltas": FAULT_AFTER_TICKS, "done": False, "sideband_close": 1000}
 
 
+def test_slow_accept_delays_the_answer() -> None:
+    out = scenario("slow_accept")
+    assert out["status"] == 201 and out["opened"] and out["hangup"] == 200
+    assert 0.6 <= out["answered_after_s"] < 5, out["answered_after_s"]
+
+
 def test_sigterm_ends_live_calls_cleanly() -> None:
     out = scenario("cli_shutdown")
     assert out["opened"] and out["sideband_close"] == 1000 and out["channel_closed"]
