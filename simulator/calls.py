@@ -174,8 +174,7 @@ class Call:
         self._inbox.put_nowait(message)
 
     def _on_track(self, track: Any) -> None:
-        if track.kind == "audio":
-            self._spawn(self._discard(track))
+        self._spawn(self._discard(track))  # every kind: an unread track queues its frames forever
 
     async def _discard(self, track: Any) -> None:
         try:

@@ -30,7 +30,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: any key)")
     parser.add_argument("--frame-log-dir", default=None, help="write a JSONL frame log per connection here")
     parser.add_argument("--pace", action="store_true", help="send output audio in real time")
-    parser.add_argument("--fault", choices=FAULTS, default=None, help="inject this fault on every connection")
+    parser.add_argument("--fault", choices=FAULTS, default=None, help="inject this fault on every connection and call")
     parser.add_argument("--tls-cert", default=None, help="serve wss:// with this PEM certificate (chain)")
     parser.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
     args = parser.parse_args(argv)

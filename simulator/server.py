@@ -81,11 +81,9 @@ class SimConnection(ServerConnection):
         self.request_rcvd.set_result(None)  # wakes handshake() without a WebSocket request
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        await asyncio.wait([self.request_rcvd, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
-        if self._plain is None:
-            await super().handshake(*args, **kwargs)
-            return
-        await self._serve_plain(self._plain)
+        await super().handshake(*args, **kwargs)  # returns at once for a plain request: it has no upgrade
+        if self._plain is not None:
+            await self._serve_plain(self._plain)
 
     async def _serve_plain(self, request: HttpRequest) -> None:
         await asyncio.wait([request.body_done, self.connection_lost_waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -97,6 +95,9 @@ class SimConnection(ServerConnection):
             response = await self.simulator.calls.http(request)
         except HandshakeError as exc:
             response = exc.response()
+        except Exception:  # a simulator bug: answer 500 rather than reset the connection
+            log.exception("plain HTTP request failed")
+            response = HandshakeError(500, "server_error", "The simulator failed.", "server_error").response()
         response.headers["Server"] = SERVER_HEADER
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = new_id("req")

@@ -301,6 +301,51 @@ async def sideband_only(port: int, log_dir: str | None) -> dict:
     return out
 
 
+async def expiry_and_mid_response_fault(port: int, log_dir: str | None) -> dict:
+    """``sim_max_session_s`` and ``close_mid_response`` end a call as they close a socket."""
+    out: dict[str, Any] = {}
+    peer = Peer()
+    call_id = call_id_of(await peer.call(port, "sim_max_session_s=0.5"))
+    await wait_set(peer.opened)
+    last = (await peer.until("error"))[-1]
+    out["expiry"] = {"code": last["error"]["code"], "closed": await wait_set(peer.closed)}
+    out["expiry"]["hangup_after"] = (await hangup(port, call_id))["status"]
+    await peer.close()
+    peer = Peer()
+    call_id = call_id_of(await peer.call(port, "sim_fault=close_mid_response&sim_response_ms=2000&sim_pace=1"))
+    await wait_set(peer.opened)
+    await peer.until("session.created")
+    async with sideband(port, call_id) as ws:
+        await ws_until(ws, "session.created")
+        peer.send({"type": "response.create"})
+        events = []  # the sideband's: its TCP close is orderly, so every event sent arrives
+        try:
+            while True:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), STEP_S))["type"])
+        except ConnectionClosed:
+            pass
+        out["mid_response"] = {
+            "closed": await wait_set(peer.closed),
+            "deltas": events.count("response.output_audio.delta"),
+            "done": "response.done" in events,
+            "sideband_close": ws.close_code,
+        }
+    await peer.close()
+    return out
+
+
+async def slow_accept(port: int, log_dir: str | None) -> dict:
+    peer = Peer()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await peer.call(port, "sim_fault=slow_accept&sim_delay_ms=600")
+    out: dict[str, Any] = {"status": response.status_code, "answered_after_s": loop.time() - started}
+    out["opened"] = await wait_set(peer.opened)
+    out["hangup"] = (await hangup(port, call_id_of(response)))["status"]
+    await peer.close()
+    return out
+
+
 def chromium_style_offer() -> str:
     """An offer shaped like Chromium's for a microphone and a data channel: BUNDLE, opus/red/G722/
     PCMU/PCMA/CN/telephone-event, header extensions, ``extmap-allow-mixed``, ``actpass``, trickle,
@@ -424,6 +469,8 @@ SCENARIOS = {
         sideband_only,
         chromium_offer,
         cli_shutdown,
+        expiry_and_mid_response_fault,
+        slow_accept,
         global_sideband_refused,
     )
 }

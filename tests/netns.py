@@ -7,10 +7,15 @@ peer connection on the host would send packets out of real interfaces. Here a sc
 ``veth-a`` 10.201.0.1/24 <-> ``veth-b`` 10.201.0.2/24: servers bind 127.0.0.1 for HTTP and
 WebSockets, and the peers' ICE candidates are the veth addresses. Nothing can leave it.
 
-A scenario is a Python file run as ``python FILE ARGS...``; the last line it prints on stdout is
-its result, as JSON::
+A scenario is a Python file run as ``python FILE ARGS...`` (its directory, e.g. tests/, is then
+on ``sys.path``), or a module name run as ``python -m MODULE ARGS...``; the last line it prints
+on stdout is its result, as JSON::
 
-    result = run_in_netns(Path(__file__).parent / "calls_scenario.py", "hangup", timeout=60)
+    result = run_in_netns(Path(__file__).parent / "calls_scenario.py", "hangup_ends_the_call", timeout=60)
+
+``netns_command(argv)`` wraps any command the same way (for a process the test manages itself).
+The namespace shares the filesystem (files, Unix sockets, SQLite) but has no route to anything
+on the host's network: a TCP service on the host (PostgreSQL, say) is out of reach from inside.
 
 No skipping: a missing ``unshare`` or ``ip`` (util-linux / iproute2, in Debian's base) or a
 namespace that cannot be made fails with a message saying so.
@@ -18,9 +23,11 @@ namespace that cannot be made fails with a message saying so.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,13 +61,17 @@ def netns_command(argv: list[str]) -> list[str]:
     return ["unshare", "--net", "--", "sh", "-c", script, "netns", *argv]
 
 
-def run_in_netns(scenario: str | Path, *args: str, timeout: float = 120, env: dict | None = None) -> Any:
-    """Run ``python scenario args...`` in a fresh network namespace; its last stdout line as JSON."""
-    argv = [sys.executable, str(scenario), *args]
+def run_in_netns(
+    scenario: str | Path, *args: str, timeout: float = 120, env: dict | None = None, cwd: str | Path | None = None
+) -> Any:
+    """Run ``python scenario args...`` (a file) or ``python -m scenario args...`` (a module name) in
+    a fresh network namespace; its last stdout line, as JSON."""
+    is_file = isinstance(scenario, Path) or str(scenario).endswith(".py") or os.path.sep in str(scenario)
+    argv = [sys.executable, str(scenario), *args] if is_file else [sys.executable, "-m", str(scenario), *args]
     full_env = {**os.environ, **(env or {})}
     try:
         proc = subprocess.run(
-            netns_command(argv), capture_output=True, text=True, timeout=timeout, env=full_env, check=False
+            netns_command(argv), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd, check=False
         )
     except subprocess.TimeoutExpired as exc:
         raise NetnsError(
@@ -75,3 +86,21 @@ def run_in_netns(scenario: str | Path, *args: str, timeout: float = 120, env: di
             f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         )
     return json.loads(lines[-1])
+
+
+def probe() -> dict:
+    """What a process inside sees: its interfaces and IPv4 addresses, and whether the outside world
+    is routable (``python tests/netns.py`` prints it; tests/test_simulator_calls.py checks it)."""
+    listed = json.loads(subprocess.run(["ip", "-j", "-4", "addr"], capture_output=True, text=True, check=True).stdout)
+    addresses = {item["ifname"]: [a["local"] for a in item.get("addr_info", [])] for item in listed}
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: routable only with a default route
+        outside = "routable"
+    except OSError as exc:
+        outside = errno.errorcode.get(exc.errno or 0, str(exc))
+    return {"interfaces": sorted(name for _, name in socket.if_nameindex()), "ipv4": addresses, "outside": outside}
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe()))

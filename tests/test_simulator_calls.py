@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import netns
 import pytest
 from conftest import OPERATOR_KEY
 from conftest import _stop
@@ -30,6 +31,8 @@ from test_simulator import running_sim
 from test_simulator import validated
 from test_simulator import ws_connect
 from websockets.exceptions import InvalidStatus
+
+from meshrt.simulator.driver import FAULT_AFTER_TICKS
 
 SCENARIO = Path(__file__).resolve().parent / "calls_scenario.py"
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -50,6 +53,22 @@ def assert_openai_error(response: httpx.Response, status: int, code: str) -> Non
 
 
 # --- peer connections, each in a network namespace of its own -----------------------------------
+
+
+def test_the_namespace_holds_only_loopback_and_the_veth_pair() -> None:
+    expected = {
+        "interfaces": ["lo", "veth-a", "veth-b"],
+        "ipv4": {"lo": ["127.0.0.1"], "veth-a": [netns.VETH_A], "veth-b": [netns.VETH_B]},
+        "outside": "ENETUNREACH",
+    }
+    assert run_in_netns(Path(netns.__file__), timeout=30) == expected
+    assert run_in_netns("netns", timeout=30, cwd=Path(netns.__file__).parent) == expected  # as a module
+
+
+def test_a_missing_tool_fails_with_a_message_not_a_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "ip" else f"/usr/bin/{tool}")
+    with pytest.raises(netns.NetnsError, match="`ip` is not installed"):
+        run_in_netns(Path(netns.__file__))
 
 
 def test_call_runs_the_session_on_the_data_channel_and_sidebands_see_the_same_events(tmp_path: Path) -> None:
@@ -140,6 +159,18 @@ def test_a_call_without_data_channel_is_driven_by_its_sideband() -> None:
     assert out["created"] == "session.created" and out["done"] == "completed"
     assert out["hangup"]["status"] == 200 and out["sideband_close"] == 1000
     assert out["peer_closed"], "hangup closes the peer connection"
+
+
+def test_session_expiry_and_mid_response_fault_end_the_call() -> None:
+    out = scenario("expiry_and_mid_response_fault")
+    assert out["expiry"] == {"code": "session_expired", "closed": True, "hangup_after": 404}
+    assert out["mid_response"] == {"closed": True, "deltas": FAULT_AFTER_TICKS, "done": False, "sideband_close": 1000}
+
+
+def test_slow_accept_delays_the_answer() -> None:
+    out = scenario("slow_accept")
+    assert out["status"] == 201 and out["opened"] and out["hangup"] == 200
+    assert 0.6 <= out["answered_after_s"] < 5, out["answered_after_s"]
 
 
 def test_sigterm_ends_live_calls_cleanly() -> None:
