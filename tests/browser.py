@@ -122,10 +122,10 @@ class Page:
 
 
 class Browser:
-    def __init__(self, executable: str, profile: Path, log: Path):
+    def __init__(self, executable: str, profile: Path, log: Path, extra_flags: tuple[str, ...] = ()):
         profile.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            [executable, *CHROMIUM_FLAGS, *extra_flags, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=open(log, "ab"),
             start_new_session=True,

@@ -64,6 +64,7 @@ def namespaced_url(url: str) -> str:
 class Stack:
     def __init__(self, database_url: str, work: Path, backend: str, *sim_args: str, **gateway_env):
         self.work = work
+        work.mkdir(parents=True, exist_ok=True)
         self.engine = db.make_engine(namespaced_url(database_url))
         db.create_schema(self.engine)
         self.sim = start_sim(work, *sim_args)
@@ -315,29 +316,205 @@ async def ephemeral_sideband(stack: Stack) -> dict:
     return {"refusal": refusal["error"]["code"], "close": code}
 
 
+# The tenant's page: it asks the tenant's server for an ephemeral key, calls meshrt over WebRTC
+# (cross-origin: the tenant's server and meshrt are on different ports), then opens a WebSocket
+# with another ephemeral key in its subprotocol. What it saw ends up in `window.result`.
+PAGE = """<!doctype html><meta charset=utf-8><title>voice</title><script>
+const MESHRT = "%(meshrt)s";
+const out = {};
+const key = async () => (await (await fetch("/token", {method: "POST"})).json()).value;
+function until(target, type) {
+  return new Promise((resolve) => target.addEventListener("message", (m) => {
+    const event = JSON.parse(m.data);
+    if (event.type === type) resolve(event);
+  }));
+}
+async function webrtc() {
+  const pc = new RTCPeerConnection();
+  const mic = await navigator.mediaDevices.getUserMedia({audio: true});
+  pc.addTrack(mic.getTracks()[0], mic);
+  const channel = pc.createDataChannel("oai-events");
+  const opened = new Promise((resolve) => channel.onopen = resolve);
+  const created = until(channel, "session.created");
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && resolve();
+  });
+  const answer = await fetch(MESHRT + "/v1/realtime/calls", {
+    method: "POST",
+    body: pc.localDescription.sdp,
+    headers: {"Authorization": "Bearer " + await key(), "Content-Type": "application/sdp"},
+  });
+  out.status = answer.status;
+  out.location = answer.headers.get("Location");
+  await pc.setRemoteDescription({type: "answer", sdp: await answer.text()});
+  await opened;
+  out.created = (await created).session;
+  const updated = until(channel, "session.updated");
+  channel.send(JSON.stringify({type: "session.update", session: {type: "realtime", instructions: "Be brief."}}));
+  out.updated = (await updated).session.instructions;
+  const done = until(channel, "response.done");
+  channel.send(JSON.stringify({type: "response.create"}));
+  out.usage = (await done).response.usage;
+  out.connection = pc.connectionState;
+  pc.close();
+}
+async function websocket() {
+  const url = MESHRT.replace("http", "ws") + "/v1/realtime?model=gpt-realtime&fault_tag=browser-ws";
+  const ws = new WebSocket(url, ["realtime", "openai-insecure-api-key." + await key()]);
+  await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+  out.ws_protocol = ws.protocol;
+  const done = until(ws, "response.done");
+  ws.send(JSON.stringify({type: "response.create"}));
+  out.ws_usage = (await done).response.usage;
+  ws.close(1000);
+}
+webrtc().then(websocket).then(() => window.result = out, (e) => window.result = {error: String(e), out});
+</script>"""
+
+
+class TenantServer:
+    """The tenant's own web server: serves the page and mints ephemeral keys with its rsk_ key."""
+
+    def __init__(self, gw, key: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler
+        from http.server import ThreadingHTTPServer
+
+        page = (PAGE % {"meshrt": gw.http_url}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: bytes, kind: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, page, "text/html")
+
+            def do_POST(self):
+                minted = httpx.post(
+                    f"{gw.http_url}/v1/realtime/client_secrets",
+                    json={"session": {"type": "realtime", "model": "gpt-realtime", "instructions": PIRATE}},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=STEP_S,
+                )
+                self._send(minted.status_code, minted.content, "application/json")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+async def chromium(stack: Stack) -> dict:
+    """Headless Chromium with a fake microphone: the tenant's page calls meshrt over WebRTC, then
+    over a WebSocket, each with an ephemeral key from the tenant's server."""
+    from browser import Browser
+    from browser import find_chromium
+    from simlog import sim_reports
+
+    account_id, key = stack.tenant()
+    before = stack.balance(account_id)
+    tenant = TenantServer(stack.gw, key)
+    flags = (
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+    )
+    browser = Browser(find_chromium(), stack.work / "chromium-profile", stack.work / "chromium.log", flags)
+    try:
+        page = browser.page()
+        page.call("Page.navigate", url=tenant.url)
+        result = await asyncio.to_thread(page.wait, "window.result", 60, "the page's result")
+        problems = page.problems()
+    finally:
+        browser.close()
+        tenant.close()
+    out: dict[str, Any] = {"page": result, "problems": problems}
+    if "error" in result:
+        return out
+    call_id = result["location"].rsplit("/", 1)[1]
+    rows = stack.ended(account_id, count=2)
+    call = next(r for r in rows if r.surface == "webrtc")
+    socket = next(r for r in rows if r.surface == "realtime")
+    out["record"] = record_json(call)
+    out["report"] = stack.call_report(call_id, call.rates)
+    out["ws_record"] = record_json(socket)
+    sent = [p for done in sim_reports(stack.sim).get("browser-ws", []) for p in done]
+    usage, cost, responses = expected_from(sent, socket.rates)
+    out["ws_report"] = {"usage": usage, "cost_pico": cost, "responses": responses}
+    out["debited"] = before - stack.balance(account_id)
+    out["call_id"] = call_id
+    return out
+
+
+async def upstream_fault(stack: Stack) -> dict:
+    """Under the simulator's fault (its stack's): a call whose sideband is refused, or that
+    upstream ends by itself. Either way nothing runs unmetered and the record says why."""
+    account_id, key = stack.tenant()
+    before = stack.balance(account_id)
+    peer = Peer()
+    response = await place(peer, stack.gw, key, params={"model": "gpt-realtime"})
+    out: dict[str, Any] = {"status": response.status_code, "opened": await wait_event(peer.opened)}
+    out["channel_closed_after_s"] = await wait_event(peer.closed, 20)
+    rows = stack.ended(account_id)
+    out["record"] = record_json(rows[0])
+    out["debited"] = before - stack.balance(account_id)
+    out["hung_up"] = [
+        json.loads(line).get("status") for line in stack.gw.log_text().splitlines() if '"call hung up"' in line
+    ]
+    await peer.close()
+    return out
+
+
 SCENARIOS = {
     "browser": browser,
     "server_form": server_form,
     "quota": quota,
     "kill": kill,
     "ephemeral_sideband": ephemeral_sideband,
+    "chromium": chromium,
 }
 
 
-async def main(names: list[str], database_url: str, work: Path, backend: str) -> dict:
-    stack = Stack(database_url, work, backend, MESHRT_MAX_RESPONSE_OUTPUT_TOKENS="300")
-    results: dict[str, Any] = {}
-    try:
-        for name in names:
-            try:
-                results[name] = await asyncio.wait_for(SCENARIOS[name](stack), 90)
-            except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
-                import traceback
+# scenarios that need the simulator to fail every call in one way: a stack of their own each
+FAULTED = {"sideband_refused": ("--fault", "sideband_refused"), "call_ended": ("--fault", "call_ended")}
 
-                results[name] = {"error": traceback.format_exc(), "type": type(exc).__name__}
-    finally:
-        stack.close()
-    results["gateway_log_tail"] = stack.gw.log_text()[-4000:]
+
+async def run_named(stack: Stack, name: str, scenario) -> dict:
+    try:
+        return await asyncio.wait_for(scenario(stack), 90)
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+        import traceback
+
+        return {"error": traceback.format_exc(), "type": type(exc).__name__, "log": stack.gw.log_text()[-4000:]}
+
+
+async def main(names: list[str], database_url: str, work: Path, backend: str) -> dict:
+    results: dict[str, Any] = {}
+    for name in [n for n in names if n in FAULTED]:
+        stack = Stack(database_url, work / name, backend, *FAULTED[name])
+        try:
+            results[name] = await run_named(stack, name, upstream_fault)
+        finally:
+            stack.close()
+    plain = [n for n in names if n not in FAULTED]
+    if plain:
+        stack = Stack(database_url, work, backend, MESHRT_MAX_RESPONSE_OUTPUT_TOKENS="300")
+        try:
+            for name in plain:
+                results[name] = await run_named(stack, name, SCENARIOS[name])
+        finally:
+            stack.close()
     return results
 
 

@@ -26,9 +26,23 @@ def calls(request, database_url, tmp_path_factory):
     return run_in_netns(SCENARIO, names, database_url, str(work), request.param, timeout=400)
 
 
+@pytest.fixture(scope="module")
+def faults(database_url, tmp_path_factory):
+    """Calls under the simulator's faults, a stack each."""
+    work = tmp_path_factory.mktemp("call-faults")
+    return run_in_netns(SCENARIO, "sideband_refused,call_ended", database_url, str(work), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def browser(database_url, tmp_path_factory):
+    """Headless Chromium, a fake microphone, the tenant's page and server."""
+    work = tmp_path_factory.mktemp("call-chromium")
+    return run_in_netns(SCENARIO, "chromium", database_url, str(work), timeout=300)
+
+
 def scenario(calls, name: str) -> dict:
     result = calls[name]
-    assert "error" not in result, f"{name} failed in its namespace:\n{result['error']}\n{calls['gateway_log_tail']}"
+    assert "error" not in result, f"{name} failed in its namespace:\n{result['error']}\n{result['log']}"
     return result
 
 
@@ -104,3 +118,42 @@ def test_a_killed_call_worker_gets_its_call_hung_up_and_billed_from_its_spool(ca
 def test_a_sideband_takes_no_ephemeral_key(calls):
     out = scenario(calls, "ephemeral_sideband")
     assert out["refusal"] == "invalid_api_key" and out["close"] == 1008
+
+
+def test_a_call_whose_sideband_is_refused_is_hung_up_unbilled(faults):
+    out = scenario(faults, "sideband_refused")
+    assert out["status"] == 201  # placed: the sideband is joined once the call exists
+    assert out["channel_closed_after_s"] is not None, "a call ran on that nobody metered"
+    assert out["record"]["end_reason"] == "upstream_unavailable" and out["record"]["cost_pico"] == 0
+    assert out["debited"] == 0 and 200 in out["hung_up"]
+
+
+def test_a_call_upstream_ends_is_finalised(faults):
+    out = scenario(faults, "call_ended")
+    assert out["status"] == 201 and out["opened"] is not None
+    assert out["channel_closed_after_s"] is not None
+    assert out["record"]["end_reason"] == "upstream_closed" and out["record"]["surface"] == "webrtc"
+    assert out["debited"] == out["record"]["cost_pico"] == 0
+    # the supervisor hangs up every call it finalises; upstream had ended this one already
+    assert out["hung_up"] == [404]
+
+
+def test_a_real_browser_calls_through_meshrt_with_an_ephemeral_key(browser):
+    out = scenario(browser, "chromium")
+    page = out["page"]
+    assert "error" not in page, page
+    assert out["problems"] == [], out["problems"]
+    assert page["status"] == 201 and page["location"] == f"/v1/realtime/calls/{out['call_id']}"
+    assert page["connection"] == "connected"  # ICE and DTLS with the simulator's peer, not only the HTTP
+    assert page["created"]["instructions"].startswith("Answer like a pirate")  # the ek_'s config
+    assert page["updated"] == "Be brief."
+    assert_exact(out)
+    assert out["record"]["usage"] == page["usage"] and out["record"]["end_reason"] == "upstream_closed"
+    # the same page over a WebSocket, its ephemeral key in the subprotocol
+    assert page["ws_protocol"] == "realtime"
+    ws_record, ws_report = out["ws_record"], out["ws_report"]
+    assert ws_record["cost_pico"] == ws_report["cost_pico"] and ws_record["responses"] == ws_report["responses"] == 1
+    assert same_usage(ws_record["usage"], page["ws_usage"])
+    assert out["debited"] == out["record"]["cost_pico"] + ws_record["cost_pico"]
+    call_cost, socket_cost = Money(out["record"]["cost_pico"]).display(), Money(ws_record["cost_pico"]).display()
+    print(f"Chromium: the call {call_cost}, the socket {socket_cost}, each equal to the simulator's log")
