@@ -213,23 +213,31 @@ async def browser(stack: Stack) -> dict:
 
 
 async def server_form(stack: Stack) -> dict:
-    """A tenant's server places the call (multipart, rsk_), then hangs it up through meshrt."""
+    """A tenant's server places the call with the official `openai` SDK (multipart, rsk_), then
+    hangs it up through meshrt with the SDK too."""
+    import openai
+    from aiortc import RTCSessionDescription
+
     account_id, key = stack.tenant()
+    client = openai.AsyncOpenAI(api_key=key, base_url=f"{stack.gw.http_url}/v1", max_retries=0)
     peer = Peer()
+    await peer.pc.setLocalDescription(await peer.pc.createOffer())
     session = {"type": "realtime", "model": "gpt-realtime-mini", "instructions": PIRATE}
-    response = await place(peer, stack.gw, key, session=session)
+    response = await client.realtime.calls.with_raw_response.create(sdp=peer.pc.localDescription.sdp, session=session)
+    await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=response.text, type="answer"))
     call_id = response.headers["location"].rsplit("/", 1)[1]
     out: dict[str, Any] = {"status": response.status_code, "opened": await wait_event(peer.opened)}
     out["created"] = (await peer.until("session.created"))[-1]["session"]
     await respond(peer)
-    other_id, other_key = stack.tenant()
-    async with httpx.AsyncClient(timeout=STEP_S) as http:
-        hangup = f"{stack.gw.http_url}/v1/realtime/calls/{call_id}/hangup"
-        foreign = await http.post(hangup, headers={"Authorization": f"Bearer {other_key}"})
-        out["foreign_hangup"] = [foreign.status_code, foreign.json()["error"]["code"]]
-        began = time.monotonic()
-        own = await http.post(hangup, headers={"Authorization": f"Bearer {key}"})
-        out["hangup"] = [own.status_code, own.json()]
+    _, other_key = stack.tenant()
+    other = openai.AsyncOpenAI(api_key=other_key, base_url=f"{stack.gw.http_url}/v1", max_retries=0)
+    try:
+        await other.realtime.calls.hangup(call_id)
+        out["foreign_hangup"] = "accepted"
+    except openai.NotFoundError as refused:
+        out["foreign_hangup"] = [refused.status_code, refused.code]
+    began = time.monotonic()
+    out["hangup"] = await client.realtime.calls.hangup(call_id)  # None: 200 with no content of note
     out["channel_closed_after_s"] = await wait_event(peer.closed)
     rows = stack.ended(account_id)
     out["record_after_s"] = round(time.monotonic() - began, 3)
