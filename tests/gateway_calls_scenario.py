@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from calls_scenario import Peer  # noqa: E402
 from calls_scenario import closed_code  # noqa: E402
-from calls_scenario import ws_until  # noqa: E402
 from conftest import _stop  # noqa: E402
 from conftest import start_gateway  # noqa: E402
 from conftest import start_sim  # noqa: E402
@@ -191,13 +190,20 @@ async def browser(stack: Stack) -> dict:
     out["opened"] = await wait_event(peer.opened)
     out["created"] = (await peer.until("session.created"))[-1]["session"]
     first = await respond(peer)
-    # the tenant's server joins the call through meshrt, with its rsk_ key, and asks for a response
-    async with connect_ws(gw.ws_url, key=key, model=None, query=f"call_id={call_id}") as ws:
-        out["sideband_first"] = json.loads(await asyncio.wait_for(ws.recv(), STEP_S))["type"]
-        await ws.send(json.dumps({"type": "response.create", "response": {"instructions": "Say ahoy."}}))
-        sideband_done = (await ws_until(ws, "response.done"))[-1]
+    # the tenant's server joins the call through meshrt with the official SDK and its rsk_ key,
+    # and asks for a response
+    import openai
+
+    server = openai.AsyncOpenAI(
+        api_key=key, base_url=f"{gw.http_url}/v1", websocket_base_url=f"ws://127.0.0.1:{gw.port}/v1"
+    )
+    async with server.realtime.connect(call_id=call_id) as sideband:
+        out["sideband_first"] = (await asyncio.wait_for(sideband.recv(), STEP_S)).type
+        await sideband.response.create(response={"instructions": "Say ahoy."})
+        while (event := await asyncio.wait_for(sideband.recv(), STEP_S)).type != "response.done":
+            pass
         on_channel = (await peer.until("response.done"))[-1]
-    out["sideband_response_seen_on_channel"] = sideband_done["response"]["id"] == on_channel["response"]["id"]
+    out["sideband_response_seen_on_channel"] = event.response.id == on_channel["response"]["id"]
     second = await respond(peer)
     out["usages_received"] = [e["response"]["usage"] for e in (first, on_channel, second)]
     await peer.close()  # the page leaves: upstream ends the call, the sideband closes
