@@ -130,6 +130,11 @@ def _admit_in_transaction(
         model = upgrade.model
         bound = (found.session_config or {}).get("model")
         call_id = getattr(upgrade, "call_id", None) or ""
+        if (found.session_config or {}).get("type") == "transcription" and not upgrade.transcription:
+            raise GatewayError(
+                "model_not_found",
+                "This ephemeral key is for transcription sessions: connect to /v1/realtime?intent=transcription.",
+            )
         if upgrade.surface == "sideband":
             model = _sideband_model(db, found, call_id)
         elif upgrade.transcription:
@@ -215,10 +220,16 @@ def _sideband_model(db, found, call_id: str) -> str:
 
 def _transcription_model(prices, key_config: dict | None) -> str:
     """A transcription session's starting model (its record's until it is billed at another):
-    it names none in its URL. An ephemeral key minted with settings (a model, instructions, …)
-    holds a conversation session's config, so it opens no transcription session; one minted
-    without (its config is `{"type": "realtime"}` alone) may."""
-    if key_config and (key_config.get("model") is not None or _upstream_config(key_config) is not None):
+    it names none in its URL. An ephemeral key minted for a transcription session starts it at
+    its configured transcription model. One minted with a conversation's settings (a model,
+    instructions, …) opens no transcription session; one minted without (its config is
+    `{"type": "realtime"}` alone) may."""
+    if key_config and key_config.get("type") == "transcription":
+        configured = _configured_transcription_model(key_config)
+        rates = prices.priced_transcription(configured) if configured else None
+        if rates is not None:
+            return rates.model
+    elif key_config and (key_config.get("model") is not None or _upstream_config(key_config) is not None):
         bound = key_config.get("model")
         raise GatewayError(
             "model_not_found",
@@ -229,6 +240,13 @@ def _transcription_model(prices, key_config: dict | None) -> str:
     if rates is None:
         raise GatewayError("model_not_found", "No transcription model is priced on this gateway.")
     return rates.model
+
+
+def _configured_transcription_model(config: dict) -> object:
+    audio = config.get("audio")
+    audio_input = audio.get("input") if isinstance(audio, dict) else None
+    transcription = audio_input.get("transcription") if isinstance(audio_input, dict) else None
+    return transcription.get("model") if isinstance(transcription, dict) else None
 
 
 def _upstream_config(config: dict | None) -> dict | None:

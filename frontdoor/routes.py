@@ -176,13 +176,8 @@ def _session_config(session: dict | None, prices) -> dict:
     config = dict(session or {})
     kind = config.setdefault("type", "realtime")
     if kind == "transcription":
-        raise ApiError(
-            400,
-            "invalid_parameter",
-            "session.type: 'transcription' is not supported here; this gateway's realtime endpoint opens "
-            "conversation sessions (session.type 'realtime').",
-        )
-    if kind != "realtime":
+        _transcription_config(config, prices)
+    elif kind != "realtime":
         raise ApiError(400, "invalid_parameter", "session.type: must be 'realtime' or 'transcription'.")
     model = config.get("model")
     if model is not None:
@@ -197,6 +192,29 @@ def _session_config(session: dict | None, prices) -> dict:
     if len(json.dumps(config, separators=(",", ":"))) > MAX_SESSION_CONFIG_BYTES:
         raise ApiError(400, "invalid_parameter", f"session: over {MAX_SESSION_CONFIG_BYTES} bytes of JSON.")
     return config
+
+
+def _transcription_config(config: dict, prices) -> None:
+    """A transcription session's config (OpenAI's: no model of its own; the transcription model
+    in `audio.input.transcription.model`, which must be one `/v1/models` prices)."""
+    if "model" in config:
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            "session.model: a transcription session has none; set audio.input.transcription.model.",
+        )
+    audio = config.get("audio")
+    audio_input = audio.get("input") if isinstance(audio, dict) else None
+    transcription = audio_input.get("transcription") if isinstance(audio_input, dict) else None
+    model = transcription.get("model") if isinstance(transcription, dict) else None
+    if model is not None and prices.priced_transcription(model) is None:
+        shown = model_detail(model) if isinstance(model, str) else "It must be a string."
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"session.audio.input.transcription.model: not a transcription model here. {shown} "
+            "GET /v1/models lists the ones you can use.",
+        )
 
 
 def tenant_routes(app: FastAPI, ctx) -> None:

@@ -199,7 +199,11 @@ def test_an_ephemeral_key_mints_nothing_and_reads_nothing(ek_gateway, make_tenan
         ({"expires_after": {"anchor": "created_at", "seconds": 9}}, "expires_after.seconds"),
         ({"expires_after": {"anchor": "created_at", "seconds": 7201}}, "expires_after.seconds"),
         ({"expires_after": {"anchor": "now", "seconds": 60}}, "expires_after.anchor"),
-        ({"session": {"type": "transcription"}}, "'transcription' is not supported"),
+        ({"session": {"type": "transcription", "model": "gpt-realtime"}}, "session.model"),
+        (
+            {"session": {"type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-realtime"}}}}},
+            "session.audio.input.transcription.model",
+        ),
         ({"session": {"type": "realtime", "model": "gpt-5"}}, "session.model"),
         ({"session": {"type": "realtime", "instructions": "x" * 70_000}}, "session: over"),
     ],

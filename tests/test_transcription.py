@@ -383,3 +383,38 @@ def test_server_vad_transcription_session_commits_and_transcribes_turns_billed_e
     assert Money(row.cost_pico) == Money.from_usd(expected.quantize(Decimal("1e-12"))) > Money.ZERO
     assert start - balance(engine, tenant.account_id) == Money(row.cost_pico)
     assert (row.model, row.responses) == ("gpt-4o-mini-transcribe", 0)
+
+
+def test_a_transcription_ephemeral_key_opens_transcription_sessions_with_its_config(gateway, tenant, engine):
+    """An ek_ minted for a transcription session (OpenAI's session.type "transcription"): its
+    config reaches upstream before the client's first event, its model is billed, and it opens
+    nothing else."""
+    served = models_served(gateway, tenant.key)
+    mint = OpenAI(api_key=tenant.key, base_url=f"{gateway.http_url}/v1", max_retries=0)
+    config = {"transcription": {"model": "gpt-4o-mini-transcribe"}, "turn_detection": None}
+    secret = mint.realtime.client_secrets.create(session={"type": "transcription", "audio": {"input": config}})
+    assert secret.session.type == "transcription"
+    event, _, _ = run(expect_refusal(gateway.ws_url, key=secret.value, how="insecure"))
+    assert event["error"]["code"] == "model_not_found" and "intent=transcription" in event["error"]["message"]
+    start = balance(engine, tenant.account_id)
+
+    async def go():
+        url_args = {"key": secret.value, "how": "insecure", "model": None, "query": "intent=transcription"}
+        async with connect_ws(gateway.ws_url, **url_args) as ws:
+            created = await recv_json(ws)
+            updated = await recv_json(ws)  # the key's config, applied before any event of ours
+            for piece in chunks(PCM16_700MS, True):
+                await ws.send(append(piece))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while (event := await recv_json(ws))["type"] != "conversation.item.input_audio_transcription.completed":
+                assert event["type"] != "error", event
+            return created, updated, event["usage"], ws.response.headers["x-request-id"]
+
+    created, updated, usage, request_id = run(go())
+    assert created["session"]["type"] == "transcription" and updated["type"] == "session.updated"
+    assert updated["session"]["audio"]["input"]["transcription"]["model"] == "gpt-4o-mini-transcribe"
+    row = ended_record(engine, request_id)
+    expected = transcription_cost(usage, served["gpt-4o-mini-transcribe"]["pricing"])
+    assert Money(row.cost_pico) == Money.from_usd(expected.quantize(Decimal("1e-12"))) > Money.ZERO
+    assert (row.surface, row.model, row.api_key_id) == ("transcription", "gpt-4o-mini-transcribe", secret.session.id)
+    assert start - balance(engine, tenant.account_id) == Money(row.cost_pico)
