@@ -256,6 +256,16 @@ class WorkerEnded:
 
 
 @dataclass(frozen=True)
+class EndCall:
+    """A call's worker → supervisor: hang my call up now (quota, a clock, a stop). The worker
+    keeps metering its sideband until upstream closes it, so what started meanwhile is billed."""
+
+    kind: ClassVar[str] = "end_call"
+    session_id: str
+    code: str
+
+
+@dataclass(frozen=True)
 class StopSession:
     """Supervisor → worker: end the session with this error code (quota ran out, draining)."""
 
@@ -284,6 +294,7 @@ MESSAGES = {
         Reserve,
         Reserved,
         WorkerEnded,
+        EndCall,
         StopSession,
     )
 }

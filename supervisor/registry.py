@@ -91,6 +91,7 @@ class LiveSession:
     send_lock: anyio.Lock = field(default_factory=anyio.Lock)
     reserving: bool = False  # a Reserve of its worker is being decided: one at a time
     prices: object = field(default=None, repr=False)  # the grant's rates, parsed when first needed
+    hung_up: int | None = None  # a call's: upstream's answer to its hangup, once asked
 
     def handle(self, event: SessionEvent) -> Stage:
         try:

@@ -33,6 +33,7 @@ from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared import spool
 from meshrt.shared.control import CallPlaced
+from meshrt.shared.control import EndCall
 from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
 from meshrt.shared.control import HangUp
@@ -409,13 +410,13 @@ class Supervisor:
         self.metrics.inc("meshrt_calls_placed_total")
         return CallPlaced(grant.session_id, None, answer=placed.answer, call_id=placed.call_id)
 
-    async def _hang_up(self, grant: control.Grant) -> None:
-        """A call's worker is gone (ended, crashed, stopped): the call must not run on unmetered."""
-        status = await self.calls.hang_up(grant.call_id)
-        log.info(
-            "call hung up",
-            extra={"session_id": grant.session_id, "fields": {"call_id": grant.call_id, "status": status}},
-        )
+    async def _hang_up(self, live: LiveSession, why: str) -> None:
+        """Hang a call up upstream: its worker asked (and meters on until the sideband closes),
+        or the worker is gone (ended, crashed, stopped) and the call must not run on unmetered."""
+        grant = live.grant
+        live.hung_up = status = await self.calls.hang_up(grant.call_id)
+        fields = {"call_id": grant.call_id, "status": status, "why": why}
+        log.info("call hung up", extra={"session_id": grant.session_id, "fields": fields})
 
     @staticmethod
     def _long_gone(exited_at: float) -> bool:
@@ -556,6 +557,9 @@ class Supervisor:
                     # untrusted (ignored; it refuses its own event when no answer comes)
                     live.reserving = True
                     self.tg.start_soon(self._reserve, live, message)
+                elif isinstance(message, EndCall) and live.grant.call_id and live.hung_up is None:
+                    live.hung_up = 0
+                    self.tg.start_soon(self._hang_up, live, message.code)
                 elif isinstance(message, WorkerEnded):
                     live.end_report = message
         finally:
@@ -779,8 +783,8 @@ class Supervisor:
         grant = live.grant
         self.registry.remove(grant.session_id)
         live.handle(SessionEvent.WORKER_GONE)
-        if grant.surface == "webrtc" and grant.call_id:
-            self.tg.start_soon(self._hang_up, grant)
+        if grant.surface == "webrtc" and grant.call_id and live.hung_up not in (200, 404):
+            self.tg.start_soon(self._hang_up, live, "worker gone")  # whatever ended it: none runs unmetered
         if live.channel is not None:
             live.channel.close()
         with self.finalizing:

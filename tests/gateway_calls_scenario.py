@@ -67,8 +67,9 @@ class Stack:
         self.engine = db.make_engine(namespaced_url(database_url))
         db.create_schema(self.engine)
         self.sim = start_sim(work, *sim_args)
-        env = {"MESHRT_WORKER_BACKEND": backend, "MESHRT_IDLE_TIMEOUT_S": "60", **gateway_env}
-        self.gw = start_gateway(work, namespaced_url(database_url), self.sim.url, **env)
+        self.env = {"MESHRT_WORKER_BACKEND": backend, "MESHRT_IDLE_TIMEOUT_S": "60", **gateway_env}
+        self.database_url = namespaced_url(database_url)
+        self.gw = start_gateway(work, self.database_url, self.sim.url, **self.env)
 
     def close(self) -> None:
         _stop(self.gw.proc)
@@ -309,6 +310,53 @@ async def kill(stack: Stack) -> dict:
     return out
 
 
+async def revoked(stack: Stack) -> dict:
+    """Revoking the rsk_ key that minted a call's ek_ ends the call."""
+    account_id, key = stack.tenant()
+    minted = httpx.post(
+        f"{stack.gw.http_url}/v1/realtime/client_secrets",
+        json={"session": {"type": "realtime", "model": "gpt-realtime"}},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=STEP_S,
+    ).json()
+    peer = Peer()
+    response = await place(peer, stack.gw, minted["value"])
+    out: dict[str, Any] = {"status": response.status_code, "opened": await wait_event(peer.opened)}
+    await peer.until("session.created")
+    await respond(peer)
+    parent = accounts.list_keys(stack.engine, account_id)[0]
+    accounts.revoke_key(stack.engine, parent.id)
+    out["channel_closed_after_s"] = await wait_event(peer.closed)
+    out["record"] = record_json(stack.ended(account_id)[0])
+    await peer.close()
+    return out
+
+
+async def supervisor_restart(stack: Stack) -> dict:
+    """The supervisor is SIGKILLed mid-call and started again: the call's worker re-attaches to
+    the new one, the call goes on (its media and events never went through meshrt), and its
+    record has every response."""
+    account_id, key = stack.tenant()
+    peer = Peer()
+    response = await place(peer, stack.gw, key, params={"model": "gpt-realtime"})
+    call_id = response.headers["location"].rsplit("/", 1)[1]
+    out: dict[str, Any] = {"status": response.status_code, "opened": await wait_event(peer.opened)}
+    await peer.until("session.created")
+    await respond(peer)
+    stack.gw.proc.kill()
+    stack.gw.proc.wait(10)
+    await respond(peer)  # while no supervisor runs
+    stack.gw = start_gateway(stack.work, stack.database_url, stack.sim.url, state=stack.gw.state_dir, **stack.env)
+    wait_for(lambda: "worker re-attached" in stack.gw.log_text(), 20, 0.1, "the call's worker to re-attach")
+    await respond(peer)
+    out["channel_open"] = not peer.closed.is_set()
+    await peer.close()
+    rows = stack.ended(account_id)
+    out["record"] = record_json(rows[0])
+    out["report"] = stack.call_report(call_id, rows[0].rates)
+    return out
+
+
 async def ephemeral_sideband(stack: Stack) -> dict:
     """A sideband takes an rsk_ key only."""
     account_id, key = stack.tenant()
@@ -496,6 +544,8 @@ SCENARIOS = {
     "quota": quota,
     "kill": kill,
     "ephemeral_sideband": ephemeral_sideband,
+    "revoked": revoked,
+    "supervisor_restart": supervisor_restart,
     "chromium": chromium,
 }
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", params=["asyncio", "trio"])
 def calls(request, database_url, tmp_path_factory):
     """All the call scenarios, on one stack, per worker backend."""
-    names = "browser,server_form,quota,kill,ephemeral_sideband"
+    names = "browser,server_form,quota,kill,ephemeral_sideband,revoked,supervisor_restart"
     work = tmp_path_factory.mktemp(f"calls-{request.param}")
     return run_in_netns(SCENARIO, names, database_url, str(work), request.param, timeout=400)
 
@@ -113,6 +113,20 @@ def test_a_killed_call_worker_gets_its_call_hung_up_and_billed_from_its_spool(ca
     assert_exact(out)
     assert out["record"]["responses"] == 1
     print(f"worker SIGKILL: the call closed {out['channel_closed_after_s']} s later, its response billed")
+
+
+def test_revoking_the_key_behind_a_calls_ephemeral_key_ends_the_call(calls):
+    out = scenario(calls, "revoked")
+    assert out["channel_closed_after_s"] is not None and out["record"]["end_reason"] == "key_revoked"
+    assert out["record"]["responses"] == 1
+    print(f"revocation: the call closed {out['channel_closed_after_s']} s after its parent key was revoked")
+
+
+def test_a_call_outlives_a_supervisor_crash_and_stays_metered(calls):
+    out = scenario(calls, "supervisor_restart")
+    assert out["channel_open"], "the call did not go on across the supervisor's restart"
+    assert out["record"]["responses"] == 3  # before, during and after the restart
+    assert_exact(out)
 
 
 def test_a_sideband_takes_no_ephemeral_key(calls):

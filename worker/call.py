@@ -11,9 +11,11 @@ the clocks end the session.
 What it cannot do is hold an event back: the browser's events go straight to upstream. So the
 call is ended instead (docs/billing.md, WebRTC calls): when the next response's reservation is
 refused for want of balance, when the supervisor stops the session (quota, revocation, drain) or
-when a clock runs out, the worker cancels the response in flight on the sideband, closes it and
-reports the end; the supervisor hangs the call up upstream as it finalises the session, which it
-does whatever ended the worker (a crash included), so no call runs on unmetered. The sideband
+when a clock runs out, the worker cancels the response in flight on the sideband and asks the
+supervisor to hang the call up (`EndCall`), metering on until upstream closes the sideband, so
+what started before the hangup landed is billed too. The supervisor also hangs up every call
+whose worker it finalises, whatever ended the worker (a crash included): no call runs on
+unmetered. (The token cap, decided inside the relay, closes the sideband at once.) The sideband
 also keeps the session's `max_output_tokens` at most `WorkerConfig.response_output_cap`, which
 is what bounds a response's cost once it has started.
 """
@@ -29,7 +31,9 @@ import anyio
 
 from meshrt.shared import control
 from meshrt.shared import sandbox
+from meshrt.shared.control import EndCall
 from meshrt.shared.control import WorkerLive
+from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import GatewayError
 
 from .frames import client_text_frame
@@ -40,6 +44,9 @@ from .session import CLOSE_TIMEOUT_S
 from .session import WorkerSession
 from .upstream import connect_upstream
 from .upstream import upstream_url
+
+HANGUP_WAIT_S = 10.0  # the supervisor retries an unreachable upstream for about this long
+_CANCEL = json.dumps({"type": "response.cancel"}, separators=(",", ":")).encode()
 
 
 class NoClient:
@@ -76,6 +83,7 @@ class CallSession(WorkerSession):
         self._client = NoClient()
         self._capped_output = False  # a session.update lowering max_output_tokens is on its way
         self._end_after_response: str | None = None  # the next response is not covered: end then
+        self._ending: str | None = None  # the call is being hung up, with this code
         if self.relay.purse is not None:
             self.relay.purse.one_ahead = True
 
@@ -151,9 +159,30 @@ class CallSession(WorkerSession):
         update = {"type": "session.update", "session": {"type": "realtime", "max_output_tokens": cap}}
         self._execute([(Target.UPSTREAM, client_text_frame(json.dumps(update, separators=(",", ":")).encode()))])
 
+    def _end(self, code: str) -> None:
+        """End the call: cancel what is in flight, ask the supervisor to hang the call up, and
+        meter on until upstream closes the sideband, so a response that started before the
+        hangup landed is billed too. If upstream has not closed it by the deadline (the hangup
+        failed, the supervisor is away), close the sideband here; the supervisor hangs up again
+        when it finalises the session."""
+        if self._ending is not None or self.relay.phase is not Phase.OPEN:
+            return
+        self._ending = code
+        self.relay.settle_outcome(code, ERRORS[code].close_code)
+        if self.relay.responses_in_flight:
+            self._execute([(Target.UPSTREAM, client_text_frame(_CANCEL))])
+        self._send(EndCall(self.grant.session_id, code))
+        self._tg.start_soon(self._close_unless_hung_up, code)
+
+    async def _close_unless_hung_up(self, code: str) -> None:
+        await anyio.sleep(self.config.drain_usage_s + HANGUP_WAIT_S)
+        if not self._finished.is_set():
+            self.log.warning("the call was not ended upstream in time; closing its sideband")
+            self._execute(self.relay.end(code))
+
     def _reservation_answered(self, version: int, held: int, granted: bool, reason: str, available: int) -> None:
         super()._reservation_answered(version, held, granted, reason, available)
-        if self.relay.purse.refusal != "insufficient_quota" or self._end_after_response:
+        if self.relay.purse.refusal != "insufficient_quota" or self._end_after_response or self._ending:
             return
         # the response in flight was covered by the previous reservation: it ends, the call with it
         self.log.info("next response not covered; ending the call", fields={"available": available})
