@@ -11,6 +11,7 @@ from pathlib import Path
 
 HELP = {
     "meshrt_live_sessions": ("gauge", "Sessions with a live worker on this node."),
+    "meshrt_max_sessions": ("gauge", "Sessions this node takes at most (MESHRT_MAX_SESSIONS); /readyz is 503 at it."),
     "meshrt_sessions_started_total": ("counter", "Sessions handed to a worker."),
     "meshrt_sessions_ended_total": ("counter", "Sessions finalised, by end reason."),
     "meshrt_handoffs_refused_total": ("counter", "Upgrades the supervisor refused, by error code."),

@@ -257,6 +257,7 @@ class Supervisor:
         path = self.run_dir / "metrics.json"
         while True:
             self.metrics.gauges["meshrt_live_sessions"] = len(self.registry)
+            self.metrics.gauges["meshrt_max_sessions"] = self.settings.max_sessions
             self.metrics.publish(path)
             await anyio.sleep(METRICS_INTERVAL_S)
 
@@ -380,6 +381,8 @@ class Supervisor:
             problems.append(self.state.value)
         if not self.zygote_ready:
             problems.append("zygote not ready")
+        if len(self.registry) >= self.settings.max_sessions:  # a load balancer sends the next one elsewhere
+            problems.append(f"at capacity ({len(self.registry)} of {self.settings.max_sessions} sessions)")
         if not self.lease.valid:
             problems.append("node lease not renewed (database unreachable?)")
         failed, succeeded = self.writer.last_failure, self.writer.last_success
