@@ -154,6 +154,33 @@ class WorkerExited:
     signal: int | None
 
 
+@dataclass(frozen=True)
+class PoolStatus:
+    """Zygote → supervisor, once a second: its warm pool and its workers' memory (/metrics)."""
+
+    kind: ClassVar[str] = "pool_status"
+    idle: int  # idle workers forked ahead now
+    target: int  # what the sizing rule wants (worker/pool.py)
+    workers: int  # its children whose memory it reads (idle ones and sessions')
+    pss_bytes: int  # their proportional set sizes summed: shared pages counted once in all
+    idle_pss_bytes: int  # of which idle workers'
+    arrival_rate: float  # sessions per second, as the pool is sized for
+    setup_s: float  # a pool worker's fork and rehearsal, as measured
+    mem_available: int  # bytes; -1: unknown
+    read_s: float  # what reading every worker's smaps_rollup took last time
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """A new worker → the zygote, once, with fds [its own /proc/self/smaps_rollup]: only the
+    process itself may open that file (workers are non-dumpable), and whoever holds the fd may
+    read it after. `ready_at` (CLOCK_MONOTONIC): when a pool worker had rehearsed."""
+
+    kind: ClassVar[str] = "worker_memory"
+    pid: int
+    ready_at: float
+
+
 # --- worker <-> supervisor ------------------------------------------------------------------
 
 
@@ -236,6 +263,8 @@ MESSAGES = {
         Spawned,
         ZygoteReady,
         WorkerExited,
+        PoolStatus,
+        WorkerMemory,
         WorkerLive,
         UsageIncrement,
         Reserve,
@@ -337,6 +366,17 @@ def recv_undecoded(sock: socket.socket) -> tuple[bytes, list[int]]:
     """Blocking receive of one datagram, not decoded: (bytes, fds), for passing a message on."""
     data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
     return _datagram(data, ancdata, flags)
+
+
+def recv_nowait(sock: socket.socket):
+    """Receive one message if one is waiting: (message, fds), or None. EOFError when closed."""
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        raise EOFError("control channel reset") from None
+    return _unpack(data, ancdata, flags)
 
 
 async def asend(sock: socket.socket, message, fds=()) -> None:

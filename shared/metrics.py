@@ -12,6 +12,23 @@ from pathlib import Path
 HELP = {
     "meshrt_live_sessions": ("gauge", "Sessions with a live worker on this node."),
     "meshrt_max_sessions": ("gauge", "Sessions this node takes at most (MESHRT_MAX_SESSIONS); /readyz is 503 at it."),
+    "meshrt_warm_workers": ("gauge", "Idle workers forked ahead (the warm pool) now."),
+    "meshrt_warm_workers_target": (
+        "gauge",
+        "The warm pool's size as sized from arrivals, set-up time and memory (MESHRT_WARM_WORKERS_MIN..MAX).",
+    ),
+    "meshrt_workers": ("gauge", "Workers whose memory is counted: idle ones and those running a session."),
+    "meshrt_workers_pss_bytes": (
+        "gauge",
+        "Proportional set size summed over the workers (pages shared with the zygote divided among their sharers).",
+    ),
+    "meshrt_warm_workers_pss_bytes": ("gauge", "Of meshrt_workers_pss_bytes, the idle workers'."),
+    "meshrt_session_arrival_rate": ("gauge", "Sessions per second reaching the zygote, as the pool is sized for."),
+    "meshrt_warm_worker_setup_seconds": ("gauge", "A pool worker's fork and rehearsal, as measured (smoothed)."),
+    "meshrt_memory_available_bytes": (
+        "gauge",
+        "MemAvailable, or the room under the cgroup's memory.max if less; -1 unknown.",
+    ),
     "meshrt_sessions_started_total": ("counter", "Sessions handed to a worker."),
     "meshrt_sessions_ended_total": ("counter", "Sessions finalised, by end reason."),
     "meshrt_handoffs_refused_total": ("counter", "Upgrades the supervisor refused, by error code."),

@@ -35,6 +35,7 @@ from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
 from meshrt.shared.control import Ping
 from meshrt.shared.control import Pong
+from meshrt.shared.control import PoolStatus
 from meshrt.shared.control import Reattach
 from meshrt.shared.control import Reserve
 from meshrt.shared.control import Reserved
@@ -117,6 +118,7 @@ class Supervisor:
         self.zygote: processes.Child | None = None
         self.zygote_channel: socket.socket | None = None
         self.zygote_ready = False
+        self.pool: PoolStatus | None = None  # the zygote's last word on its pool and its workers' memory
         # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
@@ -155,6 +157,7 @@ class Supervisor:
     async def _start_zygote(self) -> None:
         self.zygote, self.zygote_channel = await processes.start_zygote(self.settings)
         self.zygote_ready = False
+        self.pool = None
 
     async def _bind(self) -> tuple[socket.socket, socket.socket]:
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
@@ -258,6 +261,7 @@ class Supervisor:
         while True:
             self.metrics.gauges["meshrt_live_sessions"] = len(self.registry)
             self.metrics.gauges["meshrt_max_sessions"] = self.settings.max_sessions
+            self.metrics.gauges.update(pool_gauges(self.pool))
             self.metrics.publish(path)
             await anyio.sleep(METRICS_INTERVAL_S)
 
@@ -456,6 +460,8 @@ class Supervisor:
                 os.close(fd)
             if isinstance(message, ZygoteReady):
                 self.zygote_ready = True
+            elif isinstance(message, PoolStatus):
+                self.pool = message
             elif isinstance(message, Spawned):
                 self.registry.set_pid(message.session_id, message.pid)
             elif isinstance(message, WorkerExited):
@@ -888,6 +894,25 @@ class Supervisor:
         await self.zygote.exited()
         self.settings.control_socket.unlink(missing_ok=True)
         self.tg.cancel_scope.cancel()
+
+
+def pool_gauges(status: PoolStatus | None) -> dict[str, float]:
+    """/metrics' view of the zygote's PoolStatus (zeros until its first, or after it restarted)."""
+    if status is None:
+        return {name: 0 for name in POOL_GAUGES.values()}
+    return {name: getattr(status, field) for field, name in POOL_GAUGES.items()}
+
+
+POOL_GAUGES = {
+    "idle": "meshrt_warm_workers",
+    "target": "meshrt_warm_workers_target",
+    "workers": "meshrt_workers",
+    "pss_bytes": "meshrt_workers_pss_bytes",
+    "idle_pss_bytes": "meshrt_warm_workers_pss_bytes",
+    "arrival_rate": "meshrt_session_arrival_rate",
+    "setup_s": "meshrt_warm_worker_setup_seconds",
+    "mem_available": "meshrt_memory_available_bytes",
+}
 
 
 def reattach_refusal(row, message: Reattach, pid: int, node: str) -> str | None:
