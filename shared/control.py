@@ -168,6 +168,8 @@ class PoolStatus:
     setup_s: float  # a pool worker's fork and rehearsal, as measured
     mem_available: int  # bytes; -1: unknown
     read_s: float  # what reading every worker's smaps_rollup took last time
+    from_pool: int = 0  # sessions handed to an idle worker since the zygote started
+    forked: int = 0  # sessions that found no idle worker and were forked on the spot (pool misses)
 
 
 @dataclass(frozen=True)

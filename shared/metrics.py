@@ -29,6 +29,14 @@ HELP = {
         "gauge",
         "MemAvailable, or the room under the cgroup's memory.max if less; -1 unknown.",
     ),
+    "meshrt_sessions_from_pool_total": (
+        "counter",
+        "Sessions handed to an idle pool worker (since the zygote started).",
+    ),
+    "meshrt_sessions_forked_total": (
+        "counter",
+        "Sessions that found the warm pool empty and waited for a fork (since the zygote started).",
+    ),
     "meshrt_sessions_started_total": ("counter", "Sessions handed to a worker."),
     "meshrt_sessions_ended_total": ("counter", "Sessions finalised, by end reason."),
     "meshrt_handoffs_refused_total": ("counter", "Upgrades the supervisor refused, by error code."),

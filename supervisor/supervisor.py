@@ -262,6 +262,9 @@ class Supervisor:
             self.metrics.gauges["meshrt_live_sessions"] = len(self.registry)
             self.metrics.gauges["meshrt_max_sessions"] = self.settings.max_sessions
             self.metrics.gauges.update(pool_gauges(self.pool))
+            if self.pool is not None:  # the zygote counts them; a restarted one starts again from 0
+                self.metrics.counters["meshrt_sessions_from_pool_total"][()] = self.pool.from_pool
+                self.metrics.counters["meshrt_sessions_forked_total"][()] = self.pool.forked
             self.metrics.publish(path)
             await anyio.sleep(METRICS_INTERVAL_S)
 

@@ -154,3 +154,23 @@ def test_pod_deletion_cost_script_annotates_pods_with_their_live_sessions(gatewa
 
     run(go(), 60)
     assert (tmp_path / "annotations").read_text() == "meshrt-a controller.kubernetes.io/pod-deletion-cost=2\n"
+
+
+def test_the_pool_grows_by_one_per_arrival_at_most_and_not_between_arrivals():
+    channel, supervisor_end = control.seqpacket_pair()
+    zygote = Zygote(channel, 1, 8)
+    for i in range(40):  # 20/s for 2 s
+        zygote.arrivals.arrived(i / 20)
+    zygote.setup.add(0.5)  # a slow fork and rehearsal: the rule wants the ceiling
+    zygote._size(2.0)
+    assert zygote.warm == 1  # no arrival: no growth
+    sizes = []
+    for i in range(10):
+        zygote.arrivals.arrived(2.0 + i / 20)
+        zygote._size(2.0 + i / 20, arriving=True)
+        sizes.append(zygote.warm)
+    assert sizes == [2, 3, 4, 5, 6, 7, 8, 8, 8, 8]
+    zygote._size(600.0)  # ten quiet minutes: back to the floor (retired one a second by _retire)
+    assert zygote.warm == 1
+    channel.close()
+    supervisor_end.close()

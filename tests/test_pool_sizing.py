@@ -8,6 +8,7 @@ from meshrt.shared.settings import SettingsError
 from meshrt.shared.settings import load_settings
 from meshrt.shared.settings import settings_env
 from meshrt.worker.pool import ArrivalRate
+from meshrt.worker.pool import RecentMedian
 from meshrt.worker.pool import Smoothed
 from meshrt.worker.pool import mem_available_bytes
 from meshrt.worker.pool import pool_target
@@ -66,6 +67,17 @@ def test_arrival_rate_rises_within_seconds_and_falls_over_a_minute():
     assert rate.rate(t + 600) < 0.01  # nothing for 10 min
     rate.arrived(t - 5)  # a clock that steps back counts, decays nothing
     assert rate.rate(t) >= 0
+
+
+def test_recent_median_ignores_a_slow_sample():
+    setup = RecentMedian(0.05, n=5)
+    assert setup.value == 0.05
+    for sample in (0.010, 0.012, 0.400, 0.011, 0.013):
+        setup.add(sample)
+    assert setup.value == 0.012
+    for _ in range(5):
+        setup.add(0.2)
+    assert setup.value == 0.2 and len(setup.samples) == 5
 
 
 def test_smoothed_follows_its_samples():

@@ -59,6 +59,25 @@ class ArrivalRate:
         return max(self.values)
 
 
+class RecentMedian:
+    """The median of the last `n` samples (a worker's fork and rehearsal): one slow sample, a
+    rehearsal that shared the CPU with a burst of sessions, does not move it."""
+
+    def __init__(self, initial: float, n: int = 15):
+        self.initial, self.n = initial, n
+        self.samples: list[float] = []
+
+    def add(self, sample: float) -> None:
+        self.samples = [*self.samples[-(self.n - 1) :], sample]
+
+    @property
+    def value(self) -> float:
+        if not self.samples:
+            return self.initial
+        ordered = sorted(self.samples)
+        return ordered[len(ordered) // 2]
+
+
 class Smoothed:
     """An exponentially weighted mean of samples (a worker's set-up time, an idle worker's PSS)."""
 

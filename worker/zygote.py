@@ -138,7 +138,7 @@ class Zygote:
         self.backend = "uvloop"  # the event loop pool workers rehearse: the last session's (default: settings')
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.arrivals = pool.ArrivalRate()
-        self.setup = pool.Smoothed(INITIAL_SETUP_S)  # a pool worker's fork to rehearsed, seconds
+        self.setup = pool.RecentMedian(INITIAL_SETUP_S)  # a pool worker's fork to rehearsed, seconds
         self.idle_cost = pool.Smoothed(INITIAL_IDLE_COST)  # an idle worker's private bytes
         self.mem_available: int | None = None
         self.rehearsing: dict[int, float] = {}  # pid -> when it was forked, until it reports
@@ -146,6 +146,7 @@ class Zygote:
         self.smaps: dict[int, int] = {}  # pid -> an fd of its smaps_rollup
         self.pss: dict[int, int] = {}  # pid -> its PSS, last read
         self.read_s = 0.0
+        self.from_pool = self.forked = 0  # sessions handed to an idle worker / forked on the spot
         self.next_status = self.next_memory = self.last_retire = 0.0
 
     def _post_fork(self) -> None:
@@ -225,6 +226,7 @@ class Zygote:
         forked_at = self.rehearsing.pop(pid, None)
         if isinstance(message, control.WorkerMemory) and len(fds) == 1 and pid not in self.smaps:
             self.smaps[pid] = fds.pop()
+            self._read_one(pid)  # counted at once, not at the next reading of all
             if forked_at is not None:
                 self.setup.add(max(0.0, message.ready_at - forked_at))
         for fd in fds:
@@ -243,28 +245,32 @@ class Zygote:
         if fd is not None:
             os.close(fd)
 
+    def _read_one(self, pid: int) -> int | None:
+        """Read one worker's smaps_rollup: its PSS is kept; its private bytes returned."""
+        try:
+            rollup = os.pread(self.smaps[pid], 4096, 0)
+        except OSError:
+            return None  # exiting: reaped soon
+        pss = pool.pss_bytes(rollup)
+        if pss is not None:
+            self.pss[pid] = pss
+        return pool.private_bytes(rollup)
+
     def _read_memory(self) -> None:
         began = time.monotonic()
         for pid in list(self.reporting):
             self._collect(pid)
-        private = []
-        for pid, fd in self.smaps.items():
-            try:
-                rollup = os.pread(fd, 4096, 0)
-            except OSError:
-                continue  # exiting: reaped soon
-            pss = pool.pss_bytes(rollup)
-            if pss is not None:
-                self.pss[pid] = pss
-            if pid in self.idle and (own := pool.private_bytes(rollup)):
-                private.append(own)
+        private = [own for pid in self.smaps if (own := self._read_one(pid)) is not None and pid in self.idle]
         if private:
             self.idle_cost.add(sum(private) / len(private))
         self.mem_available = _memory_available()
         self.read_s = time.monotonic() - began
 
-    def _size(self, now: float) -> None:
-        self.warm = pool.pool_target(
+    def _size(self, now: float, arriving: bool = False) -> None:
+        """The pool's size now. It grows only as sessions arrive, by one at most per arrival:
+        forking and rehearsing a dozen workers at once would take the CPU the sessions arriving
+        need (a bench run saw set-up p99 double); it shrinks once a second (_retire)."""
+        target = pool.pool_target(
             self.arrivals.rate(now),
             self.setup.value + REFILL_DELAY_S,
             self.mem_available,
@@ -272,6 +278,9 @@ class Zygote:
             self.floor,
             self.ceiling,
         )
+        if target > self.warm:
+            target = max(self.floor, min(target, self.warm + 1)) if arriving else max(self.floor, self.warm)
+        self.warm = target
 
     def _retire(self, now: float) -> None:
         """An idle worker above the target ends (its socket closes: it exits on the EOF)."""
@@ -295,6 +304,8 @@ class Zygote:
             setup_s=round(self.setup.value, 4),
             mem_available=-1 if self.mem_available is None else self.mem_available,
             read_s=round(self.read_s, 4),
+            from_pool=self.from_pool,
+            forked=self.forked,
         )
 
     def _periodic(self, now: float) -> None:
@@ -337,9 +348,12 @@ class Zygote:
             self.backend = spawn.config.backend
             if pid is None:
                 pid = self._fork_session(spawn, fds)
+                self.forked += 1
+            else:
+                self.from_pool += 1
             self.last_spawn = time.monotonic()
             self.arrivals.arrived(self.last_spawn)
-            self._size(self.last_spawn)  # a step up in arrivals grows the pool at once
+            self._size(self.last_spawn, arriving=True)  # a step up in arrivals grows the pool at once
         for fd in fds:
             os.close(fd)
         if isinstance(spawn, control.Spawn) and pid is not None:
