@@ -4,7 +4,8 @@ Every channel is a unix SOCK_SEQPACKET socket: one datagram is one message, so t
 framing to get wrong, and file descriptors ride along as SCM_RIGHTS. Messages are frozen
 dataclasses, encoded as compact JSON with a `kind` tag; nothing but these types crosses a
 process boundary. Ownership rule for fds: the sender closes its copy once `send` returned; the
-receiver owns what `recv` returns and must close it (or hand it on) on every path.
+receiver owns what `recv` returns and must close it (or hand it on) on every path. Every
+message carries PROTOCOL_VERSION; one of another version is refused, not decoded.
 """
 
 from __future__ import annotations
@@ -26,9 +27,25 @@ from .increments import Increment
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 4
 
+# The control protocol's version, in every message (`v`). A message of another version is refused
+# (VersionMismatch), never read as this version's: versions meet when a worker that outlived its
+# supervisor re-attaches to one of a newer release, or a child restarted after an upgrade on disk
+# talks to an older supervisor. Raise it whenever a message's fields or meaning change.
+PROTOCOL_VERSION = 1
+
 
 class ControlError(Exception):
     pass
+
+
+class VersionMismatch(ControlError):
+    """A message of another protocol version (0: from before messages carried one)."""
+
+    def __init__(self, kind: str, version):
+        super().__init__(
+            f"{kind!r} message of control protocol version {version}; this process speaks {PROTOCOL_VERSION}"
+        )
+        self.kind, self.version = kind, version
 
 
 @dataclass(frozen=True)
@@ -253,6 +270,17 @@ class StopSession:
     code: str
 
 
+@dataclass(frozen=True)
+class VersionRefused:
+    """The answer to a message of another protocol version, before the connection is closed.
+    Read whatever version sent it (its shape never changes): a worker that gets it ends its
+    session as on supervisor loss instead of offering it again."""
+
+    kind: ClassVar[str] = "version_refused"
+    speaks: int  # the refuser's version
+    got: int  # the version refused
+
+
 MESSAGES = {
     cls.kind: cls
     for cls in (
@@ -273,12 +301,13 @@ MESSAGES = {
         Reserved,
         WorkerEnded,
         StopSession,
+        VersionRefused,
     )
 }
 
 
 def encode(message) -> bytes:
-    body = {"kind": message.kind}
+    body = {"kind": message.kind, "v": PROTOCOL_VERSION}
     for f in dataclasses.fields(message):
         value = getattr(message, f.name)
         if isinstance(value, bytes):
@@ -297,7 +326,10 @@ def encode(message) -> bytes:
 def decode(data: bytes):
     try:
         body = json.loads(data)
-        cls = MESSAGES[body.pop("kind")]
+        kind, version = body.pop("kind"), body.pop("v", 0)
+        if version != PROTOCOL_VERSION and kind != VersionRefused.kind:
+            raise VersionMismatch(str(kind)[:40], version if isinstance(version, int) else str(version)[:20])
+        cls = MESSAGES[kind]
         kwargs = {}
         for f in dataclasses.fields(cls):
             value = body[f.name]

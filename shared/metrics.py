@@ -47,6 +47,10 @@ HELP = {
     ),
     "meshrt_usage_cost_usd_total": ("counter", "USD debited for usage (exact decimal)."),
     "meshrt_worker_crashes_total": ("counter", "Workers that exited without reporting their end."),
+    "meshrt_control_version_refused_total": (
+        "counter",
+        "Control messages of another protocol version refused (workers of another release re-attaching).",
+    ),
     "meshrt_nodes_reaped_total": ("counter", "Other nodes this one declared lost (their lease expired)."),
 }
 

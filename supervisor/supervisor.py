@@ -43,6 +43,7 @@ from meshrt.shared.control import Spawn
 from meshrt.shared.control import Spawned
 from meshrt.shared.control import StopSession
 from meshrt.shared.control import UsageIncrement
+from meshrt.shared.control import VersionRefused
 from meshrt.shared.control import WorkerConfig
 from meshrt.shared.control import WorkerEnded
 from meshrt.shared.control import WorkerExited
@@ -357,6 +358,8 @@ class Supervisor:
             else:
                 self.metrics.inc("meshrt_handoffs_refused_total", code=code)
             await control.asend(conn, HandoffAck(message.grant.session_id, code))
+        except control.VersionMismatch as mismatch:
+            self._refuse_version(conn, mismatch)
         except (EOFError, OSError, control.ControlError):
             log.exception("handoff failed")
         finally:
@@ -364,6 +367,30 @@ class Supervisor:
                 os.close(fd)
             if conn is not None:
                 conn.close()
+
+    def _refuse_version(self, conn: socket.socket, mismatch: control.VersionMismatch) -> None:
+        """A process of another release spoke on the control socket (a worker re-attaching after
+        an upgrade, most likely): refuse it in words every version reads, and say so."""
+        self.metrics.inc("meshrt_control_version_refused_total")
+        pid = control.peer_pid(conn)
+        what = "a worker's re-attach" if mismatch.kind == Reattach.kind else f"a {mismatch.kind!r} message"
+        log.error(
+            f"refused {what} of control protocol version {mismatch.version}: this supervisor speaks "
+            f"version {control.PROTOCOL_VERSION}"
+            + (
+                "; the worker ends its session as on supervisor loss (node_lost)" if mismatch.kind == "reattach" else ""
+            ),
+            extra={"pid": pid, "fields": {"kind": mismatch.kind, "version": mismatch.version}},
+        )
+        try:
+            control.send(conn, VersionRefused(control.PROTOCOL_VERSION, mismatch.version))
+            # what it sent after (a re-attaching worker re-sends its Reserve at once) is read and
+            # dropped: a unix socket closed with unread data resets its peer, and the reset would
+            # reach the worker before the refusal does
+            while conn.recv(control.MAX_MESSAGE):
+                pass
+        except OSError:  # BlockingIOError: nothing more
+            pass
 
     @staticmethod
     def _long_gone(exited_at: float) -> bool:
