@@ -23,6 +23,10 @@ HELP = {
         "Proportional set size summed over the workers (pages shared with the zygote divided among their sharers).",
     ),
     "meshrt_warm_workers_pss_bytes": ("gauge", "Of meshrt_workers_pss_bytes, the idle workers'."),
+    "meshrt_workers_memory_read_seconds": (
+        "gauge",
+        "What the zygote's last reading of every worker's smaps_rollup took (every 5 s).",
+    ),
     "meshrt_session_arrival_rate": ("gauge", "Sessions per second reaching the zygote, as the pool is sized for."),
     "meshrt_warm_worker_setup_seconds": ("gauge", "A pool worker's fork and rehearsal, as measured (smoothed)."),
     "meshrt_memory_available_bytes": (

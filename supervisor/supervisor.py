@@ -942,6 +942,7 @@ POOL_GAUGES = {
     "arrival_rate": "meshrt_session_arrival_rate",
     "setup_s": "meshrt_warm_worker_setup_seconds",
     "mem_available": "meshrt_memory_available_bytes",
+    "read_s": "meshrt_workers_memory_read_seconds",
 }
 
 

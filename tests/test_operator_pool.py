@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import wait_for
 from realtime_client import connect_ws
 from realtime_client import recv_json
@@ -174,3 +176,43 @@ def test_the_pool_grows_by_one_per_arrival_at_most_and_not_between_arrivals():
     assert zygote.warm == 1
     channel.close()
     supervisor_end.close()
+
+
+NOT_DUMPABLE_CHILD = r"""
+import os, socket, time
+from meshrt.shared import control, sandbox
+from meshrt.worker import pool
+from meshrt.worker.zygote import _report_memory
+ours, theirs = control.seqpacket_pair()
+pid = os.fork()
+if pid == 0:
+    sandbox.set_nondumpable()  # as every worker is
+    _report_memory(theirs)
+    time.sleep(5)
+    os._exit(0)
+message, fds = control.recv(ours)  # sent once the child is non-dumpable
+try:
+    open(f"/proc/{pid}/smaps_rollup").read()
+    print("direct: readable")
+except PermissionError:
+    print("direct: refused")
+print("message:", type(message).__name__, message.pid == pid)
+print("pss:", pool.pss_bytes(os.pread(fds[0], 4096, 0)) > 0)
+os.kill(pid, 9)
+"""
+
+
+def test_a_non_dumpable_workers_memory_is_read_through_the_fd_it_sends():
+    """Why workers send an fd: as an ordinary user (uid 10001 in the image), no other process,
+    the zygote included, may open a non-dumpable process's smaps_rollup; the fd it opened itself
+    reads fine anywhere."""
+    if os.getuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the check as another user")
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", NOT_DUMPABLE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["direct: refused", "message: WorkerMemory True", "pss: True"], done.stdout

@@ -62,7 +62,10 @@ REFILL_DELAY_S = 0.02
 WORKER_MAX_FDS = 64  # a session needs ~10: client, upstream, channel, spool, event loop, pipes
 
 STATUS_INTERVAL_S = 1.0  # PoolStatus to the supervisor, and the pool's size decided again
-MEMORY_INTERVAL_S = 5.0  # every worker's smaps_rollup read (~0.1 ms each) and MemAvailable
+MEMORY_INTERVAL_S = 5.0  # every worker's smaps_rollup read (~0.6 ms each), or less often (MEMORY_CPU_SHARE)
+MEMORY_BATCH = 8  # workers read at a time (~4 ms), then the zygote serves what waits
+MEMORY_BATCH_GAP_S = 0.002
+MEMORY_CPU_SHARE = 0.02  # of a core, at most, spent reading workers' memory
 RETIRE_INTERVAL_S = 1.0  # at most one idle worker above the target retired per this
 INITIAL_SETUP_S = 0.05  # a pool worker's fork and rehearsal until one is measured
 INITIAL_IDLE_COST = 6 * 1024 * 1024  # an idle worker's private memory until one is measured
@@ -146,6 +149,9 @@ class Zygote:
         self.smaps: dict[int, int] = {}  # pid -> an fd of its smaps_rollup
         self.pss: dict[int, int] = {}  # pid -> its PSS, last read
         self.read_s = 0.0
+        self.memory_round: list[int] = []  # workers still to read in this round
+        self.round_private: list[int] = []
+        self.round_read_s = 0.0
         self.from_pool = self.forked = 0  # sessions handed to an idle worker / forked on the spot
         self.next_status = self.next_memory = self.last_retire = 0.0
 
@@ -257,14 +263,26 @@ class Zygote:
         return pool.private_bytes(rollup)
 
     def _read_memory(self) -> None:
+        """Read the next MEMORY_BATCH workers of this round (a read costs ~0.5 ms: the zygote
+        must not stop forking for the whole node's); the round's end updates the totals."""
+        if not self.memory_round:
+            for pid in list(self.reporting):
+                self._collect(pid)
+            self.memory_round = list(self.smaps)
+            self.round_private, self.round_read_s = [], 0.0
         began = time.monotonic()
-        for pid in list(self.reporting):
-            self._collect(pid)
-        private = [own for pid in self.smaps if (own := self._read_one(pid)) is not None and pid in self.idle]
-        if private:
-            self.idle_cost.add(sum(private) / len(private))
-        self.mem_available = _memory_available()
-        self.read_s = time.monotonic() - began
+        for _ in range(min(MEMORY_BATCH, len(self.memory_round))):
+            pid = self.memory_round.pop()
+            if pid in self.smaps and (own := self._read_one(pid)) is not None and pid in self.idle:
+                self.round_private.append(own)
+        self.round_read_s += time.monotonic() - began
+        if self.memory_round:
+            return
+        if self.round_private:
+            self.idle_cost.add(sum(self.round_private) / len(self.round_private))
+        self.read_s = self.round_read_s
+        # at most MEMORY_CPU_SHARE of a core: 1000 workers (~0.6 s a round) are read every 30 s
+        self.next_memory = time.monotonic() + max(MEMORY_INTERVAL_S, self.read_s / MEMORY_CPU_SHARE)
 
     def _size(self, now: float, arriving: bool = False) -> None:
         """The pool's size now. It grows only as sessions arrive, by one at most per arrival:
@@ -309,11 +327,13 @@ class Zygote:
         )
 
     def _periodic(self, now: float) -> None:
-        if now >= self.next_memory:
-            self.next_memory = now + MEMORY_INTERVAL_S
+        if self.memory_round:
+            self._read_memory()
+        elif now >= self.next_memory:
             self._read_memory()
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL_S
+            self.mem_available = _memory_available()  # two small files: every time
             for pid in list(self.reporting):
                 self._collect(pid)
             self._size(now)
@@ -398,6 +418,8 @@ class Zygote:
             now = time.monotonic()
             self._periodic(now)
             timeout = max(0.0, min(self.next_status, self.next_memory) - now)
+            if self.memory_round:
+                timeout = MEMORY_BATCH_GAP_S  # spawns waiting are served between two batches
             while len(self.idle) < self.warm:
                 wait = self.last_spawn + REFILL_DELAY_S - time.monotonic()
                 if self.idle and wait > 0:  # an empty pool is refilled at once
