@@ -65,6 +65,11 @@ class FrontDoorContext:
                 answer, fds = await control.arecv(sock)
             for fd in fds:
                 os.close(fd)
+            if isinstance(answer, control.VersionRefused):  # one of us was upgraded on disk while the other ran
+                return [
+                    f"supervisor speaks control protocol version {answer.speaks}, "
+                    f"this front door {control.PROTOCOL_VERSION}"
+                ]
             return list(answer.problems) if isinstance(answer, Pong) else ["supervisor answered nonsense"]
         except (OSError, EOFError, TimeoutError, control.ControlError):
             return ["supervisor not answering"]

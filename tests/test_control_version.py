@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 
+import httpx
 import pytest
 from conftest import ended_record
 from conftest import wait_for
@@ -91,3 +92,34 @@ def test_a_worker_of_another_version_is_refused_and_ends_its_session(gateway_fac
     assert "refused" in logs and "control protocol version 1" in logs
     assert "protocol version 2" in second.log_text() and "worker re-attached" not in second.log_text()
     assert refusals == 1  # the first refusal reached it (nothing it sent after made its socket reset)
+
+
+FRONT_DOOR_UPGRADED = """\
+import pathlib, sys
+if "meshrt.frontdoor" in sys.orig_argv and pathlib.Path({flag!r}).exists():
+    import meshrt.shared.control as control
+    control.PROTOCOL_VERSION = 2  # a front door started from a release installed after its supervisor
+"""
+
+
+def test_a_front_door_of_another_version_is_not_ready_and_says_why(gateway_factory, tmp_path):
+    flag = tmp_path / "upgraded"
+    other = tmp_path / "other-version"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text(FRONT_DOOR_UPGRADED.format(flag=str(flag)))
+    gw = gateway_factory(PYTHONPATH=str(other))
+    assert httpx.get(f"{gw.http_url}/readyz", timeout=5).status_code == 200
+    flag.touch()  # the release on disk changes; then the front door dies and is restarted from it
+    old = gw.frontdoor_pid()
+    os.kill(old, signal.SIGKILL)
+
+    def answer():
+        try:
+            response = httpx.get(f"{gw.http_url}/readyz", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return response if gw.frontdoor_pid() not in (None, old) and response.status_code == 503 else None
+
+    response = wait_for(answer, 20, 0.1, "the restarted front door's answer")
+    assert response.json()["error"]["message"] == "supervisor speaks control protocol version 1, this front door 2"
+    assert "refused a 'ping' message of control protocol version 2" in gw.log_text()
