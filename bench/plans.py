@@ -32,6 +32,11 @@ class Plan:
     throughput_mb: int  # per round
     throughput_rounds: int
     loadgen_procs: int
+    # the warm pool under a step in arrivals: (sessions/s, seconds) phases, each session held
+    # pool_hold_s, then pool_tail_s of nothing (bench/pool_step.py)
+    pool_phases: tuple[tuple[float, float], ...] = ((1.0, 20.0), (20.0, 20.0), (1.0, 40.0))
+    pool_hold_s: float = 1.0
+    pool_tail_s: float = 0.0
 
 
 # The three plans (counts, seconds), a table kept compact: the formatter leaves it alone.
@@ -43,10 +48,11 @@ FULL = Plan("full", rtt_small=20000, rtt_large=3000, warmup=500, setup_sequentia
 QUICK = Plan("quick", rtt_small=2000, rtt_large=300, warmup=200, setup_sequential=30, burst_size=100,
              burst_rounds=1, memory_sessions=10, stream_s=3.0, settle_s=1.0, hold_s=2.0,
              capacity_steps=(10, 25, 50, 100), capacity_budget_s=20, throughput_mb=16, throughput_rounds=2,
-             loadgen_procs=1)
+             loadgen_procs=1, pool_phases=((1.0, 5.0), (20.0, 5.0), (1.0, 5.0)))
 SMOKE = Plan("smoke", rtt_small=200, rtt_large=40, warmup=20, setup_sequential=5, burst_size=10, burst_rounds=1,
              memory_sessions=3, stream_s=1.5, settle_s=0.5, hold_s=1.0, capacity_steps=(3, 6), capacity_budget_s=15,
-             throughput_mb=2, throughput_rounds=1, loadgen_procs=1)
+             throughput_mb=2, throughput_rounds=1, loadgen_procs=1, pool_phases=((1.0, 1.0), (10.0, 1.0), (1.0, 1.0)),
+             pool_hold_s=0.2)
 # fmt: on
 
 

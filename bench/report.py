@@ -136,6 +136,29 @@ def _render_throughput(t: dict) -> list[str]:
     ]
 
 
+def _render_pool(pool: dict) -> list[str]:
+    lines = [
+        f"6. Warm pool under a step in arrivals (each session held {pool['hold_s']:g} s)"
+        f"{'':<8}" + _cells("set-up p50", "p99", "idle", "target", "PSS MiB", "forked")
+    ]
+    for p in pool["phases"]:
+        setup = p["setup_ms"] or {"p50": "-", "p99": "-"}
+        span = "{min}–{max}"
+        lines.append(
+            f"   {p['rate_per_s']:>5g}/s for {p['seconds']:g} s, {p['sessions']} sessions"
+            f"{' (' + str(p['failed']) + ' failed)' if p['failed'] else '':<20}"
+            + _cells(
+                setup["p50"],
+                setup["p99"],
+                span.format(**p["warm_workers"]),
+                span.format(**p["target"]),
+                span.format(**p["workers_pss_mib"]),
+                p.get("forked_on_the_spot", "-"),
+            )
+        )
+    return lines
+
+
 def render(doc: dict) -> str:
     """The human-readable report (the JSON document holds the same and more)."""
     m, code = doc["machine"], doc["code"]
@@ -155,6 +178,7 @@ def render(doc: dict) -> str:
         ("memory", _render_memory),
         ("capacity", _render_capacity),
         ("throughput", _render_throughput),
+        ("pool", _render_pool),
     ):
         if key in doc:
             lines += [""] + part(doc[key])

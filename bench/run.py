@@ -24,6 +24,7 @@ from .plans import BenchError
 from .plans import Plan
 from .plans import choose_plan
 from .plans import log
+from .pool_step import measure_pool_step
 from .profiles import Profiler
 from .report import render
 from .report import targets_report
@@ -84,6 +85,7 @@ def run_bench(settings, args) -> int:
                 "memory": lambda: measure_memory(stack, plan),
                 "throughput": lambda: measure_throughput(stack, plan),
                 "capacity": lambda: measure_capacity(stack, plan, profiler),
+                "pool": lambda: measure_pool_step(stack, plan),
             }
             for name in selected_measurements(measurements):
                 doc[name] = measurements[name]()

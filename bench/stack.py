@@ -22,6 +22,7 @@ import psutil
 
 from meshrt.dev.children import ChildStartError
 from meshrt.dev.children import wait_for_line
+from meshrt.shared.settings import settings_env
 
 from .clients import Target
 from .plans import BenchError
@@ -120,11 +121,12 @@ class Stack:
                 "MESHRT_MAX_CONCURRENT_SESSIONS": "100000",
                 "MESHRT_DRAIN_S": "2",
                 "MESHRT_WORKER_BACKEND": self.settings.worker_backend,
-                "MESHRT_WARM_WORKERS": str(self.settings.warm_workers),
                 "MESHRT_LOG_LEVEL": self.settings.log_level,
                 "MESHRT_PREAUTH": "1" if self.settings.preauth else "0",  # MESHRT_PREAUTH=0 meshrt bench: without
             }
         )
+        pool = ("MESHRT_WARM_WORKERS", "MESHRT_WARM_WORKERS_MIN", "MESHRT_WARM_WORKERS_MAX")
+        env.update({k: v for k, v in settings_env(self.settings).items() if k in pool})  # unset stays unset
         return env
 
     def _wait_ready(self, port: int, timeout: float = 30) -> None:

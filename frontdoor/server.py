@@ -79,6 +79,9 @@ class FrontDoorContext:
         """Ask the supervisor over the control socket: an answer proves it is alive and serving
         handoffs (a supervisor wedged or gone is seen within SUPERVISOR_ANSWER_S)."""
         answer = await self.ask_supervisor(Ping(), SUPERVISOR_ANSWER_S)
+        if isinstance(answer, control.VersionRefused):  # one of us was upgraded on disk while the other ran
+            versions = f"version {answer.speaks}, this front door {control.PROTOCOL_VERSION}"
+            return [f"supervisor speaks control protocol {versions}"]
         if answer is None:
             return ["supervisor not answering"]
         return list(answer.problems) if isinstance(answer, Pong) else ["supervisor answered nonsense"]

@@ -4,7 +4,8 @@ Every channel is a unix SOCK_SEQPACKET socket: one datagram is one message, so t
 framing to get wrong, and file descriptors ride along as SCM_RIGHTS. Messages are frozen
 dataclasses, encoded as compact JSON with a `kind` tag; nothing but these types crosses a
 process boundary. Ownership rule for fds: the sender closes its copy once `send` returned; the
-receiver owns what `recv` returns and must close it (or hand it on) on every path.
+receiver owns what `recv` returns and must close it (or hand it on) on every path. Every
+message carries PROTOCOL_VERSION; one of another version is refused, not decoded.
 """
 
 from __future__ import annotations
@@ -26,9 +27,25 @@ from .increments import Increment
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 4
 
+# The control protocol's version, in every message (`v`). A message of another version is refused
+# (VersionMismatch), never read as this version's: versions meet when a worker that outlived its
+# supervisor re-attaches to one of a newer release, or a child restarted after an upgrade on disk
+# talks to an older supervisor. Raise it whenever a message's fields or meaning change.
+PROTOCOL_VERSION = 1
+
 
 class ControlError(Exception):
     pass
+
+
+class VersionMismatch(ControlError):
+    """A message of another protocol version (0: from before messages carried one)."""
+
+    def __init__(self, kind: str, version):
+        super().__init__(
+            f"{kind!r} message of control protocol version {version}; this process speaks {PROTOCOL_VERSION}"
+        )
+        self.kind, self.version = kind, version
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,35 @@ class WorkerExited:
     signal: int | None
 
 
+@dataclass(frozen=True)
+class PoolStatus:
+    """Zygote → supervisor, once a second: its warm pool and its workers' memory (/metrics)."""
+
+    kind: ClassVar[str] = "pool_status"
+    idle: int  # idle workers forked ahead now
+    target: int  # what the sizing rule wants (worker/pool.py)
+    workers: int  # its children whose memory it reads (idle ones and sessions')
+    pss_bytes: int  # their proportional set sizes summed: shared pages counted once in all
+    idle_pss_bytes: int  # of which idle workers'
+    arrival_rate: float  # sessions per second, as the pool is sized for
+    setup_s: float  # a pool worker's fork and rehearsal, as measured
+    mem_available: int  # bytes; -1: unknown
+    read_s: float  # what reading every worker's smaps_rollup took last time
+    from_pool: int = 0  # sessions handed to an idle worker since the zygote started
+    forked: int = 0  # sessions that found no idle worker and were forked on the spot (pool misses)
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """A new worker → the zygote, once, with fds [its own /proc/self/smaps_rollup]: only the
+    process itself may open that file (workers are non-dumpable), and whoever holds the fd may
+    read it after. `ready_at` (CLOCK_MONOTONIC): when a pool worker had rehearsed."""
+
+    kind: ClassVar[str] = "worker_memory"
+    pid: int
+    ready_at: float
+
+
 # --- worker <-> supervisor ------------------------------------------------------------------
 
 
@@ -273,6 +319,17 @@ class StopSession:
     code: str
 
 
+@dataclass(frozen=True)
+class VersionRefused:
+    """The answer to a message of another protocol version, before the connection is closed.
+    Read whatever version sent it (its shape never changes): a worker that gets it ends its
+    session as on supervisor loss instead of offering it again."""
+
+    kind: ClassVar[str] = "version_refused"
+    speaks: int  # the refuser's version
+    got: int  # the version refused
+
+
 MESSAGES = {
     cls.kind: cls
     for cls in (
@@ -289,6 +346,8 @@ MESSAGES = {
         Spawned,
         ZygoteReady,
         WorkerExited,
+        PoolStatus,
+        WorkerMemory,
         WorkerLive,
         UsageIncrement,
         Reserve,
@@ -296,12 +355,13 @@ MESSAGES = {
         WorkerEnded,
         EndCall,
         StopSession,
+        VersionRefused,
     )
 }
 
 
 def encode(message) -> bytes:
-    body = {"kind": message.kind}
+    body = {"kind": message.kind, "v": PROTOCOL_VERSION}
     for f in dataclasses.fields(message):
         value = getattr(message, f.name)
         if isinstance(value, bytes):
@@ -320,7 +380,10 @@ def encode(message) -> bytes:
 def decode(data: bytes):
     try:
         body = json.loads(data)
-        cls = MESSAGES[body.pop("kind")]
+        kind, version = body.pop("kind"), body.pop("v", 0)
+        if version != PROTOCOL_VERSION and kind != VersionRefused.kind:
+            raise VersionMismatch(str(kind)[:40], version if isinstance(version, int) else str(version)[:20])
+        cls = MESSAGES[kind]
         kwargs = {}
         for f in dataclasses.fields(cls):
             value = body[f.name]
@@ -391,6 +454,17 @@ def recv_undecoded(sock: socket.socket) -> tuple[bytes, list[int]]:
     """Blocking receive of one datagram, not decoded: (bytes, fds), for passing a message on."""
     data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
     return _datagram(data, ancdata, flags)
+
+
+def recv_nowait(sock: socket.socket):
+    """Receive one message if one is waiting: (message, fds), or None. EOFError when closed."""
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        raise EOFError("control channel reset") from None
+    return _unpack(data, ancdata, flags)
 
 
 async def asend(sock: socket.socket, message, fds=()) -> None:

@@ -11,6 +11,36 @@ from pathlib import Path
 
 HELP = {
     "meshrt_live_sessions": ("gauge", "Sessions with a live worker on this node."),
+    "meshrt_max_sessions": ("gauge", "Sessions this node takes at most (MESHRT_MAX_SESSIONS); /readyz is 503 at it."),
+    "meshrt_warm_workers": ("gauge", "Idle workers forked ahead (the warm pool) now."),
+    "meshrt_warm_workers_target": (
+        "gauge",
+        "The warm pool's size as sized from arrivals, set-up time and memory (MESHRT_WARM_WORKERS_MIN..MAX).",
+    ),
+    "meshrt_workers": ("gauge", "Workers whose memory is counted: idle ones and those running a session."),
+    "meshrt_workers_pss_bytes": (
+        "gauge",
+        "Proportional set size summed over the workers (pages shared with the zygote divided among their sharers).",
+    ),
+    "meshrt_warm_workers_pss_bytes": ("gauge", "Of meshrt_workers_pss_bytes, the idle workers'."),
+    "meshrt_workers_memory_read_seconds": (
+        "gauge",
+        "What the zygote's last reading of every worker's smaps_rollup took (every 5 s).",
+    ),
+    "meshrt_session_arrival_rate": ("gauge", "Sessions per second reaching the zygote, as the pool is sized for."),
+    "meshrt_warm_worker_setup_seconds": ("gauge", "A pool worker's fork and rehearsal, as measured (smoothed)."),
+    "meshrt_memory_available_bytes": (
+        "gauge",
+        "MemAvailable, or the room under the cgroup's memory.max if less; -1 unknown.",
+    ),
+    "meshrt_sessions_from_pool_total": (
+        "counter",
+        "Sessions handed to an idle pool worker (since the zygote started).",
+    ),
+    "meshrt_sessions_forked_total": (
+        "counter",
+        "Sessions that found the warm pool empty and waited for a fork (since the zygote started).",
+    ),
     "meshrt_sessions_started_total": ("counter", "Sessions handed to a worker."),
     "meshrt_sessions_ended_total": ("counter", "Sessions finalised, by end reason."),
     "meshrt_handoffs_refused_total": ("counter", "Upgrades the supervisor refused, by error code."),
@@ -21,6 +51,10 @@ HELP = {
     ),
     "meshrt_usage_cost_usd_total": ("counter", "USD debited for usage (exact decimal)."),
     "meshrt_worker_crashes_total": ("counter", "Workers that exited without reporting their end."),
+    "meshrt_control_version_refused_total": (
+        "counter",
+        "Control messages of another protocol version refused (workers of another release re-attaching).",
+    ),
     "meshrt_nodes_reaped_total": ("counter", "Other nodes this one declared lost (their lease expired)."),
 }
 

@@ -158,7 +158,9 @@ class Settings:
     max_connections_per_peer: int = 64  # open connections the front door holds per peer address; 0: no cap
     upstream_connect_timeout_s: float = 10.0
     upstream_attempts: int = 3
-    warm_workers: int = 4
+    warm_workers: int | None = None  # set: a fixed pool of this many (0: fork per session); unset: sized
+    warm_workers_min: int = 2  # the sized pool's floor...
+    warm_workers_max: int = 32  # ...and ceiling (worker/pool.py)
     worker_backend: str = "uvloop"  # asyncio on uvloop; "asyncio" (plain) and "trio" also run
     worker_memory_mb: int = 512
     pricing_file: str = ""
@@ -181,6 +183,13 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    @property
+    def warm_pool_bounds(self) -> tuple[int, int]:
+        """(floor, ceiling) of the warm pool: MESHRT_WARM_WORKERS fixes both."""
+        if self.warm_workers is not None:
+            return self.warm_workers, self.warm_workers
+        return self.warm_workers_min, self.warm_workers_max
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -209,6 +218,8 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _positive_float),
     "MESHRT_UPSTREAM_ATTEMPTS": ("upstream_attempts", _positive_int),
     "MESHRT_WARM_WORKERS": ("warm_workers", _non_negative_int),
+    "MESHRT_WARM_WORKERS_MIN": ("warm_workers_min", _non_negative_int),
+    "MESHRT_WARM_WORKERS_MAX": ("warm_workers_max", _non_negative_int),
     "MESHRT_WORKER_BACKEND": ("worker_backend", _choice("asyncio", "uvloop", "trio")),
     "MESHRT_WORKER_MEMORY_MB": ("worker_memory_mb", _positive_int),
     "MESHRT_PRICING_FILE": ("pricing_file", _text),
@@ -236,6 +247,12 @@ def load_settings(environ: dict[str, str] | None = None, **overrides) -> Setting
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "drain_s" not in values:  # a drain as long as the longest session: none is cut short
         values["drain_s"] = values.get("max_session_s", Settings.max_session_s)
+    low, high = (
+        values.get("warm_workers_min", Settings.warm_workers_min),
+        values.get("warm_workers_max", Settings.warm_workers_max),
+    )
+    if low > high:
+        raise SettingsError(f"MESHRT_WARM_WORKERS_MIN: {low} is above MESHRT_WARM_WORKERS_MAX ({high})")
     if values.get("pricing_file") and not Path(values["pricing_file"]).is_file():
         raise SettingsError(f"MESHRT_PRICING_FILE: no such file {values['pricing_file']!r}")
     return Settings(**values)
@@ -276,6 +293,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     out = {}
     for variable, (name, _parse) in _ENV.items():
         value = getattr(settings, name)
+        if value is None:  # unset (MESHRT_WARM_WORKERS): stays unset
+            continue
         if name == "forwarded_allow_ips":
             value = ",".join(str(n) for n in value)
         elif isinstance(value, bool):

@@ -41,6 +41,7 @@ from meshrt.shared.control import HungUp
 from meshrt.shared.control import Ping
 from meshrt.shared.control import PlaceCall
 from meshrt.shared.control import Pong
+from meshrt.shared.control import PoolStatus
 from meshrt.shared.control import Reattach
 from meshrt.shared.control import Reserve
 from meshrt.shared.control import Reserved
@@ -48,6 +49,7 @@ from meshrt.shared.control import Spawn
 from meshrt.shared.control import Spawned
 from meshrt.shared.control import StopSession
 from meshrt.shared.control import UsageIncrement
+from meshrt.shared.control import VersionRefused
 from meshrt.shared.control import WorkerConfig
 from meshrt.shared.control import WorkerEnded
 from meshrt.shared.control import WorkerExited
@@ -125,6 +127,7 @@ class Supervisor:
         self.zygote: processes.Child | None = None
         self.zygote_channel: socket.socket | None = None
         self.zygote_ready = False
+        self.pool: PoolStatus | None = None  # the zygote's last word on its pool and its workers' memory
         # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
@@ -163,6 +166,7 @@ class Supervisor:
     async def _start_zygote(self) -> None:
         self.zygote, self.zygote_channel = await processes.start_zygote(self.settings)
         self.zygote_ready = False
+        self.pool = None
 
     async def _bind(self) -> tuple[socket.socket, socket.socket]:
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
@@ -266,6 +270,11 @@ class Supervisor:
         path = self.run_dir / "metrics.json"
         while True:
             self.metrics.gauges["meshrt_live_sessions"] = len(self.registry)
+            self.metrics.gauges["meshrt_max_sessions"] = self.settings.max_sessions
+            self.metrics.gauges.update(pool_gauges(self.pool))
+            if self.pool is not None:  # the zygote counts them; a restarted one starts again from 0
+                self.metrics.counters["meshrt_sessions_from_pool_total"][()] = self.pool.from_pool
+                self.metrics.counters["meshrt_sessions_forked_total"][()] = self.pool.forked
             self.metrics.publish(path)
             await anyio.sleep(METRICS_INTERVAL_S)
 
@@ -362,6 +371,8 @@ class Supervisor:
             else:
                 self.metrics.inc("meshrt_handoffs_refused_total", code=code)
             await control.asend(conn, HandoffAck(message.grant.session_id, code))
+        except control.VersionMismatch as mismatch:
+            self._refuse_version(conn, mismatch)
         except (EOFError, OSError, control.ControlError):
             log.exception("handoff failed")
         finally:
@@ -418,6 +429,30 @@ class Supervisor:
         fields = {"call_id": grant.call_id, "status": status, "why": why}
         log.info("call hung up", extra={"session_id": grant.session_id, "fields": fields})
 
+    def _refuse_version(self, conn: socket.socket, mismatch: control.VersionMismatch) -> None:
+        """A process of another release spoke on the control socket (a worker re-attaching after
+        an upgrade, most likely): refuse it in words every version reads, and say so."""
+        self.metrics.inc("meshrt_control_version_refused_total")
+        pid = control.peer_pid(conn)
+        what = "a worker's re-attach" if mismatch.kind == Reattach.kind else f"a {mismatch.kind!r} message"
+        log.error(
+            f"refused {what} of control protocol version {mismatch.version}: this supervisor speaks "
+            f"version {control.PROTOCOL_VERSION}"
+            + (
+                "; the worker ends its session as on supervisor loss (node_lost)" if mismatch.kind == "reattach" else ""
+            ),
+            extra={"pid": pid, "fields": {"kind": mismatch.kind, "version": mismatch.version}},
+        )
+        try:
+            control.send(conn, VersionRefused(control.PROTOCOL_VERSION, mismatch.version))
+            # what it sent after (a re-attaching worker re-sends its Reserve at once) is read and
+            # dropped: a unix socket closed with unread data resets its peer, and the reset would
+            # reach the worker before the refusal does
+            while conn.recv(control.MAX_MESSAGE):
+                pass
+        except OSError:  # BlockingIOError: nothing more
+            pass
+
     @staticmethod
     def _long_gone(exited_at: float) -> bool:
         return time.monotonic() - exited_at > ORPHAN_GRACE_S
@@ -441,6 +476,8 @@ class Supervisor:
             problems.append(self.state.value)
         if not self.zygote_ready:
             problems.append("zygote not ready")
+        if len(self.registry) >= self.settings.max_sessions:  # a load balancer sends the next one elsewhere
+            problems.append(f"at capacity ({len(self.registry)} of {self.settings.max_sessions} sessions)")
         if not self.lease.valid:
             problems.append("node lease not renewed (database unreachable?)")
         failed, succeeded = self.writer.last_failure, self.writer.last_success
@@ -514,6 +551,8 @@ class Supervisor:
                 os.close(fd)
             if isinstance(message, ZygoteReady):
                 self.zygote_ready = True
+            elif isinstance(message, PoolStatus):
+                self.pool = message
             elif isinstance(message, Spawned):
                 self.registry.set_pid(message.session_id, message.pid)
             elif isinstance(message, WorkerExited):
@@ -951,6 +990,26 @@ class Supervisor:
         await self.zygote.exited()
         self.settings.control_socket.unlink(missing_ok=True)
         self.tg.cancel_scope.cancel()
+
+
+def pool_gauges(status: PoolStatus | None) -> dict[str, float]:
+    """/metrics' view of the zygote's PoolStatus (zeros until its first, or after it restarted)."""
+    if status is None:
+        return {name: 0 for name in POOL_GAUGES.values()}
+    return {name: getattr(status, field) for field, name in POOL_GAUGES.items()}
+
+
+POOL_GAUGES = {
+    "idle": "meshrt_warm_workers",
+    "target": "meshrt_warm_workers_target",
+    "workers": "meshrt_workers",
+    "pss_bytes": "meshrt_workers_pss_bytes",
+    "idle_pss_bytes": "meshrt_warm_workers_pss_bytes",
+    "arrival_rate": "meshrt_session_arrival_rate",
+    "setup_s": "meshrt_warm_worker_setup_seconds",
+    "mem_available": "meshrt_memory_available_bytes",
+    "read_s": "meshrt_workers_memory_read_seconds",
+}
 
 
 def reattach_refusal(row, message: Reattach, pid: int, node: str) -> str | None:

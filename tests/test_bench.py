@@ -98,6 +98,11 @@ def test_quick_bench_json_has_every_section(tmp_path):
     throughput = doc["throughput"]
     assert throughput["direct_mb_s"] > 0 and throughput["gateway_mb_s"] > 0
 
+    pool = doc["pool"]
+    assert [p["rate_per_s"] for p in pool["phases"]] == [1.0, 10.0, 1.0]
+    assert sum(p["sessions"] for p in pool["phases"]) > 0 and not any(p["failed"] for p in pool["phases"])
+    assert pool["timeline"] and max(s["idle"] for s in pool["timeline"]) >= 2  # the sized pool's floor
+
     assert set(doc["targets"]) == {
         "rtt_small_added_p50_us",
         "rtt_small_added_p99_us",

@@ -35,6 +35,7 @@ from meshrt.shared.control import Reserve
 from meshrt.shared.control import Reserved
 from meshrt.shared.control import StopSession
 from meshrt.shared.control import UsageIncrement
+from meshrt.shared.control import VersionRefused
 from meshrt.shared.control import WorkerConfig
 from meshrt.shared.control import WorkerEnded
 from meshrt.shared.control import WorkerLive
@@ -107,6 +108,7 @@ class WorkerSession:
         self._last_activity = time.monotonic()
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
         self.sandbox: list[str] = []  # the seccomp layer, once loaded
+        self._refused_version = False  # the supervisor speaks another control protocol: none to report to
 
     # --- entry --------------------------------------------------------------------------
 
@@ -409,11 +411,24 @@ class WorkerSession:
             try:
                 message, fds = await control.arecv(self.channel)
             except (EOFError, OSError, control.ControlError):
+                if self._refused_version:
+                    return
                 self.log.warning("supervisor channel lost; re-attaching")
                 await self._reattach(fence_after_s=self.config.orphan_limit_s)
                 continue
             for fd in fds:
                 os.close(fd)
+            if isinstance(message, VersionRefused):
+                # a supervisor of another release: it cannot adopt this session, and no other
+                # will come; end it as on supervisor loss (the spool keeps its usage and end)
+                self.log.error(
+                    f"re-attach refused: the supervisor speaks control protocol version {message.speaks}, "
+                    f"this worker {control.PROTOCOL_VERSION}; ending the session",
+                    fields={"supervisor_version": message.speaks, "worker_version": control.PROTOCOL_VERSION},
+                )
+                self._refused_version = True
+                self._end("node_lost")
+                return
             if isinstance(message, StopSession):
                 self.log.info("stop requested", fields={"code": message.code})
                 self._end(message.code)
@@ -465,6 +480,8 @@ class WorkerSession:
         try:
             control.send(self.channel, message)
         except OSError:
+            if self._refused_version:
+                return  # no supervisor of this version to tell; the spool has the end
             with anyio.move_on_after(REPORT_END_WAIT_S):
                 await self._reattach()
                 control.send(self.channel, message)

@@ -4,8 +4,11 @@ It is started by the supervisor with a scrubbed environment before any database 
 secret exists, and pre-imports everything a worker needs, so a fork costs ~ms and the child
 inherits no tenant data. Protocol on its channel (SOCK_SEQPACKET): Spawn in (fds: client
 socket, worker channel, spool file) → Spawned out; every reaped child → WorkerExited out.
-With `--warm N` it keeps N idle workers forked ahead, each waiting on its own socket for a Spawn
+It keeps idle workers forked ahead (`--warm-min` to `--warm-max`, sized by worker/pool.py from
+the measured arrival rate, set-up time and memory), each waiting on its own socket for a Spawn
 after rehearsing the set-up path (warmup.rehearse), so that its first page faults are paid early.
+Every worker sends it an fd of its own smaps_rollup (WorkerMemory): the zygote reads their PSS
+and reports the pool and that memory to the supervisor (PoolStatus) once a second.
 
 Post-fork checklist in the child: default signal handlers, SIGINT ignored (the supervisor
 decides when sessions end), the zygote's channel closed, resource limits applied; the child
@@ -25,6 +28,7 @@ import time
 
 from meshrt.shared import control
 from meshrt.shared import sandbox
+from meshrt.worker import pool
 from meshrt.worker import warmup
 
 log = logging.getLogger("meshrt.zygote")
@@ -57,6 +61,49 @@ REFILL_DELAY_S = 0.02
 
 WORKER_MAX_FDS = 64  # a session needs ~10: client, upstream, channel, spool, event loop, pipes
 
+STATUS_INTERVAL_S = 1.0  # PoolStatus to the supervisor, and the pool's size decided again
+MEMORY_INTERVAL_S = 5.0  # every worker's smaps_rollup read (~0.6 ms each), or less often (MEMORY_CPU_SHARE)
+MEMORY_BATCH = 8  # workers read at a time (~4 ms), then the zygote serves what waits
+MEMORY_BATCH_GAP_S = 0.002
+MEMORY_CPU_SHARE = 0.02  # of a core, at most, spent reading workers' memory
+RETIRE_INTERVAL_S = 1.0  # at most one idle worker above the target retired per this
+INITIAL_SETUP_S = 0.05  # a pool worker's fork and rehearsal until one is measured
+INITIAL_IDLE_COST = 6 * 1024 * 1024  # an idle worker's private memory until one is measured
+
+
+def _report_memory(sock: socket.socket) -> None:
+    """In a new worker: send the zygote an fd of our own smaps_rollup (only we may open it)."""
+    try:
+        fd = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # not Linux, or no /proc: the pool is sized without memory
+    try:
+        control.send(sock, control.WorkerMemory(os.getpid(), time.monotonic()), [fd])
+    except OSError:
+        pass  # the zygote retired us, or is gone
+    finally:
+        os.close(fd)
+
+
+def _memory_available() -> int | None:
+    """MemAvailable, or less: the room left under this cgroup's memory.max (a container's limit)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            available = pool.mem_available_bytes(f.read())
+    except OSError:
+        available = None
+    try:
+        with open("/sys/fs/cgroup/memory.max", "rb") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", "rb") as f:
+            used = int(f.read())
+        if limit != b"max":
+            room = max(0, int(limit) - used)
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
+
 
 def _limit_resources(memory_mb: int) -> None:
     """One runaway session must not starve the node of memory or file descriptors."""
@@ -85,13 +132,28 @@ class Zygote:
     """Forks workers, keeping `warm` idle ones forked ahead: a session then starts in a process
     that already exists (its fork and first page faults paid off the set-up path)."""
 
-    def __init__(self, channel: socket.socket, warm: int):
+    def __init__(self, channel: socket.socket, floor: int, ceiling: int):
         self.channel = channel
-        self.warm = warm
+        self.floor, self.ceiling = floor, max(floor, ceiling)
+        self.warm = floor  # the pool's size now: pool.pool_target's, decided once a second
         self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
         self.last_spawn = 0.0  # monotonic time of the last session handed out
         self.backend = "uvloop"  # the event loop pool workers rehearse: the last session's (default: settings')
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.arrivals = pool.ArrivalRate()
+        self.setup = pool.RecentMedian(INITIAL_SETUP_S)  # a pool worker's fork to rehearsed, seconds
+        self.idle_cost = pool.Smoothed(INITIAL_IDLE_COST)  # an idle worker's private bytes
+        self.mem_available: int | None = None
+        self.rehearsing: dict[int, float] = {}  # pid -> when it was forked, until it reports
+        self.reporting: dict[int, socket.socket] = {}  # pid -> the socket its WorkerMemory comes on
+        self.smaps: dict[int, int] = {}  # pid -> an fd of its smaps_rollup
+        self.pss: dict[int, int] = {}  # pid -> its PSS, last read
+        self.read_s = 0.0
+        self.memory_round: list[int] = []  # workers still to read in this round
+        self.round_private: list[int] = []
+        self.round_read_s = 0.0
+        self.from_pool = self.forked = 0  # sessions handed to an idle worker / forked on the spot
+        self.next_status = self.next_memory = self.last_retire = 0.0
 
     def _post_fork(self) -> None:
         """In a new child: default signals, and none of the zygote's descriptors."""
@@ -104,9 +166,14 @@ class Zygote:
         os.close(self.wakeup_w)
         for sock in self.idle.values():
             sock.close()
+        for sock in self.reporting.values():
+            sock.close()
+        for fd in self.smaps.values():  # else they hold fd numbers past the worker's RLIMIT_NOFILE
+            os.close(fd)
 
     def _fork_idle(self, rehearse: bool) -> None:
         ours, theirs = control.seqpacket_pair()
+        forked_at = time.monotonic()
         pid = os.fork()
         if pid == 0:
             ours.close()
@@ -120,6 +187,7 @@ class Zygote:
                 sandbox.prepare_worker()
             except Exception as exc:  # noqa: BLE001 - built again when its session needs it
                 log.warning("pool worker filter not built", extra={"fields": {"error": repr(exc)}})
+            _report_memory(theirs)  # before any Spawn is read: the zygote may wait for it
             try:
                 spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
@@ -128,13 +196,152 @@ class Zygote:
             _run_session(spawn, fds)
         theirs.close()
         self.idle[pid] = ours
+        self.reporting[pid] = ours
+        if rehearse:
+            self.rehearsing[pid] = forked_at
 
     def _fork_session(self, spawn, fds: list[int]) -> int:
+        ours, theirs = control.seqpacket_pair()
         pid = os.fork()
         if pid == 0:
+            ours.close()
             self._post_fork()
+            _report_memory(theirs)
+            theirs.close()
             _run_session(spawn, fds)
+        theirs.close()
+        self.reporting[pid] = ours
         return pid
+
+    # --- workers' memory and the pool's size ---------------------------------------------------
+
+    def _collect(self, pid: int) -> None:
+        """Take the WorkerMemory a worker sent, if it has come; the socket it came on is closed
+        unless it is an idle worker's (its Spawn goes there)."""
+        sock = self.reporting.get(pid)
+        if sock is None:
+            return
+        try:
+            received = control.recv_nowait(sock)
+        except (EOFError, OSError, control.ControlError):  # it died, or sent nonsense: not measured
+            received = (None, [])
+        if received is None:
+            return  # not yet
+        message, fds = received
+        del self.reporting[pid]
+        forked_at = self.rehearsing.pop(pid, None)
+        if isinstance(message, control.WorkerMemory) and len(fds) == 1 and pid not in self.smaps:
+            self.smaps[pid] = fds.pop()
+            self._read_one(pid)  # counted at once, not at the next reading of all
+            if forked_at is not None:
+                self.setup.add(max(0.0, message.ready_at - forked_at))
+        for fd in fds:
+            os.close(fd)
+        if self.idle.get(pid) is not sock:
+            sock.close()
+
+    def _forget(self, pid: int) -> None:
+        """A child was reaped: its memory is no longer ours to count."""
+        sock = self.reporting.pop(pid, None)
+        if sock is not None and self.idle.get(pid) is not sock:
+            sock.close()
+        self.rehearsing.pop(pid, None)
+        self.pss.pop(pid, None)
+        fd = self.smaps.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _read_one(self, pid: int) -> int | None:
+        """Read one worker's smaps_rollup: its PSS is kept; its private bytes returned."""
+        try:
+            rollup = os.pread(self.smaps[pid], 4096, 0)
+        except OSError:
+            return None  # exiting: reaped soon
+        pss = pool.pss_bytes(rollup)
+        if pss is not None:
+            self.pss[pid] = pss
+        return pool.private_bytes(rollup)
+
+    def _read_memory(self) -> None:
+        """Read the next MEMORY_BATCH workers of this round (a read costs ~0.5 ms: the zygote
+        must not stop forking for the whole node's); the round's end updates the totals."""
+        if not self.memory_round:
+            for pid in list(self.reporting):
+                self._collect(pid)
+            self.memory_round = list(self.smaps)
+            self.round_private, self.round_read_s = [], 0.0
+        began = time.monotonic()
+        for _ in range(min(MEMORY_BATCH, len(self.memory_round))):
+            pid = self.memory_round.pop()
+            if pid in self.smaps and (own := self._read_one(pid)) is not None and pid in self.idle:
+                self.round_private.append(own)
+        self.round_read_s += time.monotonic() - began
+        if self.memory_round:
+            return
+        if self.round_private:
+            self.idle_cost.add(sum(self.round_private) / len(self.round_private))
+        self.read_s = self.round_read_s
+        # at most MEMORY_CPU_SHARE of a core: 1000 workers (~0.6 s a round) are read every 30 s
+        self.next_memory = time.monotonic() + max(MEMORY_INTERVAL_S, self.read_s / MEMORY_CPU_SHARE)
+
+    def _size(self, now: float, arriving: bool = False) -> None:
+        """The pool's size now. It grows only as sessions arrive, by one at most per arrival:
+        forking and rehearsing a dozen workers at once would take the CPU the sessions arriving
+        need (a bench run saw set-up p99 double); it shrinks once a second (_retire)."""
+        target = pool.pool_target(
+            self.arrivals.rate(now),
+            self.setup.value + REFILL_DELAY_S,
+            self.mem_available,
+            int(self.idle_cost.value),
+            self.floor,
+            self.ceiling,
+        )
+        if target > self.warm:
+            target = max(self.floor, min(target, self.warm + 1)) if arriving else max(self.floor, self.warm)
+        self.warm = target
+
+    def _retire(self, now: float) -> None:
+        """An idle worker above the target ends (its socket closes: it exits on the EOF)."""
+        if len(self.idle) > self.warm and now - self.last_retire >= RETIRE_INTERVAL_S:
+            pid = next(iter(self.idle))  # the oldest
+            sock = self.idle.pop(pid)
+            self.reporting.pop(pid, None)
+            self.rehearsing.pop(pid, None)
+            sock.close()
+            self.last_retire = now
+
+    def _status(self) -> control.PoolStatus:
+        now = time.monotonic()
+        return control.PoolStatus(
+            idle=len(self.idle),
+            target=self.warm,
+            workers=len(self.pss),
+            pss_bytes=sum(self.pss.values()),
+            idle_pss_bytes=sum(self.pss.get(pid, 0) for pid in self.idle),
+            arrival_rate=round(self.arrivals.rate(now), 3),
+            setup_s=round(self.setup.value, 4),
+            mem_available=-1 if self.mem_available is None else self.mem_available,
+            read_s=round(self.read_s, 4),
+            from_pool=self.from_pool,
+            forked=self.forked,
+        )
+
+    def _periodic(self, now: float) -> None:
+        if self.memory_round:
+            self._read_memory()
+        elif now >= self.next_memory:
+            self._read_memory()
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL_S
+            self.mem_available = _memory_available()  # two small files: every time
+            for pid in list(self.reporting):
+                self._collect(pid)
+            self._size(now)
+            self._retire(now)
+            try:
+                control.send(self.channel, self._status())
+            except OSError:
+                pass
 
     def _spawn(self, datagram: bytes, fds: list[int]) -> None:
         """Hand a Spawn to an idle worker as received, and only then decode it: re-encoding the
@@ -150,7 +357,8 @@ class Zygote:
             except OSError:
                 pass  # that idle worker died; try the next
             finally:
-                sock.close()
+                if self.reporting.get(candidate) is not sock:
+                    sock.close()  # else closed once its WorkerMemory is in (_collect)
         try:
             spawn = control.decode(datagram)
         except control.ControlError as exc:
@@ -160,7 +368,12 @@ class Zygote:
             self.backend = spawn.config.backend
             if pid is None:
                 pid = self._fork_session(spawn, fds)
+                self.forked += 1
+            else:
+                self.from_pool += 1
             self.last_spawn = time.monotonic()
+            self.arrivals.arrived(self.last_spawn)
+            self._size(self.last_spawn, arriving=True)  # a step up in arrivals grows the pool at once
         for fd in fds:
             os.close(fd)
         if isinstance(spawn, control.Spawn) and pid is not None:
@@ -174,6 +387,7 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            self._forget(pid)
             idle = self.idle.pop(pid, None)
             if idle is not None:
                 idle.close()
@@ -201,11 +415,15 @@ class Zygote:
         signal.signal(signal.SIGTERM, lambda *_: None)  # the supervisor closes our channel to stop us
         control.send(self.channel, control.ZygoteReady(os.getpid()))
         while True:
-            timeout = None
+            now = time.monotonic()
+            self._periodic(now)
+            timeout = max(0.0, min(self.next_status, self.next_memory) - now)
+            if self.memory_round:
+                timeout = MEMORY_BATCH_GAP_S  # spawns waiting are served between two batches
             while len(self.idle) < self.warm:
                 wait = self.last_spawn + REFILL_DELAY_S - time.monotonic()
                 if self.idle and wait > 0:  # an empty pool is refilled at once
-                    timeout = wait
+                    timeout = min(timeout, wait)
                     break
                 # a pool emptied by a burst is refilled with workers needed now: a rehearsal
                 # would only add its CPU to theirs (and delay the session waiting for it)
@@ -226,11 +444,23 @@ class Zygote:
             self._spawn(datagram, fds)
 
 
+def _raise_fd_limit() -> None:
+    """The zygote holds an fd per worker (its smaps_rollup): the soft limit (often 1024) up to
+    the hard one. Its workers set their own (WORKER_MAX_FDS)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshrt-zygote")
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--warm", type=int, default=0, help="idle workers kept forked ahead")
+    parser.add_argument("--warm-min", type=int, default=0, help="idle workers kept forked ahead, at least")
+    parser.add_argument("--warm-max", type=int, default=0, help="idle workers kept forked ahead, at most")
     parser.add_argument("--sandbox", choices=sandbox.MODES, default="on")
     args = parser.parse_args(argv)
     sandbox.harden_process(args.sandbox)  # non-dumpable: its children (workers) inherit it
@@ -240,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure("worker", args.log_level)
     _preimport()
-    return Zygote(channel, max(0, args.warm)).serve()
+    _raise_fd_limit()
+    return Zygote(channel, max(0, args.warm_min), max(0, args.warm_max)).serve()
 
 
 if __name__ == "__main__":
