@@ -98,7 +98,9 @@ def _admit_in_transaction(
             raise GatewayError("invalid_api_key")
         model = upgrade.model
         bound = (found.session_config or {}).get("model")
-        if upgrade.transcription:
+        if upgrade.translation:
+            model = _translation_model(prices, upgrade.model, found.session_config)
+        elif upgrade.transcription:
             model = _transcription_model(prices, found.session_config)
         elif bound is not None:  # an ephemeral key's model is the session's: the URL may only repeat it
             if model is not None and model != bound:
@@ -109,10 +111,14 @@ def _admit_in_transaction(
             model = bound
         if model is None:
             raise GatewayError("missing_model")
-        if not upgrade.transcription:
+        if not upgrade.transcription and not upgrade.translation:
             rates = prices.get(model)
             if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
                 raise GatewayError("model_not_found", model_detail(model))
+            if str(getattr(rates, "kind", "realtime")) == "translation":  # it opens translation sessions only
+                raise GatewayError(
+                    "model_not_found", f"{model!r} is a translation model: connect to /v1/realtime/translations."
+                )
         if found.balance_pico <= 0:
             raise GatewayError("insufficient_quota")
         limit = found.max_concurrent_sessions or settings.default_max_concurrent_sessions
@@ -182,6 +188,24 @@ def _transcription_model(prices, key_config: dict | None) -> str:
     if rates is None:
         raise GatewayError("model_not_found", "No transcription model is priced on this gateway.")
     return rates.model
+
+
+def _translation_model(prices, model: str | None, key_config: dict | None) -> str:
+    """A translation session's model: the URL's, which must be a listed translation model of the
+    price file. An ephemeral key's config is a conversation session's: such a key opens none."""
+    if key_config:
+        raise GatewayError(
+            "model_not_found",
+            "This ephemeral key is for a conversation session: /v1/realtime/translations needs an rsk_ key, "
+            "or an ephemeral key minted without a session.",
+        )
+    if model is None:
+        raise GatewayError("missing_model")
+    rates = prices.get(model)
+    if rates is None or str(getattr(rates, "kind", "")) != "translation" or not getattr(rates, "listed", True):
+        detail = f"{model_detail(model)} /v1/realtime/translations takes a translation model of GET /v1/models."
+        raise GatewayError("model_not_found", detail)
+    return model
 
 
 def _upstream_config(config: dict | None) -> dict | None:

@@ -74,6 +74,7 @@ class WorkerConfig:
     orphan_limit_s: float = 15.0  # the node's lease: how long a worker relays with no supervisor
     preauth: bool = True  # responses start only once their cost is reserved (docs/billing.md)
     response_output_cap: int = 4096  # the output tokens a response is reserved for at most
+    translation_bill_ahead_s: float = 1.0  # a translation session's audio billed ahead per increment
     sandbox: str = "off"  # off | on | require (shared/sandbox.py); the supervisor sets MESHRT_SANDBOX
 
 

@@ -138,6 +138,9 @@ class SessionRecord(SQLModel, table=True):
         default="realtime",
         sa_column=Column(String(16), nullable=False, default="realtime", server_default=text("'realtime'")),
     )
+    # Seconds of input audio billed by time (a translation session: docs/billing.md), a decimal
+    # string (exact, or rounded half up to 9 decimals); null for sessions billed by usage events.
+    audio_seconds: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
 
 
 class NodeState(str, enum.Enum):

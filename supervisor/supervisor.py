@@ -136,6 +136,7 @@ class Supervisor:
             # worker lost its supervisor, and no other node may free the slot of a session still running
             orphan_limit_s=settings.node_lease_s / 2,
             preauth=settings.preauth,
+            translation_bill_ahead_s=settings.translation_bill_ahead_s,
             response_output_cap=settings.max_response_output_tokens,
             sandbox=settings.sandbox,
         )

@@ -122,6 +122,9 @@ class WorkerSession:
                     await self._refuse(*self._handshake, GatewayError("internal_error"))
         finally:
             with anyio.CancelScope(shield=True):
+                settle = self.relay.settle_translation()
+                if settle is not None:  # audio billed ahead but never forwarded is billed back
+                    self._bill(settle)
                 end = self._spool_end()
                 await self._close_legs()  # the client is not held while a supervisor is awaited
                 await self._report_end(end)
@@ -133,7 +136,7 @@ class WorkerSession:
         self._handshake = protocol, request
         upgrade = parse_upgrade(request)
         self._client = Leg(self.client_sock)
-        url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model))
+        url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model), upgrade.translation)
         began = time.monotonic()
         try:
             upstream = await connect_upstream(
@@ -479,16 +482,21 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
     """Run one session to its end in this process; returns the exit code."""
     from .preauth import Purse
     from .session_meter import build_meter
+    from .translation import build_translation_meter
 
     forked_at = time.time()
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
     transcription_only = getattr(grant, "surface", "realtime") == "transcription"
+    translation = None
     purse = None
-    if config.preauth:
+    if getattr(grant, "surface", "realtime") == "translation":  # billed per audio sent: no responses to reserve
+        translation = build_translation_meter(meter.meter, config.translation_bill_ahead_s)
+    elif config.preauth:
         purse = Purse.for_rates(meter.meter.rates, config.response_output_cap, transcription_only)
     session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
+    session.relay.translation = translation
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:

@@ -1,0 +1,208 @@
+"""Translation sessions' metering without sockets (issue #18): the decoded length of appends told
+without a JSON parse, bill-before-forward in the relay, bill-ahead batching and the settle at
+the end, exact to the picodollar; the conversation path stays unparsed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from fractions import Fraction
+
+import pytest
+from test_relay import client_frame
+from test_relay import server_frame
+from websockets.frames import Opcode
+
+from meshrt.shared.increments import Increment
+from meshrt.shared.increments import IncrementKind
+from meshrt.shared.increments import UsageTotals
+from meshrt.shared.money import Money
+from meshrt.shared.pricing import ModelRates
+from meshrt.shared.pricing import load_price_table
+from meshrt.worker import translation as tr
+from meshrt.worker.meter import Meter
+from meshrt.worker.relay import Relay
+from meshrt.worker.relay import Target
+from meshrt.worker.session_meter import GrantPriceTable
+from meshrt.worker.session_meter import bill_again
+from meshrt.worker.translation import append_audio_bytes
+from meshrt.worker.translation import build_translation_meter
+
+RATE = Money.from_usd("0.034")  # gpt-realtime-translate, per minute
+
+
+def append(audio: bytes, kind: str = "session.input_audio_buffer.append", **extra) -> bytes:
+    return json.dumps({"type": kind, "audio": base64.b64encode(audio).decode(), **extra}).encode()
+
+
+def expected_cost(ticks: int) -> Money:
+    """rate × seconds / 60, rounded half up once, worked out independently of the meter."""
+    exact = Fraction(RATE.picodollars) * Fraction(ticks, 48_000) / 60
+    return Money(int(exact + Fraction(1, 2)))
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 5, 7, 4799, 9600, 10_001])
+@pytest.mark.parametrize("kind", ["session.input_audio_buffer.append", "input_audio_buffer.append"])
+def test_decoded_length_without_a_parse(size, kind):
+    audio = bytes(range(256)) * (size // 256 + 1)
+    assert append_audio_bytes(append(audio[:size], kind, event_id="e1")) == size
+
+
+def test_decoded_length_fallbacks():
+    audio = b"\xff\xfe\xfd" * 11 + b"\x01"
+    b64 = base64.b64encode(audio).decode()
+    escaped = b64.replace("/", "\\/")  # a JSON encoder that escapes slashes
+    assert "\\/" in escaped
+    assert append_audio_bytes(f'{{"type":"session.input_audio_buffer.append","audio":"{escaped}"}}'.encode()) == 34
+    spelled = '{"type":"session.input_audio_buffer\\u002eappend","audio":"%s"}' % b64
+    assert append_audio_bytes(spelled.encode()) == 34
+    # not appends
+    assert append_audio_bytes(b'{"type":"session.update","session":{"audio":{"input":{}}}}') is None
+    assert append_audio_bytes(b'{"type":"session.close"}') is None
+    assert append_audio_bytes(b'{"event_id":"audio","type":"session.close"}') is None
+    assert append_audio_bytes(b'not json input_audio_buffer.append"') is None
+
+
+def test_ticks_per_byte_from_session_configs():
+    assert tr.ticks_per_byte({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}}) == 1
+    assert tr.ticks_per_byte({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}) == 6
+    assert tr.ticks_per_byte({"audio": {"input": {"format": {"type": "audio/pcma"}}}}) == 6
+    assert tr.ticks_per_byte({"input_audio_format": "pcm16"}) == 1
+    assert tr.ticks_per_byte({"input_audio_format": "g711_ulaw"}) == 6
+    assert tr.ticks_per_byte({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}) == 6
+    assert tr.ticks_per_byte({"audio": {"input": {}}}) is None
+
+
+def translation_relay(bill_ahead_s: float = 1.0):
+    table = load_price_table()
+    rates = table.get("gpt-realtime-translate")
+    meter = Meter(rates, table)
+    relay = Relay("req_1", 10**9, 1 << 24, meter=None)
+    relay.translation = build_translation_meter(meter, bill_ahead_s)
+    return relay, meter
+
+
+def run_appends(relay, pieces: list[bytes], data: list[bytes] | None = None):
+    """Feed appends one read at a time; returns (increments, forwarded bytes, order ok)."""
+    increments, forwarded = [], b""
+    for piece in pieces:
+        frame = client_frame(Opcode.TEXT, append(piece))
+        actions = relay.from_client(frame)
+        targets = [t for t, _ in actions]
+        assert targets in ([Target.UPSTREAM], [Target.BILL, Target.UPSTREAM])
+        if targets[0] is Target.BILL:
+            increments.append(actions[0][1])
+            # never forwarded beyond what increments cover
+            assert relay.translation.covered >= relay.translation.forwarded
+        forwarded += b"".join(p for t, p in actions if t is Target.UPSTREAM)
+    return increments, forwarded
+
+
+def odd_pieces(audio: bytes) -> list[bytes]:
+    out, at, sizes = [], 0, (1, 4799, 333, 7, 10_001, 9600)
+    while at < len(audio):
+        out.append(audio[at : at + sizes[len(out) % len(sizes)]])
+        at += len(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("fmt,ticks_per_byte", [({"type": "audio/pcm", "rate": 24000}, 1), ({"type": "audio/pcmu"}, 6)])
+@pytest.mark.parametrize("odd", [False, True])
+def test_relay_bills_before_forwarding_and_settles_to_the_picodollar(fmt, ticks_per_byte, odd):
+    relay, _ = translation_relay()
+    created = json.dumps({"type": "session.created", "session": {"audio": {"input": {"format": fmt}}}}).encode()
+    relay.from_upstream(server_frame(Opcode.TEXT, created))
+    audio = bytes(i % 251 for i in range(7 * 9600 + 13))
+    pieces = odd_pieces(audio) if odd else [audio[i : i + 9600] for i in range(0, len(audio), 9600)]
+    increments, _ = run_appends(relay, pieces)
+    settle = relay.settle_translation()
+    assert settle is not None and settle.cost <= Money.ZERO
+    increments.append(settle)
+    ticks = len(audio) * ticks_per_byte
+    totals = UsageTotals.from_increments(increments)
+    assert totals.audio_ticks == ticks
+    assert totals.cost == expected_cost(ticks) == tr.audio_cost(RATE, ticks)
+    assert [i.seq for i in increments] == list(range(1, len(increments) + 1))
+    assert all(i.kind is IncrementKind.AUDIO for i in increments)
+    # batched: one increment per second of audio billed ahead, not one per append
+    assert len(increments) - 1 <= -(-ticks // 48_000)
+    if ticks_per_byte == 1:  # 200 ms appends: about one increment in five
+        assert len(increments) - 1 < len(pieces)
+    assert relay.settle_translation() is None  # settled once
+
+
+def test_supervisor_reprices_audio_increments_the_same():
+    relay, meter = translation_relay(bill_ahead_s=0.37)
+    increments, _ = run_appends(relay, odd_pieces(bytes(50_000)))
+    increments.append(relay.settle_translation())
+    rates = meter.rates
+    table = GrantPriceTable({"model": rates.snapshot(), "transcription": {}})
+    for increment in increments:
+        bill = bill_again(table, increment)
+        assert (bill.cost, bill.by_category, bill.unpriced) == (
+            increment.cost,
+            increment.by_category,
+            increment.unpriced,
+        )
+    # and from JSON, as the spool and the channel carry them
+    assert [Increment.from_json(i.to_json()) for i in increments] == increments
+
+
+def test_a_client_format_change_counts_at_the_denser_rate_until_upstream_answers():
+    relay, _ = translation_relay(bill_ahead_s=0.001)
+    update = {"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}}
+    relay.from_client(client_frame(Opcode.TEXT, json.dumps(update).encode()))
+    run_appends(relay, [bytes(800)])
+    assert relay.translation.forwarded == 800 * 6
+    answered = {"type": "session.updated", "session": {"audio": {"input": {"format": {"type": "audio/pcm"}}}}}
+    relay.from_upstream(server_frame(Opcode.TEXT, json.dumps(answered).encode()))  # upstream refused the change
+    run_appends(relay, [bytes(800)])
+    assert relay.translation.forwarded == 800 * 6 + 800
+
+
+def test_fragmented_appends_are_billed_as_all_audio_before_each_fragment():
+    relay, _ = translation_relay(bill_ahead_s=0.001)
+    body = append(bytes(4800))
+    first = relay.from_client(client_frame(Opcode.TEXT, body[:100], fin=False))
+    rest = relay.from_client(client_frame(Opcode.CONT, body[100:], fin=True))
+    assert [t for t, _ in first] == [Target.BILL, Target.UPSTREAM]
+    assert [t for t, _ in rest] == [Target.BILL, Target.UPSTREAM]
+    assert relay.translation.forwarded >= 4800
+
+
+def test_conversation_sessions_relay_client_frames_unparsed(monkeypatch):
+    """The conversation path is unchanged: no translation meter, client frames forwarded as the
+    same bytes in one action, and nothing reads their payload."""
+
+    def refuse(*args):
+        raise AssertionError("a conversation session's client frame was parsed")
+
+    monkeypatch.setattr("meshrt.worker.relay.wsf.payload", refuse)
+    monkeypatch.setattr(tr, "append_audio_bytes", refuse)
+    relay = Relay("req_1", 10**9, 1 << 24)
+    assert relay.translation is None
+    frames = b"".join(client_frame(Opcode.TEXT, append(bytes(n), "input_audio_buffer.append")) for n in (9600, 7))
+    assert relay.from_client(frames) == [(Target.UPSTREAM, frames)]
+
+
+def test_shipped_translation_rate_and_models_json():
+    table = load_price_table()
+    rates = table.translation("gpt-realtime-translate")
+    assert rates is not None and rates.per_minute == RATE and rates.realtime
+    assert rates.pricing_json() == {
+        "currency": "usd",
+        "unit": "per_minute",
+        "per_minute": "0.034",
+        "audio_per_minute": "0.034",
+    }
+    assert ModelRates.from_snapshot(rates.snapshot()) == rates
+    assert table.translation("gpt-realtime") is None and table.transcription("gpt-realtime-translate") is None
+
+
+def test_record_audio_seconds_text():
+    totals = UsageTotals()
+    assert totals.audio_seconds is None
+    totals.audio_ticks = 48_000 * 3 + 24_000
+    assert totals.audio_seconds == "3.5"
+    totals.audio_ticks = 1
+    assert totals.audio_seconds == "0.000020833"
