@@ -206,3 +206,29 @@ def test_record_audio_seconds_text():
     assert totals.audio_seconds == "3.5"
     totals.audio_ticks = 1
     assert totals.audio_seconds == "0.000020833"
+
+
+def test_simulator_answers_each_200ms_of_translation_input_and_reports_no_usage():
+    from meshrt.simulator.session import SimSession
+
+    sim = SimSession("gpt-realtime-translate", kind="translation")
+    assert sim.created_event()["session"]["type"] == "translation"
+    out = sim.handle(append(bytes(9600 * 2 + 4799)).decode())
+    assert [e["type"] for e in out] == ["session.output_transcript.delta", "session.output_audio.delta"] * 2
+    assert [e["elapsed_ms"] for e in out] == [0, 0, 200, 200]
+    assert len(base64.b64decode(out[1]["delta"])) == 9600
+    out = sim.handle(append(bytes(4801)).decode())  # completes the third frame
+    assert [e["type"] for e in out] == ["session.output_transcript.delta", "session.output_audio.delta"]
+    update = {"audio": {"input": {"format": {"type": "audio/pcmu"}, "transcription": {"model": "gpt-4o-transcribe"}}}}
+    assert sim.handle(json.dumps({"type": "session.update", "session": update}))[0]["type"] == "session.updated"
+    out = sim.handle(append(bytes(1600)).decode())  # 200 ms of G.711
+    assert [e["type"] for e in out] == [
+        "session.input_transcript.delta",
+        "session.output_transcript.delta",
+        "session.output_audio.delta",
+    ]
+    assert sim.translated_bytes == 9600 * 3 + 1600
+    assert sim.handle(json.dumps({"type": "response.create"}))[0]["error"]["code"] == "invalid_value"
+    assert sim.handle(json.dumps({"type": "session.close"}))[0]["type"] == "session.closed"
+    every = [e["type"] for e in out]
+    assert not any("usage" in t or t == "response.done" for t in every)
