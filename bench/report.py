@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .translation import render_translation
+
 TARGETS = {
     "rtt_small_added_p50_us": 40,
     "rtt_small_added_p99_us": 120,
@@ -155,6 +157,7 @@ def render(doc: dict) -> str:
         ("memory", _render_memory),
         ("capacity", _render_capacity),
         ("throughput", _render_throughput),
+        ("translation", render_translation),
     ):
         if key in doc:
             lines += [""] + part(doc[key])

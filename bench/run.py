@@ -31,6 +31,7 @@ from .rtt import measure_rtt
 from .setup_time import measure_setup
 from .stack import Stack
 from .throughput import measure_throughput
+from .translation import measure_translation
 
 
 @contextmanager
@@ -84,6 +85,7 @@ def run_bench(settings, args) -> int:
                 "memory": lambda: measure_memory(stack, plan),
                 "throughput": lambda: measure_throughput(stack, plan),
                 "capacity": lambda: measure_capacity(stack, plan, profiler),
+                "translation": lambda: measure_translation(plan),
             }
             for name in selected_measurements(measurements):
                 doc[name] = measurements[name]()

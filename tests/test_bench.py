@@ -98,6 +98,10 @@ def test_quick_bench_json_has_every_section(tmp_path):
     throughput = doc["throughput"]
     assert throughput["direct_mb_s"] > 0 and throughput["gateway_mb_s"] > 0
 
+    translation = doc["translation"]  # metering translation appends, per 200 ms chunk (no sockets)
+    assert translation["unparsed_relay_us_per_chunk"] > 0 and translation["translation_relay_us_per_chunk"] > 0
+    assert 0.1 < translation["increments_per_chunk"] < 0.25  # billed ahead: one increment per 1.2 s of audio
+
     assert set(doc["targets"]) == {
         "rtt_small_added_p50_us",
         "rtt_small_added_p99_us",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-from fractions import Fraction
 from typing import Any
 
 from meshrt.shared.increments import AUDIO_TICKS_PER_SECOND
@@ -122,9 +121,9 @@ def _parsed_audio_bytes(payload: bytes) -> int | None:
 def audio_cost(per_minute: Money, ticks: int) -> Money:
     """The cost of `ticks` of audio from the session's start: rate × ticks / (60 × 48 000),
     rounded half up (away from zero) to the picodollar."""
-    exact = Fraction(per_minute.picodollars * ticks, 60 * TICKS_PER_SECOND)
-    rounded = int(abs(exact) + Fraction(1, 2))
-    return Money(rounded if exact >= 0 else -rounded)
+    numerator, denominator = per_minute.picodollars * ticks, 60 * TICKS_PER_SECOND
+    rounded = (2 * abs(numerator) + denominator) // (2 * denominator)  # ⌊|n|/d + ½⌋, in integers
+    return Money(rounded if numerator >= 0 else -rounded)
 
 
 def bill_audio(per_minute: Money | None, usage: dict[str, Any]) -> Bill:
