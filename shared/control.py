@@ -75,6 +75,7 @@ class WorkerConfig:
     preauth: bool = True  # responses start only once their cost is reserved (docs/billing.md)
     response_output_cap: int = 4096  # the output tokens a response is reserved for at most
     translation_bill_ahead_s: float = 1.0  # a translation session's audio billed ahead per increment
+    translation_billing: str = "audio"  # audio | wall_clock (MESHRT_TRANSLATION_BILLING)
     sandbox: str = "off"  # off | on | require (shared/sandbox.py); the supervisor sets MESHRT_SANDBOX
 
 

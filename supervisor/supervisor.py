@@ -137,6 +137,7 @@ class Supervisor:
             orphan_limit_s=settings.node_lease_s / 2,
             preauth=settings.preauth,
             translation_bill_ahead_s=settings.translation_bill_ahead_s,
+            translation_billing=settings.translation_billing,
             response_output_cap=settings.max_response_output_tokens,
             sandbox=settings.sandbox,
         )

@@ -307,3 +307,32 @@ def test_an_older_database_gets_the_audio_seconds_column(engine, make_tenant):
     with engine.connect() as db:
         row = db.execute(text("SELECT audio_seconds, surface FROM realtime_session WHERE id = 'sess_old_tr'")).one()
     assert tuple(row) == (None, "realtime")
+
+
+def test_wall_clock_billing_is_a_setting(gateway_factory, worker_backend, make_tenant, engine, sim):
+    """MESHRT_TRANSLATION_BILLING=wall_clock bills the session's time since its 101 (when more
+    than the audio sent), by the same rounding: 0.4 s of audio in a session held open 2 s."""
+    gw = gateway_factory(MESHRT_TRANSLATION_BILLING="wall_clock", MESHRT_WORKER_BACKEND=worker_backend)
+    tenant = make_tenant()
+    tag = secrets.token_hex(6)
+    start = balance(engine, tenant.account_id)
+
+    async def go():
+        began = time.monotonic()
+        async with connect_ws(gw.ws_url + "/translations", key=tenant.key, model=MODEL, query=f"tag={tag}") as ws:
+            await recv_json(ws)
+            for piece in pieces(PCM_200MS * 2, False, PCM_200MS):
+                await ws.send(append_event(piece))
+            await asyncio.sleep(2.0)
+            request_id = ws.response.headers["x-request-id"]
+        return time.monotonic() - began, request_id
+
+    wall, request_id = run(go())
+    _, audio_ticks, _ = expected_from_log(sim_received(sim, tag))
+    row = ended_record(engine, request_id)
+    ticks = round(Fraction(row.audio_seconds) * 48_000)  # 9 decimals: far finer than a tick
+    assert seconds_text(ticks) == row.audio_seconds
+    assert audio_ticks == PCM_200MS * 2 and 2.0 * 48_000 <= ticks <= wall * 48_000
+    assert row.cost_pico == int(Fraction(RATE_PD_PER_MIN * ticks, 60 * 48_000) + Fraction(1, 2))
+    assert start - balance(engine, tenant.account_id) == Money(row.cost_pico)
+    print(f"\nwall_clock: 0.4 s of audio, session {wall:.3f} s at the client, billed {row.audio_seconds} s")

@@ -73,12 +73,12 @@ def test_ticks_per_byte_from_session_configs():
     assert tr.ticks_per_byte({"audio": {"input": {}}}) is None
 
 
-def translation_relay(bill_ahead_s: float = 1.0):
+def translation_relay(bill_ahead_s: float = 1.0, billing: str = "audio"):
     table = load_price_table()
     rates = table.get("gpt-realtime-translate")
     meter = Meter(rates, table)
     relay = Relay("req_1", 10**9, 1 << 24, meter=None)
-    relay.translation = build_translation_meter(meter, bill_ahead_s)
+    relay.translation = build_translation_meter(meter, bill_ahead_s, billing)
     return relay, meter
 
 
@@ -232,3 +232,27 @@ def test_simulator_answers_each_200ms_of_translation_input_and_reports_no_usage(
     assert sim.handle(json.dumps({"type": "session.close"}))[0]["type"] == "session.closed"
     every = [e["type"] for e in out]
     assert not any("usage" in t or t == "response.done" for t in every)
+
+
+def test_wall_clock_billing_bills_the_sessions_time_ahead_and_settles_at_the_end():
+    """MESHRT_TRANSLATION_BILLING=wall_clock: the time since the session went live is billed
+    ahead (the shell calls once per interval), audio beyond it as in `audio` mode, and the end
+    settles to max(audio, time)."""
+    relay, _ = translation_relay(billing="wall_clock")
+    assert relay.translation_clock(0.0)[0][0] is Target.BILL  # at go-live: two intervals ahead
+    assert relay.translation.covered == 2 * 48_000
+    assert relay.translation_clock(0.5) == []  # still a full interval ahead
+    increments = []
+    for second in (1.0, 2.0, 3.0):
+        for target, increment in relay.translation_clock(second):
+            increments.append(increment)
+        assert relay.translation.covered >= relay.translation.clock + 48_000
+    increments, _ = run_appends(relay, [bytes(9600)] * 3)  # 0.6 s of audio: inside the time billed
+    assert increments == []
+    relay.translation.clock_to(3.25, bill=False)  # the session ended at 3.25 s
+    settle = relay.settle_translation()
+    assert relay.translation.covered == 3 * 48_000 + 12_000
+    assert settle.cost < Money.ZERO
+    # audio mode ignores the clock
+    audio_only, _ = translation_relay()
+    assert audio_only.translation_clock(5.0) == [] and audio_only.settle_translation() is None

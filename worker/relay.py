@@ -252,6 +252,14 @@ class Relay:
             self._translation_fragment = False
         return self.translation.fragment(frame.end - frame.payload_start)
 
+    def translation_clock(self, seconds: float) -> list[Action]:
+        """(MESHRT_TRANSLATION_BILLING=wall_clock) The session has been live `seconds`: the
+        increment billing its time ahead, if one is due."""
+        if self.translation is None or self.phase is not Phase.OPEN:
+            return []
+        increment = self.translation.clock_to(seconds)
+        return [(Target.BILL, increment)] if increment is not None else []
+
     def settle_translation(self):
         """At the session's end: the increment that bills back audio covered but not forwarded."""
         return self.translation.settle() if self.translation is not None else None

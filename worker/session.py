@@ -105,6 +105,8 @@ class WorkerSession:
         self._channel_ready = anyio.Event()
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
+        self._live_at: float | None = None  # the client's 101 was sent (a translation's wall clock)
+        self._closed_at: float | None = None  # the relay left Phase.OPEN
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
         self.sandbox: list[str] = []  # the seccomp layer, once loaded
 
@@ -122,6 +124,9 @@ class WorkerSession:
                     await self._refuse(*self._handshake, GatewayError("internal_error"))
         finally:
             with anyio.CancelScope(shield=True):
+                translation = self.relay.translation
+                if translation is not None and self._live_at is not None:  # wall_clock: the session's time
+                    translation.clock_to((self._closed_at or time.monotonic()) - self._live_at, bill=False)
                 settle = self.relay.settle_translation()
                 if settle is not None:  # audio billed ahead but never forwarded is billed back
                     self._bill(settle)
@@ -165,6 +170,7 @@ class WorkerSession:
             self.relay.settle_outcome("client_closed", None)
             return
         self.upgraded = True
+        self._live_at = time.monotonic()
         try:
             await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
         except OSError:  # the supervisor died just now: relay on; the channel watcher re-attaches
@@ -180,6 +186,8 @@ class WorkerSession:
             tg.start_soon(self._flush_channel_backlog)
             if self.relay.purse is not None:
                 tg.start_soon(self._watch_reservations)
+            if self.relay.translation is not None and self.relay.translation.by_clock:
+                tg.start_soon(self._bill_clock)
             if isinstance(self._upstream, TransportLeg):
                 await self._relay_on_transports(upstream.leftover)
             else:
@@ -385,6 +393,7 @@ class WorkerSession:
     async def _watch_closing(self) -> None:
         """A closing session finishes within the usage drain plus the close handshake timeout."""
         await self._closing.wait()
+        self._closed_at = time.monotonic()
         if self.relay.draining:
             await anyio.sleep(self.config.drain_usage_s)
             self._execute(self.relay.drain_expired())
@@ -393,6 +402,14 @@ class WorkerSession:
 
     def _end(self, code: str) -> None:
         self._execute(self.relay.end(code))
+
+    async def _bill_clock(self) -> None:
+        """MESHRT_TRANSLATION_BILLING=wall_clock: the session's time is billed ahead once per
+        bill-ahead interval, before it is spent (docs/billing.md, Translation sessions)."""
+        interval = max(self.config.translation_bill_ahead_s, 0.05)
+        while self.relay.phase is Phase.OPEN:
+            self._execute(self.relay.translation_clock(time.monotonic() - self._live_at))
+            await anyio.sleep(interval)
 
     # --- clocks and channel -------------------------------------------------------------
 
@@ -492,7 +509,7 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
     translation = None
     purse = None
     if getattr(grant, "surface", "realtime") == "translation":  # billed per audio sent: no responses to reserve
-        translation = build_translation_meter(meter.meter, config.translation_bill_ahead_s)
+        translation = build_translation_meter(meter.meter, config.translation_bill_ahead_s, config.translation_billing)
     elif config.preauth:
         purse = Purse.for_rates(meter.meter.rates, config.response_output_cap, transcription_only)
     session = WorkerSession(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)

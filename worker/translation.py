@@ -12,6 +12,9 @@ upstream: when an append would pass what increments already cover, one increment
 `bill_ahead_ticks` more (MESHRT_TRANSLATION_BILL_AHEAD_S), so most appends are forwarded with
 no increment at all. When the session ends, `settle()` bills the difference between what was
 covered and what was forwarded (a negative increment), so the record is the audio forwarded.
+With MESHRT_TRANSLATION_BILLING=wall_clock the session's time since it went live is billed
+ahead the same way (the shell calls `clock_to` once per bill-ahead interval) when it is more
+than the audio sent.
 
 The one rounding: the cost of the cumulative ticks `t` is `round_half_up(rate × t / (60 ×
 TICKS_PER_SECOND))` picodollars, and an increment covering ticks `a` to `b` costs `C(b) − C(a)`:
@@ -140,11 +143,15 @@ class TranslationMeter:
     """One translation session's audio account: ticks forwarded and ticks covered by increments
     (seq numbers shared with the session's Meter, so a session's increments stay 1, 2, 3…)."""
 
-    def __init__(self, meter, model: str, per_minute: Money, bill_ahead_ticks: int):
+    def __init__(self, meter, model: str, per_minute: Money, bill_ahead_ticks: int, by_clock: bool = False):
         self.meter = meter  # worker.meter.Meter: numbers increments
         self.model = model
         self.per_minute = per_minute
         self.bill_ahead_ticks = max(0, bill_ahead_ticks)
+        # MESHRT_TRANSLATION_BILLING=wall_clock: bill the session's wall-clock time since it went
+        # live, or the audio sent when that is more (docs/billing.md, Translation sessions)
+        self.by_clock = by_clock
+        self.clock = 0  # ticks of wall-clock time since the session went live (by_clock)
         self.announced = PCM16_TICKS_PER_BYTE  # upstream's format (default: 24 kHz PCM16 mono)
         self.requested: int | None = None  # a client's session.update not yet answered
         self.ticks_per_byte = PCM16_TICKS_PER_BYTE
@@ -170,11 +177,27 @@ class TranslationMeter:
         base64 audio, the most it can hold (docs/billing.md)."""
         return self._forward(-(-n_payload_bytes * 3 // 4) * self.ticks_per_byte)
 
+    @property
+    def basis(self) -> int:
+        """What the session owes so far, in ticks: the audio forwarded, or (by_clock) its
+        wall-clock time when that is more."""
+        return max(self.forwarded, self.clock) if self.by_clock else self.forwarded
+
     def _forward(self, ticks: int) -> Increment | None:
         self.forwarded += ticks
-        if self.forwarded <= self.covered:
+        if self.basis <= self.covered:
             return None
-        return self._issue(self.forwarded + self.bill_ahead_ticks)
+        return self._issue(self.basis + self.bill_ahead_ticks)
+
+    def clock_to(self, seconds: float, bill: bool = True) -> Increment | None:
+        """(by_clock) The session has been live `seconds`: bill its time ahead before it is
+        spent, so increments cover the clock until the next call (one `bill_ahead` later)."""
+        if not self.by_clock:
+            return None
+        self.clock = max(self.clock, int(seconds * TICKS_PER_SECOND))
+        if not bill or self.covered >= self.clock + self.bill_ahead_ticks:
+            return None
+        return self._issue(max(self.basis, self.clock + 2 * self.bill_ahead_ticks))
 
     def _client_update(self, payload: bytes) -> None:
         """A client's session.update that sets the input format applies to the appends after
@@ -205,9 +228,9 @@ class TranslationMeter:
 
     def settle(self) -> Increment | None:
         """At the end: bill what was covered but not forwarded back (a negative increment)."""
-        if self.covered == self.forwarded:
+        if self.covered == self.basis:
             return None
-        return self._issue(self.forwarded)
+        return self._issue(self.basis)
 
     def _issue(self, to: int) -> Increment:
         usage = {"type": "audio", "ticks_from": self.covered, "ticks_to": to, "ticks_per_second": TICKS_PER_SECOND}
@@ -225,7 +248,9 @@ class TranslationMeter:
         )
 
 
-def build_translation_meter(meter, bill_ahead_s: float) -> TranslationMeter:
-    """The audio meter of a translation session whose Meter has its model's (per-minute) rates."""
+def build_translation_meter(meter, bill_ahead_s: float, billing: str = "audio") -> TranslationMeter:
+    """The audio meter of a translation session whose Meter has its model's (per-minute) rates;
+    `billing` is MESHRT_TRANSLATION_BILLING (`audio` or `wall_clock`)."""
     rates = meter.rates
-    return TranslationMeter(meter, rates.model, rates.per_minute, round(bill_ahead_s * TICKS_PER_SECOND))
+    ahead = round(bill_ahead_s * TICKS_PER_SECOND)
+    return TranslationMeter(meter, rates.model, rates.per_minute, ahead, by_clock=billing == "wall_clock")
