@@ -121,6 +121,7 @@ def check_record(gateway, engine, tenant, request_id: str, events: list[dict], s
     record = next(r for r in records["data"] if r["id"] == row.id)
     assert record["surface"] == "translation" and record["audio_seconds"] == seconds_text(ticks)
     assert record["cost"]["by_category"] == ({"translation_audio_input": Money(cost).usd_str()} if cost else {})
+    assert "differs from the grant's rates" not in gateway.log_text()  # the supervisor's price agreed
     return n_bytes, ticks, cost
 
 
@@ -274,6 +275,12 @@ def test_translation_admission(shared_gateway, tenant):
     ):
         error, _, _ = run(expect_refusal(full_url, key=tenant.key, model=model))
         assert error["error"]["code"] == code, (full_url, model, error)
+    minted = httpx.post(
+        f"{shared_gateway.http_url}/v1/realtime/client_secrets",
+        headers={"Authorization": f"Bearer {tenant.key}"},
+        json={"session": {"type": "realtime", "model": MODEL}},
+    )
+    assert minted.status_code == 400 and minted.json()["error"]["code"] == "invalid_parameter"
     served = models_served(shared_gateway, tenant.key)
     assert served[MODEL]["pricing"] == {
         "currency": "usd",
