@@ -576,7 +576,11 @@ class Supervisor:
         estimate = self._estimate(grant.account_id)
         if balance is not None:  # None: the database had it already (a replay)
             self.metrics.inc("meshrt_usage_increments_total")
-            self.metrics.inc("meshrt_usage_cost_picodollars_total", increment.cost.picodollars)
+            cost = increment.cost.picodollars
+            if cost >= 0:
+                self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
+            else:  # a translation session's settle: audio billed ahead and not sent (a counter never falls)
+                self.metrics.inc("meshrt_usage_credit_picodollars_total", -cost)
             estimate.observe_balance(balance, job)
         estimate.acknowledged((grant.session_id, increment.seq), job)
         self._check_quota_soon(grant.account_id, just_read=balance is not None)
