@@ -254,3 +254,23 @@ def test_wall_clock_billing_bills_the_sessions_time_ahead_and_settles_at_the_end
     # audio mode ignores the clock
     audio_only, _ = translation_relay()
     assert audio_only.translation_clock(5.0) == [] and audio_only.settle_translation() is None
+
+
+def test_the_rounding_example_of_billing_md():
+    """2.5 s of PCM16 (120 000 bytes) at $0.034/min: 1 416 666 666.67 pd → 1 416 666 667 pd."""
+    assert tr.audio_cost(RATE, 120_000) == Money(1_416_666_667)
+    assert tr.audio_cost(Money(1_440_000), 1) == Money(1)  # an exact half rounds up
+    assert tr.audio_cost(Money(1_439_999), 1) == Money(0)
+
+
+def test_translation_settings():
+    from meshrt.shared.settings import SettingsError
+    from meshrt.shared.settings import load_settings
+
+    defaults = load_settings({})
+    assert (defaults.translation_billing, defaults.translation_bill_ahead_s) == ("audio", 1.0)
+    chosen = load_settings({"MESHRT_TRANSLATION_BILLING": "wall_clock", "MESHRT_TRANSLATION_BILL_AHEAD_S": "0.5"})
+    assert (chosen.translation_billing, chosen.translation_bill_ahead_s) == ("wall_clock", 0.5)
+    for bad in ({"MESHRT_TRANSLATION_BILLING": "tokens"}, {"MESHRT_TRANSLATION_BILL_AHEAD_S": "0"}):
+        with pytest.raises(SettingsError):
+            load_settings(bad)
