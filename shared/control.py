@@ -208,6 +208,17 @@ class Reserved:
 
 
 @dataclass(frozen=True)
+class Billed:
+    """Supervisor → worker: a translation session's increment `seq` is counted and its account
+    could pay for it (the quota estimate is not past zero); the worker bills the next interval
+    of audio only after this (docs/billing.md, Translation sessions)."""
+
+    kind: ClassVar[str] = "billed"
+    session_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class WorkerEnded:
     """Worker → supervisor, its last message: how the session ended."""
 
@@ -242,6 +253,7 @@ MESSAGES = {
         UsageIncrement,
         Reserve,
         Reserved,
+        Billed,
         WorkerEnded,
         StopSession,
     )

@@ -31,6 +31,7 @@ from tenacity import wait_exponential
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared import spool
+from meshrt.shared.control import Billed
 from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
 from meshrt.shared.control import Ping
@@ -535,8 +536,12 @@ class Supervisor:
         increment = self._priced(live, increment)
         live.reported[increment.seq] = increment
         grant = live.grant
-        self._estimate(grant.account_id).add((grant.session_id, increment.seq), increment.cost.picodollars)
+        estimate = self._estimate(grant.account_id)
+        estimate.add((grant.session_id, increment.seq), increment.cost.picodollars)
         self.tg.start_soon(self._commit, live, increment, settle)
+        if grant.surface == "translation" and increment.cost.picodollars > 0 and not estimate.exhausted:
+            # the worker forwards no audio past this increment until told the account could pay
+            self.tg.start_soon(self._tell, live, Billed(grant.session_id, increment.seq))
         if check:
             self._check_quota_soon(grant.account_id)
 
@@ -604,6 +609,10 @@ class Supervisor:
                 await self._read_balances([account_id])
             if self._estimate(account_id).exhausted:
                 await self._stop_account(account_id, "insufficient_quota")
+            else:  # a top-up landed: translation sessions waiting for their last increment go on
+                for live in self.registry.of_account(account_id):
+                    if live.grant.surface == "translation" and live.reported:
+                        await self._tell(live, Billed(live.grant.session_id, max(live.reported)))
         finally:
             self.checking_quota.discard(account_id)
 

@@ -82,8 +82,9 @@ def translation_relay(bill_ahead_s: float = 1.0, billing: str = "audio"):
     return relay, meter
 
 
-def run_appends(relay, pieces: list[bytes], data: list[bytes] | None = None):
-    """Feed appends one read at a time; returns (increments, forwarded bytes, order ok)."""
+def run_appends(relay, pieces: list[bytes]):
+    """Feed appends one read at a time, the supervisor answering each increment's Billed at
+    once; returns (increments, forwarded bytes)."""
     increments, forwarded = [], b""
     for piece in pieces:
         frame = client_frame(Opcode.TEXT, append(piece))
@@ -94,8 +95,31 @@ def run_appends(relay, pieces: list[bytes], data: list[bytes] | None = None):
             increments.append(actions[0][1])
             # never forwarded beyond what increments cover
             assert relay.translation.covered >= relay.translation.forwarded
+            assert relay.billed(actions[0][1].seq) == []  # the supervisor: counted, and paid for
         forwarded += b"".join(p for t, p in actions if t is Target.UPSTREAM)
     return increments, forwarded
+
+
+def test_audio_past_an_unanswered_increment_waits_for_the_supervisors_billed():
+    """However fast a client sends, audio runs at most one interval past what the supervisor
+    said the account could pay for: the append that needs a new increment is held (and every
+    read after it) until `Billed` of the last one, or the shell's deadline (seq 0)."""
+    relay, _ = translation_relay(bill_ahead_s=0.4)
+    chunk = [client_frame(Opcode.TEXT, append(bytes(9600))) for _ in range(6)]
+    first = relay.from_client(chunk[0])  # 0.2 s: increment 1 covers 0.6 s
+    assert [t for t, _ in first] == [Target.BILL, Target.UPSTREAM] and relay.translation.awaiting == 1
+    assert [t for t, _ in relay.from_client(chunk[1] + chunk[2])] == [Target.UPSTREAM]  # 0.6 s: covered
+    assert relay.from_client(chunk[3]) == [] and relay.holding  # 0.8 s would need increment 2
+    assert relay.from_client(chunk[4]) == [] and relay.awaiting_billed == 1
+    assert relay.translation.forwarded == 3 * 9600
+    released = relay.billed(1)
+    assert [t for t, _ in released] == [Target.BILL, Target.UPSTREAM, Target.UPSTREAM]
+    assert released[0][1].seq == 2 and not relay.holding and relay.translation.awaiting == 2
+    assert [t for t, _ in relay.from_client(chunk[5])] == [Target.UPSTREAM]  # 1.2 s: covered
+    assert relay.from_client(chunk[0]) == [] and relay.holding  # 1.4 s: held for Billed of 2
+    assert relay.billed(1) == [] and relay.holding  # an older answer releases nothing
+    assert [t for t, _ in relay.billed(0)] == [Target.BILL, Target.UPSTREAM]  # the deadline passed
+    assert relay.translation.forwarded == 7 * 9600 and not relay.holding
 
 
 def odd_pieces(audio: bytes) -> list[bytes]:

@@ -30,6 +30,7 @@ from . import frames as wsf
 from .frames import FrameScanner
 from .frames import ProtocolViolation
 from .frames import RawFrame
+from .translation import HOLD
 
 
 class Target(enum.Enum):
@@ -214,6 +215,9 @@ class Relay:
                     if bill is not None:  # billed before the audio goes upstream
                         _flush(actions, Target.UPSTREAM, chunk, span)
                         span = None
+                        if bill is HOLD:  # until the supervisor says the last interval was paid for
+                            self._held.appendleft((chunk, frames[i:]))
+                            return actions
                         actions.append((Target.BILL, bill))
                 verdict = self._judge(chunk, frame) if self.purse is not None and frame.opcode <= wsf.OP_TEXT else None
                 if verdict is None:
@@ -251,6 +255,26 @@ class Relay:
         elif frame.fin:
             self._translation_fragment = False
         return self.translation.fragment(frame.end - frame.payload_start)
+
+    def billed(self, seq: int) -> list[Action]:
+        """The supervisor's `Billed` for a translation session's increment `seq` (seq 0: the
+        shell's deadline passed without one): held appends go on, each metered again."""
+        if self.translation is None:
+            return []
+        self.translation.acknowledged(seq)
+        actions: list[Action] = []
+        while self._held:
+            chunk, frames = self._held.popleft()
+            waiting = len(self._held)
+            actions += self._client_frames(chunk, frames)
+            if len(self._held) > waiting:  # held again: past the increment it just billed
+                break
+        return actions
+
+    @property
+    def awaiting_billed(self) -> int | None:
+        """A translation session's held audio waits for the supervisor's `Billed` of this seq."""
+        return self.translation.awaiting if self.translation is not None and self._held else None
 
     def translation_clock(self, seconds: float) -> list[Action]:
         """(MESHRT_TRANSLATION_BILLING=wall_clock) The session has been live `seconds`: the

@@ -29,6 +29,7 @@ import anyio
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared import spool
+from meshrt.shared.control import Billed
 from meshrt.shared.control import Grant
 from meshrt.shared.control import Reattach
 from meshrt.shared.control import Reserve
@@ -101,6 +102,7 @@ class WorkerSession:
         self._closing = anyio.Event()  # the relay left Phase.OPEN: the closing deadline runs
         self._channel_backlog: deque[UsageIncrement | Reserve] = deque()  # what the channel would not take yet
         self._reservation_asked = anyio.Event()
+        self._billed_awaited = anyio.Event()  # a translation's audio is held for the supervisor's Billed
         self._asking: Reserve | None = None  # the last Reserve sent: sent again to a new supervisor
         self._channel_ready = anyio.Event()
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
@@ -186,8 +188,10 @@ class WorkerSession:
             tg.start_soon(self._flush_channel_backlog)
             if self.relay.purse is not None:
                 tg.start_soon(self._watch_reservations)
-            if self.relay.translation is not None and self.relay.translation.by_clock:
-                tg.start_soon(self._bill_clock)
+            if self.relay.translation is not None:
+                tg.start_soon(self._watch_billed)
+                if self.relay.translation.by_clock:
+                    tg.start_soon(self._bill_clock)
             if isinstance(self._upstream, TransportLeg):
                 await self._relay_on_transports(upstream.leftover)
             else:
@@ -283,8 +287,11 @@ class WorkerSession:
         self._execute(self.relay.from_client(data))
         if self.relay.take_client_activity():
             self._last_activity = time.monotonic()
-        if self.relay.holding and isinstance(self._client, TransportLeg) and not self._client.held:
-            self._client.hold(True)
+        if self.relay.holding:
+            if isinstance(self._client, TransportLeg) and not self._client.held:
+                self._client.hold(True)
+            if self.relay.awaiting_billed is not None:  # a translation's audio waits for Billed
+                self._billed_awaited.set()
 
     def _from_upstream(self, data: bytes) -> None:
         self._execute(self.relay.from_upstream(data))
@@ -351,6 +358,26 @@ class WorkerSession:
                 return
         self._channel_backlog.append(message)
         self._channel_ready.set()
+
+    def _translation_billed(self, seq: int) -> None:
+        """The supervisor's Billed (seq 0: none came in time): held audio goes on."""
+        self._execute(self.relay.billed(seq))
+        if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
+            self._client.hold(False)
+
+    async def _watch_billed(self) -> None:
+        """A translation session's audio waits for the supervisor's Billed at most one bill-ahead
+        interval: without a supervisor (restarting) it still runs at real time or faster."""
+        while True:
+            await self._billed_awaited.wait()
+            self._billed_awaited = anyio.Event()
+            seq = self.relay.awaiting_billed
+            if seq is None:
+                continue
+            await anyio.sleep(self.config.translation_bill_ahead_s)
+            if self.relay.awaiting_billed == seq:
+                self.log.warning("no Billed in time; audio goes on", fields={"seq": seq})
+                self._translation_billed(0)
 
     def _reservation_answered(self, version: int, held: int, granted: bool, reason: str, available: int) -> None:
         self._execute(self.relay.reserved(version, held, granted, reason, available))
@@ -437,6 +464,8 @@ class WorkerSession:
             if isinstance(message, StopSession):
                 self.log.info("stop requested", fields={"code": message.code})
                 self._end(message.code)
+            elif isinstance(message, Billed):
+                self._translation_billed(message.seq)
             elif isinstance(message, Reserved):
                 self._reservation_answered(
                     message.version, message.held, message.granted, message.reason, message.available

@@ -10,7 +10,11 @@ sixth of a byte of G.711 (8 kHz, one byte a sample), so the seconds of any appen
 whole number of ticks. The session's cumulative ticks are billed ahead, before the audio goes
 upstream: when an append would pass what increments already cover, one increment covers it and
 `bill_ahead_ticks` more (MESHRT_TRANSLATION_BILL_AHEAD_S), so most appends are forwarded with
-no increment at all. When the session ends, `settle()` bills the difference between what was
+no increment at all. An append past what is covered waits (`HOLD`; the relay holds the client's
+frames) while the previous increment is not yet acknowledged by the supervisor
+(`control.Billed`: counted, and the account's estimate is not past zero), or until the shell's
+deadline of one interval: so audio runs at most one interval ahead of what the account was
+known to pay for, however fast a client sends. When the session ends, `settle()` bills the difference between what was
 covered and what was forwarded (a negative increment), so the record is the audio forwarded.
 With MESHRT_TRANSLATION_BILLING=wall_clock the session's time since it went live is billed
 ahead the same way (the shell calls `clock_to` once per bill-ahead interval) when it is more
@@ -50,6 +54,7 @@ _ESCAPE = b"\\"
 _APPEND_VALUE = re.compile(rb'\s*:\s*"(?:session\.)?input_audio_buffer\.append"')
 _APPEND_MARK = b'input_audio_buffer.append"'
 _B64_PAD = ord("=")
+HOLD = "hold"  # client_event's answer for an append that must wait for the supervisor's Billed
 
 
 def ticks_per_byte(session: object) -> int | None:
@@ -159,6 +164,9 @@ class TranslationMeter:
         self.covered = 0  # ticks billed by increments issued
         self.appends = 0
         self.audio_bytes = 0
+        # the seq of the last increment the supervisor has not yet said the account could pay
+        # (control.Billed): audio past what is covered waits for it (`HOLD`)
+        self.awaiting: int | None = None
 
     def client_event(self, payload: bytes) -> Increment | None:
         """A whole client text message about to go upstream: an append counts its audio and
@@ -168,9 +176,18 @@ class TranslationMeter:
             if b"session.update" in payload or _ESCAPE in payload:
                 self._client_update(payload)
             return None
+        ticks = n_bytes * self.ticks_per_byte
+        if self.awaiting is not None and max(self.forwarded + ticks, self.clock) > self.covered:
+            return HOLD  # nothing counted: the relay holds it and asks again once answered
         self.appends += 1
         self.audio_bytes += n_bytes
-        return self._forward(n_bytes * self.ticks_per_byte)
+        return self._forward(ticks)
+
+    def acknowledged(self, seq: int) -> None:
+        """The supervisor counted increment `seq` and the account could pay (control.Billed);
+        or, with seq 0, no answer came in time (the shell's deadline): audio may go on."""
+        if self.awaiting is not None and (seq == 0 or seq >= self.awaiting):
+            self.awaiting = None
 
     def fragment(self, n_payload_bytes: int) -> Increment | None:
         """A fragment of a fragmented client text message (rare): billed as if all of it were
@@ -235,8 +252,10 @@ class TranslationMeter:
     def _issue(self, to: int) -> Increment:
         usage = {"type": "audio", "ticks_from": self.covered, "ticks_to": to, "ticks_per_second": TICKS_PER_SECOND}
         bill = bill_audio(self.per_minute, usage)
-        self.covered = to
         self.meter._seq += 1
+        if to > self.covered:
+            self.awaiting = self.meter._seq
+        self.covered = to
         return Increment(
             seq=self.meter._seq,
             kind=IncrementKind.AUDIO,
