@@ -7,7 +7,7 @@ relay core fed masked client frames one read at a time, as the worker's read cal
   frame's header scanned, the same bytes forwarded; no payload read);
 - `translation`: the same with the session's TranslationMeter (the payload unmasked, the audio
   string's decoded length told without a JSON parse, an increment billed ahead once per 1 s of
-  audio: one chunk in five);
+  audio: one chunk in six, and the supervisor's `Billed` for it handled);
 - `translation + spool`: that, plus writing each increment to a spool file (the shell's BILL:
   `shared.spool.append_increment`), amortised over the chunks;
 - `unbatched`: that with an increment for every append (no bill-ahead), for comparison;
@@ -65,7 +65,11 @@ def _per_chunk_us(
                 bills += 1
                 if spool_fd is not None:
                     spool.append_increment(spool_fd, payload)
-    return (time.perf_counter() - began) * 1e6 / len(frames), bills
+                relay.billed(payload.seq)  # the supervisor's answer, which the worker handles too
+    elapsed = time.perf_counter() - began
+    if translation:  # every append metered and forwarded, none held for a Billed
+        assert relay.translation.appends == len(frames) and not relay.holding
+    return elapsed * 1e6 / len(frames), bills
 
 
 def _best(samples: list[float]) -> float:
