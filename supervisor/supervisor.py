@@ -539,7 +539,7 @@ class Supervisor:
         estimate = self._estimate(grant.account_id)
         estimate.add((grant.session_id, increment.seq), increment.cost.picodollars)
         self.tg.start_soon(self._commit, live, increment, settle)
-        if grant.surface == "translation" and increment.cost.picodollars > 0 and not estimate.exhausted:
+        if grant.surface == "translation" and not estimate.exhausted:
             # the worker forwards no audio past this increment until told the account could pay
             self.tg.start_soon(self._tell, live, Billed(grant.session_id, increment.seq))
         if check:

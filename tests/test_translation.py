@@ -122,7 +122,9 @@ def check_record(gateway, engine, tenant, request_id: str, events: list[dict], s
     record = next(r for r in records["data"] if r["id"] == row.id)
     assert record["surface"] == "translation" and record["audio_seconds"] == seconds_text(ticks)
     assert record["cost"]["by_category"] == ({"translation_audio_input": Money(cost).usd_str()} if cost else {})
-    assert "differs from the grant's rates" not in gateway.log_text()  # the supervisor's price agreed
+    log = gateway.log_text()
+    assert "differs from the grant's rates" not in log  # the supervisor's price agreed
+    assert "no Billed in time" not in log  # every increment was answered
     return n_bytes, ticks, cost
 
 
