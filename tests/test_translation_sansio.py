@@ -120,6 +120,11 @@ def test_audio_past_an_unanswered_increment_waits_for_the_supervisors_billed():
     assert relay.billed(1) == [] and relay.holding  # an older answer releases nothing
     assert [t for t, _ in relay.billed(0)] == [Target.BILL, Target.UPSTREAM]  # the deadline passed
     assert relay.translation.forwarded == 7 * 9600 and not relay.holding
+    # a stop (insufficient_quota) while audio waits: it is dropped, so the client's close is read
+    assert relay.from_client(chunk[1] + chunk[2] + chunk[3] + chunk[4] + chunk[5]) != [] and relay.holding
+    relay.end("insufficient_quota")
+    assert not relay.holding and relay.awaiting_billed is None
+    assert relay.billed(0) == []
 
 
 def odd_pieces(audio: bytes) -> list[bytes]:

@@ -592,6 +592,8 @@ class Relay:
             return []
         spec = ERRORS[code]
         self.phase = Phase.GATEWAY_CLOSING
+        if self.translation is not None:
+            self._held.clear()  # audio waiting for a Billed goes nowhere now: read the client's close
         self._end(code, spec.close_code)
         actions: list[Action] = []
         if self.client.can_send:

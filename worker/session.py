@@ -429,6 +429,8 @@ class WorkerSession:
 
     def _end(self, code: str) -> None:
         self._execute(self.relay.end(code))
+        if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
+            self._client.hold(False)  # a translation's held audio was dropped: its close reply is read
 
     async def _bill_clock(self) -> None:
         """MESHRT_TRANSLATION_BILLING=wall_clock: the session's time is billed ahead once per
