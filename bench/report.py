@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .translation import render_translation
+
 TARGETS = {
     "rtt_small_added_p50_us": 40,
     "rtt_small_added_p99_us": 120,
@@ -179,6 +181,7 @@ def render(doc: dict) -> str:
         ("capacity", _render_capacity),
         ("throughput", _render_throughput),
         ("pool", _render_pool),
+        ("translation", render_translation),
     ):
         if key in doc:
             lines += [""] + part(doc[key])

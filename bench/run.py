@@ -32,6 +32,7 @@ from .rtt import measure_rtt
 from .setup_time import measure_setup
 from .stack import Stack
 from .throughput import measure_throughput
+from .translation import measure_translation
 
 
 @contextmanager
@@ -86,6 +87,7 @@ def run_bench(settings, args) -> int:
                 "throughput": lambda: measure_throughput(stack, plan),
                 "capacity": lambda: measure_capacity(stack, plan, profiler),
                 "pool": lambda: measure_pool_step(stack, plan),
+                "translation": lambda: measure_translation(plan),
             }
             for name in selected_measurements(measurements):
                 doc[name] = measurements[name]()

@@ -137,6 +137,8 @@ def _admit_in_transaction(
             )
         if upgrade.surface == "sideband":
             model = _sideband_model(db, found, call_id)
+        elif upgrade.translation:
+            model = _translation_model(prices, upgrade.model, found.session_config)
         elif upgrade.transcription:
             model = _transcription_model(prices, found.session_config)
         elif bound is not None:  # an ephemeral key's model is the session's: the URL may only repeat it
@@ -148,10 +150,14 @@ def _admit_in_transaction(
             model = bound
         if model is None:
             raise GatewayError("missing_model")
-        if not upgrade.transcription:
+        if not upgrade.transcription and not upgrade.translation:
             rates = prices.get(model)
             if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
                 raise GatewayError("model_not_found", model_detail(model))
+            if str(getattr(rates, "kind", "realtime")) == "translation":  # it opens translation sessions only
+                raise GatewayError(
+                    "model_not_found", f"{model!r} is a translation model: connect to /v1/realtime/translations."
+                )
         if found.balance_pico <= 0:
             raise GatewayError("insufficient_quota")
         limit = found.max_concurrent_sessions or settings.default_max_concurrent_sessions
@@ -247,6 +253,24 @@ def _configured_transcription_model(config: dict) -> object:
     audio_input = audio.get("input") if isinstance(audio, dict) else None
     transcription = audio_input.get("transcription") if isinstance(audio_input, dict) else None
     return transcription.get("model") if isinstance(transcription, dict) else None
+
+
+def _translation_model(prices, model: str | None, key_config: dict | None) -> str:
+    """A translation session's model: the URL's, which must be a listed translation model of the
+    price file. An ephemeral key's config is a conversation session's: such a key opens none."""
+    if key_config:
+        raise GatewayError(
+            "model_not_found",
+            "This ephemeral key is for a conversation session: /v1/realtime/translations needs an rsk_ key, "
+            "or an ephemeral key minted without a session.",
+        )
+    if model is None:
+        raise GatewayError("missing_model")
+    rates = prices.get(model)
+    if rates is None or str(getattr(rates, "kind", "")) != "translation" or not getattr(rates, "listed", True):
+        detail = f"{model_detail(model)} /v1/realtime/translations takes a translation model of GET /v1/models."
+        raise GatewayError("model_not_found", detail)
+    return model
 
 
 def _upstream_config(config: dict | None) -> dict | None:

@@ -118,7 +118,7 @@ class HandoffProtocol(asyncio.Protocol):
             return self._http_error(400, "Bad Request", "invalid_request", "Malformed upgrade request.", request_id)
         upgrade = parse_upgrade(request)
         log.info("upgrade", extra={"request_id": request_id, "fields": {"path": redact(request.path)}})
-        if upgrade.path != REALTIME_PATH:
+        if upgrade.path != REALTIME_PATH and not upgrade.translation:
             # most often an SDK whose base URL lacks /v1: it asked for /realtime
             message = f"No WebSocket endpoint at {redact(upgrade.path)[:100]}: the realtime endpoint is {REALTIME_PATH}"
             message += " (an SDK's base URL ends in /v1)."

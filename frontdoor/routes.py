@@ -182,7 +182,8 @@ def _session_config(session: dict | None, prices) -> dict:
     model = config.get("model")
     if model is not None:
         rates = prices.get(model) if isinstance(model, str) else None
-        if rates is None or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
+        translation = str(getattr(rates, "kind", "")) == "translation"  # it opens no conversation session
+        if rates is None or translation or not getattr(rates, "realtime", True) or not getattr(rates, "listed", True):
             shown = model_detail(model) if isinstance(model, str) else "It must be a string."
             raise ApiError(
                 400,

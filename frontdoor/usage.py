@@ -45,6 +45,7 @@ def record_json(row: SessionRecord) -> dict:
         "request_id": row.request_id,
         "model": row.model,
         "surface": row.surface,
+        "audio_seconds": row.audio_seconds,
         "api_key_id": row.api_key_id,
         "started_at": _ts(row.started_at),
         "ended_at": _ts(row.ended_at),

@@ -94,6 +94,8 @@ class WorkerConfig:
     orphan_limit_s: float = 15.0  # the node's lease: how long a worker relays with no supervisor
     preauth: bool = True  # responses start only once their cost is reserved (docs/billing.md)
     response_output_cap: int = 4096  # the output tokens a response is reserved for at most
+    translation_bill_ahead_s: float = 1.0  # a translation session's audio billed ahead per increment
+    translation_billing: str = "audio"  # audio | wall_clock (MESHRT_TRANSLATION_BILLING)
     sandbox: str = "off"  # off | on | require (shared/sandbox.py); the supervisor sets MESHRT_SANDBOX
 
 
@@ -291,6 +293,17 @@ class Reserved:
 
 
 @dataclass(frozen=True)
+class Billed:
+    """Supervisor → worker: a translation session's increment `seq` is counted and its account
+    could pay for it (the quota estimate is not past zero); the worker bills the next interval
+    of audio only after this (docs/billing.md, Translation sessions)."""
+
+    kind: ClassVar[str] = "billed"
+    session_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class WorkerEnded:
     """Worker → supervisor, its last message: how the session ended."""
 
@@ -352,6 +365,7 @@ MESSAGES = {
         UsageIncrement,
         Reserve,
         Reserved,
+        Billed,
         WorkerEnded,
         EndCall,
         StopSession,

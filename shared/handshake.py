@@ -31,6 +31,7 @@ _TOKEN = re.compile(r"[^&\s\"']+")
 
 SUBPROTOCOL = "realtime"
 TRANSCRIPTION_INTENT = "transcription"
+TRANSLATIONS_PATH = "/v1/realtime/translations"  # translation sessions (`?model=`, billed per minute of audio)
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 _KEY_TOKEN_PREFIXES = ("openai-insecure-api-key.", "bearer.", "bearer ")
 _FORWARDED_HEADERS = ("openai-beta", "openai-safety-identifier", "user-agent")
@@ -105,8 +106,16 @@ class UpgradeRequest:
         return values[-1] if values and values[-1] else None
 
     @property
+    def translation(self) -> bool:
+        """`/v1/realtime/translations?model=…`: a translation session, metered by meshrt from the
+        input audio its client appends (docs/billing.md, Translation sessions)."""
+        return self.path == TRANSLATIONS_PATH
+
+    @property
     def surface(self) -> str:
-        """What a usage record calls the session: `sideband`, `transcription` or `realtime`."""
+        """What a usage record calls the session: `translation`, `sideband`, `transcription` or `realtime`."""
+        if self.translation:
+            return "translation"
         if self.call_id is not None:
             return "sideband"
         return "transcription" if self.transcription else "realtime"
@@ -167,7 +176,7 @@ def upstream_query(upgrade: UpgradeRequest, model: str | None = None) -> str:
     one billed) in place of the client's: an ephemeral key's model holds even when the URL has none.
     A transcription session's URL carries `intent=transcription` and no model: its grant's model
     is only what its record starts with, and a `model` beside the intent is not sent upstream."""
-    if upgrade.transcription or upgrade.call_id is not None:  # upstream takes no model with these
+    if (upgrade.transcription and not upgrade.translation) or upgrade.surface == "sideband":  # no model upstream
         return urlencode([(k, v) for k, v in upgrade.query if k not in ("api_key", "model")], errors="surrogateescape")
     if model is None or model == upgrade.model:
         return urlencode([(k, v) for k, v in upgrade.query if k != "api_key"], errors="surrogateescape")

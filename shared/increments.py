@@ -23,6 +23,7 @@ from dataclasses import field
 from decimal import Context
 from decimal import Decimal
 from enum import StrEnum
+from fractions import Fraction
 from typing import Any
 
 from meshrt.shared.money import Money
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 _MAX_SECONDS = Decimal(10**9)
+AUDIO_TICKS_PER_SECOND = 48_000  # an audio increment's unit: one byte of PCM16 at 24 kHz, 1/6 of G.711's
 # Seconds are bounded (≤ 1e9, exponent ≥ -60), so sums of them are exact at this precision.
 _EXACT = Context(prec=200)
 
@@ -46,6 +48,7 @@ _EXACT = Context(prec=200)
 class IncrementKind(StrEnum):
     RESPONSE = "response"
     TRANSCRIPTION = "transcription"
+    AUDIO = "audio"  # a translation session's input audio, metered by meshrt (worker/translation.py)
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ class UsageTotals:
         self._response: dict[tuple[str, ...], int] = {}
         self._transcription: dict[tuple[str, ...], int] = {}
         self._seconds = Decimal(0)
+        self.audio_ticks: int | None = None  # a translation session's audio billed, in 1/48 000 s
 
     @classmethod
     def from_increments(cls, increments: Iterable[Increment]) -> UsageTotals:
@@ -354,6 +358,10 @@ class UsageTotals:
         if increment.kind is IncrementKind.RESPONSE:
             self.responses += 1
             _add_counts(self._response, _response_counts(increment.usage))
+        elif increment.kind is IncrementKind.AUDIO:
+            start, end = increment.usage.get("ticks_from"), increment.usage.get("ticks_to")
+            if isinstance(start, int) and isinstance(end, int):
+                self.audio_ticks = (self.audio_ticks or 0) + end - start
         else:
             self.transcriptions += 1
             _add_counts(self._transcription, _transcription_counts(increment.usage))
@@ -401,7 +409,20 @@ class UsageTotals:
             }
             _merge_extra(transcription, self._transcription, _TRANSCRIPTION_KNOWN)
             usage["transcription"] = transcription
+        if self.audio_ticks is not None:
+            usage["input_audio"] = {"seconds": self.audio_seconds}
         return usage
+
+    @property
+    def audio_seconds(self) -> str | None:
+        """Seconds of input audio billed by time (translation sessions), for the record: exact
+        when it terminates within 9 decimals, else rounded half up to 9; None when none was."""
+        if self.audio_ticks is None:
+            return None
+        exact = Fraction(self.audio_ticks, AUDIO_TICKS_PER_SECOND)
+        scaled = int(exact * 10**9 + Fraction(1, 2))
+        whole, frac = divmod(scaled, 10**9)
+        return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
     def as_record_cost(self) -> dict[str, Any]:
         """The record's ``cost`` object: USD decimal strings."""

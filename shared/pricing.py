@@ -68,6 +68,7 @@ class ModelKind(StrEnum):
 
     REALTIME = "realtime"  # a conversation model: bills response.done usage
     TRANSCRIPTION = "transcription"  # an input-audio transcription model of a session
+    TRANSLATION = "translation"  # a translation session's model: billed per minute of input audio sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,10 @@ class ModelRates:
     def pricing_json(self) -> dict[str, Any]:
         """The ``pricing`` object served in ``/v1/models``: USD decimal strings, null if absent."""
         if self.per_minute is not None:
-            return {"currency": CURRENCY, "unit": UNIT_MINUTE, "per_minute": self.per_minute.usd_str(min_decimals=2)}
+            rate = self.per_minute.usd_str(min_decimals=2)
+            if self.kind is ModelKind.TRANSLATION:  # billed by the input audio a client sends
+                return {"currency": CURRENCY, "unit": UNIT_MINUTE, "per_minute": rate, "audio_per_minute": rate}
+            return {"currency": CURRENCY, "unit": UNIT_MINUTE, "per_minute": rate}
         out: dict[str, Any] = {"currency": CURRENCY, "unit": UNIT_TOKENS}
         for modality in MODALITIES:
             rates = self.tokens(modality)
@@ -205,6 +209,11 @@ class PriceTable:
         rates = self.get(model)
         return rates if rates is not None and rates.kind is ModelKind.TRANSCRIPTION else None
 
+    def translation(self, model: object) -> ModelRates | None:
+        """The rates of a translation model (`/v1/realtime/translations?model=…`), else ``None``."""
+        rates = self.get(model)
+        return rates if rates is not None and rates.kind is ModelKind.TRANSLATION else None
+
     def realtime_models(self, include_unlisted: bool = False) -> dict[str, ModelRates]:
         """Connectable model ids (canonical names then their aliases, file order) → rates."""
         out: dict[str, ModelRates] = {}
@@ -289,6 +298,8 @@ def _parse_model(name: object, entry: object, effective_date: str, source: str) 
     has_tokens, has_minute = "token_rates_per_1m" in entry, "per_minute" in entry
     if has_tokens == has_minute:
         raise PricingError(f"{source}: {path}: give exactly one of token_rates_per_1m or per_minute")
+    if kind is ModelKind.TRANSLATION and not has_minute:
+        raise PricingError(f"{source}: {path}: a translation model is priced per_minute (of input audio)")
     common = dict(model=name, effective_date=effective_date, kind=kind, realtime=realtime, listed=listed)
     if has_minute:
         per_minute = _parse_per_minute(entry["per_minute"], f"{path}.per_minute", source)
@@ -325,7 +336,7 @@ def _parse_snapshot(snapshot: object) -> ModelRates:
         raise PricingError(f"{source}: currency: must be {CURRENCY!r}")
     unit = snapshot["unit"]
     if unit == UNIT_MINUTE:
-        _check_keys(snapshot, {*_IDENTITY_KEYS, "currency", "unit", "per_minute"}, "", source)
+        _check_keys(snapshot, {*_IDENTITY_KEYS, "currency", "unit", "per_minute", "audio_per_minute"}, "", source)
         per_minute = _parse_per_minute(snapshot.get("per_minute"), "per_minute", source)
         return ModelRates(**common, per_minute=per_minute)
     if unit != UNIT_TOKENS:

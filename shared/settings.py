@@ -169,6 +169,8 @@ class Settings:
     node_lease_s: float = 15.0  # a node not heard from for this long is lost; its sessions end
     db_timeout_s: float = 10.0  # connect, statement and lock waits; SQLite's busy timeout
     preauth: bool = True  # a response starts only once its most cost is reserved (docs/billing.md)
+    translation_bill_ahead_s: float = 1.0  # audio a translation session's increment covers ahead of what is sent
+    translation_billing: str = "audio"  # audio | wall_clock: what a translation session's minutes are of
     max_response_output_tokens: int = 4096  # what a response with no smaller limit is reserved for
     sandbox: str = "on"  # off | on | require: the layers of shared/sandbox.py (docs/security.md)
 
@@ -229,6 +231,8 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_NODE_LEASE_S": ("node_lease_s", _positive_float),
     "MESHRT_DB_TIMEOUT_S": ("db_timeout_s", _positive_float),
     "MESHRT_PREAUTH": ("preauth", _bool),
+    "MESHRT_TRANSLATION_BILL_AHEAD_S": ("translation_bill_ahead_s", _positive_float),
+    "MESHRT_TRANSLATION_BILLING": ("translation_billing", _choice("audio", "wall_clock")),
     "MESHRT_MAX_RESPONSE_OUTPUT_TOKENS": ("max_response_output_tokens", _positive_int),
     "MESHRT_SANDBOX": ("sandbox", _choice("off", "on", "require")),
 }

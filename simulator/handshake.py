@@ -25,6 +25,8 @@ WebRTC calls (``POST /v1/realtime/calls?sim_fault=NAME``, or ``--fault``; calls.
   the call after 3 ticks of its first response; the other faults do nothing
   to a call.
 
+``/v1/realtime/translations?model=…`` opens a translation session (simulator/session.py).
+
 Other query parameters: ``sim_echo=1`` (echo every client message verbatim,
 nothing else after ``session.created``), ``sim_max_session_s`` (default 3600;
 then ``error`` ``session_expired`` and close 1000).
@@ -54,6 +56,7 @@ from .session import DEFAULT_RESPONSE_MS
 from .session import SimSession
 
 DEFAULT_DELAY_MS = 2000
+TRANSLATIONS_PATH = "/v1/realtime/translations"
 FAULTS = (
     "reject_401",
     "reject_429",
@@ -182,6 +185,14 @@ def _target(query: dict) -> tuple[str, str]:
     return DEFAULT_MODEL, "transcription" if given[0] == "intent" else "realtime"
 
 
+def _translation_target(query: dict) -> tuple[str, str]:
+    """A translation session (`/v1/realtime/translations`) names its model."""
+    model = _single(query, "model")
+    if not model:
+        raise HandshakeError(400, "invalid_request", "Provide the query parameter 'model'.", param="model")
+    return model, "translation"
+
+
 def _fault(query: dict, default: str | None) -> str | None:
     raw = _single(query, "sim_fault")
     if raw is None:
@@ -258,11 +269,12 @@ def call_id_of(request: Request) -> str | None:
 
 def parse_options(request: Request, config: SimConfig) -> ConnOptions:
     parts = urlsplit(request.path)
-    if parts.path.rstrip("/") != "/v1/realtime":
+    path = parts.path.rstrip("/")
+    if path not in ("/v1/realtime", TRANSLATIONS_PATH):
         raise HandshakeError(404, "not_found", f"Unknown path '{parts.path}'. Use /v1/realtime.")
     check_auth(request, config.api_key)
     query = parse_qs(parts.query, keep_blank_values=True)
-    model, kind = _target(query)
+    model, kind = _translation_target(query) if path == TRANSLATIONS_PATH else _target(query)
     return ConnOptions(
         model=model,
         kind=kind,

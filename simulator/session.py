@@ -38,6 +38,7 @@ from .usage import text_tokens
 from .usage import transcription_usage
 
 CHUNK_MS = 50
+TRANSLATION_FRAME_MS = 200  # a translation session's engine frame
 WORD_EVERY_TICKS = 4
 DEFAULT_RESPONSE_MS = 1000
 DEFAULT_MAX_SESSION_S = 3600.0
@@ -54,6 +55,7 @@ def _tone_chunk(ms: int = CHUNK_MS, hz: int = 440) -> bytes:
 
 TONE_CHUNK = _tone_chunk()
 TONE_CHUNK_B64 = base64.b64encode(TONE_CHUNK).decode()
+TRANSLATION_AUDIO_B64 = base64.b64encode(_tone_chunk(TRANSLATION_FRAME_MS)).decode()
 
 
 def _chunk_b64(ms: int) -> str:
@@ -178,6 +180,8 @@ class SimSession:
         self.config = self._default_config()
         self.items: list[ConvItem] = []
         self.buffered_bytes = 0
+        self.translated_bytes = 0  # a translation session's input audio received, decoded
+        self.translation_frames = 0
         self.active: ResponseRun | None = None
         self.responses = 0
         self.tokens_used = 0
@@ -215,6 +219,19 @@ class SimSession:
         if self.beta:
             return self._beta_config(expires_at)
         audio_in = {"format": dict(PCM_FORMAT), "transcription": None, "noise_reduction": None, "turn_detection": None}
+        if self.kind == "translation":
+            return {
+                "type": "translation",
+                "id": self.id,
+                "model": self.model,
+                "expires_at": expires_at,
+                # `format` is the simulator's own (OpenAI's WebSocket translation takes 24 kHz PCM16
+                # only): a session.update to audio/pcmu or audio/pcma makes it take G.711
+                "audio": {
+                    "input": {"format": dict(PCM_FORMAT), "transcription": None, "noise_reduction": None},
+                    "output": {"language": "es"},
+                },
+            }
         if self.kind == "transcription":
             return {
                 "type": "transcription",
@@ -289,6 +306,12 @@ class SimSession:
         return handler(event)
 
     def _handlers(self) -> dict[str, Callable[[dict], list[Any]]]:
+        if self.kind == "translation":
+            return {
+                "session.update": self._session_update,
+                "session.input_audio_buffer.append": self._translate,
+                "session.close": self._translation_close,
+            }
         handlers = {
             "session.update": self._session_update,
             "input_audio_buffer.append": self._append,
@@ -315,6 +338,48 @@ class SimSession:
         update = {k: v for k, v in update.items() if k not in ("id", "object", "expires_at")}
         _deep_merge(self.config, update)
         return [self.event("session.updated", session=self.config)]
+
+    # translation sessions: each 200 ms of input audio answered with transcript and audio deltas
+
+    def _input_bytes_per_s(self) -> int:
+        fmt = ((self.config.get("audio") or {}).get("input") or {}).get("format") or {}
+        if isinstance(fmt, dict) and fmt.get("type") in ("audio/pcmu", "audio/pcma"):
+            return 8_000
+        return 48_000
+
+    def _translate(self, event: dict) -> list[Any]:
+        """Buffer the audio; each whole 200 ms frame of it (at the session's input format) gets
+        an output transcript delta and an output audio delta (200 ms of PCM16), as OpenAI's
+        translation engine answers frame by frame. No usage event: translation reports none."""
+        audio = event.get("audio")
+        if not isinstance(audio, str):
+            raise ProtocolError("missing_required_parameter", "Missing required parameter: 'audio'.", "audio")
+        try:
+            decoded = binascii.a2b_base64(audio, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("invalid_value", "'audio' is not valid base64.", "audio") from None
+        self.buffered_bytes += len(decoded)
+        self.translated_bytes += len(decoded)
+        frame = self._input_bytes_per_s() * TRANSLATION_FRAME_MS // 1000
+        out: list[Any] = []
+        while self.buffered_bytes >= frame:
+            self.buffered_bytes -= frame
+            elapsed = self.translation_frames * TRANSLATION_FRAME_MS
+            if ((self.config["audio"].get("input") or {}).get("transcription") or {}).get("model"):
+                out.append(
+                    self.event(
+                        "session.input_transcript.delta", delta=_word(self.translation_frames), elapsed_ms=elapsed
+                    )
+                )
+            out.append(
+                self.event("session.output_transcript.delta", delta=_word(self.translation_frames), elapsed_ms=elapsed)
+            )
+            out.append(self.event("session.output_audio.delta", delta=TRANSLATION_AUDIO_B64, elapsed_ms=elapsed))
+            self.translation_frames += 1
+        return out
+
+    def _translation_close(self, event: dict) -> list[Any]:
+        return [self.event("session.closed")]
 
     def _transcription(self) -> dict | None:
         if self.beta:

@@ -141,6 +141,9 @@ class SessionRecord(SQLModel, table=True):
     # surface "webrtc": the call's id upstream, by which its tenant finds it (sideband, hangup);
     # surface "sideband": the call it joined
     call_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True, index=True))
+    # Seconds of input audio billed by time (a translation session: docs/billing.md), a decimal
+    # string (exact, or rounded half up to 9 decimals); null for sessions billed by usage events.
+    audio_seconds: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
 
 
 class NodeState(str, enum.Enum):

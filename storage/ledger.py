@@ -135,6 +135,7 @@ _FINALIZE = (
         usage=bindparam("final_usage"),
         cost_pico=bindparam("final_cost"),
         by_category=bindparam("final_by_category"),
+        audio_seconds=bindparam("final_audio_seconds"),
     )
 )
 # A record already final (another node ended it when this one lost its lease) that gets usage
@@ -147,6 +148,7 @@ _AMEND = (
         usage=bindparam("final_usage"),
         cost_pico=bindparam("final_cost"),
         by_category=bindparam("final_by_category"),
+        audio_seconds=bindparam("final_audio_seconds"),
         amended_at=bindparam("final_ended_at"),
     )
 )
@@ -274,6 +276,7 @@ def finalize(
         "final_usage": summary["usage"],
         "final_cost": summary["cost_pico"],
         "final_by_category": summary["by_category"],
+        "final_audio_seconds": summary["audio_seconds"],
     }
     if exists.state != SessionState.ENDED:
         _release(connection, session_id, exists.account_id)

@@ -14,4 +14,5 @@ def summarize(increments: list[Increment]) -> dict:
         "responses": totals.responses,
         "cost_pico": totals.cost.picodollars,
         "by_category": {k: v.picodollars for k, v in totals.by_category.items()},
+        "audio_seconds": totals.audio_seconds,
     }

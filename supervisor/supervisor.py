@@ -32,6 +32,7 @@ from tenacity import wait_exponential
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared import spool
+from meshrt.shared.control import Billed
 from meshrt.shared.control import CallPlaced
 from meshrt.shared.control import EndCall
 from meshrt.shared.control import Handoff
@@ -147,6 +148,8 @@ class Supervisor:
             # worker lost its supervisor, and no other node may free the slot of a session still running
             orphan_limit_s=settings.node_lease_s / 2,
             preauth=settings.preauth,
+            translation_bill_ahead_s=settings.translation_bill_ahead_s,
+            translation_billing=settings.translation_billing,
             response_output_cap=settings.max_response_output_tokens,
             sandbox=settings.sandbox,
         )
@@ -636,8 +639,12 @@ class Supervisor:
         increment = self._priced(live, increment)
         live.reported[increment.seq] = increment
         grant = live.grant
-        self._estimate(grant.account_id).add((grant.session_id, increment.seq), increment.cost.picodollars)
+        estimate = self._estimate(grant.account_id)
+        estimate.add((grant.session_id, increment.seq), increment.cost.picodollars)
         self.tg.start_soon(self._commit, live, increment, settle)
+        if grant.surface == "translation" and not estimate.exhausted:
+            # the worker forwards no audio past this increment until told the account could pay
+            self.tg.start_soon(self._tell, live, Billed(grant.session_id, increment.seq))
         if check:
             self._check_quota_soon(grant.account_id)
 
@@ -677,7 +684,11 @@ class Supervisor:
         estimate = self._estimate(grant.account_id)
         if balance is not None:  # None: the database had it already (a replay)
             self.metrics.inc("meshrt_usage_increments_total")
-            self.metrics.inc("meshrt_usage_cost_picodollars_total", increment.cost.picodollars)
+            cost = increment.cost.picodollars
+            if cost >= 0:
+                self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
+            else:  # a translation session's settle: audio billed ahead and not sent (a counter never falls)
+                self.metrics.inc("meshrt_usage_credit_picodollars_total", -cost)
             estimate.observe_balance(balance, job)
         estimate.acknowledged((grant.session_id, increment.seq), job)
         self._check_quota_soon(grant.account_id, just_read=balance is not None)
@@ -701,6 +712,10 @@ class Supervisor:
                 await self._read_balances([account_id])
             if self._estimate(account_id).exhausted:
                 await self._stop_account(account_id, "insufficient_quota")
+            else:  # a top-up landed: translation sessions waiting for their last increment go on
+                for live in self.registry.of_account(account_id):
+                    if live.grant.surface == "translation" and live.reported:
+                        await self._tell(live, Billed(live.grant.session_id, max(live.reported)))
         finally:
             self.checking_quota.discard(account_id)
 

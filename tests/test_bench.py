@@ -102,6 +102,9 @@ def test_quick_bench_json_has_every_section(tmp_path):
     assert [p["rate_per_s"] for p in pool["phases"]] == [1.0, 10.0, 1.0]
     assert sum(p["sessions"] for p in pool["phases"]) > 0 and not any(p["failed"] for p in pool["phases"])
     assert pool["timeline"] and max(s["idle"] for s in pool["timeline"]) >= 2  # the sized pool's floor
+    translation = doc["translation"]  # metering translation appends, per 200 ms chunk (no sockets)
+    assert translation["unparsed_relay_us_per_chunk"] > 0 and translation["translation_relay_us_per_chunk"] > 0
+    assert 0.1 < translation["increments_per_chunk"] < 0.25  # billed ahead: one increment per 1.2 s of audio
 
     assert set(doc["targets"]) == {
         "rtt_small_added_p50_us",

@@ -38,7 +38,7 @@ SHIPPED_TOKEN_RATES = {
     "gpt-4o-transcribe": TRANSCRIBE,
     "gpt-4o-mini-transcribe": MINI_TRANSCRIBE,
 }
-SHIPPED_PER_MINUTE = {"whisper-1": "0.006", "gpt-realtime-whisper": "0.017"}
+SHIPPED_PER_MINUTE = {"whisper-1": "0.006", "gpt-realtime-whisper": "0.017", "gpt-realtime-translate": "0.034"}
 
 ALIASES = {
     "gpt-realtime-2025-08-28": "gpt-realtime",
@@ -156,6 +156,7 @@ def test_realtime_models_list_connectable_ids_with_aliases(table):
         "gpt-4o-mini-realtime-preview",
         "gpt-4o-mini-realtime-preview-2024-12-17",
         "gpt-realtime-whisper",
+        "gpt-realtime-translate",
     ]
 
 

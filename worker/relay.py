@@ -30,6 +30,7 @@ from . import frames as wsf
 from .frames import FrameScanner
 from .frames import ProtocolViolation
 from .frames import RawFrame
+from .translation import HOLD
 
 
 class Target(enum.Enum):
@@ -134,6 +135,9 @@ class Relay:
     client: LegClose = field(default_factory=LegClose)
     upstream: LegClose = field(default_factory=LegClose)
     purse: Any = None  # preauth.Purse: client events that can start a response wait for its cover
+    # translation.TranslationMeter: a translation session's client appends are billed before
+    # they go upstream (the only sessions whose client events are metered)
+    translation: Any = None
 
     def __post_init__(self):
         self._client = FrameScanner(expect_masked=True, max_message=self.max_message_bytes)
@@ -150,6 +154,7 @@ class Relay:
         self._held: deque[tuple[bytes, list[RawFrame]]] = deque()
         self._fragment: bool | None = None
         self._refusal_told = False  # one error event per spell of refused audio, not one a frame
+        self._translation_fragment = False  # a fragmented client text message in progress (translation)
         self.settles: dict[int, tuple[int, int]] = {}
 
     @property
@@ -210,6 +215,15 @@ class Relay:
             if frame.opcode <= wsf.OP_BINARY:
                 self._client_active = True
             if not self.client.close_received and self.phase in (Phase.OPEN, Phase.UPSTREAM_CLOSING):
+                if self.translation is not None and frame.opcode <= wsf.OP_TEXT:
+                    bill = self._meter_client(chunk, frame)
+                    if bill is not None:  # billed before the audio goes upstream
+                        _flush(actions, Target.UPSTREAM, chunk, span)
+                        span = None
+                        if bill is HOLD:  # until the supervisor says the last interval was paid for
+                            self._held.appendleft((chunk, frames[i:]))
+                            return actions
+                        actions.append((Target.BILL, bill))
                 verdict = self._judge(chunk, frame) if self.purse is not None and frame.opcode <= wsf.OP_TEXT else None
                 if verdict is None:
                     span = (span[0] if span else frame.start, frame.end)
@@ -233,6 +247,51 @@ class Relay:
             if wanted is not None:
                 actions.append((Target.RESERVE, wanted))
         return actions
+
+    def _meter_client(self, chunk: bytes, frame: RawFrame):
+        """A translation session's client text frame about to go upstream: the increment that
+        must be billed before it (its audio passes what is covered), or None."""
+        if frame.opcode == wsf.OP_TEXT and frame.fin:
+            return self.translation.client_event(wsf.payload(chunk, frame))
+        if frame.opcode == wsf.OP_TEXT:
+            self._translation_fragment = True
+        elif not self._translation_fragment:
+            return None  # the continuation of a binary message: not audio upstream takes
+        elif frame.fin:
+            self._translation_fragment = False
+        return self.translation.fragment(frame.end - frame.payload_start)
+
+    def billed(self, seq: int) -> list[Action]:
+        """The supervisor's `Billed` for a translation session's increment `seq` (seq 0: the
+        shell's deadline passed without one): held appends go on, each metered again."""
+        if self.translation is None:
+            return []
+        self.translation.acknowledged(seq)
+        actions: list[Action] = []
+        while self._held:
+            chunk, frames = self._held.popleft()
+            waiting = len(self._held)
+            actions += self._client_frames(chunk, frames)
+            if len(self._held) > waiting:  # held again: past the increment it just billed
+                break
+        return actions
+
+    @property
+    def awaiting_billed(self) -> int | None:
+        """A translation session's held audio waits for the supervisor's `Billed` of this seq."""
+        return self.translation.awaiting if self.translation is not None and self._held else None
+
+    def translation_clock(self, seconds: float) -> list[Action]:
+        """(MESHRT_TRANSLATION_BILLING=wall_clock) The session has been live `seconds`: the
+        increment billing its time ahead, if one is due."""
+        if self.translation is None or self.phase is not Phase.OPEN:
+            return []
+        increment = self.translation.clock_to(seconds)
+        return [(Target.BILL, increment)] if increment is not None else []
+
+    def settle_translation(self):
+        """At the session's end: the increment that bills back audio covered but not forwarded."""
+        return self.translation.settle() if self.translation is not None else None
 
     # --- pre-authorisation ----------------------------------------------------------------
 
@@ -428,6 +487,8 @@ class Relay:
             if self.purse is not None:
                 self.purse.response_created()
             return None
+        if self.translation is not None and b'"session.' in head:
+            self._tell_translation(body)
         done = b'"response.done"' in head
         if done:
             self.responses_in_flight = max(0, self.responses_in_flight - 1)
@@ -459,6 +520,16 @@ class Relay:
             if settle is not None and increment is not None:
                 self.settles[increment.seq] = settle
         return increment
+
+    def _tell_translation(self, body: bytes) -> None:
+        """Upstream's session events set the input format a translation session's audio is
+        counted in."""
+        try:
+            event = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        if isinstance(event, dict) and event.get("type") in ("session.created", "session.updated"):
+            self.translation.session_event(event["type"], event.get("session"))
 
     def _tell_purse(self, body: bytes) -> None:
         """Upstream events that change what responses may cost: the session's settings, and a
@@ -529,6 +600,8 @@ class Relay:
             return []
         spec = ERRORS[code]
         self.phase = Phase.GATEWAY_CLOSING
+        if self.translation is not None:
+            self._held.clear()  # audio waiting for a Billed goes nowhere now: read the client's close
         self._end(code, spec.close_code)
         actions: list[Action] = []
         if self.client.can_send:

@@ -29,6 +29,7 @@ import anyio
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared import spool
+from meshrt.shared.control import Billed
 from meshrt.shared.control import Grant
 from meshrt.shared.control import Reattach
 from meshrt.shared.control import Reserve
@@ -102,10 +103,13 @@ class WorkerSession:
         self._closing = anyio.Event()  # the relay left Phase.OPEN: the closing deadline runs
         self._channel_backlog: deque[UsageIncrement | Reserve] = deque()  # what the channel would not take yet
         self._reservation_asked = anyio.Event()
+        self._billed_awaited = anyio.Event()  # a translation's audio is held for the supervisor's Billed
         self._asking: Reserve | None = None  # the last Reserve sent: sent again to a new supervisor
         self._channel_ready = anyio.Event()
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
+        self._live_at: float | None = None  # the client's 101 was sent (a translation's wall clock)
+        self._closed_at: float | None = None  # the relay left Phase.OPEN
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
         self.sandbox: list[str] = []  # the seccomp layer, once loaded
         self._refused_version = False  # the supervisor speaks another control protocol: none to report to
@@ -124,6 +128,12 @@ class WorkerSession:
                     await self._refuse(*self._handshake, GatewayError("internal_error"))
         finally:
             with anyio.CancelScope(shield=True):
+                translation = self.relay.translation
+                if translation is not None and self._live_at is not None:  # wall_clock: the session's time
+                    translation.clock_to((self._closed_at or time.monotonic()) - self._live_at, bill=False)
+                settle = self.relay.settle_translation()
+                if settle is not None:  # audio billed ahead but never forwarded is billed back
+                    self._bill(settle)
                 end = self._spool_end()
                 await self._close_legs()  # the client is not held while a supervisor is awaited
                 await self._report_end(end)
@@ -135,7 +145,7 @@ class WorkerSession:
         self._handshake = protocol, request
         upgrade = parse_upgrade(request)
         self._client = Leg(self.client_sock)
-        url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model))
+        url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model), upgrade.translation)
         began = time.monotonic()
         try:
             upstream = await connect_upstream(
@@ -164,6 +174,7 @@ class WorkerSession:
             self.relay.settle_outcome("client_closed", None)
             return
         self.upgraded = True
+        self._live_at = time.monotonic()
         try:
             await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
         except OSError:  # the supervisor died just now: relay on; the channel watcher re-attaches
@@ -179,6 +190,10 @@ class WorkerSession:
             tg.start_soon(self._flush_channel_backlog)
             if self.relay.purse is not None:
                 tg.start_soon(self._watch_reservations)
+            if self.relay.translation is not None:
+                tg.start_soon(self._watch_billed)
+                if self.relay.translation.by_clock:
+                    tg.start_soon(self._bill_clock)
             if isinstance(self._upstream, TransportLeg):
                 await self._relay_on_transports(upstream.leftover)
             else:
@@ -274,8 +289,11 @@ class WorkerSession:
         self._execute(self.relay.from_client(data))
         if self.relay.take_client_activity():
             self._last_activity = time.monotonic()
-        if self.relay.holding and isinstance(self._client, TransportLeg) and not self._client.held:
-            self._client.hold(True)
+        if self.relay.holding:
+            if isinstance(self._client, TransportLeg) and not self._client.held:
+                self._client.hold(True)
+            if self.relay.awaiting_billed is not None:  # a translation's audio waits for Billed
+                self._billed_awaited.set()
 
     def _from_upstream(self, data: bytes) -> None:
         self._execute(self.relay.from_upstream(data))
@@ -343,6 +361,26 @@ class WorkerSession:
         self._channel_backlog.append(message)
         self._channel_ready.set()
 
+    def _translation_billed(self, seq: int) -> None:
+        """The supervisor's Billed (seq 0: none came in time): held audio goes on."""
+        self._execute(self.relay.billed(seq))
+        if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
+            self._client.hold(False)
+
+    async def _watch_billed(self) -> None:
+        """A translation session's audio waits for the supervisor's Billed at most one bill-ahead
+        interval: without a supervisor (restarting) it still runs at real time or faster."""
+        while True:
+            await self._billed_awaited.wait()
+            self._billed_awaited = anyio.Event()
+            seq = self.relay.awaiting_billed
+            if seq is None:
+                continue
+            await anyio.sleep(self.config.translation_bill_ahead_s)
+            if self.relay.awaiting_billed == seq:
+                self.log.warning("no Billed in time; audio goes on", fields={"seq": seq})
+                self._translation_billed(0)
+
     def _reservation_answered(self, version: int, held: int, granted: bool, reason: str, available: int) -> None:
         self._execute(self.relay.reserved(version, held, granted, reason, available))
         if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
@@ -384,6 +422,7 @@ class WorkerSession:
     async def _watch_closing(self) -> None:
         """A closing session finishes within the usage drain plus the close handshake timeout."""
         await self._closing.wait()
+        self._closed_at = time.monotonic()
         if self.relay.draining:
             await anyio.sleep(self.config.drain_usage_s)
             self._execute(self.relay.drain_expired())
@@ -392,6 +431,16 @@ class WorkerSession:
 
     def _end(self, code: str) -> None:
         self._execute(self.relay.end(code))
+        if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
+            self._client.hold(False)  # a translation's held audio was dropped: its close reply is read
+
+    async def _bill_clock(self) -> None:
+        """MESHRT_TRANSLATION_BILLING=wall_clock: the session's time is billed ahead once per
+        bill-ahead interval, before it is spent (docs/billing.md, Translation sessions)."""
+        interval = max(self.config.translation_bill_ahead_s, 0.05)
+        while self.relay.phase is Phase.OPEN:
+            self._execute(self.relay.translation_clock(time.monotonic() - self._live_at))
+            await anyio.sleep(interval)
 
     # --- clocks and channel -------------------------------------------------------------
 
@@ -432,6 +481,8 @@ class WorkerSession:
             if isinstance(message, StopSession):
                 self.log.info("stop requested", fields={"code": message.code})
                 self._end(message.code)
+            elif isinstance(message, Billed):
+                self._translation_billed(message.seq)
             elif isinstance(message, Reserved):
                 self._reservation_answered(
                     message.version, message.held, message.granted, message.reason, message.available
@@ -496,14 +547,18 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
     """Run one session to its end in this process; returns the exit code."""
     from .preauth import Purse
     from .session_meter import build_meter
+    from .translation import build_translation_meter
 
     forked_at = time.time()
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
     transcription_only = grant.surface == "transcription"
+    translation = None
     purse = None
-    if config.preauth and grant.surface != "sideband":
+    if grant.surface == "translation":  # billed per audio sent: no responses to reserve
+        translation = build_translation_meter(meter.meter, config.translation_bill_ahead_s, config.translation_billing)
+    elif config.preauth and grant.surface != "sideband":
         purse = Purse.for_rates(meter.meter.rates, config.response_output_cap, transcription_only)
     if grant.surface == "sideband":  # a tenant's own sideband to a call its call's worker bills
         meter, may_carry_usage = None, None
@@ -513,6 +568,7 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
 
         kind = CallSession
     session = kind(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
+    session.relay.translation = translation
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:

@@ -22,6 +22,7 @@ from .meter import UsageTotals
 from .meter import bill_response
 from .meter import bill_transcription
 from .meter import may_carry_usage
+from .translation import bill_audio
 
 
 class SessionMeter:
@@ -91,6 +92,10 @@ def bill_again(table: GrantPriceTable, increment: Increment) -> Bill:
     meter picks that model from the session's events, which only the worker sees)."""
     if increment.kind is IncrementKind.RESPONSE:
         return bill_response(table.model, response_tokens(increment.usage))
+    if increment.kind is IncrementKind.AUDIO:  # a translation session's input audio, at its model's rate
+        rates = table.get(increment.model)
+        per_minute = rates.per_minute if rates is not None and rates.kind == "translation" else None
+        return bill_audio(per_minute, increment.usage)
     tokens = transcription_tokens(increment.usage)
     if tokens is None:
         return Bill(Money.ZERO, {}, 0, True)

@@ -48,7 +48,12 @@ class UpstreamConnection:
     response: Response
 
 
-def upstream_url(base: str, query: str) -> str:
+def upstream_url(base: str, query: str, translation: bool = False) -> str:
+    """`base` (MESHRT_UPSTREAM_URL, the realtime endpoint) with the client's query; a translation
+    session's endpoint is `<base>/translations` (OpenAI's `/v1/realtime/translations`)."""
+    if translation:
+        head, mark, tail = base.partition("?")
+        base = head.rstrip("/") + "/translations" + mark + tail
     sep = "&" if "?" in base else "?"
     return f"{base}{sep}{query}" if query else base
 
