@@ -87,6 +87,7 @@ class CallRequest:
 
     model: str | None
     transcription: bool = False
+    translation: bool = False
     beta: bool = False
     surface: str = "webrtc"
     call_id: str | None = None
