@@ -263,7 +263,7 @@ class Zygote:
         return pool.private_bytes(rollup)
 
     def _read_memory(self) -> None:
-        """Read the next MEMORY_BATCH workers of this round (a read costs ~0.5 ms: the zygote
+        """Read the next MEMORY_BATCH workers of this round (a read costs ~0.6 ms: the zygote
         must not stop forking for the whole node's); the round's end updates the totals."""
         if not self.memory_round:
             for pid in list(self.reporting):
@@ -327,9 +327,7 @@ class Zygote:
         )
 
     def _periodic(self, now: float) -> None:
-        if self.memory_round:
-            self._read_memory()
-        elif now >= self.next_memory:
+        if self.memory_round or now >= self.next_memory:  # a round under way, or one due
             self._read_memory()
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL_S
