@@ -8,6 +8,9 @@ Layers (docs/security.md says what each one stops and how to check it on a runni
 - `secrets` (supervisor, front door): the secret variables are wiped from the environment block
   the process was started with (what /proc/<pid>/environ shows, even to root) and removed from
   `os.environ` once the settings are read.
+- `own_uid` (workers, when the node runs as root): each worker runs under a uid and gid of its
+  own from MESHRT_WORKER_UIDS, with no other group: it cannot signal, trace or read another
+  process, nor open the node's files (the state dir is 0700: the database, the spools).
 - `no_new_privs` (workers): prctl(PR_SET_NO_NEW_PRIVS, 1): no execve can gain privileges.
 - `rlimits` (workers): no core files, CPU time capped, file size capped, hard limits equal to
   soft ones (a non-root worker cannot raise them; seccomp forbids setrlimit for all).
@@ -146,6 +149,42 @@ def limit_worker(mode: str, max_session_s: float) -> list[str]:
         except (OSError, ValueError) as exc:
             _failed(mode, layer, exc)
     return layers
+
+
+def become_worker_user(uid: int) -> None:
+    """In a new worker, before any session byte: drop root for a uid and gid of its own, with no
+    other group. No other process runs under that uid, so the worker cannot signal, trace or read
+    any of them, nor open the node's files (the state dir is 0700): it re-attaches through an
+    abstract socket (supervisor.supervisor.reattach_address)."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid):  # pragma: no cover - the kernel said yes and did not
+        raise SandboxError(errno.EPERM, f"still uid {os.getresuid()} after setresuid({uid})")
+
+
+class WorkerUids:
+    """The zygote's book of workers' uids (MESHRT_WORKER_UIDS, FIRST..LAST): each held by one
+    live worker at a time, freed when the worker is reaped."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last = first, last
+        self.next = first
+        self.held: dict[int, int] = {}  # pid -> uid
+
+    def take(self) -> int:
+        in_use = set(self.held.values())
+        for _ in range(self.last - self.first + 1):
+            uid, self.next = self.next, self.first if self.next >= self.last else self.next + 1
+            if uid not in in_use:
+                return uid
+        raise SandboxError(errno.EAGAIN, "every worker uid of MESHRT_WORKER_UIDS is in use")
+
+    def hold(self, pid: int, uid: int) -> None:
+        self.held[pid] = uid
+
+    def free(self, pid: int) -> None:
+        self.held.pop(pid, None)
 
 
 def _worker_rlimits(max_session_s: float) -> None:
@@ -314,9 +353,10 @@ def confine_worker(mode: str) -> list[str]:
     return ["seccomp"]
 
 
-def probe(mode: str, max_session_s: float = 60.0) -> dict[str, str | None]:
+def probe(mode: str, max_session_s: float = 60.0, uids: tuple[int, int] | None = None) -> dict[str, str | None]:
     """Which worker layers install on this host: each layer -> None (it does) or why not. Runs
-    them in a forked child that exits at once, so nothing here is confined."""
+    them in a forked child that exits at once, so nothing here is confined. `uids`: the range
+    of MESHRT_WORKER_UIDS, whose first uid the child takes (`own_uid`)."""
     if mode == "off":
         return {}
     result: dict[str, str | None] = {}
@@ -326,7 +366,9 @@ def probe(mode: str, max_session_s: float = 60.0) -> dict[str, str | None]:
     if pid == 0:  # pragma: no cover - the child
         os.close(read_end)
         lines = []
+        own_uid = [("own_uid", lambda: become_worker_user(uids[0]))] if uids else []
         for layer, install in (
+            *own_uid,
             ("nondumpable", set_nondumpable),
             ("no_new_privs", set_no_new_privs),
             ("rlimits", lambda: _worker_rlimits(max_session_s)),
@@ -350,7 +392,7 @@ def probe(mode: str, max_session_s: float = 60.0) -> dict[str, str | None]:
         result[layer] = error or None
     if unavailable is not None:
         result["seccomp"] = unavailable
-    for layer in WORKER_LAYERS:
+    for layer in (("own_uid",) if uids else ()) + WORKER_LAYERS:
         result.setdefault(layer, "probe failed")
     return result
 

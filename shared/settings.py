@@ -71,6 +71,26 @@ def _port(name: str, raw: str) -> int:
         raise SettingsError(f"{name}: {exc}") from None
 
 
+# Where workers' uids come from when the node runs as root and MESHRT_WORKER_UIDS is `auto`:
+# far above any login's or a rootless container's subordinate ids (docs/security.md)
+DEFAULT_WORKER_UIDS = (2_100_000_000, 2_100_999_999)
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged"
+
+
+def _uid_range(name: str, raw: str) -> tuple[int, int] | str:
+    """`auto`, `off`, or FIRST-LAST: the uids workers run under (each its own)."""
+    if raw in ("auto", "off"):
+        return raw
+    first, sep, last = raw.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise SettingsError(f"{name}: expected auto, off or FIRST-LAST (uids), got {raw!r}") from None
+    if not sep or not 0 < low < high <= MAX_ID:
+        raise SettingsError(f"{name}: FIRST-LAST needs 0 < FIRST < LAST <= {MAX_ID}, got {raw!r}")
+    return low, high
+
+
 def _ws_url(name: str, raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -173,6 +193,15 @@ class Settings:
     translation_billing: str = "audio"  # audio | wall_clock: what a translation session's minutes are of
     max_response_output_tokens: int = 4096  # what a response with no smaller limit is reserved for
     sandbox: str = "on"  # off | on | require: the layers of shared/sandbox.py (docs/security.md)
+    # auto | off | (FIRST, LAST): each worker runs under a uid of its own (docs/security.md)
+    worker_uids: tuple[int, int] | str = "auto"
+
+    @property
+    def worker_uid_range(self) -> tuple[int, int] | None:
+        """(FIRST, LAST) when workers get uids of their own: set, or `auto` on a root node."""
+        if self.worker_uids == "off" or (self.worker_uids == "auto" and os.geteuid() != 0):
+            return None
+        return DEFAULT_WORKER_UIDS if self.worker_uids == "auto" else self.worker_uids
 
     @property
     def db_url(self) -> str:
@@ -235,6 +264,7 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_TRANSLATION_BILLING": ("translation_billing", _choice("audio", "wall_clock")),
     "MESHRT_MAX_RESPONSE_OUTPUT_TOKENS": ("max_response_output_tokens", _positive_int),
     "MESHRT_SANDBOX": ("sandbox", _choice("off", "on", "require")),
+    "MESHRT_WORKER_UIDS": ("worker_uids", _uid_range),
 }
 
 SECRET_VARIABLES = ("OPENAI_API_KEY", "MESHRT_ADMIN_TOKEN", "MESHRT_DATABASE_URL")
@@ -303,6 +333,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = ",".join(str(n) for n in value)
         elif isinstance(value, bool):
             value = "1" if value else "0"
+        elif name == "worker_uids" and isinstance(value, tuple):
+            value = f"{value[0]}-{value[1]}"
         elif name == "database_url":
             value = settings.db_url
         out[variable] = str(value)

@@ -116,6 +116,7 @@ async def start_zygote(settings: Settings) -> tuple[Child, socket.socket]:
                 str(settings.warm_pool_bounds[1]),
                 "--sandbox",
                 settings.sandbox,
+                *(["--worker-uids", "%d-%d" % settings.worker_uid_range] if settings.worker_uid_range else []),
             ],
             [theirs.fileno()],
             scrubbed_env(),

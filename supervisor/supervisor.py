@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -154,6 +155,7 @@ class Supervisor:
             sandbox=settings.sandbox,
         )
         self.engine = None
+        self.reattach_listener: socket.socket | None = None  # workers under their own uids
         self.tg = None
         self._drain_wait: anyio.CancelScope | None = None  # a second signal cancels it
         self.checking_quota: set[str] = set()  # accounts whose balance is being confirmed
@@ -162,9 +164,17 @@ class Supervisor:
     # --- start-up -------------------------------------------------------------------------
 
     def _prepare_dirs(self) -> None:
+        """The state dir, the run dir and the spools: this node's alone (0700; with workers under
+        uids of their own, none of them can open anything in there)."""
         for path in (self.settings.state_dir, self.run_dir, self.settings.spool_dir):
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o700)
+
+    def _may_connect(self, uid: int) -> bool:
+        """Who may connect to the control socket: this node's own processes, and its workers
+        (to re-attach; a Handoff is taken only from its front door, by pid)."""
+        uids = self.settings.worker_uid_range
+        return uid == os.getuid() or (uids is not None and uids[0] <= uid <= uids[1])
 
     async def _start_zygote(self) -> None:
         self.zygote, self.zygote_channel = await processes.start_zygote(self.settings)
@@ -195,7 +205,19 @@ class Supervisor:
             os.umask(old_umask)
         handoffs.listen(512)
         handoffs.setblocking(False)
+        if self.settings.worker_uid_range is not None:
+            self.reattach_listener = self._bind_reattach()
         return listener, handoffs
+
+    def _bind_reattach(self) -> socket.socket:
+        """Workers under uids of their own cannot open anything in the state dir, the control
+        socket's included: they re-attach through an abstract socket (no file, so no permission
+        but the connecting uid's, which `_may_connect` checks) named after this node and state dir."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.bind(self.worker_config.control_socket)
+        sock.listen(512)
+        sock.setblocking(False)
+        return sock
 
     async def _start_frontdoor(self, listener: socket.socket) -> None:
         self.frontdoor = await processes.start_frontdoor(self.settings, listener, self.node)
@@ -209,6 +231,8 @@ class Supervisor:
     async def run(self) -> int:
         self._prepare_dirs()
         self.node = self.node or node_identity(self.settings)
+        if self.settings.worker_uid_range is not None:
+            self.worker_config = dataclasses.replace(self.worker_config, control_socket=reattach_address(self))
         await self._start_zygote()
         try:
             return await self._run()
@@ -241,6 +265,8 @@ class Supervisor:
             tg.start_soon(self._refresh_balances)
             tg.start_soon(self._publish_metrics)
             tg.start_soon(self._accept_handoffs, handoffs)
+            if self.reattach_listener is not None:
+                tg.start_soon(self._accept_handoffs, self.reattach_listener)
             tg.start_soon(self._read_zygote)
             tg.start_soon(self._watch_frontdoor, listener)
             tg.start_soon(self._watch_signals)
@@ -341,7 +367,7 @@ class Supervisor:
                 conn, _ = handoffs.accept()
             except BlockingIOError:
                 continue
-            if control.peer_uid(conn) != os.getuid():
+            if not self._may_connect(control.peer_uid(conn)):
                 log.warning("handoff from another user refused")
                 conn.close()
                 continue
@@ -1076,7 +1102,7 @@ def sandbox_start(settings: Settings) -> bool:
     except sandbox.SandboxError as exc:
         log.critical("sandbox: %s; refusing to start (MESHRT_SANDBOX=require)", exc)
         return False
-    workers = sandbox.probe(mode, settings.max_session_s)
+    workers = sandbox.probe(mode, settings.max_session_s, settings.worker_uid_range)
     missing = {layer: why for layer, why in workers.items() if why is not None}
     log.info(
         "sandbox: %s; processes: %s; workers: %s%s",
@@ -1092,7 +1118,16 @@ def sandbox_start(settings: Settings) -> bool:
     return True
 
 
+def reattach_address(supervisor: Supervisor) -> str:
+    """The abstract unix socket workers under uids of their own re-attach through: the same for
+    every supervisor of this node and state dir, another for any other."""
+    digest = hashlib.sha256(f"{supervisor.node}\0{supervisor.settings.state_dir.resolve()}".encode()).hexdigest()
+    return f"\0meshrt-reattach-{digest[:24]}"
+
+
 def serve(settings: Settings) -> int:
+    # everything this node writes is its own: a worker under another uid opens none of it
+    os.umask(0o077)
     if not sandbox_start(settings):
         return EXIT_SANDBOX
     return anyio.run(Supervisor(settings).run)

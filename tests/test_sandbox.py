@@ -349,7 +349,8 @@ def test_a_live_worker_is_confined(gateway_factory, backend, tenant, engine):
     assert ended_record(engine, request_id).end_reason == "client_closed"
     assert ended_record(engine, request_id).cost_pico > 0
     log = gateway.log_text()
-    assert "sandbox: on; processes: nondumpable, secrets; workers: nondumpable, no_new_privs, rlimits, seccomp" in log
+    layers = "workers: own_uid, nondumpable, no_new_privs, rlimits, seccomp"  # the suite runs as root
+    assert f"sandbox: on; processes: nondumpable, secrets; {layers}" in log
     assert "NOT active" not in log
 
 
@@ -471,3 +472,110 @@ def test_file_size_is_capped_unless_stderr_is_a_file(tmp_path):
 
     assert fsize(False) == (f"ok: {sandbox.WORKER_MAX_FILE_BYTES}", None)
     assert fsize(True) == (f"ok: {resource.getrlimit(resource.RLIMIT_FSIZE)[0]}", None)
+
+
+# --- workers under uids of their own (the node runs as root: MESHRT_WORKER_UIDS) ---------------
+
+
+def _ids(pid: int) -> dict[str, list[str]]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.split() for k, _, v in (line.partition(":") for line in f) if k in ("Uid", "Gid", "Groups")}
+
+
+def test_each_live_worker_runs_under_a_uid_of_its_own(gateway_factory, tenant, engine):
+    """Two sessions at once: two workers, two uids of the range (real, effective, saved and fs
+    uid and gid alike), no supplementary group; both relay and bill; and a worker under its uid
+    can neither signal the other nor open the node's state."""
+    assert os.geteuid() == 0, "the suite runs as root (CI and this machine kind do)"
+    gw = gateway_factory(MESHRT_WORKER_UIDS="3000000000-3000000099")
+
+    async def go():
+        async with connect_ws(gw.ws_url, key=tenant.key) as a, connect_ws(gw.ws_url, key=tenant.key) as b:
+            ids = []
+            for ws in (a, b):
+                await recv_json(ws)
+                request_id = ws.response.headers["x-request-id"]
+                pid = wait_for(lambda: _live_worker_pid(engine, request_id), 10, 0.05, "the worker")  # noqa: B023
+                ids.append((pid, _ids(pid), request_id))
+            for ws in (a, b):
+                await ws.send('{"type": "response.create"}')
+                while (await recv_json(ws))["type"] != "response.done":
+                    pass
+            # from a process under the first worker's uid (as its worker is): the other worker,
+            # the supervisor, the state dir, the database, the path of the control socket
+            uid, other = int(ids[0][1]["Uid"][0]), ids[1][0]
+            attempts = {
+                "kill the other worker": lambda: os.kill(other, 0),
+                "the supervisor's environment": lambda: _open(f"/proc/{gw.proc.pid}/environ"),
+                "the state dir": lambda: os.listdir(gw.state_dir),
+                "the database": lambda: _open(gw.state_dir / "meshrt.db"),
+                "a spool": lambda: os.listdir(gw.state_dir / "spool"),
+                "the control socket's path": lambda: _connect_seqpacket(str(gw.state_dir / "run" / "control.sock")),
+            }
+            refused = {what: _in_child(attempt, sandboxed=False, uid=uid)[0] for what, attempt in attempts.items()}
+            return ids, refused
+
+    ids, refused = run(go())
+    uids = []
+    for _pid, status, _request_id in ids:
+        uid = int(status["Uid"][0])
+        assert status["Uid"] == [str(uid)] * 4 and status["Gid"] == [str(uid)] * 4, status
+        assert status["Groups"] == [], status
+        assert 3000000000 <= uid <= 3000000099
+        uids.append(uid)
+    assert len(set(uids)) == 2, uids
+    for what, said in refused.items():
+        assert said in (EPERM, f"OSError {errno.EACCES}"), (what, said)
+    for _pid, _status, request_id in ids:
+        row = ended_record(engine, request_id)
+        assert row.end_reason == "client_closed" and row.cost_pico > 0
+    assert "workers: own_uid, nondumpable" in gw.log_text()
+
+
+def _connect_seqpacket(path: str) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(path)
+    finally:
+        sock.close()
+
+
+def test_workers_keep_the_nodes_uid_when_told_to(gateway_factory, tenant, engine):
+    gw = gateway_factory(MESHRT_WORKER_UIDS="off")
+
+    async def go():
+        async with connect_ws(gw.ws_url, key=tenant.key) as ws:
+            await recv_json(ws)
+            request_id = ws.response.headers["x-request-id"]
+            pid = wait_for(lambda: _live_worker_pid(engine, request_id), 10, 0.05, "the worker")
+            return _ids(pid)
+
+    assert run(go())["Uid"] == [str(os.geteuid())] * 4
+    assert "workers: nondumpable, no_new_privs" in gw.log_text()
+
+
+def test_worker_uids_are_handed_out_once_each_and_reused_when_freed():
+    book = sandbox.WorkerUids(100, 102)
+    taken = [book.take() for _ in range(3)]
+    assert taken == [100, 101, 102]
+    for pid, uid in zip((1, 2, 3), taken, strict=True):
+        book.hold(pid, uid)
+    with pytest.raises(sandbox.SandboxError):
+        book.take()  # every uid held by a live worker: none is shared
+    book.free(2)
+    assert book.take() == 101
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [("100", "FIRST-LAST"), ("5-3", "0 < FIRST < LAST"), ("0-10", "0 < FIRST < LAST"), ("a-b", "expected auto")],
+)
+def test_bad_worker_uid_ranges_are_told(raw, says):
+    from meshrt.shared.settings import SettingsError
+    from meshrt.shared.settings import load_settings
+
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"MESHRT_WORKER_UIDS": raw})
+    assert "MESHRT_WORKER_UIDS" in str(refused.value) and says in str(refused.value)
+    assert load_settings({"MESHRT_WORKER_UIDS": "10-20"}).worker_uid_range == (10, 20)
+    assert load_settings({"MESHRT_WORKER_UIDS": "off"}).worker_uid_range is None

@@ -132,8 +132,11 @@ class Zygote:
     """Forks workers, keeping `warm` idle ones forked ahead: a session then starts in a process
     that already exists (its fork and first page faults paid off the set-up path)."""
 
-    def __init__(self, channel: socket.socket, floor: int, ceiling: int):
+    def __init__(
+        self, channel: socket.socket, floor: int, ceiling: int, uids: sandbox.WorkerUids | None = None, mode="on"
+    ):
         self.channel = channel
+        self.uids, self.mode = uids, mode  # each worker's own uid (MESHRT_WORKER_UIDS), when root
         self.floor, self.ceiling = floor, max(floor, ceiling)
         self.warm = floor  # the pool's size now: pool.pool_target's, decided once a second
         self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
@@ -171,13 +174,36 @@ class Zygote:
         for fd in self.smaps.values():  # else they hold fd numbers past the worker's RLIMIT_NOFILE
             os.close(fd)
 
+    def _own_uid(self) -> int | None:
+        """The uid the next worker runs under, or None (workers keep the zygote's)."""
+        if self.uids is None:
+            return None
+        try:
+            return self.uids.take()
+        except sandbox.SandboxError as exc:
+            log.error("no worker uid free; this worker keeps the zygote's", extra={"fields": {"error": str(exc)}})
+            return None
+
+    def _become(self, uid: int | None) -> None:
+        """In the child, first thing: its own uid (under `require`, none: it exits)."""
+        if uid is None:
+            return
+        try:
+            sandbox.become_worker_user(uid)
+        except OSError as exc:
+            log.error("worker uid not taken", extra={"fields": {"uid": uid, "error": str(exc)}})
+            if self.mode == "require":
+                os._exit(78)
+
     def _fork_idle(self, rehearse: bool) -> None:
         ours, theirs = control.seqpacket_pair()
         forked_at = time.monotonic()
+        uid = self._own_uid()
         pid = os.fork()
         if pid == 0:
             ours.close()
             self._post_fork()
+            self._become(uid)
             try:
                 if rehearse:
                     warmup.rehearse(self.backend)
@@ -195,6 +221,8 @@ class Zygote:
             theirs.close()
             _run_session(spawn, fds)
         theirs.close()
+        if uid is not None:
+            self.uids.hold(pid, uid)
         self.idle[pid] = ours
         self.reporting[pid] = ours
         if rehearse:
@@ -202,14 +230,18 @@ class Zygote:
 
     def _fork_session(self, spawn, fds: list[int]) -> int:
         ours, theirs = control.seqpacket_pair()
+        uid = self._own_uid()
         pid = os.fork()
         if pid == 0:
             ours.close()
             self._post_fork()
+            self._become(uid)
             _report_memory(theirs)
             theirs.close()
             _run_session(spawn, fds)
         theirs.close()
+        if uid is not None:
+            self.uids.hold(pid, uid)
         self.reporting[pid] = ours
         return pid
 
@@ -241,7 +273,9 @@ class Zygote:
             sock.close()
 
     def _forget(self, pid: int) -> None:
-        """A child was reaped: its memory is no longer ours to count."""
+        """A child was reaped: its memory is no longer ours to count, its uid free again."""
+        if self.uids is not None:
+            self.uids.free(pid)
         sock = self.reporting.pop(pid, None)
         if sock is not None and self.idle.get(pid) is not sock:
             sock.close()
@@ -460,7 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-min", type=int, default=0, help="idle workers kept forked ahead, at least")
     parser.add_argument("--warm-max", type=int, default=0, help="idle workers kept forked ahead, at most")
     parser.add_argument("--sandbox", choices=sandbox.MODES, default="on")
+    parser.add_argument("--worker-uids", default="", help="FIRST-LAST: each worker runs under one of these uids")
     args = parser.parse_args(argv)
+    uids = None
+    if args.worker_uids:
+        first, _, last = args.worker_uids.partition("-")
+        uids = sandbox.WorkerUids(int(first), int(last))
     sandbox.harden_process(args.sandbox)  # non-dumpable: its children (workers) inherit it
     sandbox.refuse_io_uring(args.sandbox)  # before any event loop: libuv runs on epoll alone
     channel = socket.socket(fileno=args.channel_fd)
@@ -469,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("worker", args.log_level)
     _preimport()
     _raise_fd_limit()
-    return Zygote(channel, max(0, args.warm_min), max(0, args.warm_max)).serve()
+    return Zygote(channel, max(0, args.warm_min), max(0, args.warm_max), uids, args.sandbox).serve()
 
 
 if __name__ == "__main__":
