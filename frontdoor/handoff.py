@@ -13,6 +13,7 @@ gate, and then either:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import socket
@@ -24,6 +25,7 @@ import anyio
 from meshrt.shared import control
 from meshrt.shared.control import Handoff
 from meshrt.shared.control import HandoffAck
+from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import GatewayError
 from meshrt.shared.errors import http_error_body
 from meshrt.shared.handshake import accept_bytes
@@ -50,6 +52,10 @@ def http_response(status: int, reason: str, body: dict, request_id: str, extra: 
     return head.encode() + payload
 
 
+# The node's own refusals (it drains, it is full): another node may take the session.
+NODE_REFUSALS = ("server_shutting_down", "server_at_capacity")
+
+
 class HandoffProtocol(asyncio.Protocol):
     """Instantiated by uvicorn per upgrade; `admit` and `new_request_id` are set by `protocol_class`."""
 
@@ -58,6 +64,7 @@ class HandoffProtocol(asyncio.Protocol):
     control_socket: str
     on_refused: Callable[[str, str], None]
     give_back: Callable[[], None] = staticmethod(lambda: None)  # the connection's place in its peer's count
+    trusted_proxies: tuple = ()  # MESHRT_FORWARDED_ALLOW_IPS
 
     def __init__(self, config, server_state, app_state, _loop=None):
         self.loop = _loop or asyncio.get_event_loop()
@@ -138,8 +145,22 @@ class HandoffProtocol(asyncio.Protocol):
             return self._release()
         if ack.error_code is not None:
             self.on_refused(grant.session_id, ack.error_code)
+            if ack.error_code in NODE_REFUSALS and self._forwarded(upgrade, peer_ip):
+                # an edge proxy can send this upgrade to another node: tell it so, before any 101
+                spec = ERRORS[ack.error_code]
+                return self._http_error(503, "Service Unavailable", ack.error_code, spec.message, request_id)
             return await self._refuse(protocol, request, ack.error_code, request_id)
         self._release()
+
+    def _forwarded(self, upgrade, peer_ip: str | None) -> bool:
+        """Forwarded by an edge proxy of ours (a peer of MESHRT_FORWARDED_ALLOW_IPS that says whom
+        for): it retries another node on a 503 (deploy/nginx.conf's proxy_next_upstream)."""
+        try:
+            peer = ipaddress.ip_address(peer_ip) if peer_ip else None
+        except ValueError:
+            return False
+        trusted = peer is not None and any(peer in net for net in self.trusted_proxies)
+        return trusted and bool(upgrade.headers.get_all("X-Forwarded-For"))
 
     async def _hand_off(self, grant, request: bytes) -> HandoffAck | None:
         """The supervisor's answer; a refusal of our own if the handoff could not be sent; None if
@@ -186,12 +207,15 @@ class HandoffProtocol(asyncio.Protocol):
         self.transport.close()
 
     def _http_error(self, status: int, reason: str, code: str, message: str, request_id: str) -> None:
-        body = http_error_body(code, message, "invalid_request_error", request_id)
+        kind = ERRORS[code].type if code in ERRORS else "invalid_request_error"
+        body = http_error_body(code, message, kind, request_id)
         self.transport.write(http_response(status, reason, body, request_id))
         self.transport.close()
 
 
-def protocol_class(admit, new_request_id, control_socket: str, on_refused) -> type[HandoffProtocol]:
+def protocol_class(
+    admit, new_request_id, control_socket: str, on_refused, trusted_proxies: tuple = ()
+) -> type[HandoffProtocol]:
     """A HandoffProtocol bound to this front door's gate (uvicorn wants a class, not an instance)."""
     return type(
         "BoundHandoffProtocol",
@@ -201,5 +225,6 @@ def protocol_class(admit, new_request_id, control_socket: str, on_refused) -> ty
             "new_request_id": staticmethod(new_request_id),
             "control_socket": control_socket,
             "on_refused": staticmethod(on_refused),
+            "trusted_proxies": trusted_proxies,
         },
     )

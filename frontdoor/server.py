@@ -366,6 +366,7 @@ def build(settings, node: str):
         new_request_id=new_request_id,
         control_socket=str(settings.control_socket),
         on_refused=ctx.refuse_granted,
+        trusted_proxies=settings.forwarded_allow_ips,
     )
     return create_app(ctx), protocol
 

@@ -65,15 +65,19 @@ class Edge:
         return {p.name: p.read_text(errors="replace") for p in sorted((self.prefix / "logs").glob("*.log"))}
 
 
-def render(prefix: Path, upstream_port: int, tls_port: int, plain_port: int, internal_port: int, cert, key) -> str:
-    """The shipped file with this host's ports, certificate and log directory: each replaced
-    string must be there exactly once, so the file cannot drift away from what is tested."""
+def render(
+    prefix: Path, upstream_ports: list[int], tls_port: int, plain_port: int, internal_port: int, cert, key
+) -> str:
+    """The shipped file with this host's ports (a node per upstream port), certificate and log
+    directory: each replaced string must be there exactly once, so the file cannot drift away
+    from what is tested."""
     text = SHIPPED.read_text()
+    nodes = "\n    ".join(f"server 127.0.0.1:{port};" for port in upstream_ports)
     for old, new, count in [
         ("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;", 1),
         ("listen 80;", f"listen 127.0.0.1:{plain_port};", 1),
         ("listen 127.0.0.1:8081;", f"listen 127.0.0.1:{internal_port};", 1),
-        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};", 1),
+        ("server 127.0.0.1:8080;", nodes, 1),
         ("/etc/ssl/certs/realtime.example.com.pem", str(cert), 1),
         ("/etc/ssl/private/realtime.example.com.key", str(key), 1),
         ("/var/log/nginx/", f"{prefix}/logs/", 6),
@@ -109,7 +113,7 @@ def nginx_t(conf: Path, prefix: Path) -> subprocess.CompletedProcess:
     return subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True, text=True, timeout=30)
 
 
-def start_edge(tmp: Path, upstream_port: int) -> Edge:
+def start_edge(tmp: Path, upstream_port: int | list[int]) -> Edge:
     import trustme
 
     prefix = tmp / "nginx"
@@ -124,7 +128,8 @@ def start_edge(tmp: Path, upstream_port: int) -> Edge:
     leaf.private_key_pem.write_to_path(key)
     ports = free_port(), free_port(), free_port()
     site = prefix / "conf" / "meshrt.conf"
-    site.write_text(render(prefix, upstream_port, *ports, cert, key))
+    upstream_ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+    site.write_text(render(prefix, upstream_ports, *ports, cert, key))
     conf = prefix / "conf" / "nginx.conf"
     conf.write_text(main_conf(prefix, site))
     checked = nginx_t(conf, prefix)
