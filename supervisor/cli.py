@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="production: supervisor + front door + workers")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=_port, default=None)
+    serve.add_argument(
+        "--keep", action="store_true", help="start the supervisor again if it dies, leaving its workers to re-attach"
+    )
 
     sim = sub.add_parser("sim", help="the OpenAI Realtime upstream simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -186,6 +189,12 @@ def _dispatch(args, settings) -> int:
         argv += ["--tls-cert", args.tls_cert] if args.tls_cert else []
         argv += ["--tls-key", args.tls_key] if args.tls_key else []
         return simulator.main(argv)
+    if args.command == "serve" and args.keep:
+        from .keeper import keep
+
+        logs.configure("keeper", settings.log_level)
+        argv = ["serve", *(["--host", args.host] if args.host else [])]
+        return keep(argv + (["--port", str(args.port)] if args.port is not None else []))
     if args.command == "serve":
         from .supervisor import exit_process
         from .supervisor import serve

@@ -215,7 +215,7 @@ class Gateway:
 
 
 def start_gateway(
-    tmp: Path, database_url: str, upstream_url: str, state: Path | None = None, **env_overrides
+    tmp: Path, database_url: str, upstream_url: str, state: Path | None = None, command=("serve",), **env_overrides
 ) -> Gateway:
     state = state or tmp / f"state-{secrets.token_hex(3)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRT_") and k != "OPENAI_API_KEY"}
@@ -237,7 +237,7 @@ def start_gateway(
     env.update({k: str(v) for k, v in env_overrides.items()})
     stderr_path = tmp / f"gateway-{secrets.token_hex(3)}.err"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshrt.supervisor.cli", "serve"],
+        [sys.executable, "-m", "meshrt.supervisor.cli", *command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=open(stderr_path, "ab"),

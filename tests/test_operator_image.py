@@ -54,7 +54,7 @@ def test_final_stage_is_unprivileged_supervised_and_has_no_build_tools():
     assert user and user[-1].split(":")[0].isdigit() and int(user[-1].split(":")[0]) >= 1000
     entrypoint = [args for name, args in final if name == "ENTRYPOINT"][-1]
     assert yaml.safe_load(entrypoint) == ["tini", "--", "meshrt"]
-    assert yaml.safe_load([args for name, args in final if name == "CMD"][-1]) == ["serve"]
+    assert yaml.safe_load([args for name, args in final if name == "CMD"][-1]) == ["serve", "--keep"]
     health = [args for name, args in final if name == "HEALTHCHECK"]
     assert health and "/healthz" in health[-1] and "MESHRT_PORT" in health[-1]
     env = " ".join(args for name, args in final if name == "ENV")
