@@ -116,6 +116,11 @@ async def start_zygote(settings: Settings) -> tuple[Child, socket.socket]:
                 str(settings.warm_pool_bounds[1]),
                 "--sandbox",
                 settings.sandbox,
+                *(  # not a secret: pool workers open their upstream connection ahead (worker/preconnect.py)
+                    ["--upstream-url", settings.upstream_url, "--preconnect-s", str(settings.upstream_preconnect_s)]
+                    if settings.upstream_preconnect_s > 0
+                    else []
+                ),
             ],
             [theirs.fileno()],
             scrubbed_env(),

@@ -113,6 +113,7 @@ class WorkerSession:
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
         self.sandbox: list[str] = []  # the seccomp layer, once loaded
         self._refused_version = False  # the supervisor speaks another control protocol: none to report to
+        self.preconnected = None  # the pool worker's upstream connection opened ahead (worker/preconnect.py)
 
     # --- entry --------------------------------------------------------------------------
 
@@ -147,6 +148,9 @@ class WorkerSession:
         self._client = Leg(self.client_sock)
         url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model), upgrade.translation)
         began = time.monotonic()
+        preconnected, self.preconnected = self.preconnected, None
+        if preconnected is not None:
+            self.setup["preconnected_s"] = round(began - preconnected.opened_at, 3)  # its age
         try:
             upstream = await connect_upstream(
                 url,
@@ -154,6 +158,7 @@ class WorkerSession:
                 self.config.upstream_key,
                 self.config.upstream_connect_timeout_s,
                 self.config.upstream_attempts,
+                preconnected,
             )
         except GatewayError as error:
             self.log.warning("upstream connect failed", fields={"code": error.code, "cause": repr(error.__cause__)})
@@ -543,8 +548,17 @@ class WorkerSession:
         self.log.info("session ended", fields=fields)
 
 
-def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:
-    """Run one session to its end in this process; returns the exit code."""
+def run(
+    grant: Grant,
+    config: WorkerConfig,
+    request: bytes,
+    client_fd: int,
+    channel_fd: int,
+    spool_fd: int,
+    preconnected=None,
+) -> int:
+    """Run one session to its end in this process; returns the exit code. `preconnected`: an
+    upstream connection this pool worker opened ahead (worker/preconnect.py), or None."""
     from .preauth import Purse
     from .session_meter import build_meter
     from .translation import build_translation_meter
@@ -569,6 +583,11 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
         kind = CallSession
     session = kind(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.relay.translation = translation
+    if preconnected is not None:
+        if kind is WorkerSession:
+            session.preconnected = preconnected
+        else:  # a call's worker joins its sideband by its own connect
+            preconnected.close()
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:

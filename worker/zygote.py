@@ -7,6 +7,8 @@ socket, worker channel, spool file) → Spawned out; every reaped child → Work
 It keeps idle workers forked ahead (`--warm-min` to `--warm-max`, sized by worker/pool.py from
 the measured arrival rate, set-up time and memory), each waiting on its own socket for a Spawn
 after rehearsing the set-up path (warmup.rehearse), so that its first page faults are paid early.
+Given the upstream URL (never the key), an idle worker also opens its upstream connection ahead
+(worker/preconnect.py), so its session has only the WebSocket upgrade left.
 Every worker sends it an fd of its own smaps_rollup (WorkerMemory): the zygote reads their PSS
 and reports the pool and that memory to the supervisor (PoolStatus) once a second.
 
@@ -29,6 +31,7 @@ import time
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.worker import pool
+from meshrt.worker import preconnect
 from meshrt.worker import warmup
 
 log = logging.getLogger("meshrt.zygote")
@@ -112,7 +115,7 @@ def _limit_resources(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_MAX_FDS, WORKER_MAX_FDS))
 
 
-def _run_session(spawn, fds: list[int]) -> None:
+def _run_session(spawn, fds: list[int], preconnected: preconnect.Preconnected | None = None) -> None:
     """The worker's whole life after the fork; never returns into the zygote's code."""
     code = 70
     try:
@@ -121,7 +124,7 @@ def _run_session(spawn, fds: list[int]) -> None:
         from meshrt.worker.session import run
 
         client_fd, channel_fd, spool_fd = fds
-        code = run(spawn.grant, spawn.config, spawn.request, client_fd, channel_fd, spool_fd)
+        code = run(spawn.grant, spawn.config, spawn.request, client_fd, channel_fd, spool_fd, preconnected)
     except BaseException:  # noqa: BLE001 - the child must never unwind into the zygote loop
         log.exception("worker failed before its session ran")
     finally:
@@ -132,8 +135,11 @@ class Zygote:
     """Forks workers, keeping `warm` idle ones forked ahead: a session then starts in a process
     that already exists (its fork and first page faults paid off the set-up path)."""
 
-    def __init__(self, channel: socket.socket, floor: int, ceiling: int):
+    def __init__(
+        self, channel: socket.socket, floor: int, ceiling: int, upstream_url: str = "", preconnect_s: float = 0.0
+    ):
         self.channel = channel
+        self.upstream_url, self.preconnect_s = upstream_url, preconnect_s  # pool workers connect ahead
         self.floor, self.ceiling = floor, max(floor, ceiling)
         self.warm = floor  # the pool's size now: pool.pool_target's, decided once a second
         self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
@@ -188,12 +194,16 @@ class Zygote:
             except Exception as exc:  # noqa: BLE001 - built again when its session needs it
                 log.warning("pool worker filter not built", extra={"fields": {"error": repr(exc)}})
             _report_memory(theirs)  # before any Spawn is read: the zygote may wait for it
+            preconnected = None
             try:
-                spawn, fds = control.recv(theirs)
+                if self.upstream_url and self.preconnect_s > 0:  # before the seccomp filter, like any connect
+                    spawn, fds, preconnected = preconnect.wait_for_spawn(theirs, self.upstream_url, self.preconnect_s)
+                else:
+                    spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
-                os._exit(0)  # the zygote is gone: nothing to do
+                os._exit(0)  # the zygote is gone, or retired us: nothing to do
             theirs.close()
-            _run_session(spawn, fds)
+            _run_session(spawn, fds, preconnected)
         theirs.close()
         self.idle[pid] = ours
         self.reporting[pid] = ours
@@ -462,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-min", type=int, default=0, help="idle workers kept forked ahead, at least")
     parser.add_argument("--warm-max", type=int, default=0, help="idle workers kept forked ahead, at most")
     parser.add_argument("--sandbox", choices=sandbox.MODES, default="on")
+    parser.add_argument("--upstream-url", default="", help="pool workers open a connection here ahead (no key)")
+    parser.add_argument("--preconnect-s", type=float, default=0.0, help="...renewed this old; 0: off")
     args = parser.parse_args(argv)
     sandbox.harden_process(args.sandbox)  # non-dumpable: its children (workers) inherit it
     sandbox.refuse_io_uring(args.sandbox)  # before any event loop: libuv runs on epoll alone
@@ -471,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("worker", args.log_level)
     _preimport()
     _raise_fd_limit()
-    return Zygote(channel, max(0, args.warm_min), max(0, args.warm_max)).serve()
+    zygote = Zygote(channel, max(0, args.warm_min), max(0, args.warm_max), args.upstream_url, args.preconnect_s)
+    return zygote.serve()
 
 
 if __name__ == "__main__":
