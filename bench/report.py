@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .timeline import render_timeline
 from .translation import render_translation
 from .wan import render_wan
 
@@ -83,6 +84,8 @@ def _render_setup(s: dict) -> list[str]:
             f"direct {b['direct']['p50']} / {b['direct']['p99']}, gateway {b['gateway']['p50']} / "
             f"{b['gateway']['p99']}; refused {b['refused']['direct']} / {b['refused']['gateway']}"
         )
+    if "timeline" in s:
+        lines += render_timeline(s["timeline"])
     return lines
 
 

@@ -14,6 +14,8 @@ from .profiles import Profiler
 from .stack import Stack
 from .stack import alternate
 from .stats import compare
+from .timeline import read_sessions
+from .timeline import summarize
 
 
 def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
@@ -46,9 +48,14 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
             stack.wait_sessions_ended()
             time.sleep(0.2)
     bursts = [_burst_figure(stack, plan, size) for size in plan.burst_sizes]
+    since = time.time()
+    run_async(open_burst_counted(stack.gateway, plan.burst_size))  # one more, for its timeline
+    stack.wait_sessions_ended()
+    timeline = summarize(read_sessions(stack.tmp / "gateway.err", since))
     out = {
         "unit": "ms",
         "bursts": bursts,
+        "timeline": timeline,
         "sequential": {"connections": plan.setup_sequential, **compare(seq["direct"], seq["gateway"], 3)},
         "burst": {
             "size": plan.burst_size,

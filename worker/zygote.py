@@ -203,6 +203,9 @@ class Zygote:
             except (EOFError, OSError, control.ControlError):
                 os._exit(0)  # the zygote is gone, or retired us: nothing to do
             theirs.close()
+            from meshrt.worker import session
+
+            session.POOLED = True
             _run_session(spawn, fds, preconnected)
         theirs.close()
         self.idle[pid] = ours
