@@ -13,7 +13,8 @@ per idle worker now and then. All of it runs before the seccomp filter is loaded
 once the session's upstream handshake is done: shared/sandbox.py), without an event loop: a
 non-blocking state machine (`Preconnector`) driven by the worker's `select()` for its Spawn
 (`wait_for_spawn`). A Spawn arriving mid-connect abandons the connect; the session connects as
-without pre-connection.
+without pre-connection. Workers the zygote forks to refill a pool a burst emptied do not
+pre-connect: their Spawn is due at once.
 
 A pre-opened connection that turns out stale at the upgrade (closed or reset before any response)
 is dropped for a fresh connect, which the retry logic does not count as an attempt
@@ -275,6 +276,9 @@ def _connect_nonblocking(host: str, port: int) -> socket.socket:
 def wait_for_spawn(channel: socket.socket, url: str, max_age_s: float):
     """An idle pool worker's wait: keeps a connection to `url` open until the Spawn comes on
     `channel`. Returns (message, fds, Preconnected or None); raises as `control.recv` does."""
+    if select.select([channel], [], [], 0)[0]:  # the Spawn is here already: no connect to begin
+        message, fds = control.recv(channel)
+        return message, fds, None
     connector = Preconnector(url, max_age_s)
     try:
         while True:

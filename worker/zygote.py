@@ -196,7 +196,9 @@ class Zygote:
             _report_memory(theirs)  # before any Spawn is read: the zygote may wait for it
             preconnected = None
             try:
-                if self.upstream_url and self.preconnect_s > 0:  # before the seccomp filter, like any connect
+                # before the seccomp filter, like any connect; not by a worker forked to refill a pool
+                # a burst emptied: its Spawn is due at once, and a connect begun would be wasted
+                if self.upstream_url and self.preconnect_s > 0 and rehearse:
                     spawn, fds, preconnected = preconnect.wait_for_spawn(theirs, self.upstream_url, self.preconnect_s)
                 else:
                     spawn, fds = control.recv(theirs)
