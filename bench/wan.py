@@ -2,14 +2,17 @@
 30 ms: TCP, then the upgrade; docs/simulator.md), reached directly and through two gateways on
 loopback (a gateway near its clients): one whose pool workers open their upstream connection
 ahead (the default, MESHRT_UPSTREAM_PRECONNECT_S) and one without (`=0`). Sequential opens, the
-three paths rotating; then a burst of `burst_size` per path. Connect → `session.created`, ms.
+three paths rotating; then bursts of `burst_size`, the paths' order rotating, each gateway's sessions ended before the
+next burst. Connect → `session.created`, ms.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 from .clients import Conn
 from .clients import Target
@@ -67,6 +70,17 @@ class WanStack(Stack):
             self._wait_ready(port)
         return self
 
+    def wait_ended(self, name: str, timeout: float = 30) -> None:
+        """Wait until gateway `name` (not the direct path) has finalised every session."""
+        if name not in self.gateways:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with closing(sqlite3.connect(self.tmp / f"{name}.db", timeout=10)) as conn:
+                if not conn.execute("SELECT count(*) FROM realtime_session WHERE state != 'ended'").fetchone()[0]:
+                    return
+            time.sleep(0.05)
+
     def stop(self, keep: bool = False) -> None:
         for proc in self.gateways.values():
             _stop_process(proc)
@@ -98,20 +112,26 @@ def _measure(stack: WanStack, plan: Plan) -> dict:
             seq[name].append(conn.setup_ns / 1e6)
             conn.close()
         time.sleep(0.05)  # the gateways' pools refill (and reconnect) between opens
-    burst = {}
-    for name in PATHS:
-        times, walls, refused = [], [], 0
-        for _ in range(plan.wan_burst_rounds):
+    times = {name: [] for name in PATHS}
+    walls = {name: [] for name in PATHS}
+    refused = dict.fromkeys(PATHS, 0)
+    for r in range(plan.wan_burst_rounds):
+        for name in PATHS[r % 3 :] + PATHS[: r % 3]:
             got, wall, failed = run_async(open_burst_counted(stack.targets[name], plan.burst_size))
-            times += got
-            walls.append(wall)
-            refused += failed
-            time.sleep(1.0)  # the sessions end and the pool refills
-        burst[name] = {
-            **(summary(times, 2) if times else {}),
-            "wall_ms": round(sum(walls) / len(walls), 1),
-            "refused": refused,
+            times[name] += got
+            walls[name].append(wall)
+            refused[name] += failed
+            stack.wait_ended(name)  # a gateway's teardown must not overlap the next burst
+            time.sleep(0.5)  # the pool refills (and reconnects)
+    burst = {
+        name: {
+            **(summary(times[name], 2) if times[name] else {}),
+            "wall_ms": round(sum(walls[name]) / len(walls[name]), 1),
+            "wall_ms_each": [round(w, 1) for w in walls[name]],
+            "refused": refused[name],
         }
+        for name in PATHS
+    }
     sequential = {name: summary(values, 2) for name, values in seq.items()}
     direct = sequential["direct"]
     out = {
