@@ -82,6 +82,9 @@ def test_quick_bench_json_has_every_section(tmp_path):
         _sane_comparison(b, f"burst of {b['size']}")
         assert b["refused"] == {"direct": 0, "gateway": 0}
         assert b["gateway"]["n"] == b["direct"]["n"] == b["size"] * b["rounds"]
+    timeline = setup["timeline"]  # one more burst, its steps joined from the gateway's logs by session
+    assert timeline["sessions"] == 10 and len(timeline["steps"]) == 9
+    assert all(step["p50_ms"] >= 0 and step["end_max_ms"] <= timeline["last_live_ms"] for step in timeline["steps"])
     wan = doc["wan"]  # set-up over a WAN-delayed simulator: direct, pre-connected, not
     assert wan["rtt_ms"] == 30
     for path in ("direct", "preconnect_on", "preconnect_off"):
