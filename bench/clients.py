@@ -279,6 +279,20 @@ async def open_burst(target: Target, n: int) -> tuple[list[float], float]:
     return [t / 1e6 for t in times], wall / 1e6
 
 
+async def open_burst_counted(target: Target, n: int) -> tuple[list[float], float, int]:
+    """Open n sessions at once, counting refusals rather than failing on the first; returns
+    (set-up ms of those that opened, wall ms until the last settled, refused)."""
+    sessions = [AsyncSession(target) for _ in range(n)]
+    t0 = time.perf_counter_ns()
+    try:
+        results = await asyncio.gather(*(s.open() for s in sessions), return_exceptions=True)
+        wall = time.perf_counter_ns() - t0
+    finally:
+        await close_sessions(sessions)
+    times = [r / 1e6 for r in results if not isinstance(r, BaseException)]
+    return times, wall / 1e6, n - len(times)
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop

@@ -37,6 +37,10 @@ class Plan:
     pool_phases: tuple[tuple[float, float], ...] = ((1.0, 20.0), (20.0, 20.0), (1.0, 40.0))
     pool_hold_s: float = 1.0
     pool_tail_s: float = 0.0
+    burst_sizes: tuple[int, ...] = (50, 100)  # the burst figure: wall time until all have session.created
+    wan_rtt_ms: float = 30.0  # the WAN-delayed simulator's round trip (bench/wan.py)
+    wan_sequential: int = 100  # sequential opens per path over it
+    wan_burst_rounds: int = 3  # bursts of burst_size per path over it
 
 
 # The three plans (counts, seconds), a table kept compact: the formatter leaves it alone.
@@ -48,11 +52,12 @@ FULL = Plan("full", rtt_small=20000, rtt_large=3000, warmup=500, setup_sequentia
 QUICK = Plan("quick", rtt_small=2000, rtt_large=300, warmup=200, setup_sequential=30, burst_size=100,
              burst_rounds=1, memory_sessions=10, stream_s=3.0, settle_s=1.0, hold_s=2.0,
              capacity_steps=(10, 25, 50, 100), capacity_budget_s=20, throughput_mb=16, throughput_rounds=2,
-             loadgen_procs=1, pool_phases=((1.0, 5.0), (20.0, 5.0), (1.0, 5.0)))
+             loadgen_procs=1, pool_phases=((1.0, 5.0), (20.0, 5.0), (1.0, 5.0)), wan_sequential=30,
+             wan_burst_rounds=1)
 SMOKE = Plan("smoke", rtt_small=200, rtt_large=40, warmup=20, setup_sequential=5, burst_size=10, burst_rounds=1,
              memory_sessions=3, stream_s=1.5, settle_s=0.5, hold_s=1.0, capacity_steps=(3, 6), capacity_budget_s=15,
              throughput_mb=2, throughput_rounds=1, loadgen_procs=1, pool_phases=((1.0, 1.0), (10.0, 1.0), (1.0, 1.0)),
-             pool_hold_s=0.2)
+             pool_hold_s=0.2, burst_sizes=(5, 10), wan_sequential=4, wan_burst_rounds=1)
 # fmt: on
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .timeline import render_timeline
 from .translation import render_translation
+from .wan import render_wan
 
 TARGETS = {
     "rtt_small_added_p50_us": 40,
@@ -71,6 +73,19 @@ def _render_setup(s: dict) -> list[str]:
         f"     burst wall time: direct {s['burst']['wall_ms']['direct']} ms, "
         f"gateway {s['burst']['wall_ms']['gateway']} ms"
     )
+    for b in s.get("bursts", []):
+        if "gateway" not in b:
+            lines.append(f"   burst of {b['size']}: refused {b['refused']}")
+            continue
+        lines.append(
+            f"   burst of {b['size']} at once ({b['rounds']} each): wall until all have session.created "
+            f"direct {b['wall_ms']['direct']} ms, gateway {b['wall_ms']['gateway']} ms "
+            f"(×{round(b['wall_ms']['gateway'] / b['wall_ms']['direct'], 1)}); per session p50 / p99 "
+            f"direct {b['direct']['p50']} / {b['direct']['p99']}, gateway {b['gateway']['p50']} / "
+            f"{b['gateway']['p99']}; refused {b['refused']['direct']} / {b['refused']['gateway']}"
+        )
+    if "timeline" in s:
+        lines += render_timeline(s["timeline"])
     return lines
 
 
@@ -182,6 +197,7 @@ def render(doc: dict) -> str:
         ("throughput", _render_throughput),
         ("pool", _render_pool),
         ("translation", render_translation),
+        ("wan", render_wan),
     ):
         if key in doc:
             lines += [""] + part(doc[key])

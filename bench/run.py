@@ -33,6 +33,7 @@ from .setup_time import measure_setup
 from .stack import Stack
 from .throughput import measure_throughput
 from .translation import measure_translation
+from .wan import measure_wan
 
 
 @contextmanager
@@ -88,6 +89,7 @@ def run_bench(settings, args) -> int:
                 "capacity": lambda: measure_capacity(stack, plan, profiler),
                 "pool": lambda: measure_pool_step(stack, plan),
                 "translation": lambda: measure_translation(plan),
+                "wan": lambda: measure_wan(settings, plan),
             }
             for name in selected_measurements(measurements):
                 doc[name] = measurements[name]()

@@ -6,6 +6,7 @@ import time
 
 from .clients import Conn
 from .clients import open_burst
+from .clients import open_burst_counted
 from .clients import run_async
 from .plans import Plan
 from .plans import log
@@ -13,6 +14,8 @@ from .profiles import Profiler
 from .stack import Stack
 from .stack import alternate
 from .stats import compare
+from .timeline import read_sessions
+from .timeline import summarize
 
 
 def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
@@ -44,8 +47,15 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
             walls[target.name].append(wall)
             stack.wait_sessions_ended()
             time.sleep(0.2)
+    bursts = [_burst_figure(stack, plan, size) for size in plan.burst_sizes]
+    since = time.time()
+    run_async(open_burst_counted(stack.gateway, plan.burst_size))  # one more, for its timeline
+    stack.wait_sessions_ended()
+    timeline = summarize(read_sessions(stack.tmp / "gateway.err", since))
     out = {
         "unit": "ms",
+        "bursts": bursts,
+        "timeline": timeline,
         "sequential": {"connections": plan.setup_sequential, **compare(seq["direct"], seq["gateway"], 3)},
         "burst": {
             "size": plan.burst_size,
@@ -56,6 +66,33 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     }
     log(
         f"setup: sequential added p50 {out['sequential']['added']['p50']} ms; "
-        f"burst added p50 {out['burst']['added']['p50']} ms"
+        f"burst added p50 {out['burst']['added']['p50']} ms; "
+        + "; ".join(f"burst of {b['size']} wall {b['wall_ms']} ms" for b in bursts)
     )
     return out
+
+
+def _burst_figure(stack: Stack, plan: Plan, size: int) -> dict:
+    """The burst figure: `size` connects at once, wall time until all have `session.created`,
+    per-session p50/p99, refusals counted; `burst_rounds` per path, paths alternating."""
+    times = {"direct": [], "gateway": []}
+    walls = {"direct": [], "gateway": []}
+    refused = {"direct": 0, "gateway": 0}
+    for r in range(plan.burst_rounds):
+        for target in alternate(r, stack.direct, stack.gateway):
+            got, wall, failed = run_async(open_burst_counted(target, size))
+            times[target.name] += got
+            walls[target.name].append(wall)
+            refused[target.name] += failed
+            stack.wait_sessions_ended()
+            time.sleep(0.2)
+    if not times["direct"] or not times["gateway"]:
+        return {"size": size, "rounds": plan.burst_rounds, "refused": refused, "wall_ms": walls}
+    return {
+        "size": size,
+        "rounds": plan.burst_rounds,
+        **compare(times["direct"], times["gateway"], 3),
+        "wall_ms": {k: round(sum(v) / len(v), 1) for k, v in walls.items()},
+        "wall_ms_max": {k: round(max(v), 1) for k, v in walls.items()},
+        "refused": refused,
+    }

@@ -125,7 +125,12 @@ class Stack:
                 "MESHRT_PREAUTH": "1" if self.settings.preauth else "0",  # MESHRT_PREAUTH=0 meshrt bench: without
             }
         )
-        pool = ("MESHRT_WARM_WORKERS", "MESHRT_WARM_WORKERS_MIN", "MESHRT_WARM_WORKERS_MAX")
+        pool = (
+            "MESHRT_WARM_WORKERS",
+            "MESHRT_WARM_WORKERS_MIN",
+            "MESHRT_WARM_WORKERS_MAX",
+            "MESHRT_UPSTREAM_PRECONNECT_S",
+        )
         env.update({k: v for k, v in settings_env(self.settings).items() if k in pool})  # unset stays unset
         return env
 

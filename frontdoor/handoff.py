@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import socket
+import time
 from typing import Any
 from typing import Callable
 
@@ -75,12 +76,14 @@ class HandoffProtocol(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.released = False
         self.client_spoke = asyncio.Event()
+        self.times: dict[str, float] = {}  # epoch seconds of this upgrade's steps: the set-up timeline
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.connections.add(self)
+        self.times["t_accept"] = time.time()
 
     def data_received(self, data: bytes) -> None:
         if self.task is not None:  # after the handshake: only a refused client's close frame
@@ -88,6 +91,7 @@ class HandoffProtocol(asyncio.Protocol):
             return
         self.buffer += data
         if b"\r\n\r\n" in self.buffer or len(self.buffer) > MAX_REQUEST_HEAD:
+            self.times["t_head"] = time.time()
             self.transport.pause_reading()
             self.task = self.loop.create_task(self._handle())
             self.tasks.add(self.task)
@@ -137,10 +141,20 @@ class HandoffProtocol(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         peer_ip = peer[0] if isinstance(peer, tuple) else None
         try:
-            grant = await anyio.to_thread.run_sync(self.admit, upgrade, peer_ip, request_id)
+            grant = await anyio.to_thread.run_sync(self._admit_timed, upgrade, peer_ip, request_id)
         except GatewayError as error:
             return await self._refuse(protocol, request, error.code, request_id, error.detail)
+        self.times["t_admitted"] = time.time()
         ack = await self._hand_off(grant, stripped)
+        self.times["t_ack"] = time.time()
+        log.info(  # the front door's part of the set-up timeline (BENCHMARKS.md; bench/timeline.py)
+            "handed off",
+            extra={
+                "request_id": request_id,
+                "session_id": grant.session_id,
+                "fields": {"t_grant": grant.started_at, **{k: round(v, 6) for k, v in self.times.items()}},
+            },
+        )
         if ack is None:  # sent, but no answer: the supervisor may own the socket now; let go of it
             return self._release()
         if ack.error_code is not None:
@@ -161,6 +175,12 @@ class HandoffProtocol(asyncio.Protocol):
             return False
         trusted = peer is not None and any(peer in net for net in self.trusted_proxies)
         return trusted and bool(upgrade.headers.get_all("X-Forwarded-For"))
+
+    def _admit_timed(self, upgrade, peer_ip, request_id):
+        """In the admission thread: when it started (the wait for a thread and, on SQLite, for
+        the admission lock shows between this and the grant's time)."""
+        self.times["t_thread"] = time.time()
+        return self.admit(upgrade, peer_ip, request_id)
 
     async def _hand_off(self, grant, request: bytes) -> HandoffAck | None:
         """The supervisor's answer; a refusal of our own if the handoff could not be sent; None if

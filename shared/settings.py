@@ -46,6 +46,12 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _non_negative_float(name: str, raw: str) -> float:
+    if raw.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(name, raw)
+
+
 def _non_negative_int(name: str, raw: str) -> int:
     if raw.strip() == "0":
         return 0
@@ -178,6 +184,7 @@ class Settings:
     max_connections_per_peer: int = 64  # open connections the front door holds per peer address; 0: no cap
     upstream_connect_timeout_s: float = 10.0
     upstream_attempts: int = 3
+    upstream_preconnect_s: float = 20.0  # a pool worker's upstream connection opened ahead, renewed this old; 0: off
     warm_workers: int | None = None  # set: a fixed pool of this many (0: fork per session); unset: sized
     warm_workers_min: int = 2  # the sized pool's floor...
     warm_workers_max: int = 32  # ...and ceiling (worker/pool.py)
@@ -248,6 +255,7 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_MAX_CONNECTIONS_PER_PEER": ("max_connections_per_peer", _non_negative_int),
     "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _positive_float),
     "MESHRT_UPSTREAM_ATTEMPTS": ("upstream_attempts", _positive_int),
+    "MESHRT_UPSTREAM_PRECONNECT_S": ("upstream_preconnect_s", _non_negative_float),
     "MESHRT_WARM_WORKERS": ("warm_workers", _non_negative_int),
     "MESHRT_WARM_WORKERS_MIN": ("warm_workers_min", _non_negative_int),
     "MESHRT_WARM_WORKERS_MAX": ("warm_workers_max", _non_negative_int),

@@ -31,6 +31,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frame-log-dir", default=None, help="write a JSONL frame log per connection here")
     parser.add_argument("--pace", action="store_true", help="send output audio in real time")
     parser.add_argument("--fault", choices=FAULTS, default=None, help="inject this fault on every connection and call")
+    parser.add_argument(
+        "--handshake-delay-ms",
+        type=float,
+        default=0.0,
+        help="act out a WAN link of this round trip: one on TCP connect, one for TLS, one for the upgrade (default 0)",
+    )
     parser.add_argument("--tls-cert", default=None, help="serve wss:// with this PEM certificate (chain)")
     parser.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
     args = parser.parse_args(argv)
@@ -43,6 +49,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.tls.load_cert_chain(args.tls_cert, args.tls_key)
         except (OSError, ssl.SSLError) as exc:
             parser.error(f"cannot load --tls-cert/--tls-key: {exc}")
+    if not 0 <= args.handshake_delay_ms <= 10000:
+        parser.error("--handshake-delay-ms must be between 0 and 10000")
     if not args.host.strip():
         parser.error("--host must not be empty")
     if args.api_key is not None and not args.api_key.strip():
@@ -72,7 +80,17 @@ async def _run(args: argparse.Namespace) -> None:
         print(f"meshrt sim listening on {scheme}://{_url_host(args.host)}:{port}/v1/realtime", flush=True)
 
     server = asyncio.create_task(
-        serve(args.host, args.port, args.api_key, args.frame_log_dir, args.pace, ready, args.fault, args.tls)
+        serve(
+            args.host,
+            args.port,
+            args.api_key,
+            args.frame_log_dir,
+            args.pace,
+            ready,
+            args.fault,
+            args.tls,
+            handshake_delay_ms=args.handshake_delay_ms,
+        )
     )
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)

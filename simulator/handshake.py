@@ -106,6 +106,7 @@ class SimConfig:
     frame_log_dir: str | None = None
     pace: bool = False
     fault: str | None = None
+    handshake_delay_ms: float = 0.0  # one WAN round trip: paid on TCP connect, TLS and the upgrade
 
 
 @dataclass

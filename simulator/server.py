@@ -106,6 +106,60 @@ class SimConnection(ServerConnection):
         await self.connection_lost_waiter
 
 
+class DelayedHandshake(asyncio.Protocol):
+    """What a WAN link between client and simulator costs at set-up, acted out on loopback: a
+    connection's bytes are not read until one round trip after the accept (TCP's handshake), then,
+    with TLS, one more before the TLS handshake is answered; the upgrade's response waits one more
+    (``Simulator.process_request``). So a direct connect takes 2 round trips (3 with TLS), and a
+    connection opened ahead of its request pays only the upgrade's. Bytes after the handshake go
+    to the WebSocket connection untouched."""
+
+    def __init__(self, conn: SimConnection, delay_s: float, tls: ssl.SSLContext | None):
+        self.conn, self.delay_s, self.tls = conn, delay_s, tls
+        self.protocol = conn.protocol  # websockets' subprotocol hook checks it on what the factory made
+        self.task: asyncio.Task | None = None
+        self.ready = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self.task = asyncio.get_running_loop().create_task(self._open(transport))
+
+    async def _open(self, transport: Any) -> None:
+        try:
+            await asyncio.sleep(self.delay_s)  # TCP: the connection is usable one round trip on
+            if self.tls is not None:
+                await asyncio.sleep(self.delay_s)  # TLS 1.3: one round trip for the handshake
+                loop = asyncio.get_running_loop()
+                transport = await loop.start_tls(transport, self, self.tls, server_side=True)
+            else:
+                transport.resume_reading()
+        except (OSError, ssl.SSLError, ConnectionError, asyncio.CancelledError):
+            transport.abort()
+            return
+        self.ready = True
+        self.conn.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.conn.eof_received() if self.ready else None
+
+    def pause_writing(self) -> None:
+        if self.ready:
+            self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.ready:
+            self.conn.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ready:
+            self.conn.connection_lost(exc)
+        elif self.task is not None:
+            self.task.cancel()
+
+
 def _socket_driver(ws: SimConnection, opts: ConnOptions) -> Driver:
     assert opts.session is not None
     return Driver(opts.session, opts, ws.send, ws.close, lambda: ws.transport.abort())
@@ -132,16 +186,22 @@ async def _invalid_key_after_accept(ws: SimConnection, session: SimSession) -> N
 class Simulator:
     """Glue between websockets' server hooks and the per-connection driver."""
 
-    def __init__(self, config: SimConfig):
+    def __init__(self, config: SimConfig, tls: ssl.SSLContext | None = None):
         self.config = config
         self.calls = CallRegistry(config)
+        self.tls = tls  # with a handshake delay, TLS is run here (DelayedHandshake), not by the server
+        self.delay_s = config.handshake_delay_ms / 1000
 
-    def connection(self, *args: Any, **kwargs: Any) -> SimConnection:
+    def connection(self, *args: Any, **kwargs: Any) -> SimConnection | DelayedHandshake:
         conn = SimConnection(*args, **kwargs)
         conn.simulator = self
+        if self.delay_s > 0:
+            return DelayedHandshake(conn, self.delay_s, self.tls)
         return conn
 
     async def process_request(self, ws: SimConnection, request: Request) -> Response | None:
+        if self.delay_s > 0:
+            await asyncio.sleep(self.delay_s)  # the upgrade's round trip
         try:
             opts = parse_options(request, self.config)
             call = self._sideband_call(request)
@@ -226,14 +286,21 @@ async def serve(
     ready: Callable[[int], None] | None = None,
     fault: str | None = None,
     tls: ssl.SSLContext | None = None,
+    handshake_delay_ms: float = 0.0,
 ) -> None:
     """Run the simulator until cancelled; ``ready(port)`` is called once listening.
-    With ``tls`` it serves wss://, like the real API."""
+    With ``tls`` it serves wss://, like the real API. ``handshake_delay_ms`` (one round trip of a
+    WAN link) delays each connection's TCP, TLS and upgrade by it (``DelayedHandshake``)."""
+    if handshake_delay_ms < 0:
+        raise ValueError("handshake_delay_ms must not be negative")
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
     if frame_log_dir:
         os.makedirs(frame_log_dir, exist_ok=True)
-    sim = Simulator(SimConfig(api_key=api_key, frame_log_dir=frame_log_dir, pace=pace, fault=fault))
+    config = SimConfig(
+        api_key=api_key, frame_log_dir=frame_log_dir, pace=pace, fault=fault, handshake_delay_ms=handshake_delay_ms
+    )
+    sim = Simulator(config, tls)
     async with ws_serve(
         sim.handler,
         host,
@@ -245,7 +312,7 @@ async def serve(
         max_size=MAX_MESSAGE_BYTES,
         ping_interval=None,
         server_header=SERVER_HEADER,
-        ssl=tls,
+        ssl=None if sim.delay_s > 0 else tls,
     ) as server:
         actual_port = server.sockets[0].getsockname()[1]
         if ready is not None:

@@ -117,6 +117,11 @@ async def start_zygote(settings: Settings) -> tuple[Child, socket.socket]:
                 "--sandbox",
                 settings.sandbox,
                 *(["--worker-uids", "%d-%d" % settings.worker_uid_range] if settings.worker_uid_range else []),
+                *(  # not a secret: pool workers open their upstream connection ahead (worker/preconnect.py)
+                    ["--upstream-url", settings.upstream_url, "--preconnect-s", str(settings.upstream_preconnect_s)]
+                    if settings.upstream_preconnect_s > 0
+                    else []
+                ),
             ],
             [theirs.fileno()],
             scrubbed_env(),

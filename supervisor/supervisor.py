@@ -395,8 +395,16 @@ class Supervisor:
                 return
             code = self._refusal()
             if code is None:
+                received = time.time()
                 await self._spawn(message, fds[0])
                 self.metrics.inc("meshrt_sessions_started_total")
+                log.info(  # the supervisor's part of the set-up timeline (bench/timeline.py)
+                    "spawn sent",
+                    extra={
+                        "session_id": message.grant.session_id,
+                        "fields": {"t_handoff": round(received, 6), "t_spawn": round(time.time(), 6)},
+                    },
+                )
             else:
                 self.metrics.inc("meshrt_handoffs_refused_total", code=code)
             await control.asend(conn, HandoffAck(message.grant.session_id, code))

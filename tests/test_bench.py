@@ -77,6 +77,21 @@ def test_quick_bench_json_has_every_section(tmp_path):
     _sane_comparison(setup["burst"], "setup burst")
     assert setup["burst"]["gateway"]["n"] == setup["burst"]["size"] * setup["burst"]["rounds"]
     assert setup["burst"]["wall_ms"]["direct"] > 0 and setup["burst"]["wall_ms"]["gateway"] > 0
+    assert [b["size"] for b in setup["bursts"]] == [5, 10]  # the burst figure (50 and 100 in the real plans)
+    for b in setup["bursts"]:
+        _sane_comparison(b, f"burst of {b['size']}")
+        assert b["refused"] == {"direct": 0, "gateway": 0}
+        assert b["gateway"]["n"] == b["direct"]["n"] == b["size"] * b["rounds"]
+    timeline = setup["timeline"]  # one more burst, its steps joined from the gateway's logs by session
+    assert timeline["sessions"] == 10 and len(timeline["steps"]) == 9
+    assert all(step["p50_ms"] >= 0 and step["end_max_ms"] <= timeline["last_live_ms"] for step in timeline["steps"])
+    wan = doc["wan"]  # set-up over a WAN-delayed simulator: direct, pre-connected, not
+    assert wan["rtt_ms"] == 30
+    for path in ("direct", "preconnect_on", "preconnect_off"):
+        _sane(wan["sequential"][path], f"wan {path}")
+        assert wan["sequential"][path]["n"] == wan["sequential"]["connections"]
+        assert wan["burst"][path]["refused"] == 0 and wan["burst"][path]["wall_ms"] > 0
+    assert wan["sequential"]["direct"]["p50"] >= 2 * wan["rtt_ms"]  # TCP and the upgrade, each a round trip
 
     memory = doc["memory"]
     for key in ("worker_idle", "worker_streaming"):

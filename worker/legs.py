@@ -113,6 +113,16 @@ class TlsLeg(Leg):
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
 
+    @classmethod
+    def adopt(
+        cls, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
+    ) -> "TlsLeg":
+        """A connection whose handshake is done already (worker/preconnect.py)."""
+        leg = cls.__new__(cls)
+        Leg.__init__(leg, sock)
+        leg._incoming, leg._outgoing, leg._tls = incoming, outgoing, tls
+        return leg
+
     async def connect(self) -> None:
         while True:
             try:
@@ -274,3 +284,44 @@ class TransportLeg(asyncio.Protocol):
 
     async def closed(self) -> None:
         await self.lost.wait()
+
+
+class TlsTransportLeg(TransportLeg):
+    """A TransportLeg over a TLS connection whose handshake a pool worker did before its session
+    (worker/preconnect.py): uvloop's own TLS cannot take over an SSLObject, so the records go
+    through the SSLObject's memory BIOs here, as in `TlsLeg`, on a plain transport."""
+
+    def __init__(self, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
+        super().__init__()
+        self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        plain = []
+        while True:
+            try:
+                chunk = self._tls.read(RECEIVE_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify: the transport's EOF follows
+                break
+            except ssl.SSLError:
+                self.transport.abort()
+                return
+            if not chunk:
+                break
+            plain.append(chunk)
+        if self._outgoing.pending:  # e.g. a key update answered while reading
+            self.transport.write(self._outgoing.read())
+        if plain:
+            super().data_received(b"".join(plain))
+
+    def write(self, data: bytes) -> bool:
+        if self.lost.is_set() or self.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        try:
+            self._tls.write(data)  # into the memory BIO: always whole
+        except ssl.SSLError as error:
+            raise ConnectionError(f"TLS error: {error}") from error
+        self.transport.write(self._outgoing.read())
+        return True

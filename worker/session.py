@@ -59,6 +59,8 @@ from .relay import Target
 from .upstream import connect_upstream
 from .upstream import upstream_url
 
+POOLED = False  # set in a warm pool worker (worker/zygote.py): its session did not wait for a fork
+
 CLOSE_TIMEOUT_S = 2.0
 RESERVE_WAIT_S = 5.0  # no answer to a Reserve by then (the supervisor gives up at 3 s): refused
 RESERVE_RETRY_S = 1.0  # while refused, the reservation is asked again this often (a top-up)
@@ -113,6 +115,7 @@ class WorkerSession:
         self.setup: dict[str, float] = {}  # where set-up time went, for the "session live" log
         self.sandbox: list[str] = []  # the seccomp layer, once loaded
         self._refused_version = False  # the supervisor speaks another control protocol: none to report to
+        self.preconnected = None  # the pool worker's upstream connection opened ahead (worker/preconnect.py)
 
     # --- entry --------------------------------------------------------------------------
 
@@ -139,7 +142,8 @@ class WorkerSession:
                 await self._report_end(end)
 
     async def _run(self) -> None:
-        self.setup["loop_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
+        self.setup["t_loop"] = round(time.time(), 6)
+        self.setup["loop_ms"] = round((self.setup["t_loop"] - self.grant.started_at) * 1000, 2)
         self.channel.setblocking(False)
         protocol, request = parse_request_bytes(self.request)
         self._handshake = protocol, request
@@ -147,6 +151,9 @@ class WorkerSession:
         self._client = Leg(self.client_sock)
         url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model), upgrade.translation)
         began = time.monotonic()
+        preconnected, self.preconnected = self.preconnected, None
+        if preconnected is not None:
+            self.setup["preconnected_s"] = round(began - preconnected.opened_at, 3)  # its age
         try:
             upstream = await connect_upstream(
                 url,
@@ -154,12 +161,14 @@ class WorkerSession:
                 self.config.upstream_key,
                 self.config.upstream_connect_timeout_s,
                 self.config.upstream_attempts,
+                preconnected,
             )
         except GatewayError as error:
             self.log.warning("upstream connect failed", fields={"code": error.code, "cause": repr(error.__cause__)})
             await self._refuse(protocol, request, error)
             return
         self._upstream = upstream.stream
+        self.setup["t_upstream"] = round(time.time(), 6)
         if self.grant.session_config:  # an ephemeral key's config: upstream has it before any client event
             update = {"type": "session.update", "session": self.grant.session_config}
             await self._upstream.send(client_text_frame(json.dumps(update, separators=(",", ":")).encode()))
@@ -180,7 +189,8 @@ class WorkerSession:
         except OSError:  # the supervisor died just now: relay on; the channel watcher re-attaches
             self.log.warning("supervisor unreachable at go-live")
         self.setup["upstream_ms"] = round((time.monotonic() - began) * 1000, 2)
-        self.setup["since_grant_ms"] = round((time.time() - self.grant.started_at) * 1000, 2)
+        self.setup["t_live"] = round(time.time(), 6)
+        self.setup["since_grant_ms"] = round((self.setup["t_live"] - self.grant.started_at) * 1000, 2)
         self.log.info("session live", fields=self.setup)
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -543,8 +553,17 @@ class WorkerSession:
         self.log.info("session ended", fields=fields)
 
 
-def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, channel_fd: int, spool_fd: int) -> int:
-    """Run one session to its end in this process; returns the exit code."""
+def run(
+    grant: Grant,
+    config: WorkerConfig,
+    request: bytes,
+    client_fd: int,
+    channel_fd: int,
+    spool_fd: int,
+    preconnected=None,
+) -> int:
+    """Run one session to its end in this process; returns the exit code. `preconnected`: an
+    upstream connection this pool worker opened ahead (worker/preconnect.py), or None."""
     from .preauth import Purse
     from .session_meter import build_meter
     from .translation import build_translation_meter
@@ -569,6 +588,13 @@ def run(grant: Grant, config: WorkerConfig, request: bytes, client_fd: int, chan
         kind = CallSession
     session = kind(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.relay.translation = translation
+    if preconnected is not None:
+        if kind is WorkerSession:
+            session.preconnected = preconnected
+        else:  # a call's worker joins its sideband by its own connect
+            preconnected.close()
+    session.setup["t_grant"], session.setup["t_run"] = grant.started_at, round(forked_at, 6)
+    session.setup["pooled"] = POOLED
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
     session.setup["meter_ms"] = round((time.time() - forked_at) * 1000, 2)
     try:

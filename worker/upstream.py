@@ -10,7 +10,9 @@ they become `upstream_unavailable`. A definite rejection (401, 403, 404, bad acc
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -32,13 +34,21 @@ from meshrt.shared.errors import GatewayError
 
 from .legs import Leg
 from .legs import TlsLeg
+from .legs import TlsTransportLeg
 from .legs import TransportLeg
+from .preconnect import Preconnected
 
 MAX_RESPONSE_HEAD = 64 * 1024
+FIRST_RETRY_WAIT_S = 0.1  # the backoff's first wait; it doubles, to 1 s at most
 
 
 class RetryableUpstream(Exception):
     pass
+
+
+class StalePreconnect(RetryableUpstream):
+    """The connection opened ahead was closed or reset before any response: a fresh connect
+    follows, not counted as an attempt."""
 
 
 @dataclass
@@ -110,6 +120,25 @@ async def _open_stream(url: str) -> Leg | TransportLeg:
     return leg
 
 
+async def _adopt_stream(conn: Preconnected) -> Leg | TransportLeg:
+    """The connection a pool worker opened ahead, as the leg `_open_stream` would have made."""
+    try:
+        if sniffio.current_async_library() == "asyncio":
+            loop = asyncio.get_running_loop()
+            if conn.tls is None:
+                _, leg = await loop.connect_accepted_socket(TransportLeg, sock=conn.sock)
+            else:
+                factory = functools.partial(TlsTransportLeg, conn.tls, conn.incoming, conn.outgoing)
+                _, leg = await loop.connect_accepted_socket(factory, sock=conn.sock)
+            return leg
+        if conn.tls is None:
+            return Leg(conn.sock)
+        return TlsLeg.adopt(conn.sock, conn.tls, conn.incoming, conn.outgoing)
+    except OSError as exc:
+        conn.close()
+        raise StalePreconnect(f"pre-opened connection unusable: {exc!r}") from exc
+
+
 async def _connect_tcp(host: str, port: int) -> socket.socket:
     """A non-blocking TCP connect to each resolved address in turn, with Nagle off."""
     try:  # an address literal needs no resolver (which would start a thread in the worker)
@@ -141,7 +170,9 @@ async def _connect_tcp(host: str, port: int) -> socket.socket:
     raise error
 
 
-async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> UpstreamConnection:
+async def _attempt(
+    url: str, headers: list[tuple[str, str]], api_key: str, preconnected: Preconnected | None = None
+) -> UpstreamConnection:
     protocol = ClientProtocol(parse_uri(url), extensions=None)
     request = protocol.connect()
     for name, value in headers:
@@ -149,10 +180,15 @@ async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> Up
     if api_key:
         request.headers["Authorization"] = f"Bearer {api_key}"
     protocol.send_request(request)
-    stream = await _open_stream(url)
+    stream = await (_adopt_stream(preconnected) if preconnected is not None else _open_stream(url))
     try:
-        await stream.send(b"".join(protocol.data_to_send()))
-        head, leftover = await _read_head(stream)
+        try:
+            await stream.send(b"".join(protocol.data_to_send()))
+            head, leftover = await _read_head(stream)
+        except (RetryableUpstream, OSError) as exc:  # closed or reset before any response
+            if preconnected is None or isinstance(exc, StalePreconnect):
+                raise
+            raise StalePreconnect(f"pre-opened connection went stale: {exc!r}") from exc
         status = _status(head)
         if status == 429 or status >= 500:
             raise RetryableUpstream(f"upstream answered HTTP {status}")
@@ -169,12 +205,33 @@ async def _attempt(url: str, headers: list[tuple[str, str]], api_key: str) -> Up
 
 
 async def connect_upstream(
-    url: str, headers: list[tuple[str, str]], api_key: str, timeout_s: float, attempts: int
+    url: str,
+    headers: list[tuple[str, str]],
+    api_key: str,
+    timeout_s: float,
+    attempts: int,
+    preconnected: Preconnected | None = None,
 ) -> UpstreamConnection:
-    """Connect and complete the upstream handshake. Raises GatewayError on failure."""
+    """Connect and complete the upstream handshake. Raises GatewayError on failure.
+    `preconnected` (a pool worker's connection opened ahead, worker/preconnect.py) is tried first:
+    stale, it gives way to a fresh connect uncounted; answered with a retryable status, that
+    counts as the first attempt."""
+    if preconnected is not None and not preconnected.serves(url):
+        preconnected.close()
+        preconnected = None
+    if preconnected is not None:
+        try:
+            return await _attempt_with_deadline(url, headers, api_key, timeout_s, preconnected)
+        except StalePreconnect:
+            pass  # a fresh connect, with every attempt
+        except RetryableUpstream as exc:
+            if attempts <= 1:
+                raise GatewayError("upstream_unavailable") from exc
+            attempts -= 1
+            await anyio.sleep(FIRST_RETRY_WAIT_S)
     retrying = AsyncRetrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=0.1, max=1.0),
+        wait=wait_exponential(multiplier=FIRST_RETRY_WAIT_S, max=1.0),
         retry=retry_if_exception_type(RetryableUpstream),
         sleep=anyio.sleep,
         reraise=True,
@@ -188,10 +245,10 @@ async def connect_upstream(
     raise AssertionError("unreachable")
 
 
-async def _attempt_with_deadline(url, headers, api_key, timeout_s) -> UpstreamConnection:
+async def _attempt_with_deadline(url, headers, api_key, timeout_s, preconnected=None) -> UpstreamConnection:
     try:
         with anyio.fail_after(timeout_s):
-            return await _attempt(url, headers, api_key)
+            return await _attempt(url, headers, api_key, preconnected)
     except TimeoutError as exc:
         raise RetryableUpstream(f"no handshake within {timeout_s} s") from exc
 

@@ -7,6 +7,8 @@ socket, worker channel, spool file) → Spawned out; every reaped child → Work
 It keeps idle workers forked ahead (`--warm-min` to `--warm-max`, sized by worker/pool.py from
 the measured arrival rate, set-up time and memory), each waiting on its own socket for a Spawn
 after rehearsing the set-up path (warmup.rehearse), so that its first page faults are paid early.
+Given the upstream URL (never the key), an idle worker also opens its upstream connection ahead
+(worker/preconnect.py), so its session has only the WebSocket upgrade left.
 Every worker sends it an fd of its own smaps_rollup (WorkerMemory): the zygote reads their PSS
 and reports the pool and that memory to the supervisor (PoolStatus) once a second.
 
@@ -29,19 +31,26 @@ import time
 from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.worker import pool
+from meshrt.worker import preconnect
 from meshrt.worker import warmup
 
 log = logging.getLogger("meshrt.zygote")
 
 
 def _preimport() -> None:
+    # ssl encodes a server name with the idna codec, imported at first use: a worker under a uid
+    # of its own may not be able to read the interpreter's files (a Python under /root) by then
+    import encodings.idna  # noqa: F401
+
     import anyio  # noqa: F401
     import anyio._backends._asyncio  # noqa: F401
     import anyio._backends._trio  # noqa: F401
     import trio  # noqa: F401
 
+    from meshrt.worker import call  # noqa: F401
     from meshrt.worker import session  # noqa: F401
     from meshrt.worker import session_meter  # noqa: F401
+    from meshrt.worker import translation  # noqa: F401
     from meshrt.worker import upstream  # noqa: F401
     from meshrt.worker import warmup  # noqa: F401
 
@@ -112,7 +121,7 @@ def _limit_resources(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (WORKER_MAX_FDS, WORKER_MAX_FDS))
 
 
-def _run_session(spawn, fds: list[int]) -> None:
+def _run_session(spawn, fds: list[int], preconnected: preconnect.Preconnected | None = None) -> None:
     """The worker's whole life after the fork; never returns into the zygote's code."""
     code = 70
     try:
@@ -121,7 +130,7 @@ def _run_session(spawn, fds: list[int]) -> None:
         from meshrt.worker.session import run
 
         client_fd, channel_fd, spool_fd = fds
-        code = run(spawn.grant, spawn.config, spawn.request, client_fd, channel_fd, spool_fd)
+        code = run(spawn.grant, spawn.config, spawn.request, client_fd, channel_fd, spool_fd, preconnected)
     except BaseException:  # noqa: BLE001 - the child must never unwind into the zygote loop
         log.exception("worker failed before its session ran")
     finally:
@@ -133,10 +142,18 @@ class Zygote:
     that already exists (its fork and first page faults paid off the set-up path)."""
 
     def __init__(
-        self, channel: socket.socket, floor: int, ceiling: int, uids: sandbox.WorkerUids | None = None, mode="on"
+        self,
+        channel: socket.socket,
+        floor: int,
+        ceiling: int,
+        uids: sandbox.WorkerUids | None = None,
+        mode="on",
+        upstream_url: str = "",
+        preconnect_s: float = 0.0,
     ):
         self.channel = channel
         self.uids, self.mode = uids, mode  # each worker's own uid (MESHRT_WORKER_UIDS), when root
+        self.upstream_url, self.preconnect_s = upstream_url, preconnect_s  # pool workers connect ahead
         self.floor, self.ceiling = floor, max(floor, ceiling)
         self.warm = floor  # the pool's size now: pool.pool_target's, decided once a second
         self.idle: dict[int, socket.socket] = {}  # pid -> our end of that idle worker's socket
@@ -214,12 +231,21 @@ class Zygote:
             except Exception as exc:  # noqa: BLE001 - built again when its session needs it
                 log.warning("pool worker filter not built", extra={"fields": {"error": repr(exc)}})
             _report_memory(theirs)  # before any Spawn is read: the zygote may wait for it
+            preconnected = None
             try:
-                spawn, fds = control.recv(theirs)
+                # before the seccomp filter, like any connect; not by a worker forked to refill a pool
+                # a burst emptied: its Spawn is due at once, and a connect begun would be wasted
+                if self.upstream_url and self.preconnect_s > 0 and rehearse:
+                    spawn, fds, preconnected = preconnect.wait_for_spawn(theirs, self.upstream_url, self.preconnect_s)
+                else:
+                    spawn, fds = control.recv(theirs)
             except (EOFError, OSError, control.ControlError):
-                os._exit(0)  # the zygote is gone: nothing to do
+                os._exit(0)  # the zygote is gone, or retired us: nothing to do
             theirs.close()
-            _run_session(spawn, fds)
+            from meshrt.worker import session
+
+            session.POOLED = True
+            _run_session(spawn, fds, preconnected)
         theirs.close()
         if uid is not None:
             self.uids.hold(pid, uid)
@@ -495,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-max", type=int, default=0, help="idle workers kept forked ahead, at most")
     parser.add_argument("--sandbox", choices=sandbox.MODES, default="on")
     parser.add_argument("--worker-uids", default="", help="FIRST-LAST: each worker runs under one of these uids")
+    parser.add_argument("--upstream-url", default="", help="pool workers open a connection here ahead (no key)")
+    parser.add_argument("--preconnect-s", type=float, default=0.0, help="...renewed this old; 0: off")
     args = parser.parse_args(argv)
     uids = None
     if args.worker_uids:
@@ -508,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("worker", args.log_level)
     _preimport()
     _raise_fd_limit()
-    return Zygote(channel, max(0, args.warm_min), max(0, args.warm_max), uids, args.sandbox).serve()
+    zygote = Zygote(
+        channel, max(0, args.warm_min), max(0, args.warm_max), uids, args.sandbox, args.upstream_url, args.preconnect_s
+    )
+    return zygote.serve()
 
 
 if __name__ == "__main__":
