@@ -1,8 +1,8 @@
 """WebRTC calls through meshrt, with real WebRTC peers (aiortc on both ends: the client, and the
 simulator answering as OpenAI would), each run in a network namespace of its own
-(tests/netns.py, tests/gateway_calls_scenario.py). Every record is checked against the
-simulator's own frame log of the call's data channel: usage field by field, cost to the
-picodollar, and the balance debit."""
+(tests/netns.py, tests/gateway_calls_scenario.py). The records of calls that were billed are
+checked against the simulator's own frame log of the call's data channel: usage field by field,
+cost to the picodollar, and the balance debit."""
 
 from __future__ import annotations
 
