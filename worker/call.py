@@ -23,16 +23,13 @@ is what bounds a response's cost once it has started.
 from __future__ import annotations
 
 import json
-import os
 import time
 from urllib.parse import urlencode
 
 import anyio
 
-from meshrt.shared import control
 from meshrt.shared import sandbox
 from meshrt.shared.control import EndCall
-from meshrt.shared.control import WorkerLive
 from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import GatewayError
 
@@ -105,21 +102,11 @@ class CallSession(WorkerSession):
             return
         self._upstream = upstream.stream
         self.sandbox = sandbox.confine_worker(self.config.sandbox)
-        self.upgraded = True
-        try:
-            await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
-        except OSError:
-            self.log.warning("supervisor unreachable at go-live")
+        await self._report_live()
         self.setup["sideband_ms"] = round((time.monotonic() - began) * 1000, 2)
         self.log.info("call metered", fields={**self.setup, "call_id": self.grant.call_id})
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._watch_channel)
-            tg.start_soon(self._watch_clocks)
-            tg.start_soon(self._watch_closing)
-            tg.start_soon(self._flush_channel_backlog)
-            if self.relay.purse is not None:
-                tg.start_soon(self._watch_reservations)
+            self._start_watchers(tg)
             if isinstance(self._upstream, TransportLeg):
                 leftover = upstream.leftover + self._upstream.relay(
                     self._guarded(self._from_upstream), self._guarded(self._upstream_lost)

@@ -182,24 +182,14 @@ class WorkerSession:
         if status != 101:
             self.relay.settle_outcome("client_closed", None)
             return
-        self.upgraded = True
         self._live_at = time.monotonic()
-        try:
-            await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
-        except OSError:  # the supervisor died just now: relay on; the channel watcher re-attaches
-            self.log.warning("supervisor unreachable at go-live")
+        await self._report_live()
         self.setup["upstream_ms"] = round((time.monotonic() - began) * 1000, 2)
         self.setup["t_live"] = round(time.time(), 6)
         self.setup["since_grant_ms"] = round((self.setup["t_live"] - self.grant.started_at) * 1000, 2)
         self.log.info("session live", fields=self.setup)
         async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._watch_channel)
-            tg.start_soon(self._watch_clocks)
-            tg.start_soon(self._watch_closing)
-            tg.start_soon(self._flush_channel_backlog)
-            if self.relay.purse is not None:
-                tg.start_soon(self._watch_reservations)
+            self._start_watchers(tg)
             if self.relay.translation is not None:
                 tg.start_soon(self._watch_billed)
                 if self.relay.translation.by_clock:
@@ -213,6 +203,25 @@ class WorkerSession:
                 await self._client.drain()
                 await self._upstream.drain()
             tg.cancel_scope.cancel()
+
+    async def _report_live(self) -> None:
+        """Upgraded: tell the supervisor the session is live (`WorkerLive`)."""
+        self.upgraded = True
+        try:
+            await control.asend(self.channel, WorkerLive(self.grant.session_id, os.getpid()))
+        except OSError:  # the supervisor died just now: relay on; the channel watcher re-attaches
+            self.log.warning("supervisor unreachable at go-live")
+
+    def _start_watchers(self, tg) -> None:
+        """The session's background tasks: its channel, its clocks, the closing deadline, the
+        channel's backlog and, with a purse, unanswered reservations."""
+        self._tg = tg
+        tg.start_soon(self._watch_channel)
+        tg.start_soon(self._watch_clocks)
+        tg.start_soon(self._watch_closing)
+        tg.start_soon(self._flush_channel_backlog)
+        if self.relay.purse is not None:
+            tg.start_soon(self._watch_reservations)
 
     async def _refuse(self, protocol, request, error: GatewayError) -> None:
         """Accept the client's upgrade only to deliver the error frame and close (docs/errors.md)."""
