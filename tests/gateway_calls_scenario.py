@@ -128,6 +128,16 @@ def record_json(row: SessionRecord) -> dict:
     }
 
 
+def mint(gw, key: str, **session) -> httpx.Response:
+    """An ephemeral key for a realtime session of `session`, minted with `key` (the tenant's server)."""
+    return httpx.post(
+        f"{gw.http_url}/v1/realtime/client_secrets",
+        json={"session": {"type": "realtime", "model": "gpt-realtime", **session}},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=STEP_S,
+    )
+
+
 async def place(peer: Peer, gw, key: str, session: dict | None = None, params: dict | None = None) -> httpx.Response:
     """The offer, posted to meshrt: application/sdp (a browser's form), or multipart with a
     session (a tenant server's form)."""
@@ -173,12 +183,7 @@ async def browser(stack: Stack) -> dict:
     two responses over the data channel, one asked by the tenant's own sideband; the page leaves."""
     account_id, key = stack.tenant()
     gw = stack.gw
-    minted = httpx.post(
-        f"{gw.http_url}/v1/realtime/client_secrets",
-        json={"session": {"type": "realtime", "model": "gpt-realtime", "instructions": PIRATE}},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=STEP_S,
-    ).json()
+    minted = mint(gw, key, instructions=PIRATE).json()
     before = stack.balance(account_id)
     peer = Peer()
     response = await place(peer, gw, minted["value"])
@@ -313,12 +318,7 @@ async def kill(stack: Stack) -> dict:
 async def revoked(stack: Stack) -> dict:
     """Revoking the rsk_ key that minted a call's ek_ ends the call."""
     account_id, key = stack.tenant()
-    minted = httpx.post(
-        f"{stack.gw.http_url}/v1/realtime/client_secrets",
-        json={"session": {"type": "realtime", "model": "gpt-realtime"}},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=STEP_S,
-    ).json()
+    minted = mint(stack.gw, key).json()
     peer = Peer()
     response = await place(peer, stack.gw, minted["value"])
     out: dict[str, Any] = {"status": response.status_code, "opened": await wait_event(peer.opened)}
@@ -360,12 +360,7 @@ async def supervisor_restart(stack: Stack) -> dict:
 async def ephemeral_sideband(stack: Stack) -> dict:
     """A sideband takes an rsk_ key only."""
     account_id, key = stack.tenant()
-    minted = httpx.post(
-        f"{stack.gw.http_url}/v1/realtime/client_secrets",
-        json={"session": {"type": "realtime", "model": "gpt-realtime"}},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=STEP_S,
-    ).json()
+    minted = mint(stack.gw, key).json()
     peer = Peer()
     response = await place(peer, stack.gw, minted["value"])
     call_id = response.headers["location"].rsplit("/", 1)[1]
@@ -461,12 +456,7 @@ class TenantServer:
                 self._send(200, page, "text/html")
 
             def do_POST(self):
-                minted = httpx.post(
-                    f"{gw.http_url}/v1/realtime/client_secrets",
-                    json={"session": {"type": "realtime", "model": "gpt-realtime", "instructions": PIRATE}},
-                    headers={"Authorization": f"Bearer {key}"},
-                    timeout=STEP_S,
-                )
+                minted = mint(gw, key, instructions=PIRATE)
                 self._send(minted.status_code, minted.content, "application/json")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

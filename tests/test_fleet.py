@@ -31,6 +31,7 @@ from realtime_client import run
 from simlog import records_of
 from test_nginx import NGINX
 from test_nginx import assert_no_key_in_logs
+from test_nginx import sdk_session
 from test_nginx import start_edge
 
 NODE_SCRIPT = Path(__file__).parent / "node" / "realtime_session.js"
@@ -90,29 +91,7 @@ def session_row(engine, account_id: str, request_id: str):
 
 
 def python_sdk_session(edge, key: str) -> int:
-    from openai import AsyncOpenAI
-    from openai import DefaultAsyncHttpxClient
-
-    base = f"localhost:{edge.tls_port}/v1"
-
-    async def go():
-        client = AsyncOpenAI(
-            api_key=key,
-            base_url=f"https://{base}",
-            websocket_base_url=f"wss://{base}",
-            max_retries=0,
-            http_client=DefaultAsyncHttpxClient(verify=edge.client_ssl()),
-        )
-        async with client.realtime.connect(
-            model="gpt-realtime", websocket_connection_options={"ssl": edge.client_ssl()}
-        ) as conn:
-            await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
-            await conn.response.create()
-            async for event in conn:
-                if event.type == "response.done":
-                    return event.response.usage.total_tokens
-
-    return run(go(), 30)
+    return sdk_session(edge, key)[1]
 
 
 def node_sdk_session(node_sdk: Path, edge, key: str) -> dict:

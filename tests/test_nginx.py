@@ -218,20 +218,21 @@ def test_shipped_file_passes_nginx_t_as_debian_includes_it(tmp_path):
 # --- through the edge -------------------------------------------------------------------------
 
 
-def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_billed(stack, make_tenant, engine):
+def sdk_session(edge: Edge, key: str) -> tuple[list[str], int]:
+    """One session through the edge with the official Python SDK (wss://, the test's CA): the
+    model ids it listed over https, and its text response's total tokens."""
     from openai import AsyncOpenAI
+    from openai import DefaultAsyncHttpxClient
 
-    gw, edge = stack
-    tenant = make_tenant()
     base = f"localhost:{edge.tls_port}/v1"
 
-    async def sdk_session():
+    async def go():
         client = AsyncOpenAI(
-            api_key=tenant.key,
+            api_key=key,
             base_url=f"https://{base}",
             websocket_base_url=f"wss://{base}",
             max_retries=0,
-            http_client=__import__("openai").DefaultAsyncHttpxClient(verify=edge.client_ssl()),
+            http_client=DefaultAsyncHttpxClient(verify=edge.client_ssl()),
         )
         models = await client.models.list()
         async with client.realtime.connect(
@@ -243,6 +244,13 @@ def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_b
                 if event.type == "response.done":
                     return [m.id for m in models.data], event.response.usage.total_tokens
 
+    return run(go(), 30)
+
+
+def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_billed(stack, make_tenant, engine):
+    gw, edge = stack
+    tenant = make_tenant()
+
     async def query_key_session():
         async with connect_ws(
             f"wss://localhost:{edge.tls_port}/v1/realtime", key=tenant.key, how="query", ssl=edge.client_ssl()
@@ -253,7 +261,7 @@ def test_wss_session_through_nginx_with_the_sdk_and_a_query_key_is_relayed_and_b
 
     in_path = httpx.get(f"https://localhost:{edge.tls_port}/v1/realtime/{tenant.key}", verify=edge.client_ssl())
     assert in_path.status_code == 404  # a confused client's key in the path: logged as [redacted]
-    model_ids, tokens = run(sdk_session(), 30)
+    model_ids, tokens = sdk_session(edge, tenant.key)
     assert "gpt-realtime" in model_ids and tokens > 0
     request_id = run(query_key_session(), 30)
     record = ended_record(engine, request_id)
