@@ -273,6 +273,44 @@ def test_pg_table_lock_goes_by_itself(pg_url, pg_table, connect):
     assert one(other, f"SELECT x FROM {pg_table}") == 1
 
 
+def test_pg_table_lock_survives_a_deadlock_with_a_writer(pg_url, pg_table, connect):
+    """LOCK TABLE a, b takes a, then waits for b; a writer holding b's row lock that then writes
+    a is a deadlock. The server ends the side whose deadlock_timeout runs out first: here the
+    holder's (1 s, against the writer's 5 s), as in the CI run where the gateway's transaction
+    was the other side. The holder takes both locks again once the writer has committed."""
+    second = f"{pg_table}_b"
+    setup = connect(pg_url)
+    setup.execute(f"CREATE TABLE {second} (x int)")
+    try:
+        writer = connect(pg_url)
+        writer.execute("SET deadlock_timeout = '5s'")
+        writer.execute("BEGIN")
+        writer.execute(f"INSERT INTO {second} VALUES (1)")  # RowExclusive on b
+        outcome: list[str] = []
+
+        def write_first_table():
+            time.sleep(0.3)  # the holder has a and waits for b by now
+            try:
+                writer.execute(f"INSERT INTO {pg_table} VALUES (3)")  # waits for a: deadlock
+                writer.execute("COMMIT")
+                outcome.append("writer committed")
+            except errors.DeadlockDetected:
+                writer.execute("ROLLBACK")
+                outcome.append("writer was the victim")
+
+        thread = threading.Thread(target=write_first_table)
+        thread.start()
+        with PgTableLock(pg_url, [pg_table, second], acquire_timeout_s=5).hold(1) as lock:
+            assert lock.held
+            thread.join(5)
+        assert outcome == ["writer committed"]
+        assert any("deadlock broken" in line for _, line in lock.log), lock.log
+        assert not lock.held
+        assert one(setup, f"SELECT count(*) FROM {pg_table}") == 2
+    finally:
+        setup.execute(f"DROP TABLE IF EXISTS {second}")
+
+
 # --- fault_schedule ---------------------------------------------------------------------
 
 
