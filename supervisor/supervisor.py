@@ -63,6 +63,7 @@ from meshrt.shared.increments import Increment
 from meshrt.shared.logs import one_line
 from meshrt.shared.metrics import Metrics
 from meshrt.shared.settings import SECRET_VARIABLES
+from meshrt.shared.settings import CommandError
 from meshrt.shared.settings import Settings
 from meshrt.shared.settings import node_identity
 from meshrt.storage import db
@@ -91,6 +92,7 @@ BALANCE_REFRESH_S = 0.5  # top-ups made on any node reach the quota decision wit
 RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
 RESERVE_PROVISIONAL_S = 1.0  # a reservation the database has not made by then is decided here
 EXIT_SANDBOX = 78  # EX_CONFIG: MESHRT_SANDBOX=require and a layer cannot be installed here
+EXIT_CANNOT_SERVE = 69  # EX_UNAVAILABLE: the port is taken (or not ours to take); the keeper tries again
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
 
@@ -192,7 +194,11 @@ class Supervisor:
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                    raise
+                    listener.close()
+                    raise CommandError(
+                        f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror}): stop what"
+                        " holds it, or pick another port with --port P or MESHRT_PORT=P"
+                    ) from None
                 await anyio.sleep(0.1)
         listener.listen(2048)
         path = self.settings.control_socket
@@ -236,6 +242,11 @@ class Supervisor:
         await self._start_zygote()
         try:
             return await self._run()
+        except CommandError as error:  # the operator's to fix (a port in use): one line, no traceback
+            self._kill_children()
+            log.error(str(error))
+            print(f"meshrt: {error}", file=sys.stderr, flush=True)
+            return EXIT_CANNOT_SERVE
         except BaseException as error:
             self._kill_children()
             if processes.contains(error, processes.CrashLoop):

@@ -224,3 +224,29 @@ def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
     )
     proc.stdout.close()  # as `head` does once it has its line
     assert proc.wait(60) == 141 and proc.stderr.read() == ""  # as a tool killed by SIGPIPE, quietly
+
+
+def test_serve_on_a_port_another_process_holds_is_one_line_not_a_traceback(tmp_path):
+    """`meshrt serve` waits a while for a port a dying predecessor may still hold, then says what
+    is wrong in one line (exit 69, EX_UNAVAILABLE) instead of a supervisor's crash report."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = meshrt(
+            tmp_path,
+            "serve",
+            "--port",
+            str(port),
+            timeout=90,
+            OPENAI_API_KEY="sk-test",
+            MESHRT_STATE_DIR=str(tmp_path / "state"),
+            MESHRT_HOST="127.0.0.1",
+        )
+    assert result.returncode == 69, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("meshrt: ")]
+    assert ours == [
+        f"meshrt: cannot listen on 127.0.0.1:{port} (Address already in use): stop what holds it, or"
+        " pick another port with --port P or MESHRT_PORT=P"
+    ], result.stderr[-3000:]
