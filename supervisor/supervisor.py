@@ -281,6 +281,7 @@ class Supervisor:
             tg.start_soon(self._read_zygote)
             tg.start_soon(self._watch_frontdoor, listener)
             tg.start_soon(self._watch_signals)
+        await self.calls.aclose()  # its pooled connections to upstream close, not just vanish at exit
         return 0
 
     def _giving_up(self) -> bool:
