@@ -18,7 +18,6 @@ import anyio
 from fastapi import FastAPI
 from fastapi import Request
 from fastapi.responses import Response
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.middleware.cors import CORSMiddleware
 
 from meshrt.shared.control import CallPlaced
@@ -133,10 +132,6 @@ def call_routes(app: FastAPI, ctx) -> None:
         if answer.error_code is not None:
             await anyio.to_thread.run_sync(ctx.refuse_granted, grant.session_id, answer.error_code)
             raise _spec_error(answer.error_code, answer.detail or None)
-        try:
-            await anyio.to_thread.run_sync(ops.record_call_id, ctx.engine, grant.session_id, answer.call_id)
-        except SQLAlchemyError:  # the call runs and is billed; only its tenant's sideband waits
-            log.warning("call id not recorded yet", extra={"session_id": grant.session_id})
         log.info("call placed", extra={"session_id": grant.session_id, "fields": {"call_id": answer.call_id}})
         return Response(
             answer.answer,

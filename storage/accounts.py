@@ -114,12 +114,6 @@ def live_call(connection, account_id: str, call_id: str):
     return connection.execute(_LIVE_CALL, {"call_id": call_id, "account_id": account_id}).first()
 
 
-def record_call_id(engine, session_id: str, call_id: str) -> None:
-    """The call's id upstream, on its session's row, as soon as upstream has answered."""
-    with engine.begin() as connection:
-        connection.execute(update(SessionRecord).where(SessionRecord.id == session_id).values(call_id=call_id))
-
-
 def open_sessions(engine, account_id: str) -> int:
     with engine.connect() as connection:
         return connection.execute(OPEN_SESSIONS, {"account_id": account_id}).scalar_one()

@@ -63,6 +63,15 @@ def mark_live(db: Session, session_id: str, pid: int) -> None:
     db.connection().execute(_MARK_LIVE, {"session_id": session_id, "live_pid": pid})
 
 
+_RECORD_CALL_ID = update(_sessions).where(_sessions.c.id == bindparam("session_id")).values(call_id=bindparam("cid"))
+
+
+def record_call_id(db: Session, session_id: str, call_id: str) -> None:
+    """A WebRTC call's id upstream, on its session's row: its tenant's sideband and hangup find
+    the call by it, and a supervisor started after a crash hangs the call up by it."""
+    db.connection().execute(_RECORD_CALL_ID, {"session_id": session_id, "cid": call_id})
+
+
 _applied, _accounts, _entries = AppliedIncrement.__table__, Account.__table__, LedgerEntry.__table__
 _keys = ApiKey.__table__
 # One per billed response, so Core statements built once rather than ORM loads and flushes.

@@ -93,6 +93,7 @@ RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
 RESERVE_PROVISIONAL_S = 1.0  # a reservation the database has not made by then is decided here
 EXIT_SANDBOX = 78  # EX_CONFIG: MESHRT_SANDBOX=require and a layer cannot be installed here
 EXIT_CANNOT_SERVE = 69  # EX_UNAVAILABLE: the port is taken (or not ours to take); the keeper tries again
+CALL_ID_WAIT_S = 2.0  # a placed call's answer waits this long at most for its id to be written
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
 
@@ -468,7 +469,27 @@ class Supervisor:
             other.close()
         self.metrics.inc("meshrt_sessions_started_total")
         self.metrics.inc("meshrt_calls_placed_total")
+        await self._record_call_id(grant.session_id, placed.call_id)
         return CallPlaced(grant.session_id, None, answer=placed.answer, call_id=placed.call_id)
+
+    async def _record_call_id(self, session_id: str, call_id: str) -> None:
+        """Write the call's id on its row, retried like a ledger write until it commits: a call
+        whose row lacks it could not be hung up by a supervisor started after a crash, and would
+        run on upstream unmetered. Its tenant hears of the call once the write is in, or after
+        CALL_ID_WAIT_S of a database that does not answer (its sideband waits for the write)."""
+        written = anyio.Event()
+
+        async def write() -> None:
+            _, number = await self._write(ledger.record_call_id, session_id, call_id)
+            if number is None:
+                log.error("call id not recorded", extra={"session_id": session_id, "fields": {"call_id": call_id}})
+            written.set()
+
+        self.tg.start_soon(write)
+        with anyio.move_on_after(CALL_ID_WAIT_S):
+            await written.wait()
+        if not written.is_set():
+            log.warning("call id not recorded yet; retrying", extra={"session_id": session_id})
 
     async def _hang_up(self, live: LiveSession, why: str) -> None:
         """Hang a call up upstream: its worker asked (and meters on until the sideband closes),

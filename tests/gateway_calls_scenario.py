@@ -528,6 +528,59 @@ async def upstream_fault(stack: Stack) -> dict:
     return out
 
 
+def database_lock(database_url: str):
+    """A lock that stops the gateway's writes: SQLite's write lock, or on PostgreSQL ACCESS
+    EXCLUSIVE on the session rows (statements on them wait, then time out)."""
+    from dbfaults import PgTableLock
+    from dbfaults import SqliteLock
+    from dbfaults import pg_conninfo
+
+    if database_url.startswith("sqlite"):
+        return SqliteLock(database_url.split(":///", 1)[1])
+    return PgTableLock(pg_conninfo(database_url.replace("postgresql+psycopg", "postgresql")), ["realtime_session"])
+
+
+async def call_id_outage(stack: Stack) -> dict:
+    """The database stops answering between the call's admission and upstream's answer (the
+    simulator answers 2 s late; the gateway's database timeout is 1 s): the call's id reaches
+    its row once the database is back, so its tenant's hangup finds it, and a supervisor
+    started after a crash hangs the call up when its worker dies."""
+    account_id, key = stack.tenant()
+    peer = Peer()
+    placing = asyncio.ensure_future(place(peer, stack.gw, key, params={"model": "gpt-realtime"}))
+    await asyncio.to_thread(wait_for, lambda: stack.rows(account_id), STEP_S, 0.02, "the call's admission")
+    lock = database_lock(stack.database_url)
+    lock.hold(8)  # past upstream's answer (2 s late) and the 2 s the answer waits for the write
+    response = await placing
+    call_id = response.headers["location"].rsplit("/", 1)[1]
+    out: dict[str, Any] = {"status": response.status_code, "answered_while_locked": lock.held}
+    out["opened"] = await wait_event(peer.opened)
+    await peer.until("session.created")
+    lock.wait_released(15)
+    row = await asyncio.to_thread(
+        wait_for, lambda: next((r for r in stack.rows(account_id) if r.call_id and r.pid), None), 20, 0.1, "call id"
+    )
+    out["row_call_id"] = row.call_id == call_id
+    out["retried_logged"] = "call id not recorded yet; retrying" in stack.gw.log_text()
+    await respond(peer)
+    stack.gw.proc.kill()
+    stack.gw.proc.wait(10)
+    stack.gw = start_gateway(stack.work, stack.database_url, stack.sim.url, state=stack.gw.state_dir, **stack.env)
+    wait_for(lambda: "worker re-attached" in stack.gw.log_text(), 20, 0.1, "the call's worker to re-attach")
+    os.kill(row.pid, signal.SIGKILL)
+    out["channel_closed_after_s"] = await wait_event(peer.closed)
+    rows = stack.ended(account_id)
+    out["record"] = record_json(rows[0])
+    out["report"] = stack.call_report(call_id, rows[0].rates)
+    out["hung_up"] = [
+        json.loads(line).get("status")
+        for line in stack.gw.log_text().splitlines()
+        if '"call hung up"' in line and call_id in line
+    ]
+    await peer.close()
+    return out
+
+
 SCENARIOS = {
     "browser": browser,
     "server_form": server_form,
@@ -540,8 +593,13 @@ SCENARIOS = {
 }
 
 
-# scenarios that need the simulator to fail every call in one way: a stack of their own each
-FAULTED = {"sideband_refused": ("--fault", "sideband_refused"), "call_ended": ("--fault", "call_ended")}
+# scenarios that need the simulator to fail every call in one way: a stack of their own each,
+# (the simulator's arguments, the gateway's settings, the scenario)
+FAULTED = {
+    "sideband_refused": (("--fault", "sideband_refused"), {}, upstream_fault),
+    "call_ended": (("--fault", "call_ended"), {}, upstream_fault),
+    "call_id_outage": (("--fault", "slow_accept"), {"MESHRT_DB_TIMEOUT_S": "1"}, call_id_outage),
+}
 
 
 async def run_named(stack: Stack, name: str, scenario) -> dict:
@@ -556,9 +614,10 @@ async def run_named(stack: Stack, name: str, scenario) -> dict:
 async def main(names: list[str], database_url: str, work: Path, backend: str) -> dict:
     results: dict[str, Any] = {}
     for name in [n for n in names if n in FAULTED]:
-        stack = Stack(database_url, work / name, backend, *FAULTED[name])
+        sim_args, gateway_env, faulted = FAULTED[name]
+        stack = Stack(database_url, work / name, backend, *sim_args, **gateway_env)
         try:
-            results[name] = await run_named(stack, name, upstream_fault)
+            results[name] = await run_named(stack, name, faulted)
         finally:
             stack.close()
     plain = [n for n in names if n not in FAULTED]

@@ -30,7 +30,7 @@ def calls(request, database_url, tmp_path_factory):
 def faults(database_url, tmp_path_factory):
     """Calls under the simulator's faults, a stack each."""
     work = tmp_path_factory.mktemp("call-faults")
-    return run_in_netns(SCENARIO, "sideband_refused,call_ended", database_url, str(work), timeout=300)
+    return run_in_netns(SCENARIO, "sideband_refused,call_ended,call_id_outage", database_url, str(work), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,18 @@ def test_a_call_upstream_ends_is_finalised(faults):
     assert out["debited"] == out["record"]["cost_pico"] == 0
     # the supervisor hangs up every call it finalises; upstream had ended this one already
     assert out["hung_up"] == [404]
+
+
+def test_a_call_placed_while_the_database_is_out_is_still_hung_up_after_a_supervisor_crash(faults):
+    out = scenario(faults, "call_id_outage")
+    assert out["status"] == 201 and out["opened"] is not None
+    assert out["answered_while_locked"], "the database came back before upstream answered: no outage was tested"
+    assert out["retried_logged"] and out["row_call_id"], "the call's id never reached its row"
+    # the supervisor started after the crash knew the call by its row: it hung it up when the worker died
+    assert out["channel_closed_after_s"] is not None, "the call ran on with its worker dead"
+    assert 200 in out["hung_up"], out["hung_up"]
+    assert out["record"]["end_reason"] == "internal_error" and out["record"]["responses"] == 1
+    assert_exact(out)
 
 
 def test_a_real_browser_calls_through_meshrt_with_an_ephemeral_key(browser):
