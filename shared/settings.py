@@ -184,6 +184,7 @@ class Settings:
     max_connections_per_peer: int = 64  # open connections the front door holds per peer address; 0: no cap
     upstream_connect_timeout_s: float = 10.0
     upstream_attempts: int = 3
+    ephemeral_key_retention_s: float = 86400.0  # an expired ek_ key is deleted this long after; 0: kept
     upstream_preconnect_s: float = 20.0  # a pool worker's upstream connection opened ahead, renewed this old; 0: off
     warm_workers: int | None = None  # set: a fixed pool of this many (0: fork per session); unset: sized
     warm_workers_min: int = 2  # the sized pool's floor...
@@ -256,6 +257,7 @@ _ENV: dict[str, tuple[str, object]] = {
     "MESHRT_UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _positive_float),
     "MESHRT_UPSTREAM_ATTEMPTS": ("upstream_attempts", _positive_int),
     "MESHRT_UPSTREAM_PRECONNECT_S": ("upstream_preconnect_s", _non_negative_float),
+    "MESHRT_EPHEMERAL_KEY_RETENTION_S": ("ephemeral_key_retention_s", _non_negative_float),
     "MESHRT_WARM_WORKERS": ("warm_workers", _non_negative_int),
     "MESHRT_WARM_WORKERS_MIN": ("warm_workers_min", _non_negative_int),
     "MESHRT_WARM_WORKERS_MAX": ("warm_workers_max", _non_negative_int),

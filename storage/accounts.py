@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam
+from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import update
 from sqlalchemy.orm import aliased
@@ -259,6 +260,25 @@ def create_ephemeral_key(engine, parent, seconds: int, session_config: dict | No
         session_config=session_config,
     )
     return _store_key(engine, key, plaintext)
+
+
+def prune_ephemeral_keys(engine, expired_before: float, limit: int = 1000) -> int:
+    """Delete up to `limit` ek_ keys that expired before `expired_before` (epoch seconds) and
+    opened no session still running; returns how many went. Each page a browser app serves
+    mints one, so a node that kept them all would list millions. Usage records keep the key's
+    id: a record outlives its key, as a revoked key's records do."""
+    running = (
+        select(SessionRecord.id)
+        .where(SessionRecord.api_key_id == ApiKey.id, SessionRecord.state.in_(LIVE_STATES))
+        .exists()
+    )
+    stale = (
+        select(ApiKey.id)
+        .where(ApiKey.parent_key_id.is_not(None), ApiKey.expires_at < int(expired_before), ~running)
+        .limit(limit)
+    )
+    with engine.begin() as connection:
+        return connection.execute(delete(ApiKey).where(ApiKey.id.in_(stale.scalar_subquery()))).rowcount
 
 
 def list_keys(engine, account_id: str | None = None) -> list[ApiKey]:

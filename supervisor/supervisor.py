@@ -68,6 +68,7 @@ from meshrt.shared.settings import Settings
 from meshrt.shared.settings import node_identity
 from meshrt.storage import db
 from meshrt.storage import ledger
+from meshrt.storage.accounts import prune_ephemeral_keys
 from meshrt.storage.ledger import Finalized
 from meshrt.worker.session_meter import GrantPriceTable
 from meshrt.worker.session_meter import repriced
@@ -93,6 +94,7 @@ RETRY_MAX_WAIT_S = 2.0  # backoff ceiling of a failed database write
 RESERVE_PROVISIONAL_S = 1.0  # a reservation the database has not made by then is decided here
 EXIT_SANDBOX = 78  # EX_CONFIG: MESHRT_SANDBOX=require and a layer cannot be installed here
 EXIT_CANNOT_SERVE = 69  # EX_UNAVAILABLE: the port is taken (or not ours to take); the keeper tries again
+PRUNE_INTERVAL_S = 300.0  # how often expired ephemeral keys are looked for (at most)
 CALL_ID_WAIT_S = 2.0  # a placed call's answer waits this long at most for its id to be written
 DATABASE_STALE_S = 3.0  # no successful write for this long after a failure: not ready
 
@@ -275,6 +277,8 @@ class Supervisor:
             tg.start_soon(self._recover)
             tg.start_soon(self.lease.hold, self._lost_lease, self._until_done)
             tg.start_soon(self._refresh_balances)
+            if s.ephemeral_key_retention_s:
+                tg.start_soon(self._prune_ephemeral_keys)
             tg.start_soon(self._publish_metrics)
             tg.start_soon(self._accept_handoffs, handoffs)
             if self.reattach_listener is not None:
@@ -817,6 +821,21 @@ class Supervisor:
                 await self._read_balances(accounts)
                 for account_id in accounts:
                     self._check_quota_soon(account_id, just_read=True)
+
+    async def _prune_ephemeral_keys(self) -> None:
+        """Delete ek_ keys expired for longer than MESHRT_EPHEMERAL_KEY_RETENTION_S, a batch at a
+        time (every node of a fleet does it; a key deleted twice is deleted once)."""
+        retention = self.settings.ephemeral_key_retention_s
+        interval = min(PRUNE_INTERVAL_S, max(1.0, retention / 4))
+        while True:
+            await anyio.sleep(interval)
+            try:
+                pruned = await anyio.to_thread.run_sync(prune_ephemeral_keys, self.engine, time.time() - retention)
+            except Exception as exc:  # noqa: BLE001 - tried again next time; nothing depends on it
+                log.warning("expired ephemeral keys not pruned", extra={"fields": {"error": one_line(exc)}})
+                continue
+            if pruned:
+                log.info("expired ephemeral keys pruned", extra={"fields": {"count": pruned}})
 
     async def _stop_account(self, account_id: str, code: str) -> None:
         for other in self.registry.of_account(account_id):

@@ -352,3 +352,49 @@ def test_minting_takes_the_tls_rule_of_every_tenant_route(gateway_factory, tenan
         f"{gw.http_url}/v1/realtime/client_secrets", json={}, headers={"Authorization": f"Bearer {tenant.key}"}
     )
     assert answer.status_code == 403 and answer.json()["error"]["code"] == "tls_required"
+
+
+def test_expired_keys_are_pruned_but_not_while_a_session_they_opened_runs(
+    tmp_path, database_url, sim, make_tenant, engine
+):
+    """MESHRT_EPHEMERAL_KEY_RETENTION_S: an ek_ key expired for longer than that is deleted by
+    the supervisor; one whose session still runs stays until the session ends; live keys and
+    rsk_ keys stay; the session's record keeps the key's id."""
+    from conftest import _stop
+    from conftest import start_gateway
+
+    gw = start_gateway(tmp_path, database_url, sim.url, MESHRT_EPHEMERAL_KEY_RETENTION_S="2")
+    try:
+        tenant = make_tenant()
+        unused, in_use, valid = (
+            mint(gw, tenant.key, session={"type": "realtime", "model": "gpt-realtime"}) for _ in range(3)
+        )
+
+        async def scenario():
+            async with connect_ws(gw.ws_url, key=in_use.value, how="insecure", model=None) as ws:
+                assert (await recv_json(ws))["type"] == "session.created"
+                await ws.send(json.dumps({"type": "response.create"}))
+                await recv_until(ws, "response.done")
+                long_ago = int(time.time()) - 60
+                with engine.begin() as db:
+                    for secret in (unused, in_use):
+                        db.execute(update(ApiKey).where(ApiKey.id == secret.session.id).values(expires_at=long_ago))
+                await asyncio.to_thread(
+                    wait_for, lambda: key_row(engine, unused.session.id) is None, 15, 0.2, "the unused key's pruning"
+                )
+                assert key_row(engine, in_use.session.id) is not None  # its session runs on
+                await ws.send(json.dumps({"type": "response.create"}))
+                await recv_until(ws, "response.done")  # and still relays and bills
+                return ws.response.headers["x-request-id"]
+
+        request_id = run(scenario(), 60)
+        wait_for(
+            lambda: key_row(engine, in_use.session.id) is None, 15, 0.2, "the key's pruning once its session ended"
+        )
+        assert key_row(engine, valid.session.id) is not None
+        assert [k.id for k in accounts.list_keys(engine, tenant.account_id)] == [tenant.key_id, valid.session.id]
+        record = ended_record(engine, request_id)
+        assert record.api_key_id == in_use.session.id and record.responses == 2
+        assert "expired ephemeral keys pruned" in gw.log_text()
+    finally:
+        _stop(gw.proc)
