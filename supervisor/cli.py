@@ -59,14 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="start the supervisor again if it dies, leaving its workers to re-attach"
     )
 
-    sim = sub.add_parser("sim", help="the OpenAI Realtime upstream simulator")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=_port, default=8765)
-    sim.add_argument("--api-key", default=None)
-    sim.add_argument("--pace", action="store_true")
-    sim.add_argument("--frame-log-dir", default=None)
-    sim.add_argument("--tls-cert", default=None, help="serve wss:// with this PEM certificate")
-    sim.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
+    # its flags are the simulator's own (`main` hands them over before this parser runs)
+    sub.add_parser("sim", help="the OpenAI Realtime upstream simulator (meshrt sim --help)", add_help=False)
 
     dbp = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     dbp.add_parser("upgrade", help="create / migrate the schema")
@@ -144,6 +138,12 @@ def _print(args, payload, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if command is not None and argv[command] == "sim":  # its flags are the simulator's own (docs/simulator.md)
+        from meshrt import simulator
+
+        return simulator.main(argv[command + 1 :])
     args = build_parser().parse_args(argv)
     try:
         overrides = {}
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["port"] = args.port
         if getattr(args, "host", None) is not None and args.command == "serve":
             overrides["host"] = args.host
-        settings = load_settings(**overrides) if args.command != "sim" else None
+        settings = load_settings(**overrides)
     except SettingsError as exc:
         print(f"meshrt: bad setting: {exc}", file=sys.stderr)
         return 2
@@ -179,16 +179,6 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, settings) -> int:
     from meshrt.shared import logs
 
-    if args.command == "sim":
-        from meshrt import simulator
-
-        argv = ["--host", args.host, "--port", str(args.port)]
-        argv += ["--api-key", args.api_key] if args.api_key else []
-        argv += ["--pace"] if args.pace else []
-        argv += ["--frame-log-dir", args.frame_log_dir] if args.frame_log_dir else []
-        argv += ["--tls-cert", args.tls_cert] if args.tls_cert else []
-        argv += ["--tls-key", args.tls_key] if args.tls_key else []
-        return simulator.main(argv)
     if args.command == "serve" and args.keep:
         from .keeper import keep
 

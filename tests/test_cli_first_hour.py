@@ -250,3 +250,23 @@ def test_serve_on_a_port_another_process_holds_is_one_line_not_a_traceback(tmp_p
         f"meshrt: cannot listen on 127.0.0.1:{port} (Address already in use): stop what holds it, or"
         " pick another port with --port P or MESHRT_PORT=P"
     ], result.stderr[-3000:]
+
+
+def test_meshrt_sim_takes_every_flag_of_the_simulator(tmp_path):
+    """`meshrt sim` is the simulator's own command line: its faults and WAN delay included."""
+    proc = subprocess.Popen(
+        [MESHRT, "sim", "--port", "0", "--fault", "slow_accept", "--handshake-delay-ms", "5"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("meshrt sim listening on ws://127.0.0.1:"), line
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    bad = meshrt(tmp_path, "sim", "--fault", "bogus")
+    assert bad.returncode == 2 and "invalid choice: 'bogus'" in bad.stderr and "Traceback" not in bad.stderr
