@@ -169,7 +169,9 @@ class CallsCors:
             app,
             allow_origins=["*"],
             allow_methods=["POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            # any header: OpenAI's Agents SDK sends `X-OpenAI-Agents-SDK` with the offer, and
+            # other clients their own; with no cookies involved a header grants nothing
+            allow_headers=["*"],
             expose_headers=["Location", "x-request-id"],
             max_age=600,
         )

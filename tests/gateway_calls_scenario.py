@@ -380,10 +380,10 @@ PAGE = """<!doctype html><meta charset=utf-8><title>voice</title><script>
 const MESHRT = "%(meshrt)s";
 const out = {};
 const key = async () => (await (await fetch("/token", {method: "POST"})).json()).value;
-function until(target, type) {
+function until(target, type, wanted = () => true) {
   return new Promise((resolve) => target.addEventListener("message", (m) => {
     const event = JSON.parse(m.data);
-    if (event.type === type) resolve(event);
+    if (event.type === type && wanted(event)) resolve(event);
   }));
 }
 async function webrtc() {
@@ -408,7 +408,9 @@ async function webrtc() {
   await pc.setRemoteDescription({type: "answer", sdp: await answer.text()});
   await opened;
   out.created = (await created).session;
-  const updated = until(channel, "session.updated");
+  // the page's own update's answer (the call's worker may update max_output_tokens meanwhile,
+  // and every session.updated reaches the data channel)
+  const updated = until(channel, "session.updated", (e) => e.session.instructions === "Be brief.");
   channel.send(JSON.stringify({type: "session.update", session: {type: "realtime", instructions: "Be brief."}}));
   out.updated = (await updated).session.instructions;
   const done = until(channel, "response.done");
@@ -431,15 +433,50 @@ webrtc().then(websocket).then(() => window.result = out, (e) => window.result = 
 </script>"""
 
 
-class TenantServer:
-    """The tenant's own web server: serves the page and mints ephemeral keys with its rsk_ key."""
+# The same kind of page written with OpenAI's Agents SDK for the browser (@openai/agents-realtime,
+# its UMD bundle as published on npm, served by the tenant's server): its WebRTC transport pointed
+# at meshrt with `baseUrl`, an ephemeral key from the tenant's server, as OpenAI's voice-agent
+# quickstart does it.
+SDK_PAGE = """<!doctype html><meta charset=utf-8><title>voice agent</title>
+<script src="/agents-realtime.js"></script><script>
+const MESHRT = "%(meshrt)s";
+const {RealtimeAgent, RealtimeSession, OpenAIRealtimeWebRTC} = OpenAIAgentsRealtime;
+async function run() {
+  const out = {events: []};
+  const secret = await (await fetch("/token", {method: "POST"})).json();
+  const mic = await navigator.mediaDevices.getUserMedia({audio: true});
+  const transport = new OpenAIRealtimeWebRTC({baseUrl: MESHRT + "/v1/realtime/calls", mediaStream: mic});
+  transport.on("*", (event) => out.events.push(event.type));
+  const done = new Promise((resolve) => transport.on("*", (e) => e.type === "response.done" && resolve(e)));
+  const agent = new RealtimeAgent({name: "Assistant", instructions: "Be brief."});
+  const session = new RealtimeSession(agent, {transport, model: "gpt-realtime"});
+  await session.connect({apiKey: secret.value});
+  out.call_id = transport.callId;
+  out.status = transport.status;
+  transport.sendEvent({type: "response.create"});
+  out.usage = (await done).response.usage;
+  session.close();
+  return out;
+}
+run().then((out) => window.result = out, (e) => window.result = {error: String(e && e.stack || e)});
+</script>"""
 
-    def __init__(self, gw, key: str):
+
+class TenantServer:
+    """The tenant's own web server: serves the pages and mints ephemeral keys with its rsk_ key."""
+
+    def __init__(self, gw, key: str, bundle: Path | None = None):
         import threading
         from http.server import BaseHTTPRequestHandler
         from http.server import ThreadingHTTPServer
 
-        page = (PAGE % {"meshrt": gw.http_url}).encode()
+        pages = {
+            "/": ((PAGE % {"meshrt": gw.http_url}).encode(), "text/html"),
+            "/sdk": ((SDK_PAGE % {"meshrt": gw.http_url}).encode(), "text/html"),
+            "/favicon.ico": (b"", "image/x-icon"),  # asked for by the browser: a 404 is a console error
+        }
+        if bundle is not None:
+            pages["/agents-realtime.js"] = (bundle.read_bytes(), "text/javascript")
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -453,7 +490,8 @@ class TenantServer:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self._send(200, page, "text/html")
+                body, kind = pages.get(self.path, (b"not found", "text/plain"))
+                self._send(200 if self.path in pages else 404, body, kind)
 
             def do_POST(self):
                 minted = mint(gw, key, instructions=PIRATE)
@@ -506,6 +544,36 @@ async def chromium(stack: Stack) -> dict:
     out["ws_report"] = {"usage": usage, "cost_pico": cost, "responses": responses}
     out["debited"] = before - stack.balance(account_id)
     out["call_id"] = call_id
+    return out
+
+
+async def chromium_sdk(stack: Stack) -> dict:
+    """Headless Chromium runs a voice agent written with OpenAI's Agents SDK (SDK_PAGE): its
+    WebRTC transport calls meshrt with an ephemeral key, asks for a response, hangs up."""
+    from browser import Browser
+    from browser import find_chromium
+
+    bundle = stack.work / "agents-realtime.umd.js"  # put there by the test, from npm
+    account_id, key = stack.tenant()
+    before = stack.balance(account_id)
+    tenant = TenantServer(stack.gw, key, bundle)
+    flags = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+    browser = Browser(find_chromium(), stack.work / "chromium-sdk-profile", stack.work / "chromium-sdk.log", flags)
+    try:
+        page = browser.page()
+        page.call("Page.navigate", url=tenant.url + "sdk")
+        result = await asyncio.to_thread(page.wait, "window.result", 60, "the SDK page's result")
+        problems = page.problems()
+    finally:
+        browser.close()
+        tenant.close()
+    out: dict[str, Any] = {"page": result, "problems": problems}
+    if "error" in result:
+        return out
+    call = stack.ended(account_id)[0]
+    out["record"] = record_json(call)
+    out["report"] = stack.call_report(call.call_id, call.rates)
+    out["debited"] = before - stack.balance(account_id)
     return out
 
 
@@ -590,6 +658,7 @@ SCENARIOS = {
     "revoked": revoked,
     "supervisor_restart": supervisor_restart,
     "chromium": chromium,
+    "chromium_sdk": chromium_sdk,
 }
 
 

@@ -6,6 +6,8 @@ cost to the picodollar, and the balance debit."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,9 +37,24 @@ def faults(database_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(database_url, tmp_path_factory):
-    """Headless Chromium, a fake microphone, the tenant's page and server."""
+    """Headless Chromium, a fake microphone, the tenant's pages and server: one page written by
+    hand, one with OpenAI's Agents SDK for the browser (installed from npm, outside the
+    namespace, which has no route to the registry)."""
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"`{tool}` is not installed: the browser test runs OpenAI's Agents SDK (apt-get install npm)")
     work = tmp_path_factory.mktemp("call-chromium")
-    return run_in_netns(SCENARIO, "chromium", database_url, str(work), timeout=300)
+    done = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--silent", "@openai/agents-realtime@0.20"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"npm install failed:\n{done.stdout}\n{done.stderr}"
+    umd = work / "node_modules/@openai/agents-realtime/dist/bundle/openai-realtime-agents.umd.js"
+    shutil.copy(umd, work / "agents-realtime.umd.js")
+    return run_in_netns(SCENARIO, "chromium,chromium_sdk", database_url, str(work), timeout=400)
 
 
 def scenario(calls, name: str) -> dict:
@@ -183,3 +200,18 @@ def test_a_real_browser_calls_through_meshrt_with_an_ephemeral_key(browser):
     assert out["debited"] == out["record"]["cost_pico"] + ws_record["cost_pico"]
     call_cost, socket_cost = Money(out["record"]["cost_pico"]).display(), Money(ws_record["cost_pico"]).display()
     print(f"Chromium: the call {call_cost}, the socket {socket_cost}, each equal to the simulator's log")
+
+
+def test_a_voice_agent_written_with_openais_agents_sdk_calls_through_meshrt(browser):
+    """@openai/agents-realtime's WebRTC transport in Chromium, pointed at meshrt by `baseUrl`."""
+    out = scenario(browser, "chromium_sdk")
+    page = out["page"]
+    assert "error" not in page, page
+    assert out["problems"] == [], out["problems"]
+    assert page["status"] == "connected" and page["call_id"].startswith("rtc_")
+    assert "session.updated" in page["events"]  # the SDK waits for its config to be acknowledged
+    record = out["record"]
+    assert record["surface"] == "webrtc" and record["call_id"] == page["call_id"] and record["responses"] == 1
+    assert_exact(out)
+    assert record["usage"] == page["usage"] and out["debited"] == record["cost_pico"] > 0
+    print(f"Agents SDK in Chromium: the call {Money(record['cost_pico']).display()}, equal to the simulator's log")

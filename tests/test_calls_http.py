@@ -122,7 +122,8 @@ def test_cors_lets_a_browser_page_post_its_offer(shared_gateway, make_tenant):
         headers={
             **origin,
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type",
+            # what OpenAI's Agents SDK (@openai/agents-realtime) sends with its offer
+            "Access-Control-Request-Headers": "authorization, content-type, x-openai-agents-sdk",
         },
         timeout=10,
     )
@@ -130,7 +131,7 @@ def test_cors_lets_a_browser_page_post_its_offer(shared_gateway, make_tenant):
     assert preflight.headers["access-control-allow-origin"] == "*"
     assert "POST" in preflight.headers["access-control-allow-methods"]
     allowed = preflight.headers["access-control-allow-headers"].lower()
-    assert "authorization" in allowed and "content-type" in allowed
+    assert all(header in allowed for header in ("authorization", "content-type", "x-openai-agents-sdk")), allowed
     # the answer (here a refusal) is readable cross-origin, Location among the exposed headers
     response = httpx.post(url, content=OFFER, headers={**origin, "Content-Type": "application/sdp"}, timeout=10)
     assert response.status_code == 401
