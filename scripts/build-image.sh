@@ -38,6 +38,19 @@ if [ "${1:-}" = "--local-base" ]; then
     trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
       http://deb.debian.org/debian >/dev/null
+    # A host that reaches its registries through a TLS-inspecting proxy trusts that proxy's CA
+    # (a certificate of its own in /usr/local/share/ca-certificates), and its apt may need to
+    # accept a mirror's old Release files: the base is given both, or the build's pip and apt
+    # steps fail on the same network the host reaches them on.
+    if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+      cp /usr/local/share/ca-certificates/*.crt "$rootfs"/usr/local/share/ca-certificates/
+      chroot "$rootfs" update-ca-certificates >/dev/null
+    fi
+    for conf in /etc/apt/apt.conf.d/*; do
+      if grep -qE '^Acquire::(Check-Valid-Until|Check-Date|https?::Proxy)' "$conf" 2>/dev/null; then
+        cp "$conf" "$rootfs"/etc/apt/apt.conf.d/
+      fi
+    done
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb
     tar -C "$rootfs" -c . | run import --change 'CMD ["python3"]' - "$base" >/dev/null
     echo "build-image: made $base"
