@@ -23,6 +23,7 @@ from datetime import datetime
 
 import anyio
 from sqlalchemy import bindparam
+from sqlalchemy import func
 from sqlalchemy import or_
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql
@@ -477,6 +478,17 @@ def reap_lost_nodes(db: Session, reaper_id: str, held_since: float, ttl: float) 
             finalize(db, session_id, "node_lost", None)
         reaped.append(Reaped(node_id, list(sessions)))
     return reaped
+
+
+def next_lease_expiry(db: Session, reaper_id: str) -> float | None:
+    """Seconds (the database's clock) until the first lease of another live node runs out, or
+    None: when to judge next, so that a node that stopped renewing is declared lost as soon as
+    its lease ends rather than up to a renewal period later."""
+    connection = db.connection()
+    first = connection.execute(
+        select(func.min(_nodes.c.lease_expires)).where(_nodes.c.state == NodeState.UP.value, _nodes.c.id != reaper_id)
+    ).scalar()
+    return None if first is None else max(0.0, first - db_now(connection))
 
 
 @dataclass

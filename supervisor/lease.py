@@ -1,9 +1,12 @@
 """This node's lease in the database (docs/operations.md, "Nodes and leases").
 
 Joined at start, renewed every quarter of its length on a connection of its own (never queued
-behind the ledger writer), and, after each renewal, used to judge the other nodes: one whose
-lease expired is declared lost and its sessions are ended. A renewal that finds the lease taken
-means this node was declared lost: `on_lost` stops its sessions, then the node joins anew.
+behind the ledger writer). While it holds its lease, the node judges the others: one whose lease
+expired is declared lost and its sessions are ended. It judges every quarter of a lease, and
+also just after the first other lease runs out, so that a node that died is declared lost (and
+its tenants' slots freed) a lease after its last renewal, not up to a quarter later. A renewal
+that finds the lease taken means this node was declared lost: `on_lost` stops its sessions,
+then the node joins anew.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from meshrt.storage import db
 from meshrt.storage import ledger
 
 log = logging.getLogger("meshrt.supervisor")
+
+JUDGE_SLACK_S = 0.02  # judged this long after a lease's end: it must have passed on the database's clock
+
+
+def _judge(session, node: str, held_since: float, ttl: float):
+    return ledger.reap_lost_nodes(session, node, held_since, ttl), ledger.next_lease_expiry(session, node)
 
 
 class NodeLease:
@@ -60,7 +69,14 @@ class NodeLease:
             log.warning("this node was declared lost while it was away; its spools amend those records")
 
     async def hold(self, on_lost, until_done) -> None:
-        """Renew and judge until stopping (a renewal racing the node's own leave means nothing)."""
+        """Renew and judge until stopping."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._judge)
+            await self._renew(on_lost, until_done)
+            tg.cancel_scope.cancel()
+
+    async def _renew(self, on_lost, until_done) -> None:
+        """Renew until stopping (a renewal racing the node's own leave means nothing)."""
         while not self.stopping:
             await anyio.sleep(self.ttl / 4)
             sent_at = time.monotonic()
@@ -79,20 +95,33 @@ class NodeLease:
                 await self.join(until_done)
                 continue
             self._took(lease, sent_at, fresh=False)
-            await self._judge_others()
 
-    async def _judge_others(self) -> None:
+    async def _judge(self) -> None:
+        """Judge the other nodes every quarter of a lease, or sooner: just after the first of
+        their leases runs out (a live node renews it long before)."""
+        while not self.stopping:
+            wait = self.ttl / 4
+            if self.valid:  # a node unsure of its own lease judges nobody
+                first_expiry = await self._judge_others()
+                if first_expiry is not None:  # not sooner than a twentieth of a lease, whatever it says
+                    wait = min(wait, max(first_expiry + JUDGE_SLACK_S, self.ttl / 20))
+            await anyio.sleep(wait)
+
+    async def _judge_others(self) -> float | None:
+        """End the sessions of nodes whose lease expired; returns the seconds until the next
+        other lease would expire (None: no other node, or the database did not answer)."""
         try:
-            reaped = await self._run(ledger.reap_lost_nodes, self.node, self.held_since, self.ttl)
+            reaped, first_expiry = await self._run(_judge, self.node, self.held_since, self.ttl)
         except Exception as exc:  # noqa: BLE001 - next round
             log.warning("could not check other nodes' leases", extra={"fields": {"error": one_line(exc)}})
-            return
+            return None
         for lost in reaped:
             log.warning(
                 "node lost: its lease expired; its sessions were ended",
                 extra={"fields": {"node": lost.node_id, "sessions": len(lost.sessions)}},
             )
             self.metrics.inc("meshrt_nodes_reaped_total")
+        return first_expiry
 
     async def leave(self) -> None:
         """A clean stop: mark the node left (if the database answers within 2 s; else it expires)."""
