@@ -12,21 +12,17 @@ import socket
 import time
 from dataclasses import dataclass
 
-from websockets.frames import Close
-from websockets.frames import Frame
-from websockets.frames import Opcode
+from meshrt.worker.frames import client_close_frame
+from meshrt.worker.frames import client_text_frame
 
 from .plans import BenchError
 
 MODEL = "gpt-realtime"
 
 
-def client_frame(payload: bytes) -> bytes:
-    """A masked text frame, built once and written as often as needed."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=True, extensions=[])
-
-
-CLOSE_FRAME = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=True, extensions=[])
+# frames are built once and written as often as needed, by the worker's own builders
+client_frame = client_text_frame
+CLOSE_FRAME = client_close_frame(1000)
 
 
 def text_event(size: int) -> bytes:

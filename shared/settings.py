@@ -70,6 +70,16 @@ def parse_port(raw: str) -> int:
     return value
 
 
+def port_argument(raw: str) -> int:
+    """`parse_port` as an argparse `type=`: its reason becomes the usage error."""
+    import argparse
+
+    try:
+        return parse_port(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _port(name: str, raw: str) -> int:
     try:
         return parse_port(raw)

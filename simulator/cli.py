@@ -10,23 +10,16 @@ import signal
 import ssl
 import sys
 
-from meshrt.shared.settings import parse_port
+from meshrt.shared.settings import port_argument
 
 from .handshake import FAULTS
 from .server import serve
 
 
-def _port(text: str) -> int:
-    try:
-        return parse_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="meshrt sim", description="OpenAI Realtime upstream simulator.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8765, help="port to bind, 0 = ephemeral (default 8765)")
+    parser.add_argument("--port", type=port_argument, default=8765, help="port to bind, 0 = ephemeral (default 8765)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: any key)")
     parser.add_argument("--frame-log-dir", default=None, help="write a JSONL frame log per connection here")
     parser.add_argument("--pace", action="store_true", help="send output audio in real time")

@@ -16,7 +16,7 @@ from meshrt.shared.settings import CommandError
 from meshrt.shared.settings import SettingsError
 from meshrt.shared.settings import load_settings
 from meshrt.shared.settings import make_state_dir
-from meshrt.shared.settings import parse_port
+from meshrt.shared.settings import port_argument
 
 
 def _money(raw: str) -> Money:
@@ -36,25 +36,18 @@ def _positive(raw: str) -> int:
     return value
 
 
-def _port(raw: str) -> int:
-    try:
-        return parse_port(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshrt", description="Metering gateway for the OpenAI Realtime API.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="everything on one machine for a first try")
-    dev.add_argument("--port", type=_port, default=None)
+    dev.add_argument("--port", type=port_argument, default=None)
     dev.add_argument("--state-dir", default=None)
 
     serve = sub.add_parser("serve", help="production: supervisor + front door + workers")
     serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=_port, default=None)
+    serve.add_argument("--port", type=port_argument, default=None)
     serve.add_argument(
         "--keep", action="store_true", help="start the supervisor again if it dies, leaving its workers to re-attach"
     )

@@ -505,33 +505,39 @@ class TenantServer:
         self.server.shutdown()
 
 
-async def chromium(stack: Stack) -> dict:
-    """Headless Chromium with a fake microphone: the tenant's page calls meshrt over WebRTC, then
-    over a WebSocket, each with an ephemeral key from the tenant's server."""
+async def open_page(stack: Stack, tenant: TenantServer, path: str, name: str) -> dict:
+    """Headless Chromium with a fake microphone opens the tenant's page at `path` and waits for
+    the `window.result` it sets; the page's console problems beside it."""
     from browser import Browser
     from browser import find_chromium
-    from simlog import sim_reports
 
-    account_id, key = stack.tenant()
-    before = stack.balance(account_id)
-    tenant = TenantServer(stack.gw, key)
     flags = (
         "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream",
         "--disable-features=WebRtcHideLocalIpsWithMdns",
     )
-    browser = Browser(find_chromium(), stack.work / "chromium-profile", stack.work / "chromium.log", flags)
+    browser = Browser(find_chromium(), stack.work / f"{name}-profile", stack.work / f"{name}.log", flags)
     try:
         page = browser.page()
-        page.call("Page.navigate", url=tenant.url)
-        result = await asyncio.to_thread(page.wait, "window.result", 60, "the page's result")
-        problems = page.problems()
+        page.call("Page.navigate", url=tenant.url + path)
+        result = await asyncio.to_thread(page.wait, "window.result", 60, f"the result of the page at /{path}")
+        return {"page": result, "problems": page.problems()}
     finally:
         browser.close()
         tenant.close()
-    out: dict[str, Any] = {"page": result, "problems": problems}
-    if "error" in result:
+
+
+async def chromium(stack: Stack) -> dict:
+    """Headless Chromium with a fake microphone: the tenant's page calls meshrt over WebRTC, then
+    over a WebSocket, each with an ephemeral key from the tenant's server."""
+    from simlog import sim_reports
+
+    account_id, key = stack.tenant()
+    before = stack.balance(account_id)
+    out = await open_page(stack, TenantServer(stack.gw, key), "", "chromium")
+    if "error" in out["page"]:
         return out
+    result = out["page"]
     call_id = result["location"].rsplit("/", 1)[1]
     rows = stack.ended(account_id, count=2)
     call = next(r for r in rows if r.surface == "webrtc")
@@ -550,25 +556,11 @@ async def chromium(stack: Stack) -> dict:
 async def chromium_sdk(stack: Stack) -> dict:
     """Headless Chromium runs a voice agent written with OpenAI's Agents SDK (SDK_PAGE): its
     WebRTC transport calls meshrt with an ephemeral key, asks for a response, hangs up."""
-    from browser import Browser
-    from browser import find_chromium
-
     bundle = stack.work / "agents-realtime.umd.js"  # put there by the test, from npm
     account_id, key = stack.tenant()
     before = stack.balance(account_id)
-    tenant = TenantServer(stack.gw, key, bundle)
-    flags = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
-    browser = Browser(find_chromium(), stack.work / "chromium-sdk-profile", stack.work / "chromium-sdk.log", flags)
-    try:
-        page = browser.page()
-        page.call("Page.navigate", url=tenant.url + "sdk")
-        result = await asyncio.to_thread(page.wait, "window.result", 60, "the SDK page's result")
-        problems = page.problems()
-    finally:
-        browser.close()
-        tenant.close()
-    out: dict[str, Any] = {"page": result, "problems": problems}
-    if "error" in result:
+    out = await open_page(stack, TenantServer(stack.gw, key, bundle), "sdk", "chromium-sdk")
+    if "error" in out["page"]:
         return out
     call = stack.ended(account_id)[0]
     out["record"] = record_json(call)
