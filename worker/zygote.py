@@ -48,6 +48,7 @@ def _preimport() -> None:
     import trio  # noqa: F401
 
     from meshrt.worker import call  # noqa: F401
+    from meshrt.worker import preauth  # noqa: F401 - session.run imports it: compiled per worker if not here
     from meshrt.worker import session  # noqa: F401
     from meshrt.worker import session_meter  # noqa: F401
     from meshrt.worker import translation  # noqa: F401
