@@ -58,6 +58,7 @@ def _preimport() -> None:
     upstream.tls_context()
     if sandbox.seccomp_available() is None:
         sandbox.build_filter()  # libseccomp loaded and its first-use costs paid before any fork
+        sandbox.build_base_filter()  # each worker adds only its pid's rules to its copy
     warmup.warm_up()
     import gc
 
