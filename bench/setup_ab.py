@@ -48,6 +48,18 @@ def _cpu(stack: Stack) -> dict[str, float]:
     return out
 
 
+def _admit_ms(stack: Stack) -> list[float]:
+    """The front door's `admit_ms` (lock wait + admission transaction) of every session so far."""
+    out = []
+    for line in (stack.tmp / "gateway.err").read_text(errors="replace").splitlines():
+        if '"admitted"' in line and "admit_ms" in line:
+            try:
+                out.append(float(json.loads(line)["admit_ms"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    return out
+
+
 def _pct(values: list[float], q: float) -> float | None:
     values = sorted(values)
     return round(values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
@@ -86,6 +98,7 @@ def main(argv: list[str]) -> int:
                 res[name]["refused"] += failed
                 res[name]["cpu"].append({k: after[k] - before.get(k, 0.0) for k in after})
                 time.sleep(0.3)
+        admit_ms = {n: _admit_ms(s) for n, s in stacks.items()}  # the bursts' admissions
         seq_before = {n: _cpu(s) for n, s in stacks.items()}
         for _ in range(seq):
             for name, stack in [("direct", None), *stacks.items()]:
@@ -121,6 +134,7 @@ def main(argv: list[str]) -> int:
                     o["cpu_s_per_burst"] = {k: round(statistics.median(c[k] for c in d["cpu"]), 3) for k in d["cpu"][0]}
                     o["cpu_ms_per_burst_session"] = round(sum(o["cpu_s_per_burst"].values()) / size * 1000, 1)
                 o["seq_cpu_ms_per_session"] = seq_cpu[name]
+                o["burst_admit_ms"] = {"p50": _pct(admit_ms[name], 0.5), "p99": _pct(admit_ms[name], 0.99)}
             out[name] = o
         print(json.dumps(out, indent=1))
     finally:
