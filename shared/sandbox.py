@@ -259,10 +259,37 @@ FIONBIO, FIOCLEX, FIONCLEX, FIONREAD, TCGETS = 0x5421, 0x5451, 0x5450, 0x541B, 0
 
 
 def build_filter():
-    """The worker's seccomp filter (not loaded)."""
+    """The worker's seccomp filter (not loaded). In a child of the process that ran
+    `build_base_filter` (a worker of the zygote), the first call takes its copy of that base and
+    adds the rules that name its own pid (~0.15 ms instead of ~1.7 ms of ctypes calls)."""
+    global _base
+    if _base is not None and _base[0] != os.getpid():
+        f, _base = _base[1], None  # a copy takes its pid's rules once: a second call builds afresh
+    else:
+        f = _common_filter()
+    _own_pid_rules(f, os.getpid())
+    return f
+
+
+def build_base_filter() -> None:
+    """In the zygote, before any fork: every rule of the workers' filter but the two that name
+    a worker's pid, built once; each worker inherits a copy of it (`build_filter`)."""
+    global _base
+    _base = (os.getpid(), _common_filter())
+
+
+def _own_pid_rules(f, pid: int) -> None:
     import pyseccomp as sc
 
-    pid = os.getpid()
+    # signals to itself only (kill(0) would reach its whole process group)
+    f.add_rule(sc.ALLOW, "kill", sc.Arg(0, sc.EQ, pid))
+    f.add_rule(sc.ALLOW, "tgkill", sc.Arg(0, sc.EQ, pid))
+
+
+def _common_filter():
+    """The worker's filter without the rules that name its pid."""
+    import pyseccomp as sc
+
     f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
     f.set_attr(sc.Attr.CTL_TSYNC, 1)  # every thread (an executor's, from the connect) gets it
     f.set_attr(sc.Attr.CTL_NNP, 1)
@@ -287,9 +314,6 @@ def build_filter():
     # its limits may be read (prlimit64 with no new limit), never set
     f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0), sc.Arg(2, sc.EQ, 0))
     f.add_rule(sc.ALLOW, "getrlimit")
-    # signals to itself only (kill(0) would reach its whole process group)
-    f.add_rule(sc.ALLOW, "kill", sc.Arg(0, sc.EQ, pid))
-    f.add_rule(sc.ALLOW, "tgkill", sc.Arg(0, sc.EQ, pid))
     # re-attaching to a restarted supervisor: a unix SOCK_SEQPACKET socket only (connect cannot
     # be filtered by path; a seqpacket socket reaches no stream listener such as PostgreSQL's)
     f.add_rule(
@@ -327,6 +351,7 @@ def refuse_io_uring(mode: str) -> list[str]:
 
 
 _prepared: tuple[int, object] | None = None  # (pid, filter) built ahead by an idle pool worker
+_base: tuple[int, object] | None = None  # (the zygote's pid, the filter's common rules): build_base_filter
 
 
 def prepare_worker() -> None:

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -112,6 +113,44 @@ def test_idle_workers_above_the_target_retire_one_a_second():
     assert (status.idle, status.target) == (1, 1)
     assert control.decode(control.encode(status)) == status
     for sock in (*zygote.idle.values(), workers[103], channel, supervisor_end):
+        sock.close()
+
+
+def test_only_workers_up_to_the_floor_rehearse_and_a_burst_keeps_the_rehearsed_ones():
+    channel, supervisor_end = control.seqpacket_pair()
+    zygote = Zygote(channel, 2, 8)
+    forks = []
+    next_pid = iter(range(200, 300))
+
+    def fork_idle(rehearse, preconnect_ahead=None):  # records the decision; a stand-in joins the pool
+        pid = next(next_pid)
+        forks.append((pid, rehearse, preconnect_ahead))
+        zygote.idle[pid], _ = control.seqpacket_pair()
+        if not rehearse:
+            zygote.plain.add(pid)
+
+    zygote._fork_idle = fork_idle
+    zygote.warm = 5
+    assert zygote._refill() is None  # a quiet node: nothing handed out lately
+    assert forks == [(200, True, True), (201, True, True), (202, False, True), (203, False, True), (204, False, True)]
+    assert zygote.plain == {202, 203, 204}
+    assert zygote._next_idle() == 201  # the newest rehearsed worker takes the next session
+    zygote.idle.pop(201), zygote.idle.pop(200)  # two sessions took the rehearsed ones
+    zygote.idle.pop(204), zygote.idle.pop(203), zygote.idle.pop(202)  # and a burst the rest
+    zygote.plain.clear()
+    forks.clear()
+    zygote.last_spawn = time.monotonic()  # a session was handed out just now: one worker at once
+    assert zygote._refill() > 0  # the rest after the refill delay
+    assert forks == [(205, False, False)]  # no rehearsal, no connect ahead: its Spawn is due now
+    zygote.last_spawn -= 1  # the burst is over
+    assert zygote._refill() is None
+    assert forks[1:] == [(206, True, True), (207, False, True), (208, False, True), (209, False, True)]
+    zygote.warm = 2
+    for i in range(3):
+        zygote._retire(1000.0 + i * RETIRE_INTERVAL_S)
+    assert list(zygote.idle) == [206, 209]  # the plain ones retire first, the oldest of them first
+    assert zygote._next_idle() == 206  # the rehearsed one, though older
+    for sock in (*zygote.idle.values(), channel, supervisor_end):
         sock.close()
 
 

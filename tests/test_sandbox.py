@@ -254,6 +254,26 @@ def test_a_filter_built_ahead_confines_as_one_built_at_once(tmp_path):
     print(f"a prepared filter loaded in {float(said.rsplit(', ', 1)[1].rstrip(')')) * 1e6:.0f} µs")
 
 
+def test_a_worker_given_the_zygotes_base_filter_is_confined_as_by_one_built_at_once(tmp_path, monkeypatch):
+    """The zygote builds the filter's common rules once (`build_base_filter`); a worker adds the
+    rules that name its pid to its copy: the same escapes fail, and its own signals still work."""
+    (tmp_path / "db").write_text("secret")
+    monkeypatch.setattr(sandbox, "_base", None)
+    sandbox.build_base_filter()  # as the zygote does, before any fork
+    base = sandbox._base
+    parent = os.getpid()
+    assert _in_child(lambda: _open(tmp_path / "db")) == (EPERM, None)
+    assert _in_child(lambda: os.kill(parent, 0)) == (EPERM, None)
+    assert _in_child(lambda: os.kill(0, signal.SIGTERM)) == (EPERM, None)
+    assert _in_child(lambda: os.kill(os.getpid(), 0)) == ("ok: None", None)
+    said, killed = _in_child(lambda: os.fork())
+    assert killed == signal.SIGSYS, (said, killed)
+    assert _in_child(lambda: sandbox._base is None) == ("ok: True", None)  # the child's copy was taken
+    assert sandbox._base is base  # the zygote's own base is never taken
+    assert sandbox.build_filter() is not base[1]
+    assert sandbox._base is base
+
+
 def test_the_filter_is_what_the_status_shows():
     read_end, write_end = os.pipe()
     pid = os.fork()

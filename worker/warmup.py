@@ -55,6 +55,7 @@ def _relay_and_meter() -> None:
     from meshrt.worker import frames
     from meshrt.worker.meter import Meter
     from meshrt.worker.meter import may_carry_usage
+    from meshrt.worker.preauth import Purse
     from meshrt.worker.relay import Relay
     from meshrt.worker.session_meter import GrantPriceTable
     from meshrt.worker.session_meter import SessionMeter
@@ -67,7 +68,8 @@ def _relay_and_meter() -> None:
     grant_table = GrantPriceTable(_sample_rates)  # what build_meter builds for a session
     grant_table.transcription("gpt-4o-transcribe")
     meter = SessionMeter(Meter(grant_table.model, grant_table))
-    relay = Relay("req_warmup", 1_000_000, 1 << 20, meter=meter, may_carry_usage=may_carry_usage)
+    purse = Purse.for_rates(meter.meter.rates, 4096)  # as worker.session.run builds a session's
+    relay = Relay("req_warmup", 1_000_000, 1 << 20, meter=meter, may_carry_usage=may_carry_usage, purse=purse)
     usage = {
         "total_tokens": 2,
         "input_tokens": 1,

@@ -48,6 +48,7 @@ def _preimport() -> None:
     import trio  # noqa: F401
 
     from meshrt.worker import call  # noqa: F401
+    from meshrt.worker import preauth  # noqa: F401 - session.run imports it: compiled per worker if not here
     from meshrt.worker import session  # noqa: F401
     from meshrt.worker import session_meter  # noqa: F401
     from meshrt.worker import translation  # noqa: F401
@@ -57,6 +58,7 @@ def _preimport() -> None:
     upstream.tls_context()
     if sandbox.seccomp_available() is None:
         sandbox.build_filter()  # libseccomp loaded and its first-use costs paid before any fork
+        sandbox.build_base_filter()  # each worker adds only its pid's rules to its copy
     warmup.warm_up()
     import gc
 
@@ -165,6 +167,7 @@ class Zygote:
         self.idle_cost = pool.Smoothed(INITIAL_IDLE_COST)  # an idle worker's private bytes
         self.mem_available: int | None = None
         self.rehearsing: dict[int, float] = {}  # pid -> when it was forked, until it reports
+        self.plain: set[int] = set()  # idle workers that skipped the rehearsal (see _rehearses)
         self.reporting: dict[int, socket.socket] = {}  # pid -> the socket its WorkerMemory comes on
         self.smaps: dict[int, int] = {}  # pid -> an fd of its smaps_rollup
         self.pss: dict[int, int] = {}  # pid -> its PSS, last read
@@ -212,7 +215,10 @@ class Zygote:
             if self.mode == "require":
                 os._exit(78)
 
-    def _fork_idle(self, rehearse: bool) -> None:
+    def _fork_idle(self, rehearse: bool, preconnect_ahead: bool | None = None) -> None:
+        """An idle pool worker; `rehearse`: it runs warmup.rehearse first; `preconnect_ahead`
+        (default: as `rehearse`): it opens its upstream connection while it waits."""
+        preconnect_ahead = rehearse if preconnect_ahead is None else preconnect_ahead
         ours, theirs = control.seqpacket_pair()
         forked_at = time.monotonic()
         uid = self._own_uid()
@@ -235,7 +241,7 @@ class Zygote:
             try:
                 # before the seccomp filter, like any connect; not by a worker forked to refill a pool
                 # a burst emptied: its Spawn is due at once, and a connect begun would be wasted
-                if self.upstream_url and self.preconnect_s > 0 and rehearse:
+                if self.upstream_url and self.preconnect_s > 0 and preconnect_ahead:
                     spawn, fds, preconnected = preconnect.wait_for_spawn(theirs, self.upstream_url, self.preconnect_s)
                 else:
                     spawn, fds = control.recv(theirs)
@@ -253,6 +259,8 @@ class Zygote:
         self.reporting[pid] = ours
         if rehearse:
             self.rehearsing[pid] = forked_at
+        else:
+            self.plain.add(pid)
 
     def _fork_session(self, spawn, fds: list[int]) -> int:
         ours, theirs = control.seqpacket_pair()
@@ -306,6 +314,7 @@ class Zygote:
         if sock is not None and self.idle.get(pid) is not sock:
             sock.close()
         self.rehearsing.pop(pid, None)
+        self.plain.discard(pid)
         self.pss.pop(pid, None)
         fd = self.smaps.pop(pid, None)
         if fd is not None:
@@ -363,7 +372,10 @@ class Zygote:
     def _retire(self, now: float) -> None:
         """An idle worker above the target ends (its socket closes: it exits on the EOF)."""
         if len(self.idle) > self.warm and now - self.last_retire >= RETIRE_INTERVAL_S:
-            pid = next(iter(self.idle))  # the oldest
+            # the oldest of those that skipped the rehearsal, else the oldest: the pool left
+            # after a burst keeps its rehearsed workers
+            pid = next((p for p in self.idle if p in self.plain), None) or next(iter(self.idle))
+            self.plain.discard(pid)
             sock = self.idle.pop(pid)
             self.reporting.pop(pid, None)
             self.rehearsing.pop(pid, None)
@@ -408,7 +420,9 @@ class Zygote:
         supervisor writes to this channel; a worker sent something else exits on it."""
         pid = None
         while self.idle and pid is None and len(fds) == 3:
-            candidate, sock = self.idle.popitem()
+            candidate = self._next_idle()
+            sock = self.idle.pop(candidate)
+            self.plain.discard(candidate)
             try:
                 control.send_datagram(sock, datagram, fds)
                 pid = candidate
@@ -436,6 +450,28 @@ class Zygote:
             os.close(fd)
         if isinstance(spawn, control.Spawn) and pid is not None:
             control.send(self.channel, control.Spawned(spawn.grant.session_id, pid))
+
+    def _next_idle(self) -> int:
+        """The idle worker the next session goes to: the newest rehearsed one, else the newest."""
+        return next((p for p in reversed(self.idle) if p not in self.plain), None) or next(reversed(self.idle))
+
+    def _rehearses(self, wait: float) -> bool:
+        """Whether the idle worker forked now rehearses (worker.warmup.rehearse). Only one that
+        fills the pool up to its floor, and not while a burst has emptied the pool (`wait` > 0:
+        a session was handed out less than REFILL_DELAY_S ago). A rehearsal costs a worker ~10 ms
+        of CPU to save ~3 ms of its set-up: a quiet node's sessions get rehearsed workers, and the
+        workers a rising arrival rate adds above the floor, whose sessions are CPU-bound, skip it."""
+        return wait <= 0 and len(self.idle) < self.floor
+
+    def _refill(self) -> float | None:
+        """Fork idle workers up to the pool's size; returns how long to wait before the rest
+        (the refill delay after a session was handed out), or None."""
+        while len(self.idle) < self.warm:
+            wait = self.last_spawn + REFILL_DELAY_S - time.monotonic()
+            if self.idle and wait > 0:  # an empty pool is refilled at once
+                return wait
+            self._fork_idle(rehearse=self._rehearses(wait), preconnect_ahead=wait <= 0)
+        return None
 
     def _reap(self) -> None:
         while True:
@@ -478,14 +514,9 @@ class Zygote:
             timeout = max(0.0, min(self.next_status, self.next_memory) - now)
             if self.memory_round:
                 timeout = MEMORY_BATCH_GAP_S  # spawns waiting are served between two batches
-            while len(self.idle) < self.warm:
-                wait = self.last_spawn + REFILL_DELAY_S - time.monotonic()
-                if self.idle and wait > 0:  # an empty pool is refilled at once
-                    timeout = min(timeout, wait)
-                    break
-                # a pool emptied by a burst is refilled with workers needed now: a rehearsal
-                # would only add its CPU to theirs (and delay the session waiting for it)
-                self._fork_idle(rehearse=wait <= 0)
+            wait = self._refill()
+            if wait is not None:
+                timeout = min(timeout, wait)
             readable, _, _ = select.select([self.channel, self.wakeup_r], [], [], timeout)
             if self.wakeup_r in readable:
                 self._drain_wakeups()
