@@ -187,6 +187,7 @@ class TransportLeg(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.lost = asyncio.Event()
+        self._gone = False  # lost.is_set(), read on every write without a call
         self.held = False  # its events wait for a reservation: not read until answered
 
     @classmethod
@@ -235,6 +236,7 @@ class TransportLeg(asyncio.Protocol):
         return False  # the transport closes; connection_lost follows
 
     def connection_lost(self, exc) -> None:
+        self._gone = True
         self._writable.set()
         self._arrived.set()
         self.lost.set()
@@ -265,9 +267,10 @@ class TransportLeg(asyncio.Protocol):
 
     # the Leg interface
     def write(self, data: bytes) -> bool:
-        if self.lost.is_set() or self.transport.is_closing():
+        transport = self.transport
+        if self._gone or transport.is_closing():
             raise ConnectionResetError("connection lost")
-        self.transport.write(data)
+        transport.write(data)
         return True  # buffered by the transport, which flushes it on its own
 
     async def drain(self) -> None:
@@ -317,7 +320,7 @@ class TlsTransportLeg(TransportLeg):
             super().data_received(b"".join(plain))
 
     def write(self, data: bytes) -> bool:
-        if self.lost.is_set() or self.transport.is_closing():
+        if self._gone or self.transport.is_closing():
             raise ConnectionResetError("connection lost")
         try:
             self._tls.write(data)  # into the memory BIO: always whole

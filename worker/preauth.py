@@ -44,6 +44,7 @@ HEADROOM_AUDIO_S = 30  # a reservation grows ahead by this much audio, so it is 
 
 _APPEND = b'"input_audio_buffer.append"'
 _TYPE = b'"type"'
+_COMPACT_APPEND = b'{"type":"input_audio_buffer.append","audio":"'  # then the audio, then `"}`
 _APPEND_VALUE = re.compile(rb'\s*:\s*"input_audio_buffer\.append"')  # matched right after `"type"`
 _CREATE = b'"response.create"'
 _AUDIO_KEY = b'"audio"'
@@ -146,26 +147,21 @@ class Purse:
         caller forwards it). False: the session must hold more first; nothing was counted."""
         if self.free:
             return True
+        if _is_append(payload):  # 50 a second in a voice session: told first, without a parse
+            return self._admit_append(self.audio_tokens(len(payload)))
         event = None
-        if _is_append(payload):
-            kind, tokens = "input_audio_buffer.append", self.audio_tokens(len(payload))
-        elif _CREATE not in payload and _AUDIO_KEY not in payload and _ESCAPE not in payload:
+        if _CREATE not in payload and _AUDIO_KEY not in payload and _ESCAPE not in payload:
             kind, tokens = None, len(payload)  # most events: a token per byte, no parse
         else:  # (an escape may spell any name: `"response\u002ecreate"` is a response.create)
             event = _parse(payload)
             kind, tokens = event.get("type"), self._event_tokens(event, payload)
-        is_append = kind == "input_audio_buffer.append"
+        if kind == "input_audio_buffer.append":
+            return self._admit_append(tokens)
         may_detect = _DETECTION in payload or (kind == "session.update" and _ESCAPE in payload)
-        if not is_append and may_detect and not self.transcription_only:
+        if may_detect and not self.transcription_only:
             # it may turn automatic responses on: assume so until upstream's session.updated says
             # (a transcription session's turn detection commits audio and never starts a response)
             self.auto_response = True
-        if is_append and self.auto_response:
-            self.conversation_tokens += tokens
-            if self.need() > self.held:
-                self.conversation_tokens -= tokens
-                return self._block(self.need(extra=tokens * self.input_rate))
-            return True
         if kind != "response.create":
             self.conversation_tokens += tokens
             return True
@@ -182,6 +178,15 @@ class Purse:
         self.refill_due = True
         event_id = event.get("event_id")
         self.requested.append(event_id if isinstance(event_id, str) else None)
+        return True
+
+    def _admit_append(self, tokens: int) -> bool:
+        """An input_audio_buffer.append of `tokens`: it may start a response while the session
+        creates them by itself (turn detection), so then it must be covered."""
+        self.conversation_tokens += tokens
+        if self.auto_response and self.need() > self.held:
+            self.conversation_tokens -= tokens
+            return self._block(self.need(extra=tokens * self.input_rate))
         return True
 
     def admit_unknown(self) -> bool:
@@ -314,6 +319,9 @@ def _is_append(payload: bytes) -> bool:
     the `"audio"` string is skipped (base64 has no quotes; memchr finds its end), and what is
     left must hold one `"type"` key, whose value is that name, and no escape (which may spell
     any name: `"response\u002ecreate"`)."""
+    if payload.startswith(_COMPACT_APPEND) and payload.endswith(b'"}'):
+        # the usual shape, as clients serialise it: the same answer in two memchr calls
+        return payload.find(b'"', len(_COMPACT_APPEND)) == len(payload) - 2
     key = payload.find(_AUDIO_KEY)
     if key < 0:
         return False

@@ -30,7 +30,10 @@ from . import frames as wsf
 from .frames import FrameScanner
 from .frames import ProtocolViolation
 from .frames import RawFrame
+from .frames import apply_mask
 from .translation import HOLD
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE = wsf.OP_CONT, wsf.OP_TEXT, wsf.OP_BINARY, wsf.OP_CLOSE
 
 
 class Target(enum.Enum):
@@ -50,6 +53,9 @@ class Phase(enum.Enum):
     CLIENT_CLOSING = "client_closing"  # client closed or vanished; upstream close pending/sent
     UPSTREAM_CLOSING = "upstream_closing"  # upstream closed; waiting for the client's reply
     GATEWAY_CLOSING = "gateway_closing"  # meshrt ended the session with an error code
+
+
+_FORWARDS_CLIENT = (Phase.OPEN, Phase.UPSTREAM_CLOSING)  # phases in which client frames go upstream
 
 
 class LegState(enum.Enum):
@@ -186,6 +192,16 @@ class Relay:
     def from_client(self, data: bytes) -> list[Action]:
         if self.client.gone:
             return []
+        if self.phase is Phase.OPEN and not self._held and self.translation is None:
+            head = self._client.whole(data)
+            if head:  # one whole data frame: forwarded as it came, once the purse admits it
+                self._client_active = True
+                purse = self.purse
+                if purse is None or data[0] == 0x82 or purse.admit(apply_mask(data[head:], data[head - 4 : head])):
+                    if purse is not None and purse.refill_due:
+                        return self._refill([(Target.UPSTREAM, data)])
+                    return [(Target.UPSTREAM, data)]
+                # not covered: admit() counted nothing, so the general path judges it again
         try:
             chunk, frames = self._client.feed(data)
         except ProtocolViolation as violation:
@@ -207,15 +223,18 @@ class Relay:
         actions: list[Action] = []
         span = None  # (start, end) of frames forwarded together
         for i, frame in enumerate(frames):
-            if frame.opcode == wsf.OP_CLOSE:
+            opcode = frame.opcode
+            if opcode == OP_CLOSE:
                 _flush(actions, Target.UPSTREAM, chunk, span)
                 span = None
                 actions += self._client_close(chunk[frame.start : frame.end], wsf.payload(chunk, frame))
                 continue
-            if frame.opcode <= wsf.OP_BINARY:
+            if opcode <= OP_BINARY:
                 self._client_active = True
-            if not self.client.close_received and self.phase in (Phase.OPEN, Phase.UPSTREAM_CLOSING):
-                if self.translation is not None and frame.opcode <= wsf.OP_TEXT:
+            if self.client.close_received or self.phase not in _FORWARDS_CLIENT:
+                continue  # after the client's close (or the gateway's), nothing more goes upstream
+            if opcode <= OP_TEXT:  # text, or a continuation: what may be metered or judged
+                if self.translation is not None:
                     bill = self._meter_client(chunk, frame)
                     if bill is not None:  # billed before the audio goes upstream
                         _flush(actions, Target.UPSTREAM, chunk, span)
@@ -224,20 +243,20 @@ class Relay:
                             self._held.appendleft((chunk, frames[i:]))
                             return actions
                         actions.append((Target.BILL, bill))
-                verdict = self._judge(chunk, frame) if self.purse is not None and frame.opcode <= wsf.OP_TEXT else None
-                if verdict is None:
-                    span = (span[0] if span else frame.start, frame.end)
+                verdict = self._judge(chunk, frame) if self.purse is not None else None
+                if verdict is not None:
+                    _flush(actions, Target.UPSTREAM, chunk, span)
+                    span = None
+                    if verdict is Target.RESERVE:  # wait for the supervisor: this frame and all after it
+                        self._held.appendleft((chunk, frames[i:]))  # first: later reads queue behind it
+                        if not self.purse.waiting:  # else the answer to the one on its way re-judges it
+                            actions.append((Target.RESERVE, self.purse.wanted()))
+                        return actions
+                    actions += verdict  # refused: the error event instead of the frame
                     continue
-                _flush(actions, Target.UPSTREAM, chunk, span)
-                span = None
-                if verdict is Target.RESERVE:  # wait for the supervisor: this frame and all after it
-                    self._held.appendleft((chunk, frames[i:]))  # first: later reads queue behind it
-                    if not self.purse.waiting:  # else the answer to the one on its way re-judges it
-                        actions.append((Target.RESERVE, self.purse.wanted()))
-                    return actions
-                actions += verdict  # refused: the error event instead of the frame
+            span = (span[0] if span else frame.start, frame.end)
         _flush(actions, Target.UPSTREAM, chunk, span)
-        return self._refill(actions)
+        return self._refill(actions) if self.purse is not None and self.purse.refill_due else actions
 
     def _refill(self, actions: list[Action]) -> list[Action]:
         """A response started: top the reservation up for the next one, off the critical path."""
@@ -431,6 +450,17 @@ class Relay:
     def from_upstream(self, data: bytes) -> list[Action]:
         if self.upstream.gone:
             return []
+        head = self._upstream.whole(data)
+        if head:  # one whole data frame, the usual read: what _upstream_frames does with it, in fewer steps
+            actions: list[Action] = []
+            deliver = self.client.can_send
+            if data[0] == 0x81:
+                bill = self._meter_message(data[head:])
+                if bill is not None:
+                    actions.append((Target.BILL, bill))
+            if deliver:
+                actions.append((Target.CLIENT, data))
+            return self._after_upstream(actions)
         try:
             chunk, frames = self._upstream.feed(data)
         except ProtocolViolation as violation:
@@ -459,13 +489,17 @@ class Relay:
             if self._withhold:  # frames after the one that announced an unpriced model
                 deliver = False
         _flush(actions, Target.CLIENT, chunk, span)
+        return self._after_upstream(actions)
+
+    def _after_upstream(self, actions: list[Action]) -> list[Action]:
+        """What upstream's frames decided, once they are relayed: an end, the held close, a top-up."""
         if self._pending_end and self.phase is Phase.OPEN:
             code, self._pending_end = self._pending_end, None
             detail, self._pending_detail = self._pending_detail, None
             actions += self.end(code, detail)
-        if self.draining and self.responses_in_flight == 0:
+        if self._held_upstream_close is not None and self.responses_in_flight == 0:  # (draining)
             actions += self._release_held_close()
-        return self._refill(actions)
+        return self._refill(actions) if self.purse is not None and self.purse.refill_due else actions
 
     def _meter_frame(self, chunk: bytes, frame: RawFrame):
         """Track responses in flight and meter usage; returns an increment to bill, or None."""
@@ -481,6 +515,10 @@ class Relay:
             body, self._usage_fragments = b"".join(self._usage_fragments), None
         else:
             return None
+        return self._meter_message(body)
+
+    def _meter_message(self, body: bytes):
+        """One whole upstream text message: track responses in flight and meter usage."""
         head = body[:80]
         if b'"response.created"' in head:
             self.responses_in_flight += 1

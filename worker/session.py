@@ -66,6 +66,7 @@ RESERVE_WAIT_S = 5.0  # no answer to a Reserve by then (the supervisor gives up 
 RESERVE_RETRY_S = 1.0  # while refused, the reservation is asked again this often (a top-up)
 REATTACH_INTERVAL_S = 0.2
 REPORT_END_WAIT_S = 10.0
+_CLIENT, _UPSTREAM = Target.CLIENT, Target.UPSTREAM
 
 
 class WorkerSession:
@@ -305,10 +306,11 @@ class WorkerSession:
                 (self._upstream_lost if other is self._upstream else self._client_lost)()
 
     def _from_client(self, data: bytes) -> None:
-        self._execute(self.relay.from_client(data))
-        if self.relay.take_client_activity():
+        relay = self.relay
+        self._execute(relay.from_client(data))
+        if relay.take_client_activity():
             self._last_activity = time.monotonic()
-        if self.relay.holding:
+        if relay.holding:
             if isinstance(self._client, TransportLeg) and not self._client.held:
                 self._client.hold(True)
             if self.relay.awaiting_billed is not None:  # a translation's audio waits for Billed
@@ -327,30 +329,31 @@ class WorkerSession:
         """Carry out relay actions in order, without waiting: bills go to the spool and the
         channel, frames to the legs. A transport flushes its own buffer; a raw socket's backlog
         (its kernel buffer was full) is flushed by a background task."""
+        # Runs for every relayed frame: locals, and the vanished-handler looked up only on failure.
+        relay = self.relay
         for target, payload in actions:
-            if target is Target.BILL:
+            if target is _UPSTREAM or target is _CLIENT:
+                leg = self._upstream if target is _UPSTREAM else self._client
+                try:
+                    if not leg.write(payload) and leg not in self._draining:
+                        self._draining.add(leg)  # a full socket buffer: flush in the background
+                        self._tg.start_soon(self._drain, leg, self._vanished(target))
+                except OSError:
+                    self._execute(self._vanished(target)())
+            elif target is Target.BILL:
                 self._bill(payload)
-                continue
-            if target is Target.RESERVE:
+            else:  # Target.RESERVE
                 self._asking = Reserve(self.grant.session_id, *payload)
                 self._send(self._asking)
                 self._reservation_asked.set()
-                continue
-            leg, lost = (
-                (self._client, self.relay.client_vanished)
-                if target is Target.CLIENT
-                else (self._upstream, self.relay.upstream_vanished)
-            )
-            try:
-                if not leg.write(payload) and leg not in self._draining:
-                    self._draining.add(leg)  # a full socket buffer: flush in the background
-                    self._tg.start_soon(self._drain, leg, lost)
-            except OSError:
-                self._execute(lost())
-        if self.relay.finished:
-            self._finished.set()
-        elif self.relay.phase is not Phase.OPEN:
-            self._closing.set()
+        if relay.phase is not Phase.OPEN or relay.client.done:  # (finished needs client.done)
+            if relay.finished:
+                self._finished.set()
+            elif relay.phase is not Phase.OPEN:
+                self._closing.set()
+
+    def _vanished(self, target: Target):
+        return self.relay.client_vanished if target is _CLIENT else self.relay.upstream_vanished
 
     async def _drain(self, leg: Leg, lost) -> None:
         try:
