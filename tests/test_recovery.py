@@ -3,6 +3,7 @@ that comes back, sessions ending while nobody supervises — no usage lost, none
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -114,3 +115,30 @@ def test_session_that_ends_while_unsupervised_keeps_its_end_and_usage(gateway_fa
     row = ended_record(engine, request_id, 30)
     assert row.end_reason == "client_closed" and row.close_code == 1000 and row.responses == 2
     assert row.usage["total_tokens"] == sum(u["total_tokens"] for u in usages)
+
+
+def test_a_response_asked_while_no_supervisor_runs_waits_for_the_next_one(gateway_factory, tenant, engine):
+    """The session's first response.create needs a reservation; the supervisor is dead when it
+    comes. The worker holds it while it re-attaches (the node's lease bounds that), sends its
+    Reserve again to the supervisor that comes back, and the response runs: longer without a
+    supervisor than a Reserve's own deadline (5 s) is no reason to refuse it."""
+    first = gateway_factory()
+
+    async def go():
+        ws = await connect_ws(first.ws_url, key=tenant.key, query="sim_response_ms=150").__aenter__()
+        await recv_json(ws)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        await ws.send(json.dumps({"type": "response.create"}))
+        await asyncio.sleep(6.0)  # past RESERVE_WAIT_S, within the lease (15 s)
+        second = gateway_factory(state=first.state_dir)
+        events = await recv_until(ws, "response.done", 20)
+        assert not [e for e in events if e["type"] == "error"], events
+        await ws.close()
+        return ws.response.headers["x-request-id"], events[-1]["response"]["usage"], second
+
+    request_id, usage, second = run(go(), 60)
+    row = ended_record(engine, request_id, 30)
+    assert row.end_reason == "client_closed" and row.responses == 1
+    assert row.usage["total_tokens"] == usage["total_tokens"]
+    assert "worker re-attached" in second.log_text()

@@ -108,6 +108,8 @@ class WorkerSession:
         self._reservation_asked = anyio.Event()
         self._billed_awaited = anyio.Event()  # a translation's audio is held for the supervisor's Billed
         self._asking: Reserve | None = None  # the last Reserve sent: sent again to a new supervisor
+        self._asked_at = 0.0  # monotonic: when it was last sent to a supervisor that is there
+        self._reattaching = False  # no supervisor: the lease's fence bounds what waits for one
         self._channel_ready = anyio.Event()
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
@@ -343,8 +345,7 @@ class WorkerSession:
             elif target is Target.BILL:
                 self._bill(payload)
             else:  # Target.RESERVE
-                self._asking = Reserve(self.grant.session_id, *payload)
-                self._send(self._asking)
+                self._ask(Reserve(self.grant.session_id, *payload))
                 self._reservation_asked.set()
         if relay.phase is not Phase.OPEN or relay.client.done:  # (finished needs client.done)
             if relay.finished:
@@ -408,25 +409,37 @@ class WorkerSession:
         if not self.relay.holding and isinstance(self._client, TransportLeg) and self._client.held:
             self._client.hold(False)
 
+    def _ask(self, reserve: Reserve) -> None:
+        self._asking, self._asked_at = reserve, time.monotonic()
+        self._send(reserve)
+
     async def _watch_reservations(self) -> None:
-        """A Reserve the supervisor does not answer in time is refused (service_unavailable);
-        while the account cannot cover what the session needs, the reservation is asked again
-        every RESERVE_RETRY_S, so a top-up lets the session go on."""
+        """A Reserve the supervisor does not answer within RESERVE_WAIT_S of its last sending is
+        refused (service_unavailable). While there is no supervisor it waits for the next one,
+        which gets it again (`_reattach`): the node's lease bounds that wait, since the worker
+        ends its session when no supervisor came back within it. While the account cannot cover
+        what the session needs, the reservation is asked again every RESERVE_RETRY_S, so a
+        top-up lets the session go on."""
         purse = self.relay.purse
         while True:
             await self._reservation_asked.wait()
             self._reservation_asked = anyio.Event()
             while purse.waiting or purse.refusal is not None:
                 version = purse.version
-                await anyio.sleep(RESERVE_WAIT_S if purse.waiting else RESERVE_RETRY_S)
-                if purse.waiting and purse.version == version:
-                    self.log.warning("reservation unanswered", fields={"version": version})
-                    self._reservation_answered(version, -1, False, "service_unavailable", 0)
-                elif not purse.waiting:
+                if purse.waiting:
+                    due = self._asked_at + RESERVE_WAIT_S
+                    await anyio.sleep(max(due - time.monotonic(), REATTACH_INTERVAL_S))
+                    due = self._asked_at + RESERVE_WAIT_S  # sent again meanwhile: a new wait
+                    if purse.waiting and purse.version == version and not self._reattaching:
+                        if time.monotonic() >= due:
+                            self.log.warning("reservation unanswered", fields={"version": version})
+                            self._reservation_answered(version, -1, False, "service_unavailable", 0)
+                    continue
+                await anyio.sleep(RESERVE_RETRY_S)
+                if not purse.waiting:
                     again = self.relay.retry_refused()
                     if again is not None:
-                        self._asking = Reserve(self.grant.session_id, *again)
-                        self._send(self._asking)
+                        self._ask(Reserve(self.grant.session_id, *again))
 
     async def _flush_channel_backlog(self) -> None:
         while True:
@@ -516,6 +529,7 @@ class WorkerSession:
         for `fence_after_s` (the node's lease), end the session: another node is about to
         declare this one lost and free the session's slot, so it must not run on beyond it."""
         fence_at = None if fence_after_s is None else time.monotonic() + fence_after_s
+        self._reattaching = True
         while True:
             await anyio.sleep(REATTACH_INTERVAL_S)
             if fence_at is not None and time.monotonic() >= fence_at:
@@ -534,8 +548,9 @@ class WorkerSession:
             old.close()
             self.log.info("re-attached to the supervisor")
             purse = self.relay.purse
+            self._reattaching = False
             if purse is not None and purse.waiting and self._asking is not None:
-                self._send(self._asking)  # its answer died with the old supervisor
+                self._ask(self._asking)  # its answer died with the old supervisor: this one's own wait
             return
 
     def _spool_end(self) -> WorkerEnded:
