@@ -253,20 +253,27 @@ def finalize(
     close_code: int | None,
     increments: dict[int, Increment] | None = None,
     ended_at: datetime | None = None,
+    applied_here: list[int] | None = None,
 ) -> Finalized:
     """Apply what the session's spool holds (each increment once, whenever it arrives), then
     write the final record from every increment applied for it — one transaction, so a record
-    is never final without all of its spool. Safe to repeat."""
+    is never final without all of its spool. Safe to repeat. `applied_here` gets the seqs this
+    call applied (those no earlier write had), for the caller's counters."""
     connection = db.connection()
+    if applied_here is not None:
+        applied_here.clear()  # a retried transaction starts again
     exists = connection.execute(
         select(_sessions.c.state, _sessions.c.account_id, _sessions.c.surface).where(_sessions.c.id == session_id)
     ).first()
     if exists is None:
         return Finalized.MISSING
-    added = sum(
-        apply_increment(db, session_id, exists.account_id, increment) is not None
-        for _, increment in sorted((increments or {}).items())
-    )
+    added = [
+        seq
+        for seq, increment in sorted((increments or {}).items())
+        if apply_increment(db, session_id, exists.account_id, increment) is not None
+    ]
+    if applied_here is not None:
+        applied_here.extend(added)
     if exists.state == SessionState.ENDED and not added:
         return Finalized.ALREADY
     bodies = connection.execute(select(_applied.c.body).where(_applied.c.session_id == session_id)).scalars()

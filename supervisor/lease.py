@@ -39,6 +39,7 @@ class NodeLease:
         self.valid_until = 0.0  # monotonic: ours until then, as far as this node can tell
         self.held_since = 0.0  # the database's clock: since when this node has held it unbroken
         self.stopping = False
+        self._one_at_a_time = anyio.Lock()
 
     @property
     def valid(self) -> bool:
@@ -49,8 +50,11 @@ class NodeLease:
             return call(session, *args)
 
     async def _run(self, call, *args, deadline_s: float | None = None):
+        # one statement at a time: renewing and judging share one pooled connection (two at
+        # once would leave the node holding a second one)
         with anyio.fail_after(deadline_s):
-            return await anyio.to_thread.run_sync(self._transaction, call, *args, abandon_on_cancel=True)
+            async with self._one_at_a_time:
+                return await anyio.to_thread.run_sync(self._transaction, call, *args, abandon_on_cancel=True)
 
     def _took(self, lease: ledger.Lease, sent_at: float, fresh: bool) -> None:
         if fresh or sent_at > self.valid_until:

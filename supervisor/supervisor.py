@@ -745,6 +745,15 @@ class Supervisor:
         )
         return fixed
 
+    def _count_billed(self, increment: Increment) -> None:
+        """The usage counters, for an increment whose write committed (here or at finalisation)."""
+        self.metrics.inc("meshrt_usage_increments_total")
+        cost = increment.cost.picodollars
+        if cost >= 0:
+            self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
+        else:  # a translation session's settle: audio billed ahead and not sent (a counter never falls)
+            self.metrics.inc("meshrt_usage_credit_picodollars_total", -cost)
+
     async def _commit(self, live: LiveSession, increment: Increment, settle: ledger.ReserveChange | None) -> None:
         grant = live.grant
         balance, job = await self._write(
@@ -754,12 +763,7 @@ class Supervisor:
             return  # finalisation took it over (it applies the whole spool)
         estimate = self._estimate(grant.account_id)
         if balance is not None:  # None: the database had it already (a replay)
-            self.metrics.inc("meshrt_usage_increments_total")
-            cost = increment.cost.picodollars
-            if cost >= 0:
-                self.metrics.inc("meshrt_usage_cost_picodollars_total", cost)
-            else:  # a translation session's settle: audio billed ahead and not sent (a counter never falls)
-                self.metrics.inc("meshrt_usage_credit_picodollars_total", -cost)
+            self._count_billed(increment)
             estimate.observe_balance(balance, job)
         estimate.acknowledged((grant.session_id, increment.seq), job)
         self._check_quota_soon(grant.account_id, just_read=balance is not None)
@@ -948,7 +952,10 @@ class Supervisor:
         else:
             reason, code = EndReason.INTERNAL_ERROR, 1011  # the worker died without a word
             self.metrics.inc("meshrt_worker_crashes_total")
-        outcome, job = await self._write(ledger.finalize, grant.session_id, reason, code, held.increments)
+        applied_here: list[int] = []  # increments whose own write had not committed: counted now
+        outcome, job = await self._write(
+            ledger.finalize, grant.session_id, reason, code, held.increments, None, applied_here
+        )
         if job is None:
             log.warning(
                 "session record not written; its spool is kept for the next start",
@@ -956,6 +963,8 @@ class Supervisor:
             )
             return
         live.handle(SessionEvent.RECORD_COMMITTED)
+        for seq in applied_here:
+            self._count_billed(held.increments[seq])
         for seq in set(held.increments) | set(live.reported):
             estimate.acknowledged((grant.session_id, seq), job)
         if outcome is Finalized.MISSING:

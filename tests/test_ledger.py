@@ -110,8 +110,13 @@ def test_finalize_applies_the_spool_once_whatever_the_database_already_had(engin
     start = balance_of(engine, tenant.account_id)
     write(engine, ledger.apply_increment, session_id, tenant.account_id, increment(1, 700, 7))  # live, committed
     spooled = {1: increment(1, 700, 7), 2: increment(2, 300, 3), 3: increment(3, 50, 1)}  # 2, 3 never committed
-    assert write(engine, ledger.finalize, session_id, "client_closed", 1000, spooled) is ledger.Finalized.WRITTEN
-    assert write(engine, ledger.finalize, session_id, "client_closed", 1000, spooled) is ledger.Finalized.ALREADY
+    applied_here = [99]  # what a retried transaction's first try left is cleared
+    finalized = write(engine, ledger.finalize, session_id, "client_closed", 1000, spooled, None, applied_here)
+    assert finalized is ledger.Finalized.WRITTEN and applied_here == [2, 3]  # 1 was already in: not counted again
+    assert write(engine, ledger.finalize, session_id, "client_closed", 1000, spooled, None, applied_here) is (
+        ledger.Finalized.ALREADY
+    )
+    assert applied_here == []
     with Session(engine) as db:
         row = db.get(SessionRecord, session_id)
         assert (row.responses, row.cost_pico, row.amended_at) == (3, 1050, None)

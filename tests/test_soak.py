@@ -75,7 +75,9 @@ def settled(engine, account_id: str) -> bool:
 
 
 def test_soak_returns_to_baseline_with_one_record_per_session(gateway_factory, make_tenant, engine):
-    gw = gateway_factory(MESHRT_MAX_CONCURRENT_SESSIONS="100", MESHRT_DRAIN_USAGE_S="0.5")
+    # a fixed pool: the baseline counts its workers (a sized pool follows the arrivals, and the
+    # soak's arrivals move its target; tests/test_operator_pool.py covers sizing)
+    gw = gateway_factory(MESHRT_MAX_CONCURRENT_SESSIONS="100", MESHRT_DRAIN_USAGE_S="0.5", MESHRT_WARM_WORKERS="4")
     tenant = make_tenant(balance="1000", max_concurrent_sessions=5000)
     warm = run(soak(gw.ws_url, tenant.key, 60, seed=1), 120)
     wait_for(lambda: settled(engine, tenant.account_id), 30, 0.1, "warm-up sessions to settle")
