@@ -122,7 +122,10 @@ def test_a_response_asked_while_no_supervisor_runs_waits_for_the_next_one(gatewa
     comes. The worker holds it while it re-attaches (the node's lease bounds that), sends its
     Reserve again to the supervisor that comes back, and the response runs: longer without a
     supervisor than a Reserve's own deadline (5 s) is no reason to refuse it."""
-    first = gateway_factory()
+    # a worker with no supervisor ends its session after half the lease: 20 s here, so a slow
+    # start of the second supervisor on a loaded machine still finds the worker
+    lease = {"MESHRT_NODE_LEASE_S": "40"}
+    first = gateway_factory(**lease)
 
     async def go():
         ws = await connect_ws(first.ws_url, key=tenant.key, query="sim_response_ms=150").__aenter__()
@@ -130,8 +133,8 @@ def test_a_response_asked_while_no_supervisor_runs_waits_for_the_next_one(gatewa
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
         await ws.send(json.dumps({"type": "response.create"}))
-        await asyncio.sleep(6.0)  # past RESERVE_WAIT_S, within the lease (15 s)
-        second = gateway_factory(state=first.state_dir)
+        await asyncio.sleep(6.0)  # past RESERVE_WAIT_S (5 s), well within the worker's fence
+        second = gateway_factory(state=first.state_dir, **lease)
         events = await recv_until(ws, "response.done", 20)
         assert not [e for e in events if e["type"] == "error"], events
         await ws.close()

@@ -109,7 +109,7 @@ class WorkerSession:
         self._billed_awaited = anyio.Event()  # a translation's audio is held for the supervisor's Billed
         self._asking: Reserve | None = None  # the last Reserve sent: sent again to a new supervisor
         self._asked_at = 0.0  # monotonic: when it was last sent to a supervisor that is there
-        self._reattaching = False  # no supervisor: the lease's fence bounds what waits for one
+        self._reattaching = False  # no supervisor: the fence (half the lease) bounds what waits for one
         self._channel_ready = anyio.Event()
         self._draining: set[Leg] = set()  # legs whose backlog a background task is flushing
         self._last_activity = time.monotonic()
@@ -416,8 +416,8 @@ class WorkerSession:
     async def _watch_reservations(self) -> None:
         """A Reserve the supervisor does not answer within RESERVE_WAIT_S of its last sending is
         refused (service_unavailable). While there is no supervisor it waits for the next one,
-        which gets it again (`_reattach`): the node's lease bounds that wait, since the worker
-        ends its session when no supervisor came back within it. While the account cannot cover
+        which gets it again (`_reattach`): the worker's fence (half the node's lease) bounds that
+        wait, since the worker ends its session when no supervisor came back within it. While the account cannot cover
         what the session needs, the reservation is asked again every RESERVE_RETRY_S, so a
         top-up lets the session go on."""
         purse = self.relay.purse
