@@ -427,13 +427,12 @@ class WorkerSession:
             while purse.waiting or purse.refusal is not None:
                 version = purse.version
                 if purse.waiting:
-                    due = self._asked_at + RESERVE_WAIT_S
-                    await anyio.sleep(max(due - time.monotonic(), REATTACH_INTERVAL_S))
-                    due = self._asked_at + RESERVE_WAIT_S  # sent again meanwhile: a new wait
-                    if purse.waiting and purse.version == version and not self._reattaching:
-                        if time.monotonic() >= due:
-                            self.log.warning("reservation unanswered", fields={"version": version})
-                            self._reservation_answered(version, -1, False, "service_unavailable", 0)
+                    await anyio.sleep(max(self._asked_at + RESERVE_WAIT_S - time.monotonic(), REATTACH_INTERVAL_S))
+                    # (read _asked_at again: a Reserve sent again meanwhile has a wait of its own)
+                    unanswered = time.monotonic() >= self._asked_at + RESERVE_WAIT_S
+                    if purse.waiting and purse.version == version and not self._reattaching and unanswered:
+                        self.log.warning("reservation unanswered", fields={"version": version})
+                        self._reservation_answered(version, -1, False, "service_unavailable", 0)
                     continue
                 await anyio.sleep(RESERVE_RETRY_S)
                 if not purse.waiting:
