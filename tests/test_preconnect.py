@@ -27,6 +27,7 @@ from sqlmodel import select
 from meshrt.storage.db import SessionRecord
 from meshrt.worker import preconnect
 from meshrt.worker.upstream import connect_upstream
+from meshrt.worker.upstream import send_upgrade_ahead
 
 RTT_MS = 50
 
@@ -123,6 +124,59 @@ def test_a_stale_preconnection_gives_way_to_a_fresh_connect_uncounted(wan_sim):
     assert elapsed >= 2 * RTT_MS / 1000  # a fresh connect: TCP and the upgrade
 
 
+def test_an_upgrade_sent_ahead_is_answered_while_the_worker_gets_ready(wan_sim):
+    """The worker writes its upgrade on the pre-opened connection before building its meter and
+    event loop: by the time it reads, upstream's answer (one round trip) has arrived."""
+    url = f"ws://127.0.0.1:{wan_sim.port}/v1/realtime?model=gpt-realtime"
+    sock = socket.create_connection(("127.0.0.1", wan_sim.port))
+    time.sleep(RTT_MS / 1000 + 0.02)  # the simulator's delayed accept is behind us, as in a pool worker
+    sock.setblocking(False)
+    conn = preconnect.Preconnected(sock, "ws", "127.0.0.1", wan_sim.port, time.monotonic())
+    assert send_upgrade_ahead(conn, url, [], OPERATOR_KEY)
+    time.sleep(RTT_MS / 1000 + 0.03)  # the worker's own set-up, meanwhile
+
+    async def connect():
+        began = time.monotonic()
+        upstream = await connect_upstream(url, [], OPERATOR_KEY, 5.0, 1, conn)
+        elapsed = time.monotonic() - began
+        upstream.stream.close()
+        return upstream.response.status_code, elapsed
+
+    status, elapsed = anyio.run(connect)
+    assert status == 101
+    assert elapsed < RTT_MS / 1000 / 2  # nothing left to wait for: the answer was there
+
+
+def test_an_upgrade_sent_ahead_on_a_stale_connection_gives_way_to_a_fresh_connect(wan_sim):
+    url = f"ws://127.0.0.1:{wan_sim.port}/v1/realtime?model=gpt-realtime"
+    # closed before the send: the send fails, the connection is dropped, nothing is left half-sent
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    gone = preconnect.Preconnected(ours, "ws", "127.0.0.1", wan_sim.port, time.monotonic())
+    assert not send_upgrade_ahead(gone, url, [], OPERATOR_KEY)
+    assert gone.closed
+    # closed after the send, without an answer: read as stale, then a fresh connect, uncounted
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    late = preconnect.Preconnected(ours, "ws", "127.0.0.1", wan_sim.port, time.monotonic())
+    assert send_upgrade_ahead(late, url, [], OPERATOR_KEY)
+    assert theirs.recv(65536).startswith(b"GET /v1/realtime?model=gpt-realtime HTTP/1.1")
+    theirs.close()
+    # another endpoint's connection is not written to
+    elsewhere = preconnect.Preconnected(socket.socketpair()[0], "ws", "127.0.0.1", 1, time.monotonic())
+    assert not send_upgrade_ahead(elsewhere, url, [], OPERATOR_KEY)
+    assert not elsewhere.closed and elsewhere.upgrade is None
+    elsewhere.close()
+
+    async def connect():
+        upstream = await connect_upstream(url, [], OPERATOR_KEY, 5.0, 1, late)  # one attempt only
+        upstream.stream.close()
+        return upstream.response.status_code
+
+    assert anyio.run(connect) == 101
+    assert late.closed
+
+
 def _setup_ms(url: str, key: str) -> float:
     async def once():
         began = time.monotonic()
@@ -152,6 +206,7 @@ def test_pool_workers_connect_ahead_and_set_up_beats_direct(tmp_path, database_u
         wait_for(lambda: len(_live_fields(on)) >= 4 and len(_live_fields(off)) >= 4, 10, 0.05, "session live logs")
         pre_fields, plain_fields = _live_fields(on), _live_fields(off)
         assert all("preconnected_s" in f for f in pre_fields), pre_fields
+        assert all(f.get("upgrade_ahead") is True for f in pre_fields), pre_fields
         assert not any("preconnected_s" in f for f in plain_fields)
         # the worker's upstream part: one round trip (the upgrade) against two (TCP + upgrade)
         assert statistics.median(f["upstream_ms"] for f in pre_fields) < 2 * RTT_MS

@@ -59,9 +59,14 @@ class Preconnected:
     tls: ssl.SSLObject | None = None
     incoming: ssl.MemoryBIO | None = None
     outgoing: ssl.MemoryBIO | None = None
+    upgrade: tuple | None = None  # (url, websockets' ClientProtocol): the upgrade sent ahead (worker/upstream.py)
 
     def serves(self, url: str) -> bool:
         return target(url) == (self.scheme, self.host, self.port)
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() == -1
 
     def close(self) -> None:
         self.sock.close()

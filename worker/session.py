@@ -57,6 +57,7 @@ from .relay import Phase
 from .relay import Relay
 from .relay import Target
 from .upstream import connect_upstream
+from .upstream import send_upgrade_ahead
 from .upstream import upstream_url
 
 POOLED = False  # set in a warm pool worker (worker/zygote.py): its session did not wait for a fork
@@ -119,6 +120,7 @@ class WorkerSession:
         self.sandbox: list[str] = []  # the seccomp layer, once loaded
         self._refused_version = False  # the supervisor speaks another control protocol: none to report to
         self.preconnected = None  # the pool worker's upstream connection opened ahead (worker/preconnect.py)
+        self.target: tuple | None = None  # upstream_target's answer, once parsed (in `run` if sent ahead)
 
     # --- entry --------------------------------------------------------------------------
 
@@ -144,15 +146,19 @@ class WorkerSession:
                 await self._close_legs()  # the client is not held while a supervisor is awaited
                 await self._report_end(end)
 
+    def _upstream_target(self) -> tuple:
+        """(the client's handshake, its parsed upgrade, the upstream URL), parsed once."""
+        if self.target is None:
+            self.target = upstream_target(self.request, self.grant, self.config)
+        self._handshake = self.target[0]
+        return self.target
+
     async def _run(self) -> None:
         self.setup["t_loop"] = round(time.time(), 6)
         self.setup["loop_ms"] = round((self.setup["t_loop"] - self.grant.started_at) * 1000, 2)
         self.channel.setblocking(False)
-        protocol, request = parse_request_bytes(self.request)
-        self._handshake = protocol, request
-        upgrade = parse_upgrade(request)
+        (protocol, request), upgrade, url = self._upstream_target()
         self._client = Leg(self.client_sock)
-        url = upstream_url(self.config.upstream_url, upstream_query(upgrade, self.grant.model), upgrade.translation)
         began = time.monotonic()
         preconnected, self.preconnected = self.preconnected, None
         if preconnected is not None:
@@ -579,6 +585,26 @@ class WorkerSession:
         self.log.info("session ended", fields=fields)
 
 
+def upstream_target(request: bytes, grant: Grant, config: WorkerConfig) -> tuple:
+    """(the client's handshake as parsed, its upgrade, the upstream URL)."""
+    protocol, parsed = parse_request_bytes(request)
+    upgrade = parse_upgrade(parsed)
+    url = upstream_url(config.upstream_url, upstream_query(upgrade, grant.model), upgrade.translation)
+    return (protocol, parsed), upgrade, url
+
+
+def _upgrade_ahead(grant: Grant, config: WorkerConfig, request: bytes, preconnected) -> tuple:
+    """First thing in a pool worker whose upstream connection is open: the upgrade goes out now,
+    so upstream answers while the meter and the event loop are built (worker/upstream.py).
+    Returns (the parsed target or None, the connection or None if found stale, sent)."""
+    try:
+        target = upstream_target(request, grant, config)
+        sent = send_upgrade_ahead(preconnected, target[2], upstream_headers(target[1]), config.upstream_key)
+    except Exception:  # noqa: BLE001 - only a head start: the session meets the same request and answers it
+        return None, preconnected, False
+    return target, None if preconnected.closed else preconnected, sent
+
+
 def run(
     grant: Grant,
     config: WorkerConfig,
@@ -595,6 +621,9 @@ def run(
     from .translation import build_translation_meter
 
     forked_at = time.time()
+    target, sent = None, None
+    if preconnected is not None and grant.surface != "webrtc":
+        target, preconnected, sent = _upgrade_ahead(grant, config, request, preconnected)
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
     meter, may_carry_usage = build_meter(grant)
@@ -614,6 +643,9 @@ def run(
         kind = CallSession
     session = kind(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.relay.translation = translation
+    session.target = target
+    if sent is not None:
+        session.setup["upgrade_ahead"] = sent
     if preconnected is not None:
         if kind is WorkerSession:
             session.preconnected = preconnected

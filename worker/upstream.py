@@ -170,9 +170,8 @@ async def _connect_tcp(host: str, port: int) -> socket.socket:
     raise error
 
 
-async def _attempt(
-    url: str, headers: list[tuple[str, str]], api_key: str, preconnected: Preconnected | None = None
-) -> UpstreamConnection:
+def _upgrade_request(url: str, headers: list[tuple[str, str]], api_key: str) -> ClientProtocol:
+    """websockets' client side of the handshake, its request ready in `data_to_send()`."""
     protocol = ClientProtocol(parse_uri(url), extensions=None)
     request = protocol.connect()
     for name, value in headers:
@@ -180,10 +179,48 @@ async def _attempt(
     if api_key:
         request.headers["Authorization"] = f"Bearer {api_key}"
     protocol.send_request(request)
+    return protocol
+
+
+def send_upgrade_ahead(conn: Preconnected, url: str, headers: list[tuple[str, str]], api_key: str) -> bool:
+    """Write the upgrade request on a pre-opened connection now, before the worker builds its
+    meter and starts its event loop: upstream answers while the worker gets ready (the two
+    overlap; `_attempt` then only reads the answer). False when the connection does not serve
+    `url` or would not take the request at once (then nothing was sent, or it is closed as
+    stale): the session connects as without it."""
+    if not conn.serves(url):
+        return False
+    protocol = _upgrade_request(url, headers, api_key)
+    data = b"".join(protocol.data_to_send())
+    try:
+        if conn.tls is not None:
+            conn.tls.write(data)
+            data = conn.outgoing.read()
+        sent = conn.sock.send(data)  # non-blocking; a new connection's send buffer takes it whole
+    except (OSError, ssl.SSLError):
+        conn.close()  # reset or closed while it waited: stale, whatever was written
+        return False
+    if sent != len(data):
+        conn.close()  # half a request went: this connection cannot carry another
+        return False
+    conn.upgrade = (url, protocol)
+    return True
+
+
+async def _attempt(
+    url: str, headers: list[tuple[str, str]], api_key: str, preconnected: Preconnected | None = None
+) -> UpstreamConnection:
+    ahead = preconnected.upgrade if preconnected is not None else None
+    if ahead is not None:
+        protocol, request_bytes = ahead[1], b""  # written by send_upgrade_ahead
+    else:
+        protocol = _upgrade_request(url, headers, api_key)
+        request_bytes = b"".join(protocol.data_to_send())
     stream = await (_adopt_stream(preconnected) if preconnected is not None else _open_stream(url))
     try:
         try:
-            await stream.send(b"".join(protocol.data_to_send()))
+            if request_bytes:
+                await stream.send(request_bytes)
             head, leftover = await _read_head(stream)
         except (RetryableUpstream, OSError) as exc:  # closed or reset before any response
             if preconnected is None or isinstance(exc, StalePreconnect):
@@ -216,7 +253,9 @@ async def connect_upstream(
     `preconnected` (a pool worker's connection opened ahead, worker/preconnect.py) is tried first:
     stale, it gives way to a fresh connect uncounted; answered with a retryable status, that
     counts as the first attempt."""
-    if preconnected is not None and not preconnected.serves(url):
+    if preconnected is not None and not (
+        preconnected.serves(url) and (preconnected.upgrade is None or preconnected.upgrade[0] == url)
+    ):
         preconnected.close()
         preconnected = None
     if preconnected is not None:
