@@ -86,6 +86,8 @@ def _render_setup(s: dict) -> list[str]:
         )
     if "timeline" in s:
         lines += render_timeline(s["timeline"])
+    if "sequential_timeline" in s:
+        lines += render_timeline(s["sequential_timeline"], sequential=True)
     return lines
 
 

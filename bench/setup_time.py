@@ -27,6 +27,7 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
     time; the gateway's workers are left to exit before the next burst. Milliseconds."""
     seq = {"direct": [], "gateway": []}
     roles = stack.roles()
+    seq_since = time.time()
     with (
         profiler.record("setup-frontdoor", [roles["frontdoor"]]),
         profiler.record("setup-supervisor", [roles["supervisor"]]),
@@ -38,6 +39,7 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
                 conn.close()
             time.sleep(0.02)
     stack.wait_sessions_ended()
+    seq_timeline = summarize(read_sessions(stack.tmp / "gateway.err", seq_since))
     burst = {"direct": [], "gateway": []}
     walls = {"direct": [], "gateway": []}
     for r in range(plan.burst_rounds):
@@ -56,6 +58,7 @@ def measure_setup(stack: Stack, plan: Plan, profiler: Profiler) -> dict:
         "unit": "ms",
         "bursts": bursts,
         "timeline": timeline,
+        "sequential_timeline": seq_timeline,
         "sequential": {"connections": plan.setup_sequential, **compare(seq["direct"], seq["gateway"], 3)},
         "burst": {
             "size": plan.burst_size,

@@ -82,15 +82,22 @@ def summarize(sessions: dict[str, dict]) -> dict:
     }
 
 
-def render_timeline(t: dict) -> list[str]:
+def render_timeline(t: dict, sequential: bool = False) -> list[str]:
+    """A burst's timeline (each step's p50/p99/max and when it ended), or, `sequential`, the
+    steps of set-ups one at a time (their ends say nothing there)."""
     if not t.get("sessions"):
         return ["   (no timeline: the gateway's log had no complete session)"]
-    lines = [
-        f"   timeline of one burst of {t['sessions']} (from the gateway's logs; {t['pooled']} found a pool worker; "
-        f"accepts spread over {t['accepts_span_ms']} ms, last live at {t['last_live_ms']} ms)",
-        f"     {'step':<60}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'ends p50':>10}{'ends max':>10}",
-    ]
+    if sequential:
+        head = f"   timeline of {t['sessions']} sequential set-ups ({t['pooled']} found a pool worker; accept → live"
+        head += f" p50 {t['accept_to_live_ms']['p50']} ms, p99 {t['accept_to_live_ms']['p99']} ms)"
+    else:
+        head = f"   timeline of one burst of {t['sessions']} (from the gateway's logs; {t['pooled']} found a pool "
+        head += f"worker; accepts spread over {t['accepts_span_ms']} ms, last live at {t['last_live_ms']} ms)"
+    ends = "" if sequential else f"{'ends p50':>10}{'ends max':>10}"
+    lines = [head, f"     {'step':<60}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{ends}"]
     for s in t["steps"]:
-        cells = f"{s['p50_ms']:>9}{s['p99_ms']:>9}{s['max_ms']:>9}{s['end_p50_ms']:>10}{s['end_max_ms']:>10}"
+        cells = f"{s['p50_ms']:>9}{s['p99_ms']:>9}{s['max_ms']:>9}"
+        if not sequential:
+            cells += f"{s['end_p50_ms']:>10}{s['end_max_ms']:>10}"
         lines.append(f"     {s['step']:<60}{cells}")
     return lines
