@@ -22,6 +22,7 @@ from .db import Account
 from .db import ApiKey
 from .db import LedgerEntry
 from .db import SessionRecord
+from .db import SessionState
 from .db import hash_key
 from .db import key_display
 from .db import new_key
@@ -91,12 +92,14 @@ def usable_key(connection, key: str, *, lock_account: bool = False):
     return found
 
 
-# The account's sessions that count against its limit: granted or live, on any node. Admission
-# runs it inside its transaction, after the account row's lock.
+# The account's sessions that count against its limit: granted or live (not ended), on any node.
+# Admission runs it inside its transaction, after the account row's lock. `!= ENDED`, not
+# `IN (granted, live)`: SQLAlchemy renders an IN list's values anew at every execution, which
+# was most of an admission's statement time (a cached statement renders once).
 OPEN_SESSIONS = (
     select(func.count())
     .select_from(SessionRecord)
-    .where(SessionRecord.account_id == bindparam("account_id"), SessionRecord.state.in_(LIVE_STATES))
+    .where(SessionRecord.account_id == bindparam("account_id"), SessionRecord.state != SessionState.ENDED)
 )
 
 
@@ -106,7 +109,7 @@ _LIVE_CALL = select(SessionRecord.id, SessionRecord.model, SessionRecord.node).w
     SessionRecord.call_id == bindparam("call_id"),
     SessionRecord.account_id == bindparam("account_id"),
     SessionRecord.surface == "webrtc",
-    SessionRecord.state.in_(LIVE_STATES),
+    SessionRecord.state != SessionState.ENDED,  # granted or live, as OPEN_SESSIONS
 )
 
 
