@@ -1,8 +1,10 @@
 """Set-up before/after in one run: gateways of several source trees side by side, alternating.
 
     python -m meshrt.bench.setup_ab base=/path/to/tree new=/path/to/other-tree
+    python -m meshrt.bench.setup_ab small=/tree deep=/tree+MESHRT_WARM_WORKERS=110
 
-Each tree needs its own `.venv` (its `meshrt` installed editable). One simulator per tree, one
+Each tree needs its own `.venv` (its `meshrt` installed editable); `+VAR=value` after a tree
+sets a gateway setting for that one (the same tree twice compares settings). One simulator per tree, one
 gateway per tree; then ROUNDS rounds (env, default 4) of a burst of SIZE (default 100) connects
 direct and through every gateway (order flipping each round; every session's record waited for
 between bursts), then SEQ (default 60) sequential opens per path, rotating. Prints JSON: burst
@@ -72,9 +74,12 @@ def main(argv: list[str]) -> int:
     own = sys.executable
     try:
         for arg in argv:
-            name, tree = arg.split("=", 1)
+            name, spec = arg.split("=", 1)
+            tree, *overrides = spec.split("+")
+            extra = dict(o.split("=", 1) for o in overrides)
+            own_settings = load_settings({**os.environ, **extra}) if extra else settings
             sys.executable = f"{tree}/.venv/bin/python"  # the gateway and its simulator run from that tree
-            stacks[name] = Stack(settings, QUICK).start()
+            stacks[name] = Stack(own_settings, QUICK).start()
     finally:
         sys.executable = own
     direct = next(iter(stacks.values())).direct
