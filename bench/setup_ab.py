@@ -4,13 +4,14 @@
     python -m meshrt.bench.setup_ab small=/tree deep=/tree+MESHRT_WARM_WORKERS=110
 
 Each tree needs its own `.venv` (its `meshrt` installed editable); `+VAR=value` after a tree
-sets a gateway setting for that one (the same tree twice compares settings). One simulator per tree, one
-gateway per tree; then ROUNDS rounds (env, default 4) of a burst of SIZE (default 100) connects
-direct and through every gateway (order flipping each round; every session's record waited for
-between bursts), then SEQ (default 60) sequential opens per path, rotating. Prints JSON: burst
-wall times, per-session p50/p99, CPU per burst of each gateway process (psutil; "workers" = the
-zygote's children, the reaped included), sequential added p50 and the other processes' CPU
-(cores) during the run. Machines vary 3× between runs: compare trees only within one run."""
+sets a gateway setting for that one (the same tree twice compares settings). One simulator and
+one gateway per entry; then ROUNDS rounds (env, default 4) of a burst of SIZE (default 100)
+connects direct and through every gateway (order flipping each round; every session's record
+waited for between bursts, then PAUSE seconds, default 1), then SEQ (default 60) sequential
+opens per path, rotating. Prints JSON: burst wall times, per-session p50/p99, CPU per burst of
+each gateway process (psutil; "workers" = the zygote's children, the reaped included),
+sequential added p50 and the other processes' CPU (cores) during the run. Machines vary 3×
+between runs: compare trees only within one run."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def main(argv: list[str]) -> int:
     rounds, size, seq = (int(os.environ.get(k, d)) for k, d in (("ROUNDS", 4), ("SIZE", 100), ("SEQ", 60)))
+    pause = float(os.environ.get("PAUSE", 1.0))  # after each burst: the exits reaped, the pool refilled
     settings = load_settings()
     stacks: dict[str, Stack] = {}
     own = sys.executable
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> int:
                 before = _cpu(stack)
                 got, wall, failed = run_async(open_burst_counted(stack.gateway, size))
                 stack.wait_sessions_ended()
-                time.sleep(1.0)  # the exits reaped, the pool refilled
+                time.sleep(pause)
                 after = _cpu(stack)
                 res[name]["walls"].append(wall)
                 res[name]["times"] += got

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 from conftest import _stop
@@ -90,12 +91,16 @@ def test_session_over_a_tls_upstream_relays_and_bills(
             return ws.response.headers["x-request-id"], usage
 
     try:
+        time.sleep(1.0)  # the pool workers' TLS sessions opened ahead
         _, echoed = run(go(), 60)
         assert echoed == big
         request_id, usage = run(respond(), 60)
         row = ended_record(engine, request_id)
         assert row.end_reason == "client_closed" and row.responses == 1
         assert row.usage["total_tokens"] == usage["total_tokens"] and row.cost_pico > 0
+        live = [json.loads(line) for line in gw.log_text().splitlines() if '"session live"' in line]
+        # both sessions went through a TLS session begun ahead, the upgrade written on it first
+        assert [entry.get("upgrade_ahead") for entry in live] == [True, True], live
     finally:
         _stop(gw.proc)
 
