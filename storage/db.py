@@ -8,6 +8,7 @@ SHA-256 hashes plus a short display prefix.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import math
@@ -202,20 +203,26 @@ def _begin_immediate(conn, timeout_s: float) -> None:
     raw = conn.connection.driver_connection
     deadline = time.monotonic() + timeout_s
     pause = _BEGIN_POLL_MIN_S
-    raw.execute("PRAGMA busy_timeout=0")
     try:
-        while time.monotonic() < deadline:
-            try:
-                raw.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    break  # not a lock: the statement below raises it as SQLAlchemy's error
-            time.sleep(pause)
-            pause = min(pause * 2, _BEGIN_POLL_MAX_S)
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # once more, through SQLAlchemy: its error is the caller's
+        try:
+            raw.execute("PRAGMA busy_timeout=0")
+            while time.monotonic() < deadline:
+                try:
+                    raw.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        break
+                time.sleep(pause)
+                pause = min(pause * 2, _BEGIN_POLL_MAX_S)
+        except sqlite3.Error:
+            pass  # not the lock (a broken file, a full disk): the attempt below raises it
+        # once more, through SQLAlchemy: a lock still held, or any other error, is raised as its
+        # error (the callers retry SQLAlchemyError), not as the driver's
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
     finally:
-        raw.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        with contextlib.suppress(sqlite3.Error):
+            raw.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
 
 
 def make_engine(url: str, timeout_s: float = 10.0, pool_size: int = 5) -> Engine:
