@@ -92,6 +92,9 @@ class LiveSession:
     reserving: bool = False  # a Reserve of its worker is being decided: one at a time
     prices: object = field(default=None, repr=False)  # the grant's rates, parsed when first needed
     hung_up: int | None = None  # a call's: upstream's answer to its hangup, once asked
+    # set once its worker reported live (a call's: its sideband joined) or is gone: what a
+    # call's answer waits for, so that no event of the call happens before it is metered
+    settled: anyio.Event = field(default_factory=anyio.Event)
 
     def handle(self, event: SessionEvent) -> Stage:
         try:

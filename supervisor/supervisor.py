@@ -57,6 +57,7 @@ from meshrt.shared.control import WorkerEnded
 from meshrt.shared.control import WorkerExited
 from meshrt.shared.control import WorkerLive
 from meshrt.shared.control import ZygoteReady
+from meshrt.shared.errors import ERRORS
 from meshrt.shared.errors import EndReason
 from meshrt.shared.errors import GatewayError
 from meshrt.shared.increments import Increment
@@ -138,6 +139,8 @@ class Supervisor:
         # Handoffs are served concurrently; when the zygote lags (its channel holds only a few
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
+        # a call's worker joins its sideband with the worker's own connect budget (and backoff)
+        self.call_join_wait_s = settings.upstream_connect_timeout_s * settings.upstream_attempts + 3.0
         self.worker_config = WorkerConfig(  # the same for every session: built once
             upstream_url=settings.upstream_url,
             upstream_key=settings.openai_api_key,
@@ -463,7 +466,7 @@ class Supervisor:
         grant = dataclasses.replace(grant, call_id=placed.call_id)
         placeholder, other = socket.socketpair()  # a call's worker has no client socket
         try:
-            await self._spawn(Handoff(grant, b""), placeholder.fileno())
+            live = await self._spawn(Handoff(grant, b""), placeholder.fileno())
         except (OSError, control.ControlError):
             log.exception("call's worker not started; hanging the call up", extra={"session_id": grant.session_id})
             await self.calls.hang_up(placed.call_id)
@@ -474,7 +477,26 @@ class Supervisor:
         self.metrics.inc("meshrt_sessions_started_total")
         self.metrics.inc("meshrt_calls_placed_total")
         await self._record_call_id(grant.session_id, placed.call_id)
+        code = await self._joined(live)
+        if code is not None:  # its finalisation hangs the call up: the caller's peer never connected
+            return CallPlaced(grant.session_id, code)
         return CallPlaced(grant.session_id, None, answer=placed.answer, call_id=placed.call_id)
+
+    async def _joined(self, live: LiveSession) -> str | None:
+        """Wait until a call's worker is on the call's sideband: the answer lets the caller's
+        peer connect, and what the call does first (its session.created, a first response, the
+        reservation made on it) must not happen before it is metered. None once joined, else
+        the code the call is refused with (its worker gone, or not joined in time: stopped)."""
+        with anyio.move_on_after(self.call_join_wait_s):
+            await live.settled.wait()
+        if live.stage is Stage.LIVE:
+            return None
+        if live.stage is Stage.STARTING:
+            log.warning("call's worker did not join the sideband in time", extra={"session_id": live.grant.session_id})
+            await self._stop(live, EndReason.UPSTREAM_UNAVAILABLE.value)
+            return EndReason.UPSTREAM_UNAVAILABLE.value
+        ended = live.end_report.end_reason if live.end_report is not None else None
+        return ended if ended in ERRORS else (live.stop_code or EndReason.UPSTREAM_UNAVAILABLE.value)
 
     async def _record_call_id(self, session_id: str, call_id: str) -> None:
         """Write the call's id on its row, retried like a ledger write until it commits: a call
@@ -577,7 +599,7 @@ class Supervisor:
     def _spool_path(self, session_id: str) -> Path:
         return spool.path(self.settings.spool_dir, session_id)
 
-    async def _spawn(self, handoff: Handoff, client_fd: int) -> None:
+    async def _spawn(self, handoff: Handoff, client_fd: int) -> LiveSession:
         """Send the session to the zygote: fds [client, worker channel, spool]. The caller
         closes its copy of client_fd; ours of the other two are closed here once sent."""
         grant = handoff.grant
@@ -599,6 +621,7 @@ class Supervisor:
         # the balance admission read: a first estimate until the next refresh (a stop is confirmed first)
         self._estimate(grant.account_id).observe_balance(grant.balance_pico, -1)
         self.tg.start_soon(self._watch_worker, live)
+        return live
 
     # --- zygote and workers ---------------------------------------------------------------
 
@@ -659,6 +682,7 @@ class Supervisor:
                 elif isinstance(message, WorkerLive):
                     live.pid = message.pid
                     live.handle(SessionEvent.WORKER_LIVE)
+                    live.settled.set()
                     self.tg.start_soon(self._write, ledger.mark_live, message.session_id, message.pid)
                 elif isinstance(message, UsageIncrement):
                     settle = None
@@ -927,6 +951,7 @@ class Supervisor:
         grant = live.grant
         self.registry.remove(grant.session_id)
         live.handle(SessionEvent.WORKER_GONE)
+        live.settled.set()
         if grant.surface == "webrtc" and grant.call_id and live.hung_up not in (200, 404):
             self.tg.start_soon(self._hang_up, live, "worker gone")  # whatever ended it: none runs unmetered
         if live.channel is not None:

@@ -570,20 +570,28 @@ async def chromium_sdk(stack: Stack) -> dict:
 
 
 async def upstream_fault(stack: Stack) -> dict:
-    """Under the simulator's fault (its stack's): a call whose sideband is refused, or that
-    upstream ends by itself. Either way nothing runs unmetered and the record says why."""
+    """Under the simulator's fault (its stack's): a call whose sideband is refused (refused to
+    its caller, hung up upstream), or that upstream ends by itself. Either way nothing runs
+    unmetered and the record says why."""
     account_id, key = stack.tenant()
     before = stack.balance(account_id)
     peer = Peer()
     response = await place(peer, stack.gw, key, params={"model": "gpt-realtime"})
-    out: dict[str, Any] = {"status": response.status_code, "opened": await wait_event(peer.opened)}
-    out["channel_closed_after_s"] = await wait_event(peer.closed, 20)
+    out: dict[str, Any] = {"status": response.status_code}
+    if response.status_code == 201:
+        out["opened"] = await wait_event(peer.opened)
+        out["channel_closed_after_s"] = await wait_event(peer.closed, 20)
+    else:
+        out["refusal"] = response.json().get("error", {})  # not "error": that key says the scenario failed
     rows = stack.ended(account_id)
     out["record"] = record_json(rows[0])
     out["debited"] = before - stack.balance(account_id)
-    out["hung_up"] = [
-        json.loads(line).get("status") for line in stack.gw.log_text().splitlines() if '"call hung up"' in line
-    ]
+
+    def hangups() -> list:
+        lines = stack.gw.log_text().splitlines()
+        return [json.loads(line).get("status") for line in lines if '"call hung up"' in line] or None
+
+    out["hung_up"] = wait_for(hangups, 10, 0.1, "the call's hangup")
     await peer.close()
     return out
 

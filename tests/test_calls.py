@@ -151,10 +151,11 @@ def test_a_sideband_takes_no_ephemeral_key(calls):
     assert out["refusal"] == "invalid_api_key" and out["close"] == 1008
 
 
-def test_a_call_whose_sideband_is_refused_is_hung_up_unbilled(faults):
+def test_a_call_whose_sideband_is_refused_is_refused_to_its_caller_and_hung_up_unbilled(faults):
     out = scenario(faults, "sideband_refused")
-    assert out["status"] == 201  # placed: the sideband is joined once the call exists
-    assert out["channel_closed_after_s"] is not None, "a call ran on that nobody metered"
+    # placed upstream, but its worker could not join the sideband: the caller gets no answer to
+    # connect with (a call nobody meters never starts), and upstream's call is hung up
+    assert out["status"] == 502 and out["refusal"]["code"] == "upstream_unavailable", out
     assert out["record"]["end_reason"] == "upstream_unavailable" and out["record"]["cost_pico"] == 0
     assert out["debited"] == 0 and 200 in out["hung_up"]
 
