@@ -54,9 +54,10 @@ class FrontDoorContext:
         self.settings, self.engine, self.prices, self.node = settings, engine, prices, node
         self.routers = [*ROUTERS, call_routes]
         self.admit_call = None  # (key, model, peer, request_id) -> Grant; set by build()
-        # how long a call's placement may take: upstream's every connect attempt, and a margin
-        # the supervisor places the call upstream, then waits for its worker to join the sideband
-        self.call_answer_s = 2 * settings.upstream_connect_timeout_s * settings.upstream_attempts + 8.0
+        # how long a call's placement may take: the supervisor places it upstream, then waits for
+        # its worker to join the sideband (Supervisor.call_join_wait_s), each within the connect
+        # budget, plus margins
+        self.call_answer_s = 2 * settings.upstream_connect_budget_s + 8.0
 
     async def ask_supervisor(self, message, timeout_s: float):
         """Send one message on a new control connection and return the answer, or None when

@@ -234,6 +234,11 @@ class Settings:
         return self.state_dir / "spool"
 
     @property
+    def upstream_connect_budget_s(self) -> float:
+        """The longest an upstream connect may take with every attempt (the backoff aside)."""
+        return self.upstream_connect_timeout_s * self.upstream_attempts
+
+    @property
     def warm_pool_bounds(self) -> tuple[int, int]:
         """(floor, ceiling) of the warm pool: MESHRT_WARM_WORKERS fixes both."""
         if self.warm_workers is not None:

@@ -211,8 +211,8 @@ def _begin_immediate(conn, timeout_s: float) -> None:
                     raw.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        break
+                    if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                        break  # (the primary code: SQLITE_BUSY_RECOVERY, … are busy too)
                 time.sleep(pause)
                 pause = min(pause * 2, _BEGIN_POLL_MAX_S)
         except sqlite3.Error:

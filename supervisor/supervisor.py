@@ -140,7 +140,7 @@ class Supervisor:
         # datagrams) two senders waiting to write would crash the task group (BusyResourceError)
         self.zygote_send_lock = anyio.Lock()
         # a call's worker joins its sideband with the worker's own connect budget (and backoff)
-        self.call_join_wait_s = settings.upstream_connect_timeout_s * settings.upstream_attempts + 3.0
+        self.call_join_wait_s = settings.upstream_connect_budget_s + 3.0
         self.worker_config = WorkerConfig(  # the same for every session: built once
             upstream_url=settings.upstream_url,
             upstream_key=settings.openai_api_key,

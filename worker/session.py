@@ -621,8 +621,16 @@ def run(
     from .translation import build_translation_meter
 
     forked_at = time.time()
+    kind = WorkerSession
+    if grant.surface == "webrtc":
+        from .call import CallSession
+
+        kind = CallSession
     target, sent = None, None
-    if preconnected is not None and grant.surface != "webrtc":
+    if preconnected is not None and kind is not WorkerSession:
+        preconnected.close()  # a call's worker joins its sideband by its own connect
+        preconnected = None
+    if preconnected is not None:
         target, preconnected, sent = _upgrade_ahead(grant, config, request, preconnected)
     client = socket.socket(fileno=client_fd)
     channel = socket.socket(fileno=channel_fd)
@@ -636,21 +644,12 @@ def run(
         purse = Purse.for_rates(meter.meter.rates, config.response_output_cap, transcription_only)
     if grant.surface == "sideband":  # a tenant's own sideband to a call its call's worker bills
         meter, may_carry_usage = None, None
-    kind = WorkerSession
-    if grant.surface == "webrtc":
-        from .call import CallSession
-
-        kind = CallSession
     session = kind(grant, config, request, client, channel, spool_fd, meter, may_carry_usage, purse)
     session.relay.translation = translation
     session.target = target
     if sent is not None:
         session.setup["upgrade_ahead"] = sent
-    if preconnected is not None:
-        if kind is WorkerSession:
-            session.preconnected = preconnected
-        else:  # a call's worker joins its sideband by its own connect
-            preconnected.close()
+    session.preconnected = preconnected
     session.setup["t_grant"], session.setup["t_run"] = grant.started_at, round(forked_at, 6)
     session.setup["pooled"] = POOLED
     session.setup["fork_ms"] = round((forked_at - grant.started_at) * 1000, 2)
